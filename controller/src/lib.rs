@@ -1,0 +1,3 @@
+//! dynamollm: the controller (profiles, SLO model, optimiser, the three
+//! control loops, policies) and the commands of the `dynamollm` binary.
+#![forbid(unsafe_code)]
