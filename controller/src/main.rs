@@ -1,1 +1,58 @@
-fn main() {}
+//! The `dynamollm` binary.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use dynamollm::cmd;
+use std::process::ExitCode;
+
+/// dynamollm: an energy manager for LLM inference clusters.
+#[derive(Debug, Parser)]
+#[command(name = "dynamollm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay a workload through the digital twin under a policy.
+    Sim(cmd::sim::SimArgs),
+    /// The digital twin's own commands.
+    #[command(subcommand)]
+    Twin(cmd::twin::TwinCommand),
+    /// Replay the bundled Conversation hour with every policy and compare (no server, no GPU).
+    Demo(cmd::demo::DemoArgs),
+    /// Load forecasting.
+    #[command(subcommand)]
+    Forecast(ForecastCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ForecastCommand {
+    /// Rolling-origin backtest of every forecast model on a rate curve.
+    Backtest(cmd::forecast::BacktestArgs),
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Sim(a) => cmd::sim::run(&a).map(|_| true),
+        Command::Twin(t) => cmd::twin::run(&t),
+        Command::Demo(a) => cmd::demo::run(&a).map(|_| true),
+        Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

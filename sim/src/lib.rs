@@ -1,1 +1,18 @@
-//! sim: the digital twin.
+//! sim: the digital twin — DGX H100 servers serving Llama-2-70B with a
+//! vLLM-like engine (continuous batching, chunked prefill, paged KV cache),
+//! per-GPU power with exactly integrated energy, instance lifecycle with the
+//! reconfiguration delays of `TWIN-PHYSICS.md`, and trace replay in virtual
+//! time. Its physics is read from a data file; the controller never reads it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cluster;
+pub mod engine;
+pub mod physics;
+pub mod stats;
+
+pub use cluster::{Cluster, ClusterSpec, InstanceSpec, PoolSpec, RunTotals};
+pub use physics::{Physics, PhysicsError, StepCost, StepShape};
+pub use stats::{ClassSlo, LatencySummary, Stats};
+pub mod anchors;
+pub mod measure;

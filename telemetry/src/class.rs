@@ -60,16 +60,10 @@ impl RequestClass {
     /// All nine classes in index order (`SS, SM, SL, MS, …, LL`).
     pub const ALL: [RequestClass; CLASS_COUNT] = {
         let b = LengthBand::ALL;
-        let mut out = [RequestClass {
-            input: LengthBand::Short,
-            output: LengthBand::Short,
-        }; CLASS_COUNT];
+        let mut out = [RequestClass { input: LengthBand::Short, output: LengthBand::Short }; CLASS_COUNT];
         let mut i = 0;
         while i < CLASS_COUNT {
-            out[i] = RequestClass {
-                input: b[i / 3],
-                output: b[i % 3],
-            };
+            out[i] = RequestClass { input: b[i / 3], output: b[i % 3] };
             i += 1;
         }
         out
@@ -94,18 +88,11 @@ impl RequestClass {
     pub fn parse(s: &str) -> Result<RequestClass, String> {
         let mut chars = s.trim().chars();
         match (chars.next(), chars.next(), chars.next()) {
-            (Some(a), Some(b), None) => match (
-                LengthBand::from_letter(a),
-                LengthBand::from_letter(b),
-            ) {
+            (Some(a), Some(b), None) => match (LengthBand::from_letter(a), LengthBand::from_letter(b)) {
                 (Some(input), Some(output)) => Ok(RequestClass { input, output }),
-                _ => Err(format!(
-                    "unknown request class `{s}`: expected two letters of S, M, L (e.g. SS, ML)"
-                )),
+                _ => Err(format!("unknown request class `{s}`: expected two letters of S, M, L (e.g. SS, ML)")),
             },
-            _ => Err(format!(
-                "unknown request class `{s}`: expected two letters of S, M, L (e.g. SS, ML)"
-            )),
+            _ => Err(format!("unknown request class `{s}`: expected two letters of S, M, L (e.g. SS, ML)")),
         }
     }
 }
@@ -168,16 +155,8 @@ impl ClassBoundaries {
     /// The class of a request with these prompt and output lengths.
     pub fn classify(&self, input_tokens: u32, output_tokens: u32) -> RequestClass {
         RequestClass {
-            input: Self::band(
-                input_tokens,
-                self.input_medium_min_tokens,
-                self.input_long_min_tokens,
-            ),
-            output: Self::band(
-                output_tokens,
-                self.output_medium_min_tokens,
-                self.output_long_min_tokens,
-            ),
+            input: Self::band(input_tokens, self.input_medium_min_tokens, self.input_long_min_tokens),
+            output: Self::band(output_tokens, self.output_medium_min_tokens, self.output_long_min_tokens),
         }
     }
 

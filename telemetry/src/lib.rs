@@ -9,4 +9,4 @@ pub mod series;
 pub mod trace;
 
 pub use class::{ClassBoundaries, LengthBand, RequestClass, CLASS_COUNT};
-pub use trace::{Request, TraceError};
+pub use trace::{LengthSamples, Request, TraceError};

@@ -21,9 +21,7 @@ impl ClassSeries {
     /// Total requests per step over all classes.
     pub fn total_requests(&self) -> Vec<f64> {
         let n = self.len();
-        (0..n)
-            .map(|i| self.requests.iter().map(|s| s[i]).sum())
-            .collect()
+        (0..n).map(|i| self.requests.iter().map(|s| s[i]).sum()).collect()
     }
 
     /// Number of steps.
@@ -93,36 +91,15 @@ mod tests {
     #[test]
     fn requests_land_in_their_class_and_minute() {
         let reqs = vec![
-            Ok(Request {
-                arrival_s: 1.0,
-                input_tokens: 10,
-                output_tokens: 10,
-            }),
-            Ok(Request {
-                arrival_s: 59.9,
-                input_tokens: 2000,
-                output_tokens: 500,
-            }),
-            Ok(Request {
-                arrival_s: 61.0,
-                input_tokens: 10,
-                output_tokens: 10,
-            }),
+            Ok(Request { arrival_s: 1.0, input_tokens: 10, output_tokens: 10 }),
+            Ok(Request { arrival_s: 59.9, input_tokens: 2000, output_tokens: 500 }),
+            Ok(Request { arrival_s: 61.0, input_tokens: 10, output_tokens: 10 }),
         ];
         let s = class_series(reqs, &ClassBoundaries::default(), 60.0, Some(180.0)).unwrap();
         assert_eq!(s.len(), 3);
-        assert_eq!(
-            s.class_requests(RequestClass::parse("SS").unwrap()),
-            &[1.0, 1.0, 0.0]
-        );
-        assert_eq!(
-            s.class_requests(RequestClass::parse("LL").unwrap()),
-            &[1.0, 0.0, 0.0]
-        );
-        assert_eq!(
-            s.tokens[RequestClass::parse("LL").unwrap().index()][0],
-            2500.0
-        );
+        assert_eq!(s.class_requests(RequestClass::parse("SS").unwrap()), &[1.0, 1.0, 0.0]);
+        assert_eq!(s.class_requests(RequestClass::parse("LL").unwrap()), &[1.0, 0.0, 0.0]);
+        assert_eq!(s.tokens[RequestClass::parse("LL").unwrap().index()][0], 2500.0);
         assert_eq!(s.total_requests(), vec![2.0, 1.0, 0.0]);
     }
 }

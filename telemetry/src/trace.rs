@@ -56,44 +56,44 @@ pub enum TraceError {
 
 impl TraceError {
     fn line(path: &Path, line: u64, message: impl Into<String>) -> TraceError {
-        TraceError::Line {
-            path: path.to_path_buf(),
-            line,
-            message: message.into(),
-        }
+        TraceError::Line { path: path.to_path_buf(), line, message: message.into() }
+    }
+}
+
+/// File line numbers of records after a header line. The csv crate does not
+/// count the header's line end when it is CRLF, so its record lines come out
+/// one short; a data record can never be on line 1, which tells the two apart.
+#[derive(Debug, Default, Clone, Copy)]
+struct LineFix(Option<u64>);
+
+impl LineFix {
+    fn line(&mut self, pos: Option<&csv::Position>) -> u64 {
+        let raw = pos.map(|p| p.line()).unwrap_or(0);
+        let fix = *self.0.get_or_insert(u64::from(raw <= 1));
+        raw + fix
     }
 }
 
 fn open(path: &Path) -> Result<File, TraceError> {
-    File::open(path).map_err(|source| TraceError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    File::open(path).map_err(|source| TraceError::Io { path: path.to_path_buf(), source })
 }
 
 /// Column positions found in a header line.
-fn header_indices(
-    path: &Path,
-    headers: &csv::StringRecord,
-    names: &[&str],
-) -> Result<Vec<usize>, TraceError> {
+fn header_indices(path: &Path, headers: &csv::StringRecord, names: &[&str]) -> Result<Vec<usize>, TraceError> {
     names
         .iter()
         .map(|name| {
-            headers
-                .iter()
-                .position(|h| h.trim().eq_ignore_ascii_case(name))
-                .ok_or_else(|| {
-                    TraceError::line(
-                        path,
-                        1,
-                        format!(
-                            "header lacks column `{name}` (found: {}); expected {}",
-                            headers.iter().collect::<Vec<_>>().join(","),
-                            names.join(",")
-                        ),
-                    )
-                })
+            headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name)).ok_or_else(|| {
+                TraceError::line(
+                    path,
+                    1,
+                    format!(
+                        "header lacks column `{name}` (found: {}); expected {}",
+                        headers.iter().collect::<Vec<_>>().join(","),
+                        names.join(",")
+                    ),
+                )
+            })
         })
         .collect()
 }
@@ -106,51 +106,25 @@ fn parse_field<T: std::str::FromStr>(
     name: &str,
 ) -> Result<T, TraceError> {
     let raw = record.get(idx).ok_or_else(|| {
-        TraceError::line(
-            path,
-            line,
-            format!("missing column `{name}` (line has {} fields)", record.len()),
-        )
+        TraceError::line(path, line, format!("missing column `{name}` (line has {} fields)", record.len()))
     })?;
-    raw.trim().parse::<T>().map_err(|_| {
-        TraceError::line(
-            path,
-            line,
-            format!("`{name}` is not a valid number: `{raw}`"),
-        )
-    })
+    raw.trim()
+        .parse::<T>()
+        .map_err(|_| TraceError::line(path, line, format!("`{name}` is not a valid number: `{raw}`")))
 }
 
-fn parse_tokens(
-    path: &Path,
-    line: u64,
-    record: &csv::StringRecord,
-    idx: usize,
-    name: &str,
-) -> Result<u32, TraceError> {
+fn parse_tokens(path: &Path, line: u64, record: &csv::StringRecord, idx: usize, name: &str) -> Result<u32, TraceError> {
     let raw = record.get(idx).ok_or_else(|| {
-        TraceError::line(
-            path,
-            line,
-            format!("missing column `{name}` (line has {} fields)", record.len()),
-        )
+        TraceError::line(path, line, format!("missing column `{name}` (line has {} fields)", record.len()))
     })?;
-    let v: i64 = raw.trim().parse().map_err(|_| {
-        TraceError::line(
-            path,
-            line,
-            format!("`{name}` is not a whole number of tokens: `{raw}`"),
-        )
-    })?;
+    let v: i64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| TraceError::line(path, line, format!("`{name}` is not a whole number of tokens: `{raw}`")))?;
     if v < 0 {
-        return Err(TraceError::line(
-            path,
-            line,
-            format!("`{name}` is negative: {v}"),
-        ));
+        return Err(TraceError::line(path, line, format!("`{name}` is negative: {v}")));
     }
-    u32::try_from(v)
-        .map_err(|_| TraceError::line(path, line, format!("`{name}` is too large: {v}")))
+    u32::try_from(v).map_err(|_| TraceError::line(path, line, format!("`{name}` is too large: {v}")))
 }
 
 /// Parse an Azure trace timestamp (`2023-11-16 18:17:03.9799600`, optionally
@@ -161,11 +135,7 @@ fn parse_timestamp(raw: &str) -> Option<f64> {
         return Some(dt.timestamp() as f64 + f64::from(dt.timestamp_subsec_nanos()) * 1e-9);
     }
     let s = s.trim_end_matches('Z');
-    for fmt in [
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f%:z",
-    ] {
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f%:z"] {
         if let Ok(dt) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
             let utc = dt.and_utc();
             return Some(utc.timestamp() as f64 + f64::from(utc.timestamp_subsec_nanos()) * 1e-9);
@@ -176,31 +146,30 @@ fn parse_timestamp(raw: &str) -> Option<f64> {
 
 /// A streaming reader of an Azure LLM inference trace, yielding requests with
 /// arrival times relative to the first line.
-pub struct AzureTrace {
+pub struct AzureTrace<R: Read = File> {
     path: PathBuf,
-    records: csv::StringRecordsIntoIter<File>,
+    records: csv::StringRecordsIntoIter<R>,
     cols: [usize; 3],
     t0: Option<f64>,
     last_s: f64,
     failed: bool,
+    lines: LineFix,
 }
 
-impl AzureTrace {
+impl AzureTrace<File> {
     /// Open a trace; checks the header.
-    pub fn open(path: &Path) -> Result<AzureTrace, TraceError> {
-        let mut reader = csv::ReaderBuilder::new()
-            .flexible(true)
-            .has_headers(true)
-            .from_reader(open(path)?);
-        let headers = reader
-            .headers()
-            .map_err(|e| TraceError::line(path, 1, format!("cannot read header: {e}")))?
-            .clone();
-        let idx = header_indices(
-            path,
-            &headers,
-            &["TIMESTAMP", "ContextTokens", "GeneratedTokens"],
-        )?;
+    pub fn open(path: &Path) -> Result<AzureTrace<File>, TraceError> {
+        AzureTrace::from_reader(path, open(path)?)
+    }
+}
+
+impl<R: Read> AzureTrace<R> {
+    /// Read a trace from any reader; `path` names it in messages.
+    pub fn from_reader(path: &Path, input: R) -> Result<AzureTrace<R>, TraceError> {
+        let mut reader = csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(input);
+        let headers =
+            reader.headers().map_err(|e| TraceError::line(path, 1, format!("cannot read header: {e}")))?.clone();
+        let idx = header_indices(path, &headers, &["TIMESTAMP", "ContextTokens", "GeneratedTokens"])?;
         Ok(AzureTrace {
             path: path.to_path_buf(),
             records: reader.into_records(),
@@ -208,37 +177,23 @@ impl AzureTrace {
             t0: None,
             last_s: 0.0,
             failed: false,
+            lines: LineFix::default(),
         })
     }
 
     fn parse(&mut self, record: csv::StringRecord) -> Result<Request, TraceError> {
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let line = self.lines.line(record.position());
         let path = self.path.as_path();
         let raw_ts = record.get(self.cols[0]).ok_or_else(|| {
-            TraceError::line(
-                path,
-                line,
-                format!(
-                    "missing column `TIMESTAMP` (line has {} fields)",
-                    record.len()
-                ),
-            )
+            TraceError::line(path, line, format!("missing column `TIMESTAMP` (line has {} fields)", record.len()))
         })?;
         let ts = parse_timestamp(raw_ts).ok_or_else(|| {
-            TraceError::line(
-                path,
-                line,
-                format!("bad TIMESTAMP `{raw_ts}`: expected `YYYY-MM-DD HH:MM:SS.fffffff`"),
-            )
+            TraceError::line(path, line, format!("bad TIMESTAMP `{raw_ts}`: expected `YYYY-MM-DD HH:MM:SS.fffffff`"))
         })?;
         let input_tokens = parse_tokens(path, line, &record, self.cols[1], "ContextTokens")?;
         let output_tokens = parse_tokens(path, line, &record, self.cols[2], "GeneratedTokens")?;
         if input_tokens == 0 {
-            return Err(TraceError::line(
-                path,
-                line,
-                "`ContextTokens` is 0: a request needs a prompt",
-            ));
+            return Err(TraceError::line(path, line, "`ContextTokens` is 0: a request needs a prompt"));
         }
         let t0 = *self.t0.get_or_insert(ts);
         let arrival_s = ts - t0;
@@ -253,15 +208,11 @@ impl AzureTrace {
             ));
         }
         self.last_s = arrival_s;
-        Ok(Request {
-            arrival_s,
-            input_tokens,
-            output_tokens,
-        })
+        Ok(Request { arrival_s, input_tokens, output_tokens })
     }
 }
 
-impl Iterator for AzureTrace {
+impl<R: Read> Iterator for AzureTrace<R> {
     type Item = Result<Request, TraceError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -271,16 +222,12 @@ impl Iterator for AzureTrace {
         let record = match self.records.next()? {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map(|p| p.line()).unwrap_or(0);
+                let line = self.lines.line(e.position());
                 // An I/O error ends the stream; a CSV error is per line.
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
                     self.failed = true;
                 }
-                return Some(Err(TraceError::line(
-                    &self.path,
-                    line,
-                    format!("unreadable line: {e}"),
-                )));
+                return Some(Err(TraceError::line(&self.path, line, format!("unreadable line: {e}"))));
             }
         };
         // Skip blank lines (a trailing newline, say).
@@ -302,31 +249,30 @@ pub struct LengthSamples {
 impl LengthSamples {
     /// Read every (prompt, output) pair of an Azure trace. Malformed lines are errors.
     pub fn from_azure_trace(path: &Path) -> Result<LengthSamples, TraceError> {
+        Self::from_requests(path, AzureTrace::open(path)?)
+    }
+
+    /// Collect the lengths of a request stream; `source` names it.
+    pub fn from_requests<I>(source: &Path, requests: I) -> Result<LengthSamples, TraceError>
+    where
+        I: IntoIterator<Item = Result<Request, TraceError>>,
+    {
+        let path = source;
         let mut pairs = Vec::new();
-        for r in AzureTrace::open(path)? {
+        for r in requests {
             let r = r?;
             pairs.push((r.input_tokens, r.output_tokens));
         }
         if pairs.is_empty() {
-            return Err(TraceError::line(
-                path,
-                2,
-                "the trace has no requests to draw lengths from",
-            ));
+            return Err(TraceError::line(path, 2, "the trace has no requests to draw lengths from"));
         }
-        Ok(LengthSamples {
-            source: path.to_path_buf(),
-            pairs,
-        })
+        Ok(LengthSamples { source: path.to_path_buf(), pairs })
     }
 
     /// Build from pairs directly (tests, synthetic workloads).
     pub fn from_pairs(source: impl Into<PathBuf>, pairs: Vec<(u32, u32)>) -> LengthSamples {
         assert!(!pairs.is_empty(), "LengthSamples needs at least one pair");
-        LengthSamples {
-            source: source.into(),
-            pairs,
-        }
+        LengthSamples { source: source.into(), pairs }
     }
 
     /// All pairs.
@@ -365,32 +311,19 @@ pub struct RateCurve {
 impl RateCurve {
     /// Read and validate a rate curve.
     pub fn load(path: &Path) -> Result<RateCurve, TraceError> {
-        let mut reader = csv::ReaderBuilder::new()
-            .flexible(true)
-            .has_headers(true)
-            .from_reader(open(path)?);
-        let headers = reader
-            .headers()
-            .map_err(|e| TraceError::line(path, 1, format!("cannot read header: {e}")))?
-            .clone();
-        let idx = header_indices(
-            path,
-            &headers,
-            &["minute", "rate_lo", "rate_mid", "rate_hi"],
-        )?;
+        let mut reader = csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(open(path)?);
+        let headers =
+            reader.headers().map_err(|e| TraceError::line(path, 1, format!("cannot read header: {e}")))?.clone();
+        let idx = header_indices(path, &headers, &["minute", "rate_lo", "rate_mid", "rate_hi"])?;
         let mut rows: Vec<RateRow> = Vec::new();
+        let mut lines = LineFix::default();
         for record in reader.records() {
-            let record = record.map_err(|e| {
-                TraceError::line(
-                    path,
-                    e.position().map(|p| p.line()).unwrap_or(0),
-                    format!("unreadable line: {e}"),
-                )
-            })?;
+            let record = record
+                .map_err(|e| TraceError::line(path, lines.line(e.position()), format!("unreadable line: {e}")))?;
             if record.iter().all(|f| f.trim().is_empty()) {
                 continue;
             }
-            let line = record.position().map(|p| p.line()).unwrap_or(0);
+            let line = lines.line(record.position());
             let row = RateRow {
                 minute: parse_field(path, line, &record, idx[0], "minute")?,
                 rate_lo: parse_field(path, line, &record, idx[1], "rate_lo")?,
@@ -399,11 +332,7 @@ impl RateCurve {
             };
             let vals = [row.minute, row.rate_lo, row.rate_mid, row.rate_hi];
             if vals.iter().any(|v| !v.is_finite() || *v < 0.0) {
-                return Err(TraceError::line(
-                    path,
-                    line,
-                    "values must be finite and not negative",
-                ));
+                return Err(TraceError::line(path, line, "values must be finite and not negative"));
             }
             if !(row.rate_lo <= row.rate_mid && row.rate_mid <= row.rate_hi) {
                 return Err(TraceError::line(
@@ -420,10 +349,7 @@ impl RateCurve {
                     return Err(TraceError::line(
                         path,
                         line,
-                        format!(
-                            "minute {} does not increase (previous row: {})",
-                            row.minute, prev.minute
-                        ),
+                        format!("minute {} does not increase (previous row: {})", row.minute, prev.minute),
                     ));
                 }
             }
@@ -432,19 +358,13 @@ impl RateCurve {
         if rows.is_empty() {
             return Err(TraceError::line(path, 2, "the rate curve has no rows"));
         }
-        Ok(RateCurve {
-            source: path.to_path_buf(),
-            rows,
-        })
+        Ok(RateCurve { source: path.to_path_buf(), rows })
     }
 
     /// Build from rows (tests, synthetic curves). Rows must increase in minute.
     pub fn from_rows(source: impl Into<PathBuf>, rows: Vec<RateRow>) -> RateCurve {
         assert!(!rows.is_empty());
-        RateCurve {
-            source: source.into(),
-            rows,
-        }
+        RateCurve { source: source.into(), rows }
     }
 
     /// The rows as read.
@@ -454,10 +374,7 @@ impl RateCurve {
 
     /// Length of the curve in minutes (the last row's minute, rounded up).
     pub fn span_minutes(&self) -> u64 {
-        self.rows
-            .last()
-            .map(|r| r.minute.ceil() as u64)
-            .unwrap_or(0)
+        self.rows.last().map(|r| r.minute.ceil() as u64).unwrap_or(0)
     }
 
     /// The (lo, mid, hi) rate at a minute, interpolated; held flat outside the rows.
@@ -475,11 +392,7 @@ impl RateCurve {
         let (a, b) = (rows[i - 1], rows[i]);
         let w = (minute - a.minute) / (b.minute - a.minute);
         let lerp = |x: f64, y: f64| x + (y - x) * w;
-        (
-            lerp(a.rate_lo, b.rate_lo),
-            lerp(a.rate_mid, b.rate_mid),
-            lerp(a.rate_hi, b.rate_hi),
-        )
+        (lerp(a.rate_lo, b.rate_lo), lerp(a.rate_mid, b.rate_mid), lerp(a.rate_hi, b.rate_hi))
     }
 }
 
@@ -504,12 +417,7 @@ impl PoissonArrivals {
     }
 
     /// Arrivals with every rate multiplied by `scale`.
-    pub fn with_scale(
-        curve: RateCurve,
-        lengths: LengthSamples,
-        seed: u64,
-        scale: f64,
-    ) -> PoissonArrivals {
+    pub fn with_scale(curve: RateCurve, lengths: LengthSamples, seed: u64, scale: f64) -> PoissonArrivals {
         let minutes = curve.span_minutes();
         let mut p = PoissonArrivals {
             curve,
@@ -532,9 +440,7 @@ impl PoissonArrivals {
         let per_min = if hi - lo < 1e-9 {
             mid
         } else {
-            Triangular::new(lo, hi, mid.clamp(lo, hi))
-                .map(|d| d.sample(&mut self.rng))
-                .unwrap_or(mid)
+            Triangular::new(lo, hi, mid.clamp(lo, hi)).map(|d| d.sample(&mut self.rng)).unwrap_or(mid)
         };
         self.rate_per_s = per_min * self.scale / 60.0;
     }
@@ -550,17 +456,11 @@ impl Iterator for PoissonArrivals {
             }
             let end = (self.minute + 1) as f64 * 60.0;
             if self.rate_per_s > 0.0 {
-                let gap: f64 = Exp::new(self.rate_per_s)
-                    .expect("positive rate")
-                    .sample(&mut self.rng);
+                let gap: f64 = Exp::new(self.rate_per_s).expect("positive rate").sample(&mut self.rng);
                 if self.t_s + gap < end {
                     self.t_s += gap;
                     let (input_tokens, output_tokens) = self.lengths.draw(&mut self.rng);
-                    return Some(Ok(Request {
-                        arrival_s: self.t_s,
-                        input_tokens,
-                        output_tokens,
-                    }));
+                    return Some(Ok(Request { arrival_s: self.t_s, input_tokens, output_tokens }));
                 }
             }
             // Memoryless: the rest of the gap is redrawn at the next minute's rate.
@@ -586,9 +486,7 @@ impl PartialOrd for Pending {
 }
 impl Ord for Pending {
     fn cmp(&self, o: &Self) -> Ordering {
-        o.0.arrival_s
-            .total_cmp(&self.0.arrival_s)
-            .then(o.1.cmp(&self.1))
+        o.0.arrival_s.total_cmp(&self.0.arrival_s).then(o.1.cmp(&self.1))
     }
 }
 
@@ -685,21 +583,14 @@ impl<I: Iterator<Item = Result<Request, TraceError>>> Iterator for Limited<I> {
 }
 
 /// Read a whole stream into memory (tests and small traces only).
-pub fn collect_all<I: Iterator<Item = Result<Request, TraceError>>>(
-    it: I,
-) -> Result<Vec<Request>, TraceError> {
+pub fn collect_all<I: Iterator<Item = Result<Request, TraceError>>>(it: I) -> Result<Vec<Request>, TraceError> {
     it.collect()
 }
 
 /// Read the whole text of a file, naming it on failure.
 pub fn read_to_string(path: &Path) -> Result<String, TraceError> {
     let mut s = String::new();
-    open(path)?
-        .read_to_string(&mut s)
-        .map_err(|source| TraceError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    open(path)?.read_to_string(&mut s).map_err(|source| TraceError::Io { path: path.to_path_buf(), source })?;
     Ok(s)
 }
 
@@ -728,11 +619,7 @@ mod tests {
             let reqs = collect_all(AzureTrace::open(f.path()).unwrap()).unwrap();
             assert_eq!(reqs.len(), 2);
             assert_eq!(reqs[0].arrival_s, 0.0);
-            assert!(
-                (reqs[1].arrival_s - 4.314579).abs() < 1e-5,
-                "{}",
-                reqs[1].arrival_s
-            );
+            assert!((reqs[1].arrival_s - 4.314579).abs() < 1e-5, "{}", reqs[1].arrival_s);
             assert_eq!((reqs[1].input_tokens, reqs[1].output_tokens), (396, 109));
         }
     }
@@ -743,23 +630,23 @@ mod tests {
             ("2023-11-16 99:00:00.0,1,2", "bad TIMESTAMP"),
             ("2023-11-16 18:15:47.0,-5,2", "negative"),
             ("2023-11-16 18:15:47.0,abc,2", "not a whole number"),
-            (
-                "2023-11-16 18:15:47.0,10",
-                "missing column `GeneratedTokens`",
-            ),
+            ("2023-11-16 18:15:47.0,10", "missing column `GeneratedTokens`"),
         ];
         for (bad, what) in cases {
-            let text = format!(
-                "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,1,1\n{bad}\n"
-            );
+            let text = format!("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,1,1\n{bad}\n");
             let f = write(&text);
-            let err = collect_all(AzureTrace::open(f.path()).unwrap())
-                .unwrap_err()
-                .to_string();
+            let err = collect_all(AzureTrace::open(f.path()).unwrap()).unwrap_err().to_string();
             let where_ = format!("{}:3:", f.path().display());
             assert!(err.starts_with(&where_), "{err} should start with {where_}");
             assert!(err.contains(what), "{err} should say {what}");
         }
+    }
+
+    #[test]
+    fn crlf_line_numbers_are_right() {
+        let f = write("TIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:15:46.0,1,1\r\n2023-11-16 18:15:46.5,1,1\r\n2023-11-16 18:15:47.0,x,1\r\n");
+        let err = collect_all(AzureTrace::open(f.path()).unwrap()).unwrap_err().to_string();
+        assert!(err.contains(":4:"), "{err}");
     }
 
     #[test]
@@ -783,18 +670,8 @@ mod tests {
         RateCurve::from_rows(
             "flat",
             vec![
-                RateRow {
-                    minute: 0.0,
-                    rate_lo: rate_per_min,
-                    rate_mid: rate_per_min,
-                    rate_hi: rate_per_min,
-                },
-                RateRow {
-                    minute: minutes,
-                    rate_lo: rate_per_min,
-                    rate_mid: rate_per_min,
-                    rate_hi: rate_per_min,
-                },
+                RateRow { minute: 0.0, rate_lo: rate_per_min, rate_mid: rate_per_min, rate_hi: rate_per_min },
+                RateRow { minute: minutes, rate_lo: rate_per_min, rate_mid: rate_per_min, rate_hi: rate_per_min },
             ],
         )
     }
@@ -802,18 +679,8 @@ mod tests {
     #[test]
     fn poisson_arrivals_match_the_rate_and_are_reproducible() {
         let lengths = LengthSamples::from_pairs("x", vec![(100, 10), (2000, 500)]);
-        let a = collect_all(PoissonArrivals::new(
-            flat_curve(600.0, 60.0),
-            lengths.clone(),
-            7,
-        ))
-        .unwrap();
-        let b = collect_all(PoissonArrivals::new(
-            flat_curve(600.0, 60.0),
-            lengths.clone(),
-            7,
-        ))
-        .unwrap();
+        let a = collect_all(PoissonArrivals::new(flat_curve(600.0, 60.0), lengths.clone(), 7)).unwrap();
+        let b = collect_all(PoissonArrivals::new(flat_curve(600.0, 60.0), lengths.clone(), 7)).unwrap();
         let c = collect_all(PoissonArrivals::new(flat_curve(600.0, 60.0), lengths, 8)).unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
@@ -828,18 +695,8 @@ mod tests {
         let c = RateCurve::from_rows(
             "c",
             vec![
-                RateRow {
-                    minute: 0.0,
-                    rate_lo: 0.0,
-                    rate_mid: 10.0,
-                    rate_hi: 20.0,
-                },
-                RateRow {
-                    minute: 10.0,
-                    rate_lo: 10.0,
-                    rate_mid: 20.0,
-                    rate_hi: 40.0,
-                },
+                RateRow { minute: 0.0, rate_lo: 0.0, rate_mid: 10.0, rate_hi: 20.0 },
+                RateRow { minute: 10.0, rate_lo: 10.0, rate_mid: 20.0, rate_hi: 40.0 },
             ],
         );
         assert_eq!(c.at(5.0), (5.0, 15.0, 30.0));
@@ -851,26 +708,15 @@ mod tests {
     fn rate_curve_rejects_unordered_rows_naming_the_line() {
         let f = write("minute,rate_lo,rate_mid,rate_hi\n1,1,2,3\n0.5,1,2,3\n");
         let err = RateCurve::load(f.path()).unwrap_err().to_string();
-        assert!(
-            err.contains(":3:") && err.contains("does not increase"),
-            "{err}"
-        );
+        assert!(err.contains(":3:") && err.contains("does not increase"), "{err}");
         let f = write("minute,rate_lo,rate_mid,rate_hi\n1,5,2,3\n");
-        assert!(RateCurve::load(f.path())
-            .unwrap_err()
-            .to_string()
-            .contains("rate_lo ≤ rate_mid"));
+        assert!(RateCurve::load(f.path()).unwrap_err().to_string().contains("rate_lo ≤ rate_mid"));
     }
 
     #[test]
     fn scaling_multiplies_load_and_keeps_order() {
         let lengths = LengthSamples::from_pairs("x", vec![(100, 10)]);
-        let base = collect_all(PoissonArrivals::new(
-            flat_curve(600.0, 30.0),
-            lengths.clone(),
-            1,
-        ))
-        .unwrap();
+        let base = collect_all(PoissonArrivals::new(flat_curve(600.0, 30.0), lengths.clone(), 1)).unwrap();
         for scale in [0.5, 2.5] {
             let scaled = collect_all(Scaled::new(
                 PoissonArrivals::new(flat_curve(600.0, 30.0), lengths.clone(), 1),
@@ -880,17 +726,11 @@ mod tests {
             ))
             .unwrap();
             let ratio = scaled.len() as f64 / base.len() as f64;
-            assert!(
-                (ratio - scale).abs() < 0.05 * scale,
-                "scale {scale}: ratio {ratio}"
-            );
+            assert!((ratio - scale).abs() < 0.05 * scale, "scale {scale}: ratio {ratio}");
             assert!(scaled.windows(2).all(|w| w[0].arrival_s <= w[1].arrival_s));
         }
-        let limited = collect_all(Limited::new(
-            PoissonArrivals::new(flat_curve(600.0, 30.0), lengths, 1),
-            600.0,
-        ))
-        .unwrap();
+        let limited =
+            collect_all(Limited::new(PoissonArrivals::new(flat_curve(600.0, 30.0), lengths, 1), 600.0)).unwrap();
         assert!(limited.iter().all(|r| r.arrival_s < 600.0));
         assert!((limited.len() as f64 - 6000.0).abs() < 400.0);
     }

@@ -1,0 +1,184 @@
+//! The result of a `dynamollm sim` run: the JSON contract (exactly the fields
+//! other tools script against) and the table on stdout.
+
+use serde::Serialize;
+use sim::{LatencySummary, RunTotals};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use telemetry::RequestClass;
+
+/// Latency and attainment of one class, plus its request count.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClassReport {
+    /// Requests that arrived.
+    pub requests: u64,
+    /// Median TTFT.
+    pub ttft_p50_s: f64,
+    /// P99 TTFT.
+    pub ttft_p99_s: f64,
+    /// Median token gap.
+    pub tbt_p50_s: f64,
+    /// P99 token gap.
+    pub tbt_p99_s: f64,
+    /// Share of requests within the TTFT SLO.
+    pub ttft_attainment: f64,
+    /// Share of token gaps within the TBT SLO.
+    pub tbt_attainment: f64,
+    /// The smaller of the two.
+    pub slo_attainment: f64,
+}
+
+/// One `dynamollm sim` run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SimReport {
+    /// Policy name.
+    pub policy: String,
+    /// The workload.
+    pub trace: String,
+    /// The seed.
+    pub seed: u64,
+    /// Simulated time (s).
+    pub duration_s: f64,
+    /// Requests that arrived.
+    pub requests_total: u64,
+    /// Requests turned away.
+    pub requests_rejected: u64,
+    /// GPU energy (kWh).
+    pub energy_kwh: f64,
+    /// GPUs provisioned × time, idle and warm included (h).
+    pub gpu_hours: f64,
+    /// Mean GPUs held.
+    pub avg_gpus: f64,
+    /// Most GPUs held at once.
+    pub peak_gpus: u32,
+    /// Median TTFT, all classes.
+    pub ttft_p50_s: f64,
+    /// P99 TTFT, all classes.
+    pub ttft_p99_s: f64,
+    /// Median token gap, all classes.
+    pub tbt_p50_s: f64,
+    /// P99 token gap, all classes.
+    pub tbt_p99_s: f64,
+    /// Share of requests within their class's TTFT SLO.
+    pub ttft_attainment: f64,
+    /// Share of gaps within their class's TBT SLO.
+    pub tbt_attainment: f64,
+    /// The smaller of the two.
+    pub slo_attainment: f64,
+    /// Per class (only classes with traffic).
+    pub classes: BTreeMap<String, ClassReport>,
+    /// Wall-clock time of the replay (s).
+    pub wall_s: f64,
+    /// Simulated requests per wall-clock second.
+    pub sim_requests_per_s: f64,
+}
+
+fn class_report(requests: u64, l: LatencySummary) -> ClassReport {
+    ClassReport {
+        requests,
+        ttft_p50_s: l.ttft_p50_s,
+        ttft_p99_s: l.ttft_p99_s,
+        tbt_p50_s: l.tbt_p50_s,
+        tbt_p99_s: l.tbt_p99_s,
+        ttft_attainment: l.ttft_attainment,
+        tbt_attainment: l.tbt_attainment,
+        slo_attainment: l.slo_attainment,
+    }
+}
+
+impl SimReport {
+    /// Build from a replay's totals.
+    pub fn new(policy: &str, trace: &str, seed: u64, totals: &RunTotals, wall_s: f64) -> SimReport {
+        let all = LatencySummary::of_all(&totals.stats.classes);
+        let classes = RequestClass::ALL
+            .iter()
+            .filter(|c| totals.stats.classes[c.index()].requests > 0)
+            .map(|c| {
+                let s = &totals.stats.classes[c.index()];
+                (c.name(), class_report(s.requests, LatencySummary::of_class(s)))
+            })
+            .collect();
+        let hours = totals.duration_s / 3600.0;
+        SimReport {
+            policy: policy.to_string(),
+            trace: trace.to_string(),
+            seed,
+            duration_s: totals.duration_s,
+            requests_total: totals.requests_total,
+            requests_rejected: totals.requests_rejected,
+            energy_kwh: totals.energy_j / 3.6e6,
+            gpu_hours: totals.gpu_seconds / 3600.0,
+            avg_gpus: if hours > 0.0 { totals.gpu_seconds / totals.duration_s } else { 0.0 },
+            peak_gpus: totals.peak_gpus,
+            ttft_p50_s: all.ttft_p50_s,
+            ttft_p99_s: all.ttft_p99_s,
+            tbt_p50_s: all.tbt_p50_s,
+            tbt_p99_s: all.tbt_p99_s,
+            ttft_attainment: all.ttft_attainment,
+            tbt_attainment: all.tbt_attainment,
+            slo_attainment: all.slo_attainment,
+            classes,
+            wall_s,
+            sim_requests_per_s: if wall_s > 0.0 { totals.requests_total as f64 / wall_s } else { 0.0 },
+        }
+    }
+
+    /// Every class with traffic holds its P99 SLOs.
+    pub fn all_classes_hold(&self) -> bool {
+        self.classes.values().all(|c| c.slo_attainment >= crate::policy::P99_ATTAINMENT)
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "policy {}  trace {}  seed {}", self.policy, self.trace, self.seed);
+        let _ = writeln!(
+            s,
+            "  {:.0} s simulated, {} requests ({} rejected), {:.0} requests/s of wall time ({:.2} s)",
+            self.duration_s, self.requests_total, self.requests_rejected, self.sim_requests_per_s, self.wall_s
+        );
+        let _ = writeln!(
+            s,
+            "  energy {:.2} kWh   GPU-hours {:.1}   GPUs avg {:.1} peak {}",
+            self.energy_kwh, self.gpu_hours, self.avg_gpus, self.peak_gpus
+        );
+        let _ = writeln!(
+            s,
+            "  {:<5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
+            "class", "requests", "TTFT p50", "TTFT p99", "TBT p50", "TBT p99", "TTFT ok", "TBT ok", "SLO ok"
+        );
+        let mut row = |name: &str, c: &ClassReport| {
+            let _ = writeln!(
+                s,
+                "  {:<5} {:>8} {:>8.3}s {:>8.3}s {:>7.1}ms {:>7.1}ms {:>6.2}% {:>6.2}% {:>6.2}%{}",
+                name,
+                c.requests,
+                c.ttft_p50_s,
+                c.ttft_p99_s,
+                c.tbt_p50_s * 1e3,
+                c.tbt_p99_s * 1e3,
+                c.ttft_attainment * 100.0,
+                c.tbt_attainment * 100.0,
+                c.slo_attainment * 100.0,
+                if c.slo_attainment >= crate::policy::P99_ATTAINMENT { "" } else { "  MISSES P99 SLO" }
+            );
+        };
+        for c in RequestClass::ALL {
+            if let Some(r) = self.classes.get(&c.name()) {
+                row(&c.name(), r);
+            }
+        }
+        let all = ClassReport {
+            requests: self.requests_total,
+            ttft_p50_s: self.ttft_p50_s,
+            ttft_p99_s: self.ttft_p99_s,
+            tbt_p50_s: self.tbt_p50_s,
+            tbt_p99_s: self.tbt_p99_s,
+            ttft_attainment: self.ttft_attainment,
+            tbt_attainment: self.tbt_attainment,
+            slo_attainment: self.slo_attainment,
+        };
+        row("all", &all);
+        s
+    }
+}

@@ -1,0 +1,152 @@
+//! The `dynamollm` binary's contract: errors that name file and line, the
+//! policy list, the JSON fields, and reproducibility by seed.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+fn dynamollm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dynamollm")).args(args).output().expect("the binary runs")
+}
+
+fn data(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data").join(name).display().to_string()
+}
+
+#[test]
+fn malformed_trace_lines_name_file_and_line() {
+    let cases = [
+        ("2023-11-16 18:15:47.x,10,10", "bad TIMESTAMP"),
+        ("2023-11-16 18:15:47.0,-3,10", "negative"),
+        ("2023-11-16 18:15:47.0,ten,10", "not a whole number"),
+        ("2023-11-16 18:15:47.0,10", "missing column"),
+    ];
+    for (bad, what) in cases {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(f, "TIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:15:46.0,100,10\r\n2023-11-16 18:15:46.5,100,10\r\n{bad}\r\n").unwrap();
+        let path = f.path().display().to_string();
+        let out = dynamollm(&["sim", "--trace", &path, "--instances", "1", "--quiet"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{path}:4:")), "{err}");
+        assert!(err.contains(what), "{err} should say {what}");
+    }
+}
+
+#[test]
+fn an_unknown_policy_lists_the_valid_ones() {
+    let out = dynamollm(&["sim", "--policy", "greedy", "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown policy `greedy`") && err.contains("single-pool") && err.contains("multi-pool"),
+        "{err}"
+    );
+}
+
+const FIELDS: [&str; 20] = [
+    "policy",
+    "trace",
+    "seed",
+    "duration_s",
+    "requests_total",
+    "requests_rejected",
+    "energy_kwh",
+    "gpu_hours",
+    "avg_gpus",
+    "peak_gpus",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tbt_p50_s",
+    "tbt_p99_s",
+    "ttft_attainment",
+    "tbt_attainment",
+    "slo_attainment",
+    "classes",
+    "wall_s",
+    "sim_requests_per_s",
+];
+
+fn run_json(seed: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let out = dynamollm(&[
+        "sim",
+        "--policy",
+        "single-pool",
+        "--rates",
+        &data("azure-llm-2024-week-coding-rate.csv"),
+        "--lengths",
+        &data("azure-llm-2023-code.csv"),
+        "--hours",
+        "0.5",
+        "--scale",
+        "0.5",
+        "--instances",
+        "6",
+        "--seed",
+        seed,
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+#[test]
+fn the_same_seed_gives_the_same_json_and_the_fields_are_exactly_the_contract() {
+    let mut a = run_json("7");
+    let mut b = run_json("7");
+    let c = run_json("8");
+    let keys: Vec<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut want = FIELDS.to_vec();
+    want.sort_unstable();
+    let mut got = keys.clone();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    let ss = &a["classes"]["LS"];
+    for k in [
+        "requests",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "tbt_p50_s",
+        "tbt_p99_s",
+        "ttft_attainment",
+        "tbt_attainment",
+        "slo_attainment",
+    ] {
+        assert!(ss.get(k).is_some(), "class field {k} missing");
+    }
+    assert!(a["requests_total"].as_u64().unwrap() > 10_000);
+    assert_ne!(a["requests_total"], c["requests_total"], "another seed draws other arrivals");
+    for v in [&mut a, &mut b] {
+        let o = v.as_object_mut().unwrap();
+        o.remove("wall_s");
+        o.remove("sim_requests_per_s");
+    }
+    assert_eq!(a, b);
+}
+
+#[test]
+fn single_pool_sizing_is_the_smallest_count_that_holds_every_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |instances: Option<&str>| -> serde_json::Value {
+        let json = dir.path().join("r.json");
+        let mut args = vec!["sim", "--policy", "single-pool", "--quiet", "--json", json.to_str().unwrap()];
+        if let Some(n) = instances {
+            args.extend(["--instances", n]);
+        }
+        let out = dynamollm(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let holds = |v: &serde_json::Value| {
+        v["classes"].as_object().unwrap().values().all(|c| c["slo_attainment"].as_f64().unwrap() >= 0.99)
+    };
+    let sized = run(None);
+    assert!(holds(&sized));
+    let n = sized["peak_gpus"].as_u64().unwrap() / 8;
+    let fewer = run(Some(&(n - 1).to_string()));
+    assert!(!holds(&fewer), "{} instances would also hold: sizing is not minimal", n - 1);
+}

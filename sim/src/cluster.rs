@@ -1,0 +1,385 @@
+//! The twin's cluster: pools of engine instances on DGX servers, request
+//! routing (a pool serves one or more classes; inside it, the least-loaded
+//! serving instance takes the request), instance lifecycle timers, and the
+//! discrete-event loop that replays an arrival stream in virtual time.
+
+use crate::engine::{EngineRequest, Instance, Lifecycle, Next};
+use crate::physics::Physics;
+use crate::stats::{ClassSlo, Stats};
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use telemetry::{ClassBoundaries, Request, RequestClass, TraceError, CLASS_COUNT};
+
+/// A pool: the classes it serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    /// Name for tables (e.g. `all`, `SS`).
+    pub name: String,
+    /// Classes routed to it.
+    pub classes: Vec<RequestClass>,
+}
+
+/// An instance present when the run starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InstanceSpec {
+    /// Index of its pool.
+    pub pool: usize,
+    /// Tensor-parallel degree.
+    pub tp: u32,
+    /// Locked clock.
+    pub clock_mhz: u32,
+}
+
+/// A cluster layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSpec {
+    /// The pools.
+    pub pools: Vec<PoolSpec>,
+    /// The instances serving at time zero.
+    pub instances: Vec<InstanceSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Time(f64);
+impl Eq for Time {}
+impl PartialOrd for Time {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Time {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EventKind {
+    /// An instance's phase (or pause) ends; valid if the version matches.
+    Step { version: u64 },
+    /// A lifecycle timer (start or reshard done).
+    Ready,
+}
+
+type Event = Reverse<(Time, u64, usize, EventKind)>;
+
+#[derive(Debug, Clone)]
+struct Pool {
+    members: Vec<usize>,
+}
+
+/// Totals of a finished replay.
+#[derive(Debug, Clone)]
+pub struct RunTotals {
+    /// Per-class statistics.
+    pub stats: Stats,
+    /// GPU energy of every instance in every state (J).
+    pub energy_j: f64,
+    /// GPUs held × time (GPU·s).
+    pub gpu_seconds: f64,
+    /// Most GPUs held at once.
+    pub peak_gpus: u32,
+    /// From time zero to the last completion (or the span, if later) (s).
+    pub duration_s: f64,
+    /// Requests that arrived.
+    pub requests_total: u64,
+    /// Requests turned away.
+    pub requests_rejected: u64,
+}
+
+/// A cluster being simulated.
+pub struct Cluster<'p> {
+    physics: &'p Physics,
+    boundaries: ClassBoundaries,
+    /// Every instance ever created (stopped ones stay, holding nothing).
+    pub instances: Vec<Instance>,
+    pools: Vec<Pool>,
+    class_pool: [Option<usize>; CLASS_COUNT],
+    events: BinaryHeap<Event>,
+    seq: u64,
+    /// Statistics so far.
+    pub stats: Stats,
+    now_s: f64,
+    gpus_held: u32,
+    peak_gpus: u32,
+    gpu_seconds: f64,
+    gpus_since_s: f64,
+    requests_total: u64,
+    requests_rejected: u64,
+}
+
+impl<'p> Cluster<'p> {
+    /// Build a cluster from a layout, every instance serving at time zero.
+    pub fn new(
+        physics: &'p Physics,
+        spec: &ClusterSpec,
+        boundaries: ClassBoundaries,
+        slo: [ClassSlo; CLASS_COUNT],
+    ) -> Self {
+        let mut class_pool = [None; CLASS_COUNT];
+        for (i, p) in spec.pools.iter().enumerate() {
+            for c in &p.classes {
+                class_pool[c.index()] = Some(i);
+            }
+        }
+        let mut cluster = Cluster {
+            physics,
+            boundaries,
+            instances: Vec::new(),
+            pools: spec.pools.iter().map(|_| Pool { members: Vec::new() }).collect(),
+            class_pool,
+            events: BinaryHeap::new(),
+            seq: 0,
+            stats: Stats::new(slo),
+            now_s: 0.0,
+            gpus_held: 0,
+            peak_gpus: 0,
+            gpu_seconds: 0.0,
+            gpus_since_s: 0.0,
+            requests_total: 0,
+            requests_rejected: 0,
+        };
+        for s in &spec.instances {
+            cluster.add_instance(s.pool, s.tp, s.clock_mhz, Lifecycle::Serving);
+        }
+        cluster
+    }
+
+    /// Virtual time now.
+    pub fn now_s(&self) -> f64 {
+        self.now_s
+    }
+
+    /// GPUs held now.
+    pub fn gpus_held(&self) -> u32 {
+        self.gpus_held
+    }
+
+    fn regpu(&mut self) {
+        self.gpu_seconds += f64::from(self.gpus_held) * (self.now_s - self.gpus_since_s);
+        self.gpus_since_s = self.now_s;
+        self.gpus_held = self.instances.iter().map(Instance::gpus_held).sum();
+        self.peak_gpus = self.peak_gpus.max(self.gpus_held);
+    }
+
+    fn schedule(&mut self, inst: usize, next: Next) {
+        if let Next::At(t) = next {
+            self.seq += 1;
+            let version = self.instances[inst].version;
+            self.events.push(Reverse((Time(t), self.seq, inst, EventKind::Step { version })));
+        }
+    }
+
+    /// Add an instance to a pool in the given state (a starting one gets a
+    /// ready timer). Returns its index.
+    pub fn add_instance(&mut self, pool: usize, tp: u32, clock_mhz: u32, state: Lifecycle) -> usize {
+        let inst = Instance::new(self.physics, tp, clock_mhz, pool, state, self.now_s);
+        self.instances.push(inst);
+        let idx = self.instances.len() - 1;
+        self.pools[pool].members.push(idx);
+        if let Lifecycle::Starting { ready_s } = state {
+            self.seq += 1;
+            self.events.push(Reverse((Time(ready_s), self.seq, idx, EventKind::Ready)));
+        }
+        self.regpu();
+        idx
+    }
+
+    /// Start a new instance: cold (`lifecycle.cold_start_s`) or warm (`warm_start_s`).
+    pub fn spawn(&mut self, pool: usize, tp: u32, clock_mhz: u32, warm: bool) -> usize {
+        let l = &self.physics.lifecycle;
+        let delay = if warm { l.warm_start_s } else { l.cold_start_s };
+        self.add_instance(pool, tp, clock_mhz, Lifecycle::Starting { ready_s: self.now_s + delay })
+    }
+
+    /// Wake a warm-standby (sleeping) instance: it serves after `lifecycle.sleep_wake_s`.
+    pub fn wake(&mut self, inst: usize) {
+        let ready_s = self.now_s + self.physics.lifecycle.sleep_wake_s;
+        let physics = self.physics;
+        let now = self.now_s;
+        self.instances[inst].set_state(physics, Lifecycle::Starting { ready_s }, now);
+        self.seq += 1;
+        self.events.push(Reverse((Time(ready_s), self.seq, inst, EventKind::Ready)));
+        self.regpu();
+    }
+
+    /// Stop routing to an instance; it stops (releasing its GPUs) once empty.
+    pub fn retire(&mut self, inst: usize) {
+        let physics = self.physics;
+        let now = self.now_s;
+        let i = &mut self.instances[inst];
+        i.settle(physics, now);
+        if i.is_empty() {
+            i.set_state(physics, Lifecycle::Stopped, now);
+        } else {
+            let next = i.set_state(physics, Lifecycle::Draining, now);
+            self.schedule(inst, next);
+        }
+        self.regpu();
+    }
+
+    /// Change an instance's TP degree by restart or in place; it serves
+    /// nothing meanwhile (its waiting requests are routed elsewhere first).
+    pub fn reshard(&mut self, inst: usize, tp: u32, in_place: bool) {
+        let l = &self.physics.lifecycle;
+        let delay = if in_place { l.reshard_in_place_s } else { l.reshard_restart_s };
+        let ready_s = self.now_s + delay;
+        let physics = self.physics;
+        let now = self.now_s;
+        let i = &mut self.instances[inst];
+        i.set_state(physics, Lifecycle::Resharding { ready_s, tp }, now);
+        self.seq += 1;
+        self.events.push(Reverse((Time(ready_s), self.seq, inst, EventKind::Ready)));
+        self.regpu();
+    }
+
+    /// Lock an instance to a clock.
+    pub fn set_clock(&mut self, inst: usize, clock_mhz: u32) {
+        let next = self.instances[inst].set_clock(self.physics, clock_mhz, self.now_s);
+        self.schedule(inst, next);
+    }
+
+    /// The serving instance of a pool with the fewest outstanding requests.
+    fn least_loaded(&self, pool: usize, req: &EngineRequest) -> Option<usize> {
+        let mut best: Option<(usize, usize)> = None;
+        for &m in &self.pools[pool].members {
+            let i = &self.instances[m];
+            if i.state != Lifecycle::Serving || !i.fits(req) {
+                continue;
+            }
+            let load = i.outstanding();
+            if best.is_none_or(|(_, b)| load < b) {
+                best = Some((m, load));
+            }
+        }
+        best.map(|(m, _)| m)
+    }
+
+    /// Route one arriving request (time must not go backwards).
+    pub fn arrive(&mut self, r: &Request) {
+        self.advance_to(r.arrival_s);
+        let class = self.boundaries.classify(r.input_tokens, r.output_tokens).index();
+        self.requests_total += 1;
+        self.stats.arrived(class);
+        let req = EngineRequest {
+            arrival_s: r.arrival_s,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens.max(1),
+            class: class as u8,
+        };
+        let target = self.class_pool[class].and_then(|p| self.least_loaded(p, &req));
+        match target {
+            Some(inst) => {
+                let next = self.instances[inst].enqueue(self.physics, req, self.now_s);
+                self.schedule(inst, next);
+            }
+            None => {
+                self.requests_rejected += 1;
+                self.stats.rejected(class);
+            }
+        }
+    }
+
+    /// Process every event up to and including time `t`, then set the clock to `t`.
+    pub fn advance_to(&mut self, t: f64) {
+        while let Some(&Reverse((Time(et), _, inst, kind))) = self.events.peek() {
+            if et > t {
+                break;
+            }
+            self.events.pop();
+            self.now_s = self.now_s.max(et);
+            self.handle(inst, kind);
+        }
+        self.now_s = self.now_s.max(t);
+    }
+
+    /// Time of the next pending event, if any.
+    pub fn next_event_s(&self) -> Option<f64> {
+        self.events.peek().map(|Reverse((Time(t), ..))| *t)
+    }
+
+    fn handle(&mut self, inst: usize, kind: EventKind) {
+        let physics = self.physics;
+        let now = self.now_s;
+        match kind {
+            EventKind::Step { version } => {
+                if self.instances[inst].version != version {
+                    return;
+                }
+                let next = self.instances[inst].on_event(physics, &mut self.stats, now);
+                self.schedule(inst, next);
+                let i = &mut self.instances[inst];
+                if i.state == Lifecycle::Draining && i.is_empty() {
+                    i.set_state(physics, Lifecycle::Stopped, now);
+                    self.regpu();
+                }
+            }
+            EventKind::Ready => {
+                let i = &self.instances[inst];
+                let due = match i.state {
+                    Lifecycle::Starting { ready_s } | Lifecycle::Resharding { ready_s, .. } => ready_s <= now,
+                    _ => false,
+                };
+                if due {
+                    let next = self.instances[inst].set_state(physics, Lifecycle::Serving, now);
+                    self.schedule(inst, next);
+                    self.regpu();
+                }
+            }
+        }
+    }
+
+    /// Run every pending event to completion (all requests finish).
+    pub fn drain(&mut self) {
+        while let Some(t) = self.next_event_s() {
+            self.advance_to(t);
+        }
+    }
+
+    /// Replay a whole stream, then let every request finish. `progress` is
+    /// called now and then with the arrival time reached.
+    pub fn replay<I, F>(&mut self, arrivals: I, mut progress: F) -> Result<(), TraceError>
+    where
+        I: Iterator<Item = Result<Request, TraceError>>,
+        F: FnMut(f64),
+    {
+        let mut n = 0u64;
+        for r in arrivals {
+            let r = r?;
+            self.arrive(&r);
+            n += 1;
+            if n % 65_536 == 0 {
+                progress(r.arrival_s);
+            }
+        }
+        let last_arrival = self.now_s;
+        progress(last_arrival);
+        // Let the in-flight requests finish, but not lifecycle timers far beyond.
+        while let Some(t) = self.next_event_s() {
+            if self.instances.iter().all(Instance::is_empty) {
+                break;
+            }
+            self.advance_to(t);
+        }
+        Ok(())
+    }
+
+    /// Close the books at `end_s` (at least now): settle idle energy and GPU time.
+    pub fn finish(mut self, end_s: f64) -> RunTotals {
+        let end = end_s.max(self.now_s);
+        self.now_s = end;
+        for i in &mut self.instances {
+            i.settle(self.physics, end);
+        }
+        self.regpu();
+        RunTotals {
+            energy_j: self.instances.iter().map(|i| i.energy_j).sum(),
+            gpu_seconds: self.gpu_seconds,
+            peak_gpus: self.peak_gpus,
+            duration_s: end,
+            requests_total: self.requests_total,
+            requests_rejected: self.requests_rejected,
+            stats: self.stats,
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Run statistics: per-class latency histograms (HDR, not sample vectors) and
+//! exact SLO attainment counts, plus the cluster's energy and GPU holding.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use telemetry::{RequestClass, CLASS_COUNT};
+
+/// Latency values are recorded in microseconds, 3 significant digits, up to 1 hour.
+const HIST_MAX_US: u64 = 3_600_000_000;
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("valid histogram bounds")
+}
+
+fn to_us(s: f64) -> u64 {
+    ((s * 1e6).round() as u64).clamp(1, HIST_MAX_US)
+}
+
+/// The SLO of one class: P99 TTFT and P99 TBT bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ClassSlo {
+    /// A request meets its TTFT SLO when its TTFT is at most this.
+    pub ttft_s: f64,
+    /// A token gap meets the TBT SLO when it is at most this.
+    pub tbt_s: f64,
+}
+
+/// Everything measured for one class.
+#[derive(Debug, Clone)]
+pub struct ClassStats {
+    /// Requests that arrived.
+    pub requests: u64,
+    /// Requests turned away (no serving instance, or too large for any KV cache).
+    pub rejected: u64,
+    /// Requests that finished.
+    pub completed: u64,
+    /// TTFT histogram (µs).
+    pub ttft: Histogram<u64>,
+    /// Token-gap histogram (µs).
+    pub tbt: Histogram<u64>,
+    /// Requests whose TTFT met the SLO.
+    pub ttft_ok: u64,
+    /// Requests with a TTFT recorded.
+    pub ttft_n: u64,
+    /// Token gaps that met the SLO.
+    pub gaps_ok: u64,
+    /// Token gaps recorded.
+    pub gaps_n: u64,
+}
+
+impl ClassStats {
+    fn new() -> ClassStats {
+        ClassStats {
+            requests: 0,
+            rejected: 0,
+            completed: 0,
+            ttft: new_hist(),
+            tbt: new_hist(),
+            ttft_ok: 0,
+            ttft_n: 0,
+            gaps_ok: 0,
+            gaps_n: 0,
+        }
+    }
+
+    /// Share of requests meeting TTFT (rejected requests count as misses); 1 with no requests.
+    pub fn ttft_attainment(&self) -> f64 {
+        let n = self.ttft_n + self.rejected;
+        if n == 0 {
+            1.0
+        } else {
+            self.ttft_ok as f64 / n as f64
+        }
+    }
+
+    /// Share of token gaps meeting TBT; 1 with no gaps.
+    pub fn tbt_attainment(&self) -> f64 {
+        if self.gaps_n == 0 {
+            1.0
+        } else {
+            self.gaps_ok as f64 / self.gaps_n as f64
+        }
+    }
+
+    /// The smaller of the two attainments.
+    pub fn slo_attainment(&self) -> f64 {
+        self.ttft_attainment().min(self.tbt_attainment())
+    }
+}
+
+/// Statistics of a whole run.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Per class, indexed by [`RequestClass::index`].
+    pub classes: Vec<ClassStats>,
+    /// The SLOs the attainments are measured against.
+    pub slo: [ClassSlo; CLASS_COUNT],
+}
+
+impl Stats {
+    /// Empty statistics measured against these SLOs.
+    pub fn new(slo: [ClassSlo; CLASS_COUNT]) -> Stats {
+        Stats { classes: (0..CLASS_COUNT).map(|_| ClassStats::new()).collect(), slo }
+    }
+
+    /// A request arrived.
+    #[inline]
+    pub fn arrived(&mut self, class: usize) {
+        self.classes[class].requests += 1;
+    }
+
+    /// A request was turned away.
+    #[inline]
+    pub fn rejected(&mut self, class: usize) {
+        self.classes[class].rejected += 1;
+    }
+
+    /// A request finished.
+    #[inline]
+    pub fn completed(&mut self, class: usize) {
+        self.classes[class].completed += 1;
+    }
+
+    /// Record a request's TTFT.
+    #[inline]
+    pub fn ttft(&mut self, class: usize, ttft_s: f64) {
+        let slo = self.slo[class].ttft_s;
+        let c = &mut self.classes[class];
+        c.ttft_n += 1;
+        if ttft_s <= slo {
+            c.ttft_ok += 1;
+        }
+        c.ttft.saturating_record(to_us(ttft_s));
+    }
+
+    /// Record `count` sequences' gaps over `steps` consecutive steps whose
+    /// durations are `first_s`, `first_s + growth_s`, … (an arithmetic series).
+    pub fn gaps(&mut self, class: usize, count: u64, steps: u64, first_s: f64, growth_s: f64) {
+        if count == 0 || steps == 0 {
+            return;
+        }
+        let slo = self.slo[class].tbt_s;
+        let c = &mut self.classes[class];
+        // Exact count of the steps within the SLO.
+        let ok_steps = if first_s > slo {
+            0
+        } else if growth_s <= 0.0 {
+            steps
+        } else {
+            ((((slo - first_s) / growth_s).floor().min(steps as f64) as u64) + 1).min(steps)
+        };
+        c.gaps_n += count * steps;
+        c.gaps_ok += count * ok_steps;
+        // The histogram gets the series in at most four equal segments.
+        let segments = steps.min(4);
+        let base = steps / segments;
+        let mut start = 0;
+        for k in 0..segments {
+            let len = base + u64::from(k < steps % segments);
+            let mid = start as f64 + (len as f64 - 1.0) / 2.0;
+            let _ = c.tbt.record_n(to_us(first_s + growth_s * mid), count * len);
+            start += len;
+        }
+    }
+}
+
+/// Latency and attainment figures of a set of requests.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Median TTFT.
+    pub ttft_p50_s: f64,
+    /// P99 TTFT.
+    pub ttft_p99_s: f64,
+    /// Median token gap.
+    pub tbt_p50_s: f64,
+    /// P99 token gap.
+    pub tbt_p99_s: f64,
+    /// Share of requests meeting TTFT.
+    pub ttft_attainment: f64,
+    /// Share of gaps meeting TBT.
+    pub tbt_attainment: f64,
+    /// The smaller of the two.
+    pub slo_attainment: f64,
+}
+
+fn q(h: &Histogram<u64>, p: f64) -> f64 {
+    if h.is_empty() {
+        0.0
+    } else {
+        h.value_at_quantile(p) as f64 * 1e-6
+    }
+}
+
+impl LatencySummary {
+    /// Summary of one class.
+    pub fn of_class(c: &ClassStats) -> LatencySummary {
+        LatencySummary {
+            ttft_p50_s: q(&c.ttft, 0.5),
+            ttft_p99_s: q(&c.ttft, 0.99),
+            tbt_p50_s: q(&c.tbt, 0.5),
+            tbt_p99_s: q(&c.tbt, 0.99),
+            ttft_attainment: c.ttft_attainment(),
+            tbt_attainment: c.tbt_attainment(),
+            slo_attainment: c.slo_attainment(),
+        }
+    }
+
+    /// Summary over all classes together.
+    pub fn of_all(classes: &[ClassStats]) -> LatencySummary {
+        let mut ttft = new_hist();
+        let mut tbt = new_hist();
+        let (mut t_ok, mut t_n, mut g_ok, mut g_n) = (0u64, 0u64, 0u64, 0u64);
+        for c in classes {
+            ttft.add(&c.ttft).expect("same bounds");
+            tbt.add(&c.tbt).expect("same bounds");
+            t_ok += c.ttft_ok;
+            t_n += c.ttft_n + c.rejected;
+            g_ok += c.gaps_ok;
+            g_n += c.gaps_n;
+        }
+        let ttft_attainment = if t_n == 0 { 1.0 } else { t_ok as f64 / t_n as f64 };
+        let tbt_attainment = if g_n == 0 { 1.0 } else { g_ok as f64 / g_n as f64 };
+        LatencySummary {
+            ttft_p50_s: q(&ttft, 0.5),
+            ttft_p99_s: q(&ttft, 0.99),
+            tbt_p50_s: q(&tbt, 0.5),
+            tbt_p99_s: q(&tbt, 0.99),
+            ttft_attainment,
+            tbt_attainment,
+            slo_attainment: ttft_attainment.min(tbt_attainment),
+        }
+    }
+}
+
+/// The class name of an index.
+pub fn class_name(i: usize) -> String {
+    RequestClass::from_index(i).name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slo(ttft_s: f64, tbt_s: f64) -> [ClassSlo; CLASS_COUNT] {
+        [ClassSlo { ttft_s, tbt_s }; CLASS_COUNT]
+    }
+
+    #[test]
+    fn gap_attainment_counts_an_arithmetic_series_exactly() {
+        let mut s = Stats::new(slo(1.0, 0.050));
+        // Steps of 40, 42, …, 58 ms: 40..=50 meet the SLO → 6 of 10 steps.
+        s.gaps(0, 3, 10, 0.040, 0.002);
+        assert_eq!(s.classes[0].gaps_n, 30);
+        assert_eq!(s.classes[0].gaps_ok, 18);
+        assert!((s.classes[0].tbt_attainment() - 0.6).abs() < 1e-12);
+        let p50 = LatencySummary::of_class(&s.classes[0]).tbt_p50_s;
+        assert!((0.045..0.055).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn rejected_requests_count_against_ttft_attainment() {
+        let mut s = Stats::new(slo(0.1, 1.0));
+        s.ttft(2, 0.05);
+        s.ttft(2, 0.20);
+        s.rejected(2);
+        s.ttft(2, 0.01);
+        assert!((s.classes[2].ttft_attainment() - 0.5).abs() < 1e-12);
+        assert_eq!(s.classes[0].slo_attainment(), 1.0);
+    }
+}
