@@ -12,20 +12,9 @@ use telemetry::RequestClass;
 pub struct ClassReport {
     /// Requests that arrived.
     pub requests: u64,
-    /// Median TTFT.
-    pub ttft_p50_s: f64,
-    /// P99 TTFT.
-    pub ttft_p99_s: f64,
-    /// Median token gap.
-    pub tbt_p50_s: f64,
-    /// P99 token gap.
-    pub tbt_p99_s: f64,
-    /// Share of requests within the TTFT SLO.
-    pub ttft_attainment: f64,
-    /// Share of token gaps within the TBT SLO.
-    pub tbt_attainment: f64,
-    /// The smaller of the two.
-    pub slo_attainment: f64,
+    /// Latency percentiles and SLO attainment.
+    #[serde(flatten)]
+    pub latency: LatencySummary,
 }
 
 /// One `dynamollm sim` run.
@@ -51,39 +40,15 @@ pub struct SimReport {
     pub avg_gpus: f64,
     /// Most GPUs held at once.
     pub peak_gpus: u32,
-    /// Median TTFT, all classes.
-    pub ttft_p50_s: f64,
-    /// P99 TTFT, all classes.
-    pub ttft_p99_s: f64,
-    /// Median token gap, all classes.
-    pub tbt_p50_s: f64,
-    /// P99 token gap, all classes.
-    pub tbt_p99_s: f64,
-    /// Share of requests within their class's TTFT SLO.
-    pub ttft_attainment: f64,
-    /// Share of gaps within their class's TBT SLO.
-    pub tbt_attainment: f64,
-    /// The smaller of the two.
-    pub slo_attainment: f64,
+    /// Latency percentiles and attainment over all classes.
+    #[serde(flatten)]
+    pub latency: LatencySummary,
     /// Per class (only classes with traffic).
     pub classes: BTreeMap<String, ClassReport>,
     /// Wall-clock time of the replay (s).
     pub wall_s: f64,
     /// Simulated requests per wall-clock second.
     pub sim_requests_per_s: f64,
-}
-
-fn class_report(requests: u64, l: LatencySummary) -> ClassReport {
-    ClassReport {
-        requests,
-        ttft_p50_s: l.ttft_p50_s,
-        ttft_p99_s: l.ttft_p99_s,
-        tbt_p50_s: l.tbt_p50_s,
-        tbt_p99_s: l.tbt_p99_s,
-        ttft_attainment: l.ttft_attainment,
-        tbt_attainment: l.tbt_attainment,
-        slo_attainment: l.slo_attainment,
-    }
 }
 
 impl SimReport {
@@ -95,7 +60,7 @@ impl SimReport {
             .filter(|c| totals.stats.classes[c.index()].requests > 0)
             .map(|c| {
                 let s = &totals.stats.classes[c.index()];
-                (c.name(), class_report(s.requests, LatencySummary::of_class(s)))
+                (c.name(), ClassReport { requests: s.requests, latency: LatencySummary::of_class(s) })
             })
             .collect();
         let hours = totals.duration_s / 3600.0;
@@ -110,13 +75,7 @@ impl SimReport {
             gpu_hours: totals.gpu_seconds / 3600.0,
             avg_gpus: if hours > 0.0 { totals.gpu_seconds / totals.duration_s } else { 0.0 },
             peak_gpus: totals.peak_gpus,
-            ttft_p50_s: all.ttft_p50_s,
-            ttft_p99_s: all.ttft_p99_s,
-            tbt_p50_s: all.tbt_p50_s,
-            tbt_p99_s: all.tbt_p99_s,
-            ttft_attainment: all.ttft_attainment,
-            tbt_attainment: all.tbt_attainment,
-            slo_attainment: all.slo_attainment,
+            latency: all,
             classes,
             wall_s,
             sim_requests_per_s: if wall_s > 0.0 { totals.requests_total as f64 / wall_s } else { 0.0 },
@@ -125,7 +84,7 @@ impl SimReport {
 
     /// Every class with traffic holds its P99 SLOs.
     pub fn all_classes_hold(&self) -> bool {
-        self.classes.values().all(|c| c.slo_attainment >= crate::policy::P99_ATTAINMENT)
+        self.classes.values().all(|c| c.latency.slo_attainment >= crate::policy::P99_ATTAINMENT)
     }
 
     /// The human-readable table.
@@ -147,12 +106,12 @@ impl SimReport {
             "  {:<5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
             "class", "requests", "TTFT p50", "TTFT p99", "TBT p50", "TBT p99", "TTFT ok", "TBT ok", "SLO ok"
         );
-        let mut row = |name: &str, c: &ClassReport| {
+        let mut row = |name: &str, requests: u64, c: &LatencySummary| {
             let _ = writeln!(
                 s,
                 "  {:<5} {:>8} {:>8.3}s {:>8.3}s {:>7.1}ms {:>7.1}ms {:>6.2}% {:>6.2}% {:>6.2}%{}",
                 name,
-                c.requests,
+                requests,
                 c.ttft_p50_s,
                 c.ttft_p99_s,
                 c.tbt_p50_s * 1e3,
@@ -165,20 +124,10 @@ impl SimReport {
         };
         for c in RequestClass::ALL {
             if let Some(r) = self.classes.get(&c.name()) {
-                row(&c.name(), r);
+                row(&c.name(), r.requests, &r.latency);
             }
         }
-        let all = ClassReport {
-            requests: self.requests_total,
-            ttft_p50_s: self.ttft_p50_s,
-            ttft_p99_s: self.ttft_p99_s,
-            tbt_p50_s: self.tbt_p50_s,
-            tbt_p99_s: self.tbt_p99_s,
-            ttft_attainment: self.ttft_attainment,
-            tbt_attainment: self.tbt_attainment,
-            slo_attainment: self.slo_attainment,
-        };
-        row("all", &all);
+        row("all", self.requests_total, &self.latency);
         s
     }
 }

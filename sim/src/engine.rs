@@ -297,13 +297,7 @@ impl Instance {
                 if queued_before || self.kv_reserved + req.kv_tokens() > self.kv_capacity {
                     return Next::At(p.end_s());
                 }
-                let keep = (p.steps_done_by(now_s) + 1).min(p.steps);
-                if keep < p.steps {
-                    p.steps = keep;
-                    self.phase = Some(p);
-                    self.version += 1;
-                }
-                Next::At(p.end_s())
+                self.cut_after_current_step(&mut p, now_s)
             }
         }
     }
@@ -316,20 +310,23 @@ impl Instance {
         }
         self.pending_clock_mhz = Some(clock_mhz);
         match self.phase {
-            Some(mut p) => {
-                let keep = (p.steps_done_by(now_s) + 1).min(p.steps);
-                if keep < p.steps {
-                    p.steps = keep;
-                    self.phase = Some(p);
-                    self.version += 1;
-                }
-                Next::At(p.end_s())
-            }
+            Some(mut p) => self.cut_after_current_step(&mut p, now_s),
             None => {
                 self.apply_pending_clock(physics, now_s);
                 self.start_if_ready(physics, now_s)
             }
         }
+    }
+
+    /// End the running phase after the step in progress at `now_s`.
+    fn cut_after_current_step(&mut self, p: &mut Phase, now_s: f64) -> Next {
+        let keep = (p.steps_done_by(now_s) + 1).min(p.steps);
+        if keep < p.steps {
+            p.steps = keep;
+            self.phase = Some(*p);
+            self.version += 1;
+        }
+        Next::At(p.end_s())
     }
 
     fn apply_pending_clock(&mut self, physics: &Physics, now_s: f64) {
