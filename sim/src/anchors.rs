@@ -39,10 +39,9 @@ fn decode_shape(batch: u32, context: f64) -> StepShape {
     StepShape { decode_seqs: batch, decode_context_tokens: f64::from(batch) * context, ..StepShape::default() }
 }
 
-/// Steady per-GPU power of a decode batch at a clock: a batch of `batch`
-/// sequences run through the engine for `steps` steps, energy over time.
+/// Per-GPU power and tokens/s of a steady decode step of `batch` sequences
+/// at a clock (768-token contexts), from the step the engine runs.
 fn decode_power_w(physics: &Physics, tp: u32, clock_mhz: u32, batch: u32) -> (f64, f64) {
-    // Sequences with 512-token prompts, measured over their decode.
     let c = physics.step(tp, clock_mhz, &decode_shape(batch, 768.0));
     (c.power_w(), f64::from(batch) / c.time_s)
 }

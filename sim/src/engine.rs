@@ -60,20 +60,6 @@ pub enum Lifecycle {
     Stopped,
 }
 
-impl Lifecycle {
-    /// Short name for tables and JSON.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Lifecycle::Starting { .. } => "starting",
-            Lifecycle::Serving => "serving",
-            Lifecycle::Draining => "draining",
-            Lifecycle::Standby => "standby",
-            Lifecycle::Resharding { .. } => "resharding",
-            Lifecycle::Stopped => "stopped",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Prefilling {
     req: EngineRequest,
@@ -358,11 +344,6 @@ impl Instance {
             Lifecycle::Serving | Lifecycle::Draining => self.start_if_ready(physics, now_s),
             _ => Next::Idle,
         }
-    }
-
-    /// Take back the requests not yet admitted (to route them elsewhere).
-    pub fn take_waiting(&mut self) -> Vec<EngineRequest> {
-        self.waiting.drain(..).collect()
     }
 
     /// The scheduled phase end (or pause end) has come: apply it and plan the next.

@@ -3,7 +3,7 @@
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use telemetry::{RequestClass, CLASS_COUNT};
+use telemetry::CLASS_COUNT;
 
 /// Latency values are recorded in microseconds, 3 significant digits, up to 1 hour.
 const HIST_MAX_US: u64 = 3_600_000_000;
@@ -230,11 +230,6 @@ impl LatencySummary {
             slo_attainment: ttft_attainment.min(tbt_attainment),
         }
     }
-}
-
-/// The class name of an index.
-pub fn class_name(i: usize) -> String {
-    RequestClass::from_index(i).name()
 }
 
 #[cfg(test)]

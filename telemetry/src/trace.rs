@@ -582,21 +582,15 @@ impl<I: Iterator<Item = Result<Request, TraceError>>> Iterator for Limited<I> {
     }
 }
 
-/// Read a whole stream into memory (tests and small traces only).
-pub fn collect_all<I: Iterator<Item = Result<Request, TraceError>>>(it: I) -> Result<Vec<Request>, TraceError> {
-    it.collect()
-}
-
-/// Read the whole text of a file, naming it on failure.
-pub fn read_to_string(path: &Path) -> Result<String, TraceError> {
-    let mut s = String::new();
-    open(path)?.read_to_string(&mut s).map_err(|source| TraceError::Io { path: path.to_path_buf(), source })?;
-    Ok(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Read a whole stream into memory (tests and small traces only).
+    fn collect_all<I: Iterator<Item = Result<Request, TraceError>>>(it: I) -> Result<Vec<Request>, TraceError> {
+        it.collect()
+    }
+
     use std::io::Write;
 
     fn write(content: &str) -> tempfile::NamedTempFile {
