@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod class;
+pub mod gpu;
 pub mod series;
 pub mod trace;
 
