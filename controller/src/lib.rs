@@ -3,6 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod cmd;
+pub mod loadgen;
 pub mod policy;
+pub mod profile;
 pub mod report;
+pub mod twin_metrics;
+pub mod twin_serve;
 pub mod workload;

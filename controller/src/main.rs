@@ -22,6 +22,8 @@ enum Command {
     Twin(cmd::twin::TwinCommand),
     /// Replay the bundled Conversation hour with every policy and compare (no server, no GPU).
     Demo(cmd::demo::DemoArgs),
+    /// Build a profile table by sweeping class × TP × clock × load on the twin or a real engine.
+    Profile(cmd::profile::ProfileArgs),
     /// Load forecasting.
     #[command(subcommand)]
     Forecast(ForecastCommand),
@@ -38,6 +40,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Sim(a) => cmd::sim::run(&a).map(|_| true),
         Command::Twin(t) => cmd::twin::run(&t),
         Command::Demo(a) => cmd::demo::run(&a).map(|_| true),
+        Command::Profile(a) => cmd::profile::run(&a).map(|_| true),
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
     }
 }

@@ -266,6 +266,7 @@ impl<'p> Cluster<'p> {
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens.max(1),
             class: class as u8,
+            id: self.requests_total,
         };
         let target = self.class_pool[class].and_then(|p| self.least_loaded(p, &req));
         match target {

@@ -27,6 +27,30 @@ pub struct EngineRequest {
     pub output_tokens: u32,
     /// Class index.
     pub class: u8,
+    /// Caller's id, echoed in [`EngineEvent`]s.
+    pub id: u64,
+}
+
+/// What happened to one request, for callers that stream tokens (`twin serve`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EngineEvent {
+    /// The prompt finished prefilling and the first token came out.
+    FirstToken {
+        /// The request's id.
+        id: u64,
+        /// When (s).
+        at_s: f64,
+        /// The instance's step count at that moment: decode token `k` (1-based)
+        /// comes at the end of step `step + k`.
+        step: u64,
+    },
+    /// The last token came out.
+    Finished {
+        /// The request's id.
+        id: u64,
+        /// When (s).
+        at_s: f64,
+    },
 }
 
 impl EngineRequest {
@@ -66,8 +90,8 @@ struct Prefilling {
     left: u32,
 }
 
-/// A decoding sequence: (step at which its last token comes, context offset, KV tokens, class).
-type Decoding = Reverse<(u64, i64, u64, u8)>;
+/// A decoding sequence: (step at which its last token comes, context offset, KV tokens, class, id).
+type Decoding = Reverse<(u64, i64, u64, u8, u64)>;
 
 #[derive(Debug, Clone, Copy)]
 struct Phase {
@@ -150,6 +174,8 @@ pub struct Instance {
     pub completed: u64,
     /// Output tokens produced.
     pub tokens_out: u64,
+    /// When set, first tokens and completions are logged here.
+    pub events: Option<Vec<EngineEvent>>,
 }
 
 /// What the cluster must do after an instance changed.
@@ -186,6 +212,7 @@ impl Instance {
             accounted_s: now_s,
             completed: 0,
             tokens_out: 0,
+            events: None,
         }
     }
 
@@ -211,6 +238,43 @@ impl Instance {
     /// Output tokens produced by time `t`, counting the steps of the phase in progress.
     pub fn tokens_out_at(&self, t: f64) -> u64 {
         self.tokens_out + self.phase.map(|p| p.steps_done_by(t) * self.decoding.len() as u64).unwrap_or(0)
+    }
+
+    /// Steps completed by time `t`, counting the phase in progress.
+    pub fn steps_at(&self, t: f64) -> u64 {
+        self.steps_done + self.phase.map(|p| p.steps_done_by(t)).unwrap_or(0)
+    }
+
+    /// When step number `step` (counted over the instance's life) ends, if it is in the running phase.
+    pub fn step_end_s(&self, step: u64) -> Option<f64> {
+        let p = self.phase?;
+        let k = step.checked_sub(self.steps_done)?;
+        (k >= 1 && k <= p.steps).then(|| p.start_s + p.time_of(k))
+    }
+
+    /// End of the first step that finishes after `t`, if a phase is running.
+    pub fn next_step_end_s(&self, t: f64) -> Option<f64> {
+        self.phase.map(|p| {
+            let n = (p.steps_done_by(t) + 1).min(p.steps);
+            p.start_s + p.time_of(n)
+        })
+    }
+
+    /// Power per GPU at time `t`: the running step's, or the state's background power.
+    pub fn power_per_gpu_w_at(&self, physics: &Physics, t: f64) -> f64 {
+        match self.phase {
+            Some(p) if t < p.end_s() => {
+                let n = p.steps_done_by(t) as f64;
+                let e = p.cost.energy_j + p.cost.energy_growth_j * n;
+                let dt = p.cost.time_s + p.cost.time_growth_s * n;
+                if dt > 0.0 {
+                    e / dt
+                } else {
+                    0.0
+                }
+            }
+            _ => self.background_power_w(physics),
+        }
     }
 
     /// Energy spent by time `t` (J), counting the phase in progress and idle time.
@@ -428,11 +492,14 @@ impl Instance {
         }
         self.tokens_out += n * self.decoding.len() as u64;
         self.steps_done += n;
-        while let Some(&Reverse((finish, offset, kv, class))) = self.decoding.peek() {
+        while let Some(&Reverse((finish, offset, kv, class, id))) = self.decoding.peek() {
             if finish > self.steps_done {
                 break;
             }
             self.decoding.pop();
+            if let Some(ev) = &mut self.events {
+                ev.push(EngineEvent::Finished { id, at_s: end_s });
+            }
             self.ctx_offset_sum -= offset;
             self.decoding_by_class[class as usize] -= 1;
             self.kv_reserved -= kv;
@@ -453,6 +520,12 @@ impl Instance {
             let class = usize::from(done.class);
             stats.ttft(class, end_s - done.arrival_s + physics.perf.request_overhead_s);
             self.tokens_out += 1;
+            if let Some(ev) = &mut self.events {
+                ev.push(EngineEvent::FirstToken { id: done.id, at_s: end_s, step: self.steps_done });
+                if done.output_tokens <= 1 {
+                    ev.push(EngineEvent::Finished { id: done.id, at_s: end_s });
+                }
+            }
             if done.output_tokens <= 1 {
                 self.kv_reserved -= done.kv_tokens();
                 self.completed += 1;
@@ -463,7 +536,7 @@ impl Instance {
                 let finish = self.steps_done + u64::from(done.output_tokens - 1);
                 self.ctx_offset_sum += offset;
                 self.decoding_by_class[class] += 1;
-                self.decoding.push(Reverse((finish, offset, done.kv_tokens(), done.class)));
+                self.decoding.push(Reverse((finish, offset, done.kv_tokens(), done.class, done.id)));
             }
         }
     }

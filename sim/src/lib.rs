@@ -12,6 +12,7 @@ pub mod physics;
 pub mod stats;
 
 pub use cluster::{Cluster, ClusterSpec, InstanceSpec, PoolSpec, RunTotals};
+pub use engine::{EngineEvent, EngineRequest, Instance, Lifecycle, Next};
 pub use physics::{Physics, PhysicsError, StepCost, StepShape};
 pub use stats::{ClassSlo, LatencySummary, Stats};
 pub mod anchors;

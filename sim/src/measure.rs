@@ -120,6 +120,29 @@ pub struct LoadPoint {
     pub requests: u64,
 }
 
+/// A steady Poisson stream of `load_rps` requests/s for `duration_s`, lengths drawn from `lengths`.
+/// The profiler's HTTP load generator sends this very sequence, so a real
+/// endpoint and the twin see the same requests at the same times.
+pub fn steady_arrivals(
+    lengths: &LengthSamples,
+    load_rps: f64,
+    duration_s: f64,
+    seed: u64,
+) -> impl Iterator<Item = Request> {
+    let per_min = load_rps * 60.0;
+    let minutes = duration_s / 60.0;
+    let curve = RateCurve::from_rows(
+        "steady load",
+        vec![
+            RateRow { minute: 0.0, rate_lo: per_min, rate_mid: per_min, rate_hi: per_min },
+            RateRow { minute: minutes, rate_lo: per_min, rate_mid: per_min, rate_hi: per_min },
+        ],
+    );
+    PoissonArrivals::new(curve, lengths.clone(), seed)
+        .map(|r| r.expect("synthetic arrivals cannot fail"))
+        .take_while(move |r| r.arrival_s < duration_s)
+}
+
 /// Offer a steady Poisson load of `load_tok_s` tokens/s (lengths drawn from
 /// `lengths`) to one instance for `duration_s`, and measure it.
 #[allow(clippy::too_many_arguments)]
@@ -135,25 +158,33 @@ pub fn load_point(
 ) -> LoadPoint {
     let mean_tokens: f64 = lengths.pairs().iter().map(|&(i, o)| f64::from(i) + f64::from(o.max(1))).sum::<f64>()
         / lengths.pairs().len() as f64;
-    let load_rps = load_tok_s / mean_tokens;
-    let per_min = load_rps * 60.0;
-    let minutes = duration_s / 60.0;
-    let curve = RateCurve::from_rows(
-        "steady load",
-        vec![
-            RateRow { minute: 0.0, rate_lo: per_min, rate_mid: per_min, rate_hi: per_min },
-            RateRow { minute: minutes, rate_lo: per_min, rate_mid: per_min, rate_hi: per_min },
-        ],
-    );
+    let mut p = load_point_rps(physics, lengths, tp, clock_mhz, load_tok_s / mean_tokens, duration_s, seed, slo);
+    p.load_tok_s = load_tok_s;
+    p
+}
+
+/// [`load_point`] with the load in requests per second.
+#[allow(clippy::too_many_arguments)]
+pub fn load_point_rps(
+    physics: &Physics,
+    lengths: &LengthSamples,
+    tp: u32,
+    clock_mhz: u32,
+    load_rps: f64,
+    duration_s: f64,
+    seed: u64,
+    slo: ClassSlo,
+) -> LoadPoint {
+    let mean_tokens: f64 = lengths.pairs().iter().map(|&(i, o)| f64::from(i) + f64::from(o.max(1))).sum::<f64>()
+        / lengths.pairs().len() as f64;
     let mut c = Cluster::new(physics, &one_instance(tp, clock_mhz), ClassBoundaries::default(), [slo; CLASS_COUNT]);
-    let arrivals = PoissonArrivals::new(curve, lengths.clone(), seed);
-    c.replay(arrivals.take_while(|r| r.as_ref().map(|r| r.arrival_s < duration_s).unwrap_or(true)), |_| {})
+    c.replay(steady_arrivals(lengths, load_rps, duration_s, seed).map(Ok), |_| {})
         .expect("synthetic arrivals cannot fail");
     let totals = c.finish(duration_s);
     let done: u64 = totals.stats.classes.iter().map(|c| c.completed).sum();
     LoadPoint {
         load_rps,
-        load_tok_s,
+        load_tok_s: load_rps * mean_tokens,
         energy_per_req_j: totals.energy_j / done.max(1) as f64,
         power_per_gpu_w: totals.energy_j / totals.duration_s / f64::from(tp),
         latency: LatencySummary::of_all(&totals.stats.classes),
