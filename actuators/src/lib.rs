@@ -65,6 +65,13 @@ pub enum Action {
         /// How.
         path: ReshardPath,
     },
+    /// Send a request class to a pool (pools merge and split this way).
+    Route {
+        /// The class (e.g. `SS`).
+        class: String,
+        /// The pool that serves it from now on.
+        pool: PoolId,
+    },
     /// Lock an instance's GPUs to a clock.
     SetClock {
         /// The instance.

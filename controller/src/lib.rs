@@ -2,7 +2,9 @@
 //! control loops, policies) and the commands of the `dynamollm` binary.
 #![forbid(unsafe_code)]
 
+pub mod closed_loop;
 pub mod cmd;
+pub mod control;
 pub mod loadgen;
 pub mod policy;
 pub mod profile;

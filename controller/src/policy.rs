@@ -19,17 +19,52 @@ pub enum Policy {
     SinglePool,
     /// One pool per class, TP8 at max clock.
     MultiPool,
+    /// One pool; instance count follows the forecast (TP8, top clock).
+    ScaleInst,
+    /// A pool per class; TP degrees change within the GPUs of the peak (no scale-in, top clock).
+    ScaleShard,
+    /// The single-pool layout; clocks follow the load.
+    ScaleFreq,
+    /// A pool per class; all three loops.
+    DynamoLlm,
+    /// DynamoLLM knowing the future and reconfiguring for free: the lower bound.
+    Oracle,
 }
 
 impl Policy {
     /// Every policy, in the order comparisons list them.
-    pub const ALL: [Policy; 2] = [Policy::SinglePool, Policy::MultiPool];
+    pub const ALL: [Policy; 7] = [
+        Policy::SinglePool,
+        Policy::MultiPool,
+        Policy::ScaleInst,
+        Policy::ScaleShard,
+        Policy::ScaleFreq,
+        Policy::DynamoLlm,
+        Policy::Oracle,
+    ];
 
     /// The name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Policy::SinglePool => "single-pool",
             Policy::MultiPool => "multi-pool",
+            Policy::ScaleInst => "scale-inst",
+            Policy::ScaleShard => "scale-shard",
+            Policy::ScaleFreq => "scale-freq",
+            Policy::DynamoLlm => "dynamollm",
+            Policy::Oracle => "oracle",
+        }
+    }
+
+    /// The controller loops a controlled policy runs (`None` for the static baselines).
+    pub fn loops(self) -> Option<crate::control::Loops> {
+        use crate::control::Loops;
+        match self {
+            Policy::SinglePool | Policy::MultiPool => None,
+            Policy::ScaleInst => Some(Loops { scale: true, shard: false, clock: false, pools: false }),
+            Policy::ScaleShard => Some(Loops { scale: false, shard: true, clock: false, pools: true }),
+            Policy::ScaleFreq => Some(Loops { scale: false, shard: false, clock: true, pools: false }),
+            Policy::DynamoLlm | Policy::Oracle => Some(Loops { scale: true, shard: true, clock: true, pools: true }),
         }
     }
 
@@ -46,26 +81,26 @@ impl Policy {
     /// Number of pools the policy runs.
     pub fn pool_count(self) -> usize {
         match self {
-            Policy::SinglePool => 1,
             Policy::MultiPool => CLASS_COUNT,
+            _ => 1,
         }
     }
 
     /// The pool serving a class.
     pub fn pool_of(self, class: RequestClass) -> usize {
         match self {
-            Policy::SinglePool => 0,
             Policy::MultiPool => class.index(),
+            _ => 0,
         }
     }
 
     /// The cluster layout with `counts[p]` TP8 instances in pool `p`.
     pub fn spec(self, physics: &Physics, counts: &[u32]) -> ClusterSpec {
         let pools = match self {
-            Policy::SinglePool => vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }],
             Policy::MultiPool => {
                 RequestClass::ALL.iter().map(|c| PoolSpec { name: c.name(), classes: vec![*c] }).collect()
             }
+            _ => vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }],
         };
         let clock_mhz = physics.gpu.clock_max_mhz;
         let instances = counts

@@ -49,6 +49,9 @@ pub struct SimReport {
     pub wall_s: f64,
     /// Simulated requests per wall-clock second.
     pub sim_requests_per_s: f64,
+    /// Energy over the oracle's on the same trace and seed, minus one (when an oracle ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_gap: Option<f64>,
 }
 
 impl SimReport {
@@ -79,6 +82,7 @@ impl SimReport {
             classes,
             wall_s,
             sim_requests_per_s: if wall_s > 0.0 { totals.requests_total as f64 / wall_s } else { 0.0 },
+            oracle_gap: None,
         }
     }
 

@@ -155,6 +155,32 @@ impl<'p> Cluster<'p> {
         self.gpus_held
     }
 
+    /// Route a class to a pool (or nowhere: its requests are rejected).
+    pub fn set_route(&mut self, class: RequestClass, pool: Option<usize>) {
+        self.class_pool[class.index()] = pool;
+    }
+
+    /// The pool a class is routed to.
+    pub fn route(&self, class: RequestClass) -> Option<usize> {
+        self.class_pool[class.index()]
+    }
+
+    /// The instances of a pool that have not stopped.
+    pub fn pool_members(&self, pool: usize) -> &[usize] {
+        &self.pools[pool].members
+    }
+
+    /// Number of pools.
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// Forget stopped instances in pool member lists (they hold nothing).
+    fn prune(&mut self, inst: usize) {
+        let pool = self.instances[inst].pool;
+        self.pools[pool].members.retain(|&m| m != inst);
+    }
+
     fn regpu(&mut self) {
         self.gpu_seconds += f64::from(self.gpus_held) * (self.now_s - self.gpus_since_s);
         self.gpus_since_s = self.now_s;
@@ -211,6 +237,7 @@ impl<'p> Cluster<'p> {
         i.settle(physics, now);
         if i.is_empty() {
             i.set_state(physics, Lifecycle::Stopped, now);
+            self.prune(inst);
         } else {
             let next = i.set_state(physics, Lifecycle::Draining, now);
             self.schedule(inst, next);
@@ -312,6 +339,7 @@ impl<'p> Cluster<'p> {
                 let i = &mut self.instances[inst];
                 if i.state == Lifecycle::Draining && i.is_empty() {
                     i.set_state(physics, Lifecycle::Stopped, now);
+                    self.prune(inst);
                     self.regpu();
                 }
             }

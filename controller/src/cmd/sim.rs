@@ -6,7 +6,10 @@ use crate::report::SimReport;
 use crate::workload::Workload;
 use ::sim::measure::{class_slos, SloRule};
 use ::sim::Physics;
-use anyhow::{bail, Result};
+use crate::closed_loop::{run_controlled, ControlSummary, MinuteCounts};
+use crate::control::ControllerConfig;
+use crate::profile::{ProfileTable, Severity};
+use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::Instant;
 use telemetry::ClassBoundaries;
@@ -14,9 +17,21 @@ use telemetry::ClassBoundaries;
 /// Options of `dynamollm sim`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimArgs {
-    /// Policy: single-pool or multi-pool.
+    /// Policy: single-pool, multi-pool, scale-inst, scale-shard, scale-freq, dynamollm or oracle.
     #[arg(long, default_value = "single-pool")]
     pub policy: String,
+    /// Run several policies on the same trace and seed and compare them: `all` or a comma list.
+    #[arg(long, value_name = "LIST")]
+    pub compare: Option<String>,
+    /// The profile the controller plans with (default: the bundled Llama-2-70B / H100 profile).
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Write every controller decision with its reason as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    pub decisions: Option<PathBuf>,
+    /// Spawn new instances cold (weights download, 7 min) instead of from warm standby.
+    #[arg(long)]
+    pub cold_spawn: bool,
     /// An Azure trace (TIMESTAMP,ContextTokens,GeneratedTokens) replayed at its own timestamps
     /// (default: the bundled Conversation hour).
     #[arg(long, value_name = "FILE", conflicts_with = "rates")]
@@ -110,19 +125,86 @@ pub fn run_policy(
 /// Describe a layout for the table.
 pub fn describe_counts(policy: Policy, counts: &[u32]) -> String {
     match policy {
-        Policy::SinglePool => format!("{} × TP8 @ max clock", counts[0]),
         Policy::MultiPool => telemetry::RequestClass::ALL
             .iter()
             .filter(|c| counts[c.index()] > 0)
             .map(|c| format!("{}={}", c.name(), counts[c.index()]))
             .collect::<Vec<_>>()
             .join(" "),
+        _ => format!("{} × TP8 @ max clock", counts[0]),
     }
+}
+
+/// How a controlled policy runs.
+pub struct ControlledRun<'a> {
+    /// The profile to plan with.
+    pub profile: &'a ProfileTable,
+    /// Single-pool's instance count (scale-freq keeps that layout).
+    pub single_pool_instances: u32,
+    /// Spawn warm.
+    pub warm_spawn: bool,
+    /// Where decisions go.
+    pub decisions: Option<&'a mut dyn std::io::Write>,
+    /// The future, for the oracle.
+    pub future: Option<&'a MinuteCounts>,
+}
+
+/// Run a controlled policy (scale-inst, scale-shard, scale-freq, dynamollm, oracle).
+pub fn run_controlled_policy(
+    physics: &Physics,
+    policy: Policy,
+    workload: &Workload,
+    slo_multiplier: f64,
+    run: ControlledRun<'_>,
+    quiet: bool,
+) -> Result<(SimReport, ControlSummary)> {
+    let loops = policy.loops().ok_or_else(|| anyhow::anyhow!("{} is not a controlled policy", policy.name()))?;
+    let slo =
+        class_slos(physics, &workload.slo_pairs, &ClassBoundaries::default(), SloRule::Multiplier(slo_multiplier));
+    let mut cfg = ControllerConfig::new(loops, run.profile.clocks(telemetry::RequestClass::ALL[8], 8).into_iter().max().unwrap_or(1980));
+    cfg.warm_spawn = run.warm_spawn;
+    cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
+    if !loops.scale && !loops.shard {
+        cfg.fixed_instances = Some(run.single_pool_instances);
+    }
+    let future = match (policy, run.future) {
+        (Policy::Oracle, Some(f)) => Some(f),
+        (Policy::Oracle, None) => bail!("the oracle needs the workload's future"),
+        _ => None,
+    };
+    let span = workload.span_s.unwrap_or(0.0).max(1.0);
+    let bar = progress_bar(span as u64, quiet, "{bar:40} {percent}% of the trace replayed [{elapsed} < {eta}] {msg}");
+    bar.set_message(policy.name());
+    let start = Instant::now();
+    let (totals, summary) = run_controlled(
+        physics,
+        workload,
+        slo,
+        cfg,
+        run.profile.clone(),
+        future,
+        run.decisions,
+        &mut |t| bar.set_position(t as u64),
+    )?;
+    let wall_s = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok((SimReport::new(policy.name(), &workload.name, workload.seed, &totals, wall_s), summary))
+}
+
+/// Parse `--compare`.
+pub fn parse_compare(text: &str) -> Result<Vec<Policy>> {
+    if text.trim() == "all" {
+        return Ok(Policy::ALL.to_vec());
+    }
+    let mut v: Vec<Policy> = text.split(',').map(|p| Policy::parse(p.trim())).collect::<Result<_>>()?;
+    if !v.contains(&Policy::SinglePool) {
+        v.insert(0, Policy::SinglePool);
+    }
+    Ok(v)
 }
 
 /// Run `dynamollm sim`.
 pub fn run(args: &SimArgs) -> Result<()> {
-    let policy = Policy::parse(&args.policy)?;
     let physics = args.physics.load()?;
     let workload = Workload::from_options(
         args.trace.as_deref(),
@@ -132,17 +214,134 @@ pub fn run(args: &SimArgs) -> Result<()> {
         args.hours,
         args.seed,
     )?;
-    let instances = args.instances.as_deref().map(|t| parse_instances(policy, t)).transpose()?;
-    let sized = instances.is_none();
-    let (report, counts) = run_policy(&physics, policy, &workload, instances, args.slo_multiplier, args.quiet)?;
-    print!("{}", report.table());
-    println!(
-        "  instances: {} ({})",
-        describe_counts(policy, &counts),
-        if sized { "the smallest count holding every class's P99 SLOs, found by replay" } else { "--instances" }
-    );
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
+    let policies = match &args.compare {
+        Some(list) => parse_compare(list)?,
+        None => vec![Policy::parse(&args.policy)?],
+    };
+    let profile = match &args.profile {
+        Some(p) => ProfileTable::load(p)?,
+        None => ProfileTable::bundled(),
+    };
+    for issue in profile.issues_of(Severity::Error) {
+        eprintln!("{issue}");
+    }
+    let mut decisions: Option<Box<dyn std::io::Write>> = match &args.decisions {
+        Some(p) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ))),
+        None => None,
+    };
+    let needs_future = policies.contains(&Policy::Oracle);
+    let future = if needs_future { Some(MinuteCounts::of(&workload)?) } else { None };
+    let mut single_counts: Option<Vec<u32>> = None;
+    let mut reports: Vec<SimReport> = Vec::new();
+    let static_first: Vec<Policy> = {
+        // Static baselines run first: scale-freq reuses single-pool's layout.
+        let mut v: Vec<Policy> = policies.iter().copied().filter(|p| p.loops().is_none()).collect();
+        if v.is_empty() && policies.contains(&Policy::ScaleFreq) && args.instances.is_none() {
+            v.push(Policy::SinglePool);
+        }
+        v.extend(policies.iter().copied().filter(|p| p.loops().is_some()));
+        v
+    };
+    for policy in static_first {
+        let report = match policy.loops() {
+            None => {
+                let instances = args.instances.as_deref().map(|t| parse_instances(policy, t)).transpose()?;
+                let sized = instances.is_none();
+                let (report, counts) = run_policy(&physics, policy, &workload, instances, args.slo_multiplier, args.quiet)?;
+                if policies.contains(&policy) {
+                    print!("{}", report.table());
+                    println!(
+                        "  instances: {} ({})",
+                        describe_counts(policy, &counts),
+                        if sized { "the smallest count holding every class's P99 SLOs, found by replay" } else { "--instances" }
+                    );
+                }
+                if policy == Policy::SinglePool {
+                    single_counts = Some(counts);
+                }
+                report
+            }
+            Some(_) => {
+                let single = match (&single_counts, &args.instances) {
+                    (Some(c), _) => c[0],
+                    (None, Some(t)) => parse_instances(Policy::SinglePool, t)?[0],
+                    (None, None) => 0,
+                };
+                let (report, summary) = run_controlled_policy(
+                    &physics,
+                    policy,
+                    &workload,
+                    args.slo_multiplier,
+                    ControlledRun {
+                        profile: &profile,
+                        single_pool_instances: single,
+                        warm_spawn: !args.cold_spawn,
+                        decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
+                        future: future.as_ref(),
+                    },
+                    args.quiet,
+                )?;
+                print!("{}", report.table());
+                let mut acts: Vec<_> = summary.actions.iter().collect();
+                acts.sort();
+                println!(
+                    "  controller: {} steps, actions {}",
+                    summary.steps,
+                    acts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                );
+                report
+            }
+        };
+        if policies.contains(&policy) {
+            reports.push(report);
+        }
+    }
+    if let Some(w) = decisions.as_mut() {
+        w.flush().context("writing decisions")?;
+    }
+    if let Some(oracle) = reports.iter().find(|r| r.policy == Policy::Oracle.name()).map(|r| r.energy_kwh) {
+        for r in &mut reports {
+            r.oracle_gap = Some(r.energy_kwh / oracle - 1.0);
+        }
+    }
+    if args.compare.is_some() {
+        print!("{}", compare_table(&reports));
+        if let Some(path) = &args.json {
+            write_json(path, &serde_json::json!({ "runs": reports }))?;
+        }
+    } else if let Some(path) = &args.json {
+        write_json(path, &reports[0])?;
     }
     Ok(())
+}
+
+/// The comparison table: one line per policy against single-pool.
+pub fn compare_table(reports: &[SimReport]) -> String {
+    use std::fmt::Write as _;
+    let base = reports.iter().find(|r| r.policy == Policy::SinglePool.name()).map(|r| r.energy_kwh);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{:<12} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>11}",
+        "policy", "energy kWh", "vs single", "GPU-hours", "avg GPUs", "TTFT p99", "TBT p99", "worst class", "oracle gap"
+    );
+    for r in reports {
+        let worst = r.classes.values().map(|c| c.latency.slo_attainment).fold(1.0, f64::min);
+        let _ = writeln!(
+            s,
+            "{:<12} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>11}",
+            r.policy,
+            r.energy_kwh,
+            base.map_or(f64::NAN, |b| r.energy_kwh / b),
+            r.gpu_hours,
+            r.avg_gpus,
+            r.latency.ttft_p99_s,
+            r.latency.tbt_p99_s * 1e3,
+            worst * 100.0,
+            r.oracle_gap.map_or("-".to_string(), |g| format!("{:+.1}%", g * 100.0))
+        );
+    }
+    s
 }

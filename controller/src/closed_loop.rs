@@ -1,0 +1,367 @@
+//! The controller driving the twin in virtual time: every clock period the
+//! driver observes the cluster (instances, per-class arrivals), feeds the
+//! per-class minute series to the forecaster, calls `Controller::step`, and
+//! carries out the actions on the twin. The oracle variant sees the true
+//! future per-minute class rates and reconfigures for free (no start,
+//! reshard or clock-change delays): the lower bound.
+
+use crate::control::plan::Demand;
+use crate::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Observations};
+use crate::profile::ProfileTable;
+use crate::workload::Workload;
+use actuators::{Action, InstanceId, PoolId, SpawnFrom};
+use anyhow::Result;
+use forecast::{FittedModel, Forecaster, ModelKind};
+use sim::engine::Lifecycle;
+use sim::{ClassSlo, Cluster, ClusterSpec, Physics, PoolSpec, RunTotals};
+use std::collections::HashMap;
+use std::io::Write;
+use telemetry::{ClassBoundaries, RequestClass, CLASS_COUNT};
+
+/// Per-minute per-class arrival counts of a whole workload.
+#[derive(Debug, Clone)]
+pub struct MinuteCounts(pub Vec<[u32; CLASS_COUNT]>);
+
+impl MinuteCounts {
+    /// Count a workload's arrivals (one streaming pass).
+    pub fn of(workload: &Workload) -> Result<MinuteCounts> {
+        let b = ClassBoundaries::default();
+        let mut v: Vec<[u32; CLASS_COUNT]> = Vec::new();
+        for r in workload.arrivals()? {
+            let r = r?;
+            let m = (r.arrival_s / 60.0) as usize;
+            if v.len() <= m {
+                v.resize(m + 1, [0; CLASS_COUNT]);
+            }
+            v[m][b.classify(r.input_tokens, r.output_tokens.max(1)).index()] += 1;
+        }
+        Ok(MinuteCounts(v))
+    }
+
+    /// The highest per-class rate (requests/s) over minutes `[from, to)`.
+    pub fn peak(&self, from: usize, to: usize) -> Demand {
+        let mut d = [0.0; CLASS_COUNT];
+        for m in from..to.min(self.0.len()) {
+            for (c, x) in d.iter_mut().enumerate() {
+                *x = f64::max(*x, f64::from(self.0[m][c]) / 60.0);
+            }
+        }
+        d
+    }
+}
+
+/// Summary of a controlled run beyond the totals.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ControlSummary {
+    /// Actions by kind.
+    pub actions: HashMap<String, u64>,
+    /// Controller steps taken.
+    pub steps: u64,
+}
+
+const FORECAST_LEVEL: f64 = 0.95;
+/// History needed before the forecaster is used (minutes); before, recent peaks are.
+const FORECAST_MIN_HISTORY_MIN: usize = 24 * 60;
+/// Refit the forecast models this often (minutes).
+const FORECAST_REFIT_MIN: usize = 6 * 60;
+/// Fallback: the highest minute rate over this many recent minutes.
+const RECENT_PEAK_MIN: usize = 15;
+
+struct ClassForecasts {
+    history: Vec<[f64; CLASS_COUNT]>,
+    models: Vec<Option<FittedModel>>,
+    fitted_at: usize,
+    forecaster: Forecaster,
+}
+
+impl ClassForecasts {
+    fn new() -> ClassForecasts {
+        ClassForecasts { history: Vec::new(), models: vec![None; CLASS_COUNT], fitted_at: 0, forecaster: Forecaster::default() }
+    }
+
+    fn push_minute(&mut self, counts: [f64; CLASS_COUNT]) {
+        self.history.push(counts);
+        let n = self.history.len();
+        if n >= FORECAST_MIN_HISTORY_MIN && (self.models[0].is_none() || n - self.fitted_at >= FORECAST_REFIT_MIN) {
+            let keep = n.saturating_sub(28 * 1440);
+            for c in 0..CLASS_COUNT {
+                let series: Vec<f64> = self.history[keep..].iter().map(|m| m[c]).collect();
+                self.models[c] = self.forecaster.fit(&series, ModelKind::MstlEts).ok();
+            }
+            self.fitted_at = n;
+        } else {
+            for (c, m) in self.models.iter_mut().enumerate() {
+                if let Some(m) = m {
+                    if m.update(&[counts[c]]).is_err() {
+                        *m = self.forecaster.fit(&[counts[c]], ModelKind::Ewma).expect("an EWMA fits any series");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Peak per-class rate (requests/s) over the next `minutes`.
+    fn peak(&self, minutes: usize) -> Demand {
+        let n = self.history.len();
+        let recent = |c: usize| {
+            self.history[n.saturating_sub(RECENT_PEAK_MIN)..].iter().map(|m| m[c]).fold(0.0, f64::max) / 60.0
+        };
+        std::array::from_fn(|c| {
+            let f = self.models[c].as_ref().and_then(|m| m.peak(minutes.max(1), FORECAST_LEVEL).ok()).map(|x| x / 60.0);
+            match f {
+                Some(x) => x.max(0.0),
+                None => recent(c) * 1.2,
+            }
+        })
+    }
+}
+
+/// Run a workload under the controller. `future`: the oracle's knowledge.
+#[allow(clippy::too_many_arguments)]
+pub fn run_controlled(
+    physics: &Physics,
+    workload: &Workload,
+    slo: [ClassSlo; CLASS_COUNT],
+    cfg: ControllerConfig,
+    mut profile: ProfileTable,
+    future: Option<&MinuteCounts>,
+    mut decisions: Option<&mut dyn Write>,
+    progress: &mut dyn FnMut(f64),
+) -> Result<(RunTotals, ControlSummary)> {
+    // The oracle reconfigures for free.
+    let mut phys = physics.clone();
+    if future.is_some() {
+        let l = &mut phys.lifecycle;
+        l.cold_start_s = 0.0;
+        l.warm_start_s = 0.0;
+        l.sleep_wake_s = 0.0;
+        l.reshard_restart_s = 0.0;
+        l.reshard_in_place_s = 0.0;
+        l.clock_change_s = 0.0;
+    }
+    profile.set_slos(slo);
+    let pools = if cfg.loops.pools { CLASS_COUNT } else { 1 };
+    let spec = ClusterSpec {
+        pools: (0..pools)
+            .map(|p| PoolSpec {
+                name: if pools == 1 { "all".into() } else { RequestClass::from_index(p).to_string() },
+                classes: if pools == 1 { RequestClass::ALL.to_vec() } else { vec![RequestClass::from_index(p)] },
+            })
+            .collect(),
+        instances: vec![],
+    };
+    let mut cluster = Cluster::new(&phys, &spec, ClassBoundaries::default(), slo);
+    let period = cfg.clock_period_s;
+    let scale_min = ((cfg.scale_period_s + cfg.spawn_lead_s) / 60.0).ceil() as usize;
+    let shard_min = ((cfg.shard_period_s + cfg.spawn_lead_s) / 60.0).ceil() as usize;
+    let mut ctl = Controller::new(cfg, profile);
+    let mut ids: HashMap<InstanceId, usize> = HashMap::new();
+    let mut spawned_at: HashMap<usize, f64> = HashMap::new();
+    let mut summary = ControlSummary::default();
+    let boundaries = ClassBoundaries::default();
+    let mut window_counts = [0u32; CLASS_COUNT];
+    let mut minute_counts = [0u32; CLASS_COUNT];
+    let mut smoothed: Demand = [0.0; CLASS_COUNT];
+    let mut forecasts = ClassForecasts::new();
+    let mut minute = 0usize;
+    let mut next_tick = 0.0f64;
+    let mut att_hist: std::collections::VecDeque<[[u64; 4]; CLASS_COUNT]> = std::collections::VecDeque::new();
+    // A warm start: the controller has watched the first minutes before the replay begins.
+    if let Some(f) = future {
+        smoothed = f.peak(0, 1);
+    } else if let Ok(first) = MinuteCounts::of(&Workload { hours: Some(5.0 / 60.0), ..workload.clone() }) {
+        smoothed = first.peak(0, 5);
+    }
+    let mut tick = |cluster: &mut Cluster,
+                    att_hist: &mut std::collections::VecDeque<[[u64; 4]; CLASS_COUNT]>,
+                    ctl: &mut Controller,
+                    now: f64,
+                    window: &mut [u32; CLASS_COUNT],
+                    smoothed: &mut Demand,
+                    forecasts: &ClassForecasts,
+                    summary: &mut ControlSummary,
+                    decisions: &mut Option<&mut dyn Write>|
+     -> Result<()> {
+        let recent: Demand = std::array::from_fn(|c| f64::from(window[c]) / period);
+        let alpha = (period / 60.0).min(1.0);
+        if now > 0.0 {
+            for c in 0..CLASS_COUNT {
+                smoothed[c] += alpha * (recent[c] - smoothed[c]);
+            }
+        }
+        *window = [0; CLASS_COUNT];
+        let m = (now / 60.0) as usize;
+        let (peak_scale, peak_shard, recent_obs, smoothed_obs) = match future {
+            Some(f) => {
+                let cur = f.peak(m, m + 1);
+                (f.peak(m, m + scale_min.max(1)), f.peak(m, m + shard_min.max(1)), cur, cur)
+            }
+            None => (forecasts.peak(scale_min), forecasts.peak(shard_min), recent, *smoothed),
+        };
+        let mut observed_spawn_s = Vec::new();
+        let mut instances = Vec::new();
+        for (&id, &idx) in ids.iter() {
+            let i = &cluster.instances[idx];
+            let state = match i.state {
+                Lifecycle::Starting { .. } | Lifecycle::Resharding { .. } | Lifecycle::Standby => InstanceState::Starting,
+                Lifecycle::Serving => {
+                    if let Some(t0) = spawned_at.remove(&idx) {
+                        observed_spawn_s.push(now - t0);
+                    }
+                    InstanceState::Serving
+                }
+                Lifecycle::Draining => InstanceState::Draining,
+                Lifecycle::Stopped => continue,
+            };
+            instances.push(InstanceObs {
+                id,
+                pool: PoolId(i.pool as u32),
+                tp: i.tp,
+                clock_mhz: i.clock_mhz,
+                state,
+                outstanding: i.outstanding() as u32,
+                waiting: i.waiting() as u32,
+            });
+        }
+        instances.sort_by_key(|i| i.id);
+        // SLO attainment per class over the last minute, from the twin's counters (as a scrape would give).
+        let totals_now: [[u64; 4]; CLASS_COUNT] = std::array::from_fn(|c| {
+            let k = &cluster.stats.classes[c];
+            [k.ttft_ok, k.ttft_n, k.gaps_ok, k.gaps_n]
+        });
+        att_hist.push_back(totals_now);
+        if att_hist.len() > (60.0 / period).ceil() as usize + 1 {
+            att_hist.pop_front();
+        }
+        let oldest = att_hist.front().copied().unwrap_or(totals_now);
+        let class_attainment_recent: [Option<f64>; CLASS_COUNT] = std::array::from_fn(|c| {
+            let d: Vec<u64> = (0..4).map(|j| totals_now[c][j] - oldest[c][j]).collect();
+            let t = (d[1] > 0).then(|| d[0] as f64 / d[1] as f64);
+            let g = (d[3] > 0).then(|| d[2] as f64 / d[3] as f64);
+            match (t, g) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        });
+        let obs = Observations {
+            class_attainment_recent,
+            instances,
+            class_rps_recent: recent_obs,
+            class_rps_smoothed: smoothed_obs,
+            class_peak_scale: Some(peak_scale),
+            class_peak_shard: Some(peak_shard),
+            observed_spawn_s,
+        };
+        let first = summary.steps == 0;
+        let out: Vec<Decision> = ctl.step(now, &obs);
+        summary.steps += 1;
+        for d in &out {
+            apply(cluster, d, &mut ids, &mut spawned_at, first || future.is_some(), now);
+            let kind = serde_json::to_value(&d.action)?["kind"].as_str().unwrap_or("?").to_string();
+            *summary.actions.entry(kind).or_default() += 1;
+            if let Some(w) = decisions.as_mut() {
+                serde_json::to_writer(&mut **w, d)?;
+                w.write_all(b"\n")?;
+            }
+        }
+        // Route classes as the controller says, once the new pool serves (make before break).
+        for class in RequestClass::ALL {
+            let want = ctl.routing().pool_of[class.index()] as usize;
+            if cluster.route(class) == Some(want) {
+                continue;
+            }
+            let serves = cluster
+                .pool_members(want)
+                .iter()
+                .any(|&i| cluster.instances[i].state == Lifecycle::Serving);
+            let old_serves = cluster.route(class).is_some_and(|p| {
+                cluster.pool_members(p).iter().any(|&i| cluster.instances[i].state == Lifecycle::Serving)
+            });
+            if serves || !old_serves {
+                cluster.set_route(class, Some(want));
+            }
+        }
+        Ok(())
+    };
+    let arrivals = workload.arrivals()?;
+    let mut n = 0u64;
+    for r in arrivals {
+        let r = r?;
+        while next_tick <= r.arrival_s {
+            cluster.advance_to(next_tick);
+            while (minute + 1) as f64 * 60.0 <= next_tick {
+                forecasts.push_minute(std::array::from_fn(|c| f64::from(minute_counts[c])));
+                minute_counts = [0; CLASS_COUNT];
+                minute += 1;
+            }
+            tick(
+                &mut cluster,
+                &mut att_hist,
+                &mut ctl,
+                next_tick,
+                &mut window_counts,
+                &mut smoothed,
+                &forecasts,
+                &mut summary,
+                &mut decisions,
+            )?;
+            next_tick += period;
+        }
+        let c = boundaries.classify(r.input_tokens, r.output_tokens.max(1)).index();
+        window_counts[c] += 1;
+        minute_counts[c] += 1;
+        cluster.arrive(&r);
+        n += 1;
+        if n % 65_536 == 0 {
+            progress(r.arrival_s);
+        }
+    }
+    let end = workload.span_s.unwrap_or(cluster.now_s());
+    progress(end);
+    while let Some(t) = cluster.next_event_s() {
+        if cluster.instances.iter().all(|i| i.is_empty()) {
+            break;
+        }
+        cluster.advance_to(t);
+    }
+    Ok((cluster.finish(end), summary))
+}
+
+fn apply(
+    cluster: &mut Cluster,
+    d: &Decision,
+    ids: &mut HashMap<InstanceId, usize>,
+    spawned_at: &mut HashMap<usize, f64>,
+    instant: bool,
+    now: f64,
+) {
+    match d.action {
+        Action::Spawn { instance, pool, tp, clock_mhz, from } => {
+            let idx = if instant {
+                cluster.add_instance(pool.0 as usize, tp, clock_mhz, Lifecycle::Serving)
+            } else {
+                let i = cluster.spawn(pool.0 as usize, tp, clock_mhz, from == SpawnFrom::WarmStandby);
+                spawned_at.insert(i, now);
+                i
+            };
+            ids.insert(instance, idx);
+        }
+        Action::Retire { instance } => {
+            if let Some(&idx) = ids.get(&instance) {
+                cluster.retire(idx);
+            }
+        }
+        Action::SetClock { instance, clock_mhz } => {
+            if let Some(&idx) = ids.get(&instance) {
+                cluster.set_clock(idx, clock_mhz);
+            }
+        }
+        // Routing follows the controller's table once the new pool serves (see the tick).
+        Action::Route { .. } => {}
+        Action::Reshard { instance, tp, path } => {
+            if let Some(&idx) = ids.get(&instance) {
+                cluster.reshard(idx, tp, path == actuators::ReshardPath::InPlace);
+            }
+        }
+    }
+}

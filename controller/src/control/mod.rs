@@ -1,0 +1,702 @@
+//! The controller's sans-IO core: `Controller::step(now, &Observations)`
+//! returns the actions to take, each with its reason. Nothing inside sleeps
+//! or does I/O; the twin drives it in virtual time and `serve` on timers.
+//!
+//! Three loops, as in DynamoLLM:
+//! - **scale** (default every 30 min): the GPUs each pool may hold, from the
+//!   forecast peak over the coming period plus the spawn lead time; pools
+//!   whose load cannot justify an instance merge into the next-larger
+//!   class's pool and split off again when load returns; GPUs are released
+//!   only at scale-loop boundaries after load stayed low (hysteresis);
+//! - **shard** (every 5 min): per pool, the least-energy mix of TP2/TP4/TP8
+//!   for the predicted load within that budget (exact enumeration over
+//!   profiles), applied make-before-break: new instances first, old ones
+//!   retired only once the new ones serve, and only when the predicted gain
+//!   over the coming period exceeds the transition's cost;
+//! - **clock** (every 5 s): per instance, the least-power clock whose profile
+//!   meets the SLO at its current load, with hysteresis;
+//!
+//! and a **backlog guard** every step: an instance whose queue grows gets the
+//! top clock at once and its pool is re-planned.
+
+pub mod plan;
+
+use crate::profile::ProfileTable;
+use actuators::{Action, InstanceId, PoolId, SpawnFrom};
+use plan::{Demand, Planner};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use telemetry::{RequestClass, CLASS_COUNT};
+
+/// Which loops run, and how the controller sees the future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Loops {
+    /// Change instance counts.
+    pub scale: bool,
+    /// Change TP degrees (else every instance is TP8).
+    pub shard: bool,
+    /// Change clocks (else every instance runs at the top clock).
+    pub clock: bool,
+    /// One pool per class (else a single pool for all).
+    pub pools: bool,
+}
+
+/// Controller settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControllerConfig {
+    /// Loops that run.
+    pub loops: Loops,
+    /// Scale loop period (s).
+    pub scale_period_s: f64,
+    /// Shard loop period (s).
+    pub shard_period_s: f64,
+    /// Clock loop period (s).
+    pub clock_period_s: f64,
+    /// Time from spawn to serving assumed when planning ahead (s); updated from observation.
+    pub spawn_lead_s: f64,
+    /// Spawn from warm standby (else cold).
+    pub warm_spawn: bool,
+    /// Plan instances to at most this share of their SLO capacity.
+    pub max_util: f64,
+    /// Extra margin on the observed load when it exceeds the forecast.
+    pub observed_margin: f64,
+    /// TP degrees the shard loop may use.
+    pub tps: Vec<u32>,
+    /// The top clock.
+    pub max_clock_mhz: u32,
+    /// Most GPUs the cluster may hold.
+    pub gpu_budget: u32,
+    /// A pool merges into the next-larger class's pool when its load would
+    /// fill less than this share of its smallest instance…
+    pub merge_below_util: f64,
+    /// …and splits off again above this share.
+    pub split_above_util: f64,
+    /// Clock changes need this relative power gain (unless the SLO forces them).
+    pub clock_hysteresis: f64,
+    /// Hold a new clock at least this long (s) unless the SLO forces a change.
+    pub clock_hold_s: f64,
+    /// Waiting requests on an instance that trip the backlog guard.
+    pub backlog_waiting: u32,
+    /// Without the scale and shard loops: hold exactly this many TP8 instances.
+    pub fixed_instances: Option<u32>,
+}
+
+impl ControllerConfig {
+    /// Defaults for a set of loops.
+    pub fn new(loops: Loops, max_clock_mhz: u32) -> ControllerConfig {
+        ControllerConfig {
+            loops,
+            scale_period_s: 1800.0,
+            shard_period_s: 300.0,
+            clock_period_s: 5.0,
+            spawn_lead_s: 30.0,
+            warm_spawn: true,
+            max_util: 0.7,
+            observed_margin: 1.15,
+            tps: if loops.shard { vec![2, 4, 8] } else { vec![8] },
+            max_clock_mhz,
+            gpu_budget: u32::MAX,
+            merge_below_util: 0.05,
+            split_above_util: 0.15,
+            clock_hysteresis: 0.03,
+            clock_hold_s: 30.0,
+            backlog_waiting: 4,
+            fixed_instances: None,
+        }
+    }
+}
+
+/// An instance's lifecycle as the controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// Coming up.
+    Starting,
+    /// Taking requests.
+    Serving,
+    /// Finishing its requests before stopping.
+    Draining,
+}
+
+/// One instance, observed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct InstanceObs {
+    /// Its id.
+    pub id: InstanceId,
+    /// Its pool.
+    pub pool: PoolId,
+    /// TP degree.
+    pub tp: u32,
+    /// Locked clock.
+    pub clock_mhz: u32,
+    /// Lifecycle.
+    pub state: InstanceState,
+    /// Requests it holds.
+    pub outstanding: u32,
+    /// Requests waiting for KV room.
+    pub waiting: u32,
+}
+
+/// What the controller is told at each step.
+#[derive(Debug, Clone, Default)]
+pub struct Observations {
+    /// Every instance not stopped.
+    pub instances: Vec<InstanceObs>,
+    /// Per-class arrival rate over the last clock period (requests/s).
+    pub class_rps_recent: Demand,
+    /// Per-class arrival rate smoothed over the last minutes (requests/s).
+    pub class_rps_smoothed: Demand,
+    /// Per-class forecast of the peak rate over the next scale period plus lead (requests/s), if any.
+    pub class_peak_scale: Option<Demand>,
+    /// Per-class forecast of the peak rate over the next shard period plus lead (requests/s), if any.
+    pub class_peak_shard: Option<Demand>,
+    /// Seconds from spawn to serving of the instances that came up since the last step.
+    pub observed_spawn_s: Vec<f64>,
+    /// Per class, the share of requests and token gaps within the SLO over the last minute (None: no samples).
+    pub class_attainment_recent: [Option<f64>; CLASS_COUNT],
+}
+
+/// An action with its reason.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// When (s).
+    pub at_s: f64,
+    /// Which loop decided.
+    pub source: &'static str,
+    /// What to do.
+    pub action: Action,
+    /// Why, in words.
+    pub reason: String,
+    /// The pool concerned.
+    pub pool: Option<u32>,
+    /// The demand planned for (requests/s).
+    pub planned_rps: Option<f64>,
+    /// Predicted power change of the pool (W, negative saves).
+    pub predicted_delta_w: Option<f64>,
+}
+
+/// Routing of classes to pools.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Routing {
+    /// Pool of each class (class index → pool id).
+    pub pool_of: [u32; CLASS_COUNT],
+}
+
+/// The next-larger class a small pool merges into: the next output band of
+/// the same input band (prompts of similar length share a pool, so a short
+/// prompt never waits behind a long prefill it was not planned with).
+pub fn merge_target(class: RequestClass) -> Option<RequestClass> {
+    let i = class.index();
+    let (input, output) = (i / 3, i % 3);
+    (output < 2).then(|| RequestClass::from_index(input * 3 + output + 1))
+}
+
+/// What the controller plans for one pool (for status pages and tests).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PoolPlan {
+    /// Target count per TP degree.
+    pub target: BTreeMap<u32, u32>,
+    /// GPUs the scale loop allows.
+    pub budget_gpus: u32,
+    /// Demand planned for (requests/s).
+    pub planned_rps: f64,
+    /// Predicted power of the target mix (W).
+    pub power_w: f64,
+}
+
+/// The controller.
+pub struct Controller {
+    cfg: ControllerConfig,
+    profile: ProfileTable,
+    routing: Routing,
+    plans: Vec<PoolPlan>,
+    next_id: u32,
+    last_scale_s: f64,
+    last_shard_s: f64,
+    last_clock_s: f64,
+    clock_since: BTreeMap<InstanceId, f64>,
+    pending_clock: BTreeMap<InstanceId, u32>,
+    /// Instances asked to retire (they keep draining until stopped).
+    retiring: BTreeMap<InstanceId, f64>,
+    started: bool,
+    low_since: Vec<Option<f64>>,
+    /// Per pool, the share of the profile's capacity that live telemetry shows it really has.
+    util_scale: Vec<f64>,
+    planners: std::collections::HashMap<[u16; CLASS_COUNT], std::rc::Rc<Planner>>,
+}
+
+/// Attainment below which a pool's planning capacity shrinks.
+pub const ATTAINMENT_TARGET: f64 = 0.995;
+
+impl Controller {
+    /// A controller over a profile.
+    pub fn new(cfg: ControllerConfig, profile: ProfileTable) -> Controller {
+        let pools = if cfg.loops.pools { CLASS_COUNT } else { 1 };
+        let pool_of = std::array::from_fn(|c| if cfg.loops.pools { c as u32 } else { 0 });
+        Controller {
+            cfg,
+            profile,
+            routing: Routing { pool_of },
+            plans: vec![PoolPlan::default(); pools],
+            next_id: 0,
+            last_scale_s: f64::NEG_INFINITY,
+            last_shard_s: f64::NEG_INFINITY,
+            last_clock_s: f64::NEG_INFINITY,
+            clock_since: BTreeMap::new(),
+            pending_clock: BTreeMap::new(),
+            retiring: BTreeMap::new(),
+            started: false,
+            low_since: vec![None; pools],
+            util_scale: vec![1.0; pools],
+            planners: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.cfg
+    }
+
+    /// Number of pools.
+    pub fn pool_count(&self) -> usize {
+        self.plans.len()
+    }
+
+    /// Current routing.
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
+    /// The current plan of every pool.
+    pub fn plans(&self) -> &[PoolPlan] {
+        &self.plans
+    }
+
+    /// The profile in use.
+    pub fn profile(&self) -> &ProfileTable {
+        &self.profile
+    }
+
+    fn pool_demand(&self, pool: usize, d: &Demand) -> Demand {
+        std::array::from_fn(|c| if self.routing.pool_of[c] as usize == pool { d[c] } else { 0.0 })
+    }
+
+    /// The planner for a pool's class mix (cached by the mix rounded to 5%), with the pool's learnt capacity scale.
+    fn planner(&mut self, pool: usize, shares: &Demand) -> std::rc::Rc<Planner> {
+        let total: f64 = shares.iter().sum();
+        let shares: Demand = if total > 0.0 {
+            *shares
+        } else {
+            // An idle pool: plan with its own classes' shape.
+            std::array::from_fn(|c| if self.routing.pool_of[c] as usize == pool { 1.0 } else { 0.0 })
+        };
+        self.planner_for(&shares, self.cfg.max_util * self.util_scale.get(pool).copied().unwrap_or(1.0))
+    }
+
+    fn planner_for(&mut self, shares: &Demand, max_util: f64) -> std::rc::Rc<Planner> {
+        let total: f64 = shares.iter().sum::<f64>().max(1e-12);
+        let mut key: [u16; CLASS_COUNT] = std::array::from_fn(|c| {
+            let q = (shares[c] / total * 20.0).round() as u16;
+            if shares[c] > 0.0 { q.max(1) } else { 0 }
+        });
+        // The utilisation limit is part of the key (in 1% steps).
+        key[0] |= ((max_util * 100.0).round() as u16) << 8;
+        if let Some(p) = self.planners.get(&key) {
+            return p.clone();
+        }
+        let q: Demand = std::array::from_fn(|c| f64::from(key[c] & 0xff));
+        let p = std::rc::Rc::new(Planner::new(&self.profile, &self.cfg.tps, &q, max_util));
+        self.planners.insert(key, p.clone());
+        p
+    }
+
+    /// Power of the best mix for a demand vector (W), or ∞ when none fits.
+    fn mix_power(&mut self, d: &Demand) -> f64 {
+        let total: f64 = d.iter().sum();
+        if total <= 0.0 {
+            return 0.0;
+        }
+        let p = self.planner_for(d, self.cfg.max_util);
+        p.best_mix(total, self.cfg.gpu_budget, 1).map_or(f64::INFINITY, |m| m.power_w)
+    }
+
+    /// Learn each pool's real capacity from the SLO attainment it shows.
+    fn learn_capacity(&mut self, obs: &Observations) {
+        for pool in 0..self.plans.len() {
+            let worst = (0..CLASS_COUNT)
+                .filter(|&c| self.routing.pool_of[c] as usize == pool)
+                .filter_map(|c| obs.class_attainment_recent[c])
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
+            let s = &mut self.util_scale[pool];
+            match worst {
+                Some(a) if a < ATTAINMENT_TARGET => *s = (*s * 0.9).max(0.4),
+                Some(_) => *s = (*s * 1.002).min(1.0),
+                None => {}
+            }
+        }
+    }
+
+    /// One control step at time `now_s`.
+    pub fn step(&mut self, now_s: f64, obs: &Observations) -> Vec<Decision> {
+        let mut out = Vec::new();
+        for &s in &obs.observed_spawn_s {
+            // The overhead table learns the spawn time (EWMA).
+            self.cfg.spawn_lead_s = 0.7 * self.cfg.spawn_lead_s + 0.3 * s;
+        }
+        if self.cfg.loops.scale || self.cfg.loops.shard || self.cfg.loops.clock {
+            self.learn_capacity(obs);
+        }
+        let live: Vec<&InstanceObs> = obs.instances.iter().filter(|i| i.state != InstanceState::Draining).collect();
+        self.retiring.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
+        let scale_due = now_s - self.last_scale_s >= self.cfg.scale_period_s - 1e-9;
+        let shard_due = !self.started || now_s - self.last_shard_s >= self.cfg.shard_period_s - 1e-9;
+        let clock_due = now_s - self.last_clock_s >= self.cfg.clock_period_s - 1e-9;
+        // Demand for planning: forecast peaks, never below what is observed now (with margin).
+        let recent: Demand = std::array::from_fn(|c| {
+            obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]) * self.cfg.observed_margin
+        });
+        let plan_scale: Demand =
+            std::array::from_fn(|c| obs.class_peak_scale.map_or(0.0, |p| p[c]).max(recent[c]));
+        let plan_shard: Demand =
+            std::array::from_fn(|c| obs.class_peak_shard.map_or(0.0, |p| p[c]).max(recent[c]));
+        let guard = self.backlog_guard(now_s, obs, &mut out);
+        if scale_due || !self.started {
+            self.last_scale_s = now_s;
+            if self.cfg.loops.pools {
+                self.replan_routing(now_s, &plan_scale, &mut out);
+            }
+            for pool in 0..self.plans.len() {
+                let d = self.pool_demand(pool, &plan_scale);
+                let total: f64 = d.iter().sum();
+                let budget = if self.cfg.loops.scale || !self.started {
+                    self.planner(pool, &d)
+                        .best_mix(total, self.cfg.gpu_budget, u32::from(total > 0.0))
+                        .map(|m| m.gpus)
+                        .unwrap_or(0)
+                } else {
+                    self.plans[pool].budget_gpus
+                };
+                // Hysteresis: grow at once, shrink only after a whole period of low load.
+                let old = self.plans[pool].budget_gpus;
+                let b = if budget >= old || !self.started {
+                    self.low_since[pool] = None;
+                    budget
+                } else {
+                    match self.low_since[pool] {
+                        Some(t) if now_s - t >= self.cfg.scale_period_s - 1e-9 => {
+                            self.low_since[pool] = Some(now_s);
+                            budget
+                        }
+                        Some(_) => old,
+                        None => {
+                            self.low_since[pool] = Some(now_s);
+                            old
+                        }
+                    }
+                };
+                self.plans[pool].budget_gpus = b;
+            }
+        }
+        if shard_due || !guard.is_empty() {
+            self.last_shard_s = now_s;
+            for pool in 0..self.plans.len() {
+                self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
+            }
+        }
+        if self.cfg.loops.clock && clock_due {
+            self.last_clock_s = now_s;
+            self.clock_loop(now_s, obs, &recent, &guard, &mut out);
+        }
+        self.started = true;
+        out
+    }
+
+    /// Instances whose queues grow: top clock now; returns their ids.
+    fn backlog_guard(&mut self, now_s: f64, obs: &Observations, out: &mut Vec<Decision>) -> Vec<InstanceId> {
+        let mut hit = Vec::new();
+        for i in &obs.instances {
+            if i.state != InstanceState::Serving || i.waiting < self.cfg.backlog_waiting {
+                continue;
+            }
+            hit.push(i.id);
+            let current = self.pending_clock.get(&i.id).copied().unwrap_or(i.clock_mhz);
+            if current != self.cfg.max_clock_mhz {
+                self.pending_clock.insert(i.id, self.cfg.max_clock_mhz);
+                self.clock_since.insert(i.id, now_s);
+                out.push(Decision {
+                    at_s: now_s,
+                    source: "backlog-guard",
+                    action: Action::SetClock { instance: i.id, clock_mhz: self.cfg.max_clock_mhz },
+                    reason: format!("{} requests waiting for KV room: top clock and re-plan the pool", i.waiting),
+                    pool: Some(i.pool.0),
+                    planned_rps: None,
+                    predicted_delta_w: None,
+                });
+            }
+        }
+        hit
+    }
+
+    /// Merge a class's pool into the next-larger class's pool when one pool
+    /// for both needs less power than two; split it off again when two would
+    /// need clearly less than one.
+    fn replan_routing(&mut self, now_s: f64, plan: &Demand, out: &mut Vec<Decision>) {
+        for class in RequestClass::ALL {
+            let c = class.index();
+            let own_pool = self.routing.pool_of[c] as usize;
+            // Where it would go: the first larger class that keeps its own pool.
+            let mut t = merge_target(class);
+            while let Some(tc) = t {
+                if self.routing.pool_of[tc.index()] as usize == tc.index() && tc.index() != c {
+                    break;
+                }
+                t = merge_target(tc);
+            }
+            let merged = own_pool != c;
+            let host = if merged { Some(own_pool) } else { t.map(|x| x.index()) };
+            let Some(host) = host else { continue };
+            // Demand of the host pool without this class, and with it.
+            let host_d: Demand = std::array::from_fn(|k| {
+                if self.routing.pool_of[k] as usize == host && k != c {
+                    plan[k]
+                } else {
+                    0.0
+                }
+            });
+            // Classes merged into c's own pool move with it.
+            let own_d: Demand = std::array::from_fn(|k| {
+                if k == c || (!merged && self.routing.pool_of[k] as usize == c) {
+                    plan[k]
+                } else {
+                    0.0
+                }
+            });
+            let both: Demand = std::array::from_fn(|k| host_d[k] + own_d[k]);
+            let separate = self.mix_power(&host_d) + self.mix_power(&own_d);
+            let together = self.mix_power(&both);
+            let (action_pool, why) = if !merged && together < 0.95 * separate {
+                for k in 0..CLASS_COUNT {
+                    if self.routing.pool_of[k] as usize == c {
+                        self.routing.pool_of[k] = host as u32;
+                    }
+                }
+                (host, format!("one pool for {class} and {} needs {together:.0} W, two need {separate:.0} W: merge", RequestClass::from_index(host)))
+            } else if merged && separate < 0.85 * together && plan[c] > 0.0 {
+                self.routing.pool_of[c] = c as u32;
+                (c, format!("{class} on its own pool: {separate:.0} W against {together:.0} W shared: split"))
+            } else {
+                continue;
+            };
+            out.push(Decision {
+                at_s: now_s,
+                source: "scale-loop",
+                action: Action::Route { class: class.to_string(), pool: PoolId(action_pool as u32) },
+                reason: why,
+                pool: Some(action_pool as u32),
+                planned_rps: Some(plan[c]),
+                predicted_delta_w: Some(if action_pool == c { separate - together } else { together - separate }),
+            });
+        }
+    }
+
+    fn shard_pool(
+        &mut self,
+        now_s: f64,
+        pool: usize,
+        plan: &Demand,
+        live: &[&InstanceObs],
+        obs: &Observations,
+        out: &mut Vec<Decision>,
+    ) {
+        let d = self.pool_demand(pool, plan);
+        let total: f64 = d.iter().sum();
+        let planner = self.planner(pool, &d);
+        let budget = self.plans[pool].budget_gpus;
+        let members: Vec<&InstanceObs> = live.iter().copied().filter(|i| i.pool.0 as usize == pool).collect();
+        let has_traffic = total > 0.0;
+        let min_instances = u32::from(has_traffic);
+        let mix = if self.cfg.loops.shard {
+            planner.best_mix(total, budget.max(planner.options.iter().map(|o| o.tp).min().unwrap_or(8)), min_instances)
+        } else {
+            // TP8 only: as many as the budget (scale loop) allows, at least what the demand needs.
+            let need = (total / (planner.capacity(8) * planner.max_util).max(1e-9)).ceil() as u32;
+            let n = match (self.cfg.loops.scale, self.cfg.fixed_instances) {
+                (true, _) => need.max(min_instances),
+                (false, Some(n)) => n,
+                (false, None) => (budget / 8).max(need),
+            };
+            Some(plan::Mix {
+                parts: vec![plan::MixPart { tp: 8, count: n, clock_mhz: self.cfg.max_clock_mhz, load_rps: 0.0 }],
+                power_w: 0.0,
+                gpus: 8 * n,
+                util: 0.0,
+            })
+        };
+        let Some(mix) = mix else { return };
+        let mut target: BTreeMap<u32, u32> = BTreeMap::new();
+        for p in &mix.parts {
+            *target.entry(p.tp).or_default() += p.count;
+        }
+        // scale-shard alone keeps the GPUs it has: reshape within them.
+        if !self.cfg.loops.scale && self.started && self.cfg.loops.shard {
+            let held: u32 = members.iter().map(|i| i.tp).sum();
+            let used: u32 = target.iter().map(|(tp, n)| tp * n).sum();
+            if used < held {
+                // Fill the rest with the smallest degree the profile has (idle capacity, as a static cluster holds).
+                let small = planner.options.iter().map(|o| o.tp).min().unwrap_or(8);
+                *target.entry(small).or_default() += (held - used) / small;
+            }
+        }
+        let predicted_w = mix.power_w;
+        let old_w = self.plans[pool].power_w;
+        self.plans[pool] = PoolPlan { target: target.clone(), budget_gpus: budget, planned_rps: total, power_w: predicted_w };
+        // Make before break: spawn what is missing first.
+        let by_tp = |tp: u32, states: &[InstanceState]| {
+            members.iter().filter(|i| i.tp == tp && states.contains(&i.state) && !self.retiring.contains_key(&i.id)).count()
+                as u32
+        };
+        let mut all_target_serving = true;
+        for (&tp, &n) in &target {
+            let have = by_tp(tp, &[InstanceState::Serving, InstanceState::Starting]);
+            if by_tp(tp, &[InstanceState::Serving]) < n {
+                all_target_serving = false;
+            }
+            for _ in have..n {
+                let id = InstanceId(self.next_id);
+                self.next_id += 1;
+                let clock_mhz = self.cfg.max_clock_mhz;
+                out.push(Decision {
+                    at_s: now_s,
+                    source: if self.started { "shard-loop" } else { "initial-plan" },
+                    action: Action::Spawn {
+                        instance: id,
+                        pool: PoolId(pool as u32),
+                        tp,
+                        clock_mhz,
+                        from: if self.cfg.warm_spawn { SpawnFrom::WarmStandby } else { SpawnFrom::Cold },
+                    },
+                    reason: format!(
+                        "pool {} needs {n}×TP{tp} for {total:.2} req/s planned (forecast peak over the next {:.0} s + lead {:.0} s)",
+                        pool_name(pool, self.cfg.loops.pools),
+                        self.cfg.shard_period_s,
+                        self.cfg.spawn_lead_s
+                    ),
+                    pool: Some(pool as u32),
+                    planned_rps: Some(total),
+                    predicted_delta_w: Some(predicted_w - old_w),
+                });
+            }
+        }
+        // Break: retire extras only when the target mix is serving and the rest carries the current load.
+        if !all_target_serving {
+            return;
+        }
+        let current_rps: f64 = self.pool_demand(pool, &obs.class_rps_smoothed).iter().sum::<f64>() * self.cfg.observed_margin;
+        for (tp, extra) in members
+            .iter()
+            .map(|i| i.tp)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|tp| (tp, by_tp(tp, &[InstanceState::Serving, InstanceState::Starting]).saturating_sub(*target.get(&tp).unwrap_or(&0))))
+            .collect::<Vec<_>>()
+        {
+            if extra == 0 {
+                continue;
+            }
+            let mut cands: Vec<&&InstanceObs> = members
+                .iter()
+                .filter(|i| i.tp == tp && !self.retiring.contains_key(&i.id) && i.state != InstanceState::Draining)
+                .collect();
+            cands.sort_by_key(|i| (i.state == InstanceState::Serving, i.outstanding));
+            for i in cands.into_iter().take(extra as usize) {
+                // Capacity left after this one goes must carry the current load.
+                let left: f64 = members
+                    .iter()
+                    .filter(|m| m.state == InstanceState::Serving && m.id != i.id && !self.retiring.contains_key(&m.id))
+                    .map(|m| planner.capacity(m.tp) * planner.max_util)
+                    .sum();
+                if has_traffic && left < current_rps {
+                    continue;
+                }
+                self.retiring.insert(i.id, now_s);
+                out.push(Decision {
+                    at_s: now_s,
+                    source: if self.cfg.loops.scale { "scale-loop" } else { "shard-loop" },
+                    action: Action::Retire { instance: i.id },
+                    reason: format!(
+                        "pool {} target is {:?} for {total:.2} req/s; TP{tp} instance not needed (remaining capacity {left:.2} req/s ≥ current {current_rps:.2})",
+                        pool_name(pool, self.cfg.loops.pools),
+                        target
+                    ),
+                    pool: Some(pool as u32),
+                    planned_rps: Some(total),
+                    predicted_delta_w: Some(predicted_w - old_w),
+                });
+            }
+        }
+    }
+
+    fn clock_loop(&mut self, now_s: f64, obs: &Observations, recent: &Demand, guard: &[InstanceId], out: &mut Vec<Decision>) {
+        for pool in 0..self.plans.len() {
+            let d = self.pool_demand(pool, recent);
+            let total: f64 = d.iter().sum();
+            let planner = self.planner(pool, &d);
+            let serving: Vec<&InstanceObs> = obs
+                .instances
+                .iter()
+                .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
+                .collect();
+            let cap_total: f64 = serving.iter().map(|i| planner.capacity(i.tp)).sum();
+            for i in serving {
+                if guard.contains(&i.id) {
+                    continue;
+                }
+                let load = if cap_total > 0.0 { total * planner.capacity(i.tp) / cap_total } else { 0.0 };
+                let current = self.pending_clock.get(&i.id).copied().unwrap_or(i.clock_mhz);
+                let want = planner.instance_power(i.tp, load);
+                let (target, why) = match want {
+                    None => (self.cfg.max_clock_mhz, "the load exceeds what any clock carries within the SLO".to_string()),
+                    Some((w, f)) => {
+                        let cur_ok = planner.carries(i.tp, current, load);
+                        let since = self.clock_since.get(&i.id).copied().unwrap_or(f64::NEG_INFINITY);
+                        if !cur_ok {
+                            (f.max(current), format!("TP{} at {current} MHz would miss the SLO at {load:.2} req/s", i.tp))
+                        } else if f == current || now_s - since < self.cfg.clock_hold_s {
+                            continue;
+                        } else {
+                            let cur_w = planner.power_at(i.tp, current, load).unwrap_or(f64::INFINITY);
+                            if cur_w - w < self.cfg.clock_hysteresis * cur_w {
+                                continue;
+                            }
+                            (f, format!("least power meeting the SLO at {load:.2} req/s: {w:.0} W vs {cur_w:.0} W at {current} MHz"))
+                        }
+                    }
+                };
+                if target == current {
+                    continue;
+                }
+                self.pending_clock.insert(i.id, target);
+                self.clock_since.insert(i.id, now_s);
+                out.push(Decision {
+                    at_s: now_s,
+                    source: "clock-loop",
+                    action: Action::SetClock { instance: i.id, clock_mhz: target },
+                    reason: why,
+                    pool: Some(pool as u32),
+                    planned_rps: Some(load),
+                    predicted_delta_w: None,
+                });
+            }
+        }
+        // Forget clocks the instances now report.
+        self.pending_clock.retain(|id, c| obs.instances.iter().any(|i| i.id == *id && i.clock_mhz != *c));
+    }
+}
+
+fn pool_name(pool: usize, per_class: bool) -> String {
+    if per_class {
+        RequestClass::from_index(pool).to_string()
+    } else {
+        "all".into()
+    }
+}

@@ -1,0 +1,370 @@
+//! Planning from profiles: a pool's capacity and power by TP degree and
+//! clock, the least-power instance mix for a demand (exact enumeration of
+//! TP2/TP4/TP8 counts), and the least-power clock for an instance's load.
+//!
+//! A pool may serve several classes. Its demand is a vector of per-class
+//! rates; an instance of TP `k` at clock `f` serves the mix at a rate of
+//! `1 / Σ_c p_c / cap(c, k, f)` requests/s (`p_c` the class shares, `cap` the
+//! profile's max load meeting the SLO), and its power at utilisation `u` is
+//! the share-weighted mean of each class's profiled power at that
+//! utilisation. Requests are routed in proportion to instance capacity, so
+//! every instance of a pool runs at the same utilisation.
+
+use crate::profile::ProfileTable;
+use telemetry::{RequestClass, CLASS_COUNT};
+
+/// Points of the utilisation grid the power tables are kept on.
+const GRID: usize = 65;
+
+/// Per-class rates of a pool (requests/s).
+pub type Demand = [f64; CLASS_COUNT];
+
+/// What one TP degree offers a given class mix.
+#[derive(Debug, Clone)]
+pub struct TpOption {
+    /// TP degree.
+    pub tp: u32,
+    /// Mix capacity at each clock (requests/s at the SLO), clocks ascending.
+    pub cap_rps: Vec<f64>,
+    /// Least power per instance (W) and its clock, at load `i / (GRID-1) × max_util` of the top-clock capacity.
+    power: Vec<(f64, u32)>,
+    /// Power per instance at each clock on the same load grid (∞ where that clock cannot carry it).
+    power_by_clock: Vec<Vec<f64>>,
+    /// Top-clock capacity.
+    pub top_cap_rps: f64,
+}
+
+/// One planned instance type in a mix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MixPart {
+    /// TP degree.
+    pub tp: u32,
+    /// How many.
+    pub count: u32,
+    /// Clock each runs at.
+    pub clock_mhz: u32,
+    /// Load each carries (requests/s).
+    pub load_rps: f64,
+}
+
+/// The least-power mix for a demand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mix {
+    /// Parts with a non-zero count.
+    pub parts: Vec<MixPart>,
+    /// Predicted pool power (W).
+    pub power_w: f64,
+    /// GPUs used.
+    pub gpus: u32,
+    /// Utilisation of top-clock capacity.
+    pub util: f64,
+}
+
+impl Mix {
+    /// Instances of a TP degree in the mix.
+    pub fn count(&self, tp: u32) -> u32 {
+        self.parts.iter().filter(|p| p.tp == tp).map(|p| p.count).sum()
+    }
+}
+
+/// Plans for one class mix from a profile.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    /// Per TP degree.
+    pub options: Vec<TpOption>,
+    /// Clocks, ascending.
+    pub clocks: Vec<u32>,
+    /// Plan instances to at most this share of their SLO capacity.
+    pub max_util: f64,
+    shares: Demand,
+}
+
+impl Planner {
+    /// Build the tables for a pool whose demand has these class shares (need not sum to 1).
+    /// TP degrees without profile data for a class with traffic are left out.
+    pub fn new(profile: &ProfileTable, tps: &[u32], shares: &Demand, max_util: f64) -> Planner {
+        let total: f64 = shares.iter().sum();
+        let p: Demand = if total > 0.0 {
+            std::array::from_fn(|c| shares[c] / total)
+        } else {
+            // No traffic: plan as if for the pool's largest class only, whatever it is.
+            let mut z = [0.0; CLASS_COUNT];
+            z[CLASS_COUNT - 1] = 1.0;
+            z
+        };
+        let classes: Vec<RequestClass> = RequestClass::ALL.into_iter().filter(|c| p[c.index()] > 0.0).collect();
+        let mut clocks: Vec<u32> = Vec::new();
+        for c in &classes {
+            for tp in tps {
+                for f in profile.clocks(*c, *tp) {
+                    if !clocks.contains(&f) {
+                        clocks.push(f);
+                    }
+                }
+            }
+        }
+        clocks.sort_unstable();
+        let mut options = Vec::new();
+        for &tp in tps {
+            if classes.iter().any(|c| profile.clocks(*c, tp).is_empty()) {
+                continue;
+            }
+            let cap_rps: Vec<f64> = clocks
+                .iter()
+                .map(|&f| {
+                    let inv: f64 = classes
+                        .iter()
+                        .map(|c| p[c.index()] / profile.max_load_meeting_slo(*c, tp, f).unwrap_or(0.0).max(1e-9))
+                        .sum();
+                    1.0 / inv.max(1e-12)
+                })
+                .collect();
+            let top_cap_rps = cap_rps.iter().cloned().fold(0.0, f64::max);
+            if top_cap_rps <= 1e-6 {
+                continue;
+            }
+            let power_by_clock: Vec<Vec<f64>> = clocks
+                .iter()
+                .enumerate()
+                .map(|(fi, &f)| {
+                    (0..GRID)
+                        .map(|i| {
+                            let x = top_cap_rps * max_util * i as f64 / (GRID - 1) as f64;
+                            if x > cap_rps[fi] * max_util + 1e-12 {
+                                return f64::INFINITY;
+                            }
+                            let u = x / cap_rps[fi].max(1e-12);
+                            classes
+                                .iter()
+                                .map(|c| {
+                                    let cap = profile.max_load_meeting_slo(*c, tp, f).unwrap_or(0.0);
+                                    let load = (u * cap).max(1e-6);
+                                    p[c.index()]
+                                        * profile.estimate(*c, tp, f, load).map(|e| e.power_w).unwrap_or(f64::INFINITY)
+                                })
+                                .sum()
+                        })
+                        .collect()
+                })
+                .collect();
+            let power = (0..GRID)
+                .map(|i| {
+                    let mut best = (f64::INFINITY, *clocks.last().expect("clocks"));
+                    for (fi, &f) in clocks.iter().enumerate() {
+                        // A clock that cannot carry the next grid point's load is not chosen here either.
+                        let next_ok = i + 1 >= GRID || power_by_clock[fi][i + 1].is_finite();
+                        let w = power_by_clock[fi][i];
+                        if next_ok && w < best.0 {
+                            best = (w, f);
+                        }
+                    }
+                    if !best.0.is_finite() {
+                        // Only the point itself is carried: fall back to any clock that does.
+                        for (fi, &f) in clocks.iter().enumerate() {
+                            if power_by_clock[fi][i] < best.0 {
+                                best = (power_by_clock[fi][i], f);
+                            }
+                        }
+                    }
+                    best
+                })
+                .collect();
+            options.push(TpOption { tp, cap_rps, power, power_by_clock, top_cap_rps });
+        }
+        Planner { options, clocks, max_util, shares: p }
+    }
+
+    /// The class shares this planner was built for.
+    pub fn shares(&self) -> &Demand {
+        &self.shares
+    }
+
+    fn option(&self, tp: u32) -> Option<&TpOption> {
+        self.options.iter().find(|o| o.tp == tp)
+    }
+
+    /// Least power (W) and its clock for one TP`tp` instance carrying `load_rps`;
+    /// `None` when no clock carries it within `max_util`.
+    pub fn instance_power(&self, tp: u32, load_rps: f64) -> Option<(f64, u32)> {
+        let o = self.option(tp)?;
+        let x = load_rps / (o.top_cap_rps * self.max_util);
+        if x > 1.0 + 1e-9 {
+            return None;
+        }
+        let pos = x.max(0.0) * (GRID - 1) as f64;
+        let i = (pos.floor() as usize).min(GRID - 2);
+        let t = pos - i as f64;
+        let (a, b) = (o.power[i], o.power[i + 1]);
+        if !a.0.is_finite() || !b.0.is_finite() {
+            return None;
+        }
+        // The clock must carry the load: take the clock of the upper grid point (the higher load).
+        Some((a.0 + t * (b.0 - a.0), if t > 0.0 { b.1 } else { a.1 }))
+    }
+
+    /// Power (W) of one TP`tp` instance at `clock_mhz` carrying `load_rps`; `None` when that clock cannot carry it.
+    pub fn power_at(&self, tp: u32, clock_mhz: u32, load_rps: f64) -> Option<f64> {
+        let o = self.option(tp)?;
+        let fi = self.clocks.iter().position(|&c| c == clock_mhz)?;
+        if load_rps > o.cap_rps[fi] * self.max_util + 1e-12 {
+            return None;
+        }
+        let pos = (load_rps / (o.top_cap_rps * self.max_util)).max(0.0) * (GRID - 1) as f64;
+        let i = (pos.floor() as usize).min(GRID - 2);
+        let t = pos - i as f64;
+        let (a, b) = (o.power_by_clock[fi][i], o.power_by_clock[fi][i + 1]);
+        match (a.is_finite(), b.is_finite()) {
+            (true, true) => Some(a + t * (b - a)),
+            (true, false) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Whether `clock_mhz` carries `load_rps` on TP`tp` within the utilisation limit.
+    pub fn carries(&self, tp: u32, clock_mhz: u32, load_rps: f64) -> bool {
+        let Some(o) = self.option(tp) else { return false };
+        let Some(fi) = self.clocks.iter().position(|&c| c == clock_mhz) else { return false };
+        load_rps <= o.cap_rps[fi] * self.max_util + 1e-12
+    }
+
+    /// The least-power clock that carries `load_rps` on a TP`tp` instance within `max_util`.
+    pub fn clock_for(&self, tp: u32, load_rps: f64) -> Option<u32> {
+        self.instance_power(tp, load_rps).map(|(_, f)| f)
+    }
+
+    /// Top-clock capacity of one TP`tp` instance (requests/s at the SLO).
+    pub fn capacity(&self, tp: u32) -> f64 {
+        self.option(tp).map(|o| o.top_cap_rps).unwrap_or(0.0)
+    }
+
+    /// The least-power mix of TP degrees carrying `demand_rps` in total, with at
+    /// most `gpu_budget` GPUs and at least `min_instances` instances. Exact
+    /// enumeration over the counts of each degree (the largest degree's count
+    /// follows from the others). `None` when no mix fits the budget.
+    pub fn best_mix(&self, demand_rps: f64, gpu_budget: u32, min_instances: u32) -> Option<Mix> {
+        if self.options.is_empty() {
+            return None;
+        }
+        let mut opts: Vec<&TpOption> = self.options.iter().collect();
+        opts.sort_by_key(|o| o.tp);
+        let usable = |o: &TpOption| o.top_cap_rps * self.max_util;
+        let mut best: Option<Mix> = None;
+        let mut counts = vec![0u32; opts.len()];
+        let last = opts.len() - 1;
+        // Enumerate counts of all but the last option; the last tops up.
+        let bounds: Vec<u32> = opts
+            .iter()
+            .map(|o| ((demand_rps / usable(o)).ceil() as u32).max(min_instances).min(gpu_budget / o.tp.max(1)))
+            .collect();
+        loop {
+            let cap_others: f64 = (0..last).map(|k| f64::from(counts[k]) * usable(opts[k])).sum();
+            let n_others: u32 = counts[..last].iter().sum();
+            let need = ((demand_rps - cap_others).max(0.0) / usable(opts[last]) - 1e-9).ceil().max(0.0) as u32;
+            let n_last = need.max(min_instances.saturating_sub(n_others));
+            counts[last] = n_last;
+            let gpus: u32 = counts.iter().zip(&opts).map(|(n, o)| n * o.tp).sum();
+            if gpus <= gpu_budget && counts.iter().sum::<u32>() > 0 {
+                if let Some(m) = self.evaluate(&opts, &counts, demand_rps) {
+                    if best.as_ref().is_none_or(|b| m.power_w < b.power_w - 1e-9) {
+                        best = Some(m);
+                    }
+                }
+            }
+            // Next combination of the other counts.
+            let mut k = 0;
+            loop {
+                if k == last {
+                    return best;
+                }
+                if counts[k] < bounds[k] {
+                    counts[k] += 1;
+                    break;
+                }
+                counts[k] = 0;
+                k += 1;
+            }
+        }
+    }
+
+    fn evaluate(&self, opts: &[&TpOption], counts: &[u32], demand_rps: f64) -> Option<Mix> {
+        let total_cap: f64 = opts.iter().zip(counts).map(|(o, &n)| f64::from(n) * o.top_cap_rps).sum();
+        if total_cap <= 0.0 {
+            return None;
+        }
+        let util = demand_rps / total_cap;
+        if util > self.max_util + 1e-9 {
+            return None;
+        }
+        let mut parts = Vec::new();
+        let mut power_w = 0.0;
+        let mut gpus = 0;
+        for (o, &n) in opts.iter().zip(counts) {
+            if n == 0 {
+                continue;
+            }
+            let load = util * o.top_cap_rps;
+            let (p, f) = self.instance_power(o.tp, load)?;
+            power_w += f64::from(n) * p;
+            gpus += n * o.tp;
+            parts.push(MixPart { tp: o.tp, count: n, clock_mhz: f, load_rps: load });
+        }
+        Some(Mix { parts, power_w, gpus, util })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demand(c: usize, rps: f64) -> Demand {
+        let mut d = [0.0; CLASS_COUNT];
+        d[c] = rps;
+        d
+    }
+
+    #[test]
+    fn the_best_mix_carries_the_demand_and_beats_every_single_degree() {
+        let profile = ProfileTable::bundled();
+        for c in [0usize, 4, 8] {
+            let p = Planner::new(&profile, &[2, 4, 8], &demand(c, 1.0), 0.9);
+            for rps in [0.3, 3.0, 20.0] {
+                let m = p.best_mix(rps, 10_000, 1).expect("a mix exists");
+                let cap: f64 = m.parts.iter().map(|x| f64::from(x.count) * p.capacity(x.tp) * 0.9).sum();
+                assert!(cap >= rps - 1e-9, "class {c} {rps} rps: capacity {cap}");
+                for tp in [2, 4, 8] {
+                    let cap1 = p.capacity(tp) * 0.9;
+                    if cap1 <= 0.0 {
+                        continue;
+                    }
+                    let n = (rps / cap1).ceil().max(1.0) as u32;
+                    if let Some((w, _)) = p.instance_power(tp, rps / f64::from(n)) {
+                        assert!(m.power_w <= f64::from(n) * w + 1e-6, "class {c} {rps} rps: mix {m:?} vs {n}×TP{tp}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_budget_too_small_has_no_mix() {
+        let profile = ProfileTable::bundled();
+        let p = Planner::new(&profile, &[2, 4, 8], &demand(8, 1.0), 0.9);
+        let need = p.best_mix(50.0, 100_000, 1).unwrap();
+        assert!(p.best_mix(50.0, need.gpus - 1, 1).is_none_or(|m| m.gpus < need.gpus && m.power_w >= need.power_w));
+        assert!(p.best_mix(50.0, 1, 1).is_none());
+    }
+
+    #[test]
+    fn lower_load_never_needs_a_higher_clock() {
+        let profile = ProfileTable::bundled();
+        let p = Planner::new(&profile, &[8], &demand(4, 1.0), 0.9);
+        let cap = p.capacity(8);
+        let mut last = 0;
+        for i in 1..=20 {
+            let f = p.clock_for(8, cap * 0.9 * f64::from(i) / 20.0).expect("within capacity");
+            assert!(f >= last, "clock fell from {last} to {f} as load rose");
+            last = f;
+        }
+        assert!(p.clock_for(8, cap).is_none(), "above max_util no clock carries the load");
+    }
+}
