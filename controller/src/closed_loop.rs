@@ -60,6 +60,8 @@ pub struct ControlSummary {
 }
 
 const FORECAST_LEVEL: f64 = 0.95;
+/// SLO attainment is judged over this trailing window (s).
+const ATTAINMENT_WINDOW_S: f64 = 300.0;
 /// History needed before the forecaster is used (minutes); before, recent peaks are.
 const FORECAST_MIN_HISTORY_MIN: usize = 24 * 60;
 /// Refit the forecast models this often (minutes).
@@ -224,13 +226,13 @@ pub fn run_controlled(
             });
         }
         instances.sort_by_key(|i| i.id);
-        // SLO attainment per class over the last minute, from the twin's counters (as a scrape would give).
+        // SLO attainment per class over the last window, from the twin's counters (as a scrape would give).
         let totals_now: [[u64; 4]; CLASS_COUNT] = std::array::from_fn(|c| {
             let k = &cluster.stats.classes[c];
             [k.ttft_ok, k.ttft_n, k.gaps_ok, k.gaps_n]
         });
         att_hist.push_back(totals_now);
-        if att_hist.len() > (60.0 / period).ceil() as usize + 1 {
+        if att_hist.len() > (ATTAINMENT_WINDOW_S / period).ceil() as usize + 1 {
             att_hist.pop_front();
         }
         let oldest = att_hist.front().copied().unwrap_or(totals_now);

@@ -31,6 +31,11 @@ pub enum Source {
     },
 }
 
+/// How far (s) the copies `--scale` makes of a trace's requests may trail the
+/// original: a minute, so per-minute rates keep their shape while the copies
+/// arrive independently instead of as bursts of identical requests.
+pub const SCALE_SPREAD_S: f64 = 60.0;
+
 /// A replayable workload.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -143,7 +148,7 @@ impl Workload {
                 if (self.scale - 1.0).abs() < 1e-12 {
                     raw
                 } else {
-                    Box::new(Scaled::new(raw, self.scale, 1.0, self.seed))
+                    Box::new(Scaled::new(raw, self.scale, SCALE_SPREAD_S, self.seed))
                 }
             }
             Source::Rates { curve, lengths } => {

@@ -152,7 +152,7 @@ pub struct Observations {
     pub class_peak_shard: Option<Demand>,
     /// Seconds from spawn to serving of the instances that came up since the last step.
     pub observed_spawn_s: Vec<f64>,
-    /// Per class, the share of requests and token gaps within the SLO over the last minute (None: no samples).
+    /// Per class, the share of requests and token gaps within the SLO over the last minutes (None: no samples).
     pub class_attainment_recent: [Option<f64>; CLASS_COUNT],
 }
 
@@ -218,6 +218,8 @@ pub struct Controller {
     pending_clock: BTreeMap<InstanceId, u32>,
     /// Instances asked to retire (they keep draining until stopped).
     retiring: BTreeMap<InstanceId, f64>,
+    /// Spawns asked for and not yet observed: id → (pool, tp, when).
+    spawning: BTreeMap<InstanceId, (usize, u32, f64)>,
     started: bool,
     low_since: Vec<Option<f64>>,
     /// Per pool, the share of the profile's capacity that live telemetry shows it really has.
@@ -226,7 +228,7 @@ pub struct Controller {
 }
 
 /// Attainment below which a pool's planning capacity shrinks.
-pub const ATTAINMENT_TARGET: f64 = 0.995;
+pub const ATTAINMENT_TARGET: f64 = 0.99;
 
 impl Controller {
     /// A controller over a profile.
@@ -245,6 +247,7 @@ impl Controller {
             clock_since: BTreeMap::new(),
             pending_clock: BTreeMap::new(),
             retiring: BTreeMap::new(),
+            spawning: BTreeMap::new(),
             started: false,
             low_since: vec![None; pools],
             util_scale: vec![1.0; pools],
@@ -321,7 +324,9 @@ impl Controller {
     }
 
     /// Learn each pool's real capacity from the SLO attainment it shows.
-    fn learn_capacity(&mut self, obs: &Observations) {
+    /// Returns the pools that fell short (they are re-planned at once).
+    fn learn_capacity(&mut self, obs: &Observations) -> Vec<usize> {
+        let mut short = Vec::new();
         for pool in 0..self.plans.len() {
             let worst = (0..CLASS_COUNT)
                 .filter(|&c| self.routing.pool_of[c] as usize == pool)
@@ -329,11 +334,15 @@ impl Controller {
                 .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
             let s = &mut self.util_scale[pool];
             match worst {
-                Some(a) if a < ATTAINMENT_TARGET => *s = (*s * 0.9).max(0.4),
-                Some(_) => *s = (*s * 1.002).min(1.0),
+                Some(a) if a < ATTAINMENT_TARGET => {
+                    *s = (*s * 0.9).max(0.4);
+                    short.push(pool);
+                }
+                Some(_) => *s = (*s * 1.005).min(1.0),
                 None => {}
             }
         }
+        short
     }
 
     /// One control step at time `now_s`.
@@ -343,11 +352,16 @@ impl Controller {
             // The overhead table learns the spawn time (EWMA).
             self.cfg.spawn_lead_s = 0.7 * self.cfg.spawn_lead_s + 0.3 * s;
         }
-        if self.cfg.loops.scale || self.cfg.loops.shard || self.cfg.loops.clock {
-            self.learn_capacity(obs);
-        }
+        let short = if self.cfg.loops.scale || self.cfg.loops.shard || self.cfg.loops.clock {
+            self.learn_capacity(obs)
+        } else {
+            Vec::new()
+        };
         let live: Vec<&InstanceObs> = obs.instances.iter().filter(|i| i.state != InstanceState::Draining).collect();
         self.retiring.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
+        // A spawn counts as starting until the instance shows up (or clearly failed).
+        let give_up_s = 2.0 * self.cfg.spawn_lead_s + 60.0;
+        self.spawning.retain(|id, (_, _, at)| !obs.instances.iter().any(|i| i.id == *id) && now_s - *at < give_up_s);
         let scale_due = now_s - self.last_scale_s >= self.cfg.scale_period_s - 1e-9;
         let shard_due = !self.started || now_s - self.last_shard_s >= self.cfg.shard_period_s - 1e-9;
         let clock_due = now_s - self.last_clock_s >= self.cfg.clock_period_s - 1e-9;
@@ -400,6 +414,16 @@ impl Controller {
         if shard_due || !guard.is_empty() {
             self.last_shard_s = now_s;
             for pool in 0..self.plans.len() {
+                self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
+            }
+        } else if self.cfg.loops.scale {
+            // A pool missing its SLO is re-planned now with its learnt capacity (its budget may grow at once).
+            for &pool in &short {
+                let d = self.pool_demand(pool, &plan_scale);
+                let total: f64 = d.iter().sum();
+                if let Some(m) = self.planner(pool, &d).best_mix(total, self.cfg.gpu_budget, u32::from(total > 0.0)) {
+                    self.plans[pool].budget_gpus = self.plans[pool].budget_gpus.max(m.gpus);
+                }
                 self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
             }
         }
@@ -557,13 +581,15 @@ impl Controller {
         };
         let mut all_target_serving = true;
         for (&tp, &n) in &target {
-            let have = by_tp(tp, &[InstanceState::Serving, InstanceState::Starting]);
+            let pending = self.spawning.values().filter(|(p, t, _)| *p == pool && *t == tp).count() as u32;
+            let have = by_tp(tp, &[InstanceState::Serving, InstanceState::Starting]) + pending;
             if by_tp(tp, &[InstanceState::Serving]) < n {
                 all_target_serving = false;
             }
             for _ in have..n {
                 let id = InstanceId(self.next_id);
                 self.next_id += 1;
+                self.spawning.insert(id, (pool, tp, now_s));
                 let clock_mhz = self.cfg.max_clock_mhz;
                 out.push(Decision {
                     at_s: now_s,
