@@ -808,6 +808,50 @@ mod tests {
         assert!(errors[0].to_string().starts_with("spool file /s/1.lp line 2: "), "{}", errors[0]);
     }
 
+    fn opts(batch_points: usize) -> SinkOptions {
+        SinkOptions {
+            url: "http://127.0.0.1:1".into(),
+            org: "o".into(),
+            bucket: "b".into(),
+            token: String::new(),
+            batch_points,
+            batch_interval: Duration::from_secs(1),
+            gzip: false,
+            timeout: Duration::from_secs(1),
+            retry_initial: Duration::from_millis(1),
+            retry_max: Duration::from_millis(2),
+            spool_dir: PathBuf::from("/nonexistent"),
+            spool_max_bytes: 1 << 20,
+        }
+    }
+
+    fn pts(n: usize) -> Vec<Point> {
+        (0..n).map(|i| Point { series: SeriesKey::new("m", "f", &[]), ts_ms: i as i64, value: 1.0 }).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_seal_by_size_and_by_interval() {
+        let (tx, rx) = mpsc::channel(8);
+        let (stx, mut srx) = mpsc::channel(8);
+        tokio::spawn(batcher(opts(3), rx, stx, Arc::new(SinkStats::new()), 5));
+        tx.send(Msg::Points(pts(2))).await.ok().unwrap();
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert!(srx.try_recv().is_err(), "sealed before the interval");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let Some(ShipMsg::Batch(b)) = srx.recv().await else { panic!("a batch") };
+        assert_eq!((b.seq, b.points), (5, 2));
+        assert_eq!(std::str::from_utf8(&b.body).unwrap().lines().count(), 2);
+        // A full batch goes at once; the rest waits for the interval.
+        tx.send(Msg::Points(pts(4))).await.ok().unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let Ok(ShipMsg::Batch(b)) = srx.try_recv() else { panic!("a full batch at once") };
+        assert_eq!((b.seq, b.points), (6, 3));
+        assert!(srx.try_recv().is_err());
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let Ok(ShipMsg::Batch(b)) = srx.try_recv() else { panic!("the rest after the interval") };
+        assert_eq!((b.seq, b.points), (7, 1));
+    }
+
     #[test]
     fn backoff_doubles_to_its_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
