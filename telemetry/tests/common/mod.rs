@@ -104,6 +104,10 @@ pub fn mosquitto(dir: &Path) -> Service {
     let bin = require_env("DYNAMOLLM_TEST_MOSQUITTO_BIN");
     let port = free_port();
     let conf = dir.join("mosquitto.conf");
+    // Started as root, Mosquitto drops to its own user: it must be able to
+    // write its persistence file (and log) here, or nothing survives a restart.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::write(
         &conf,
         format!(
