@@ -478,7 +478,7 @@ impl Store {
         let (wm_min, wm_hour) = (wm(MINUTE_WATERMARK)?, wm(HOUR_WATERMARK)?);
         let from = floor_to(from_ms, res.step_ms());
         let minutes = |from: i64, to: i64| -> Result<Vec<Aggregate>, StoreError> {
-            let mut out = read_aggs(&r, MINUTE, id, from, to.min(wm_min)).map_err(|e| self.err("read", e))?;
+            let mut out = read_aggs(&r, MINUTE, id, from, to.min(wm_min)).map_err(|e| self.err("read", *e))?;
             let raw_from = from.max(wm_min);
             if raw_from < to {
                 let t = r.open_table(RAW).map_err(|e| self.err("read", e))?;
@@ -491,7 +491,7 @@ impl Store {
         match res {
             Resolution::Minute => minutes(from, to_ms),
             Resolution::Hour => {
-                let mut out = read_aggs(&r, HOUR, id, from, to_ms.min(wm_hour)).map_err(|e| self.err("read", e))?;
+                let mut out = read_aggs(&r, HOUR, id, from, to_ms.min(wm_hour)).map_err(|e| self.err("read", *e))?;
                 let rest = from.max(wm_hour);
                 if rest < to_ms {
                     for m in minutes(rest, to_ms)? {
@@ -683,9 +683,9 @@ fn read_aggs(
     id: SeriesId,
     from: i64,
     to: i64,
-) -> Result<Vec<Aggregate>, redb::Error> {
-    let t = r.open_table(def)?;
-    Ok(read_aggs_table(&t, id, from, to)?)
+) -> Result<Vec<Aggregate>, Box<redb::Error>> {
+    let t = r.open_table(def).map_err(|e| Box::new(e.into()))?;
+    read_aggs_table(&t, id, from, to).map_err(|e| Box::new(e.into()))
 }
 
 fn read_aggs_table(

@@ -121,7 +121,10 @@ pub fn mosquitto(dir: &Path) -> Service {
 
 /// Count, per series name, the samples VictoriaMetrics holds for metric names
 /// matching `regex`, through `/api/v1/export` (after a forced flush).
-pub fn vm_export(base: &str, regex: &str) -> Vec<(std::collections::BTreeMap<String, String>, Vec<i64>, Vec<f64>)> {
+/// One exported series: labels, timestamps (ms), values.
+pub type Exported = (std::collections::BTreeMap<String, String>, Vec<i64>, Vec<f64>);
+
+pub fn vm_export(base: &str, regex: &str) -> Vec<Exported> {
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let _ = client.get(format!("{base}/internal/force_flush")).send();
     let resp = client
