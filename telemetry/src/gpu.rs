@@ -93,6 +93,18 @@ pub trait GpuDevice: Send + Sync {
     fn set_locked_clocks(&self, index: u32, min_mhz: u32, max_mhz: u32) -> Result<(), GpuError>;
     /// Undo [`GpuDevice::set_locked_clocks`].
     fn reset_locked_clocks(&self, index: u32) -> Result<(), GpuError>;
+    /// GPU utilisation over the driver's last sample period, 0–1.
+    fn util(&self, index: u32) -> Result<f64, GpuError> {
+        Err(GpuError::NotSupported { index, what: "utilisation".into() })
+    }
+    /// GPU core temperature.
+    fn temperature_c(&self, index: u32) -> Result<f64, GpuError> {
+        Err(GpuError::NotSupported { index, what: "temperature".into() })
+    }
+    /// Clock throttle reasons, NVML's bit mask (`nvmlClocksThrottleReason*`).
+    fn throttle_reasons(&self, index: u32) -> Result<u64, GpuError> {
+        Err(GpuError::NotSupported { index, what: "throttle reasons".into() })
+    }
 }
 
 /// Check a clock against the supported list of a GPU.
@@ -187,6 +199,23 @@ impl GpuDevice for NvmlDevice {
     fn reset_locked_clocks(&self, index: u32) -> Result<(), GpuError> {
         let mut d = self.nvml.device_by_index(index).map_err(|e| NvmlDevice::map(index, "device", e))?;
         d.reset_gpu_locked_clocks().map_err(|e| NvmlDevice::map(index, "reset clocks", e))
+    }
+
+    fn util(&self, index: u32) -> Result<f64, GpuError> {
+        let d = self.nvml.device_by_index(index).map_err(|e| NvmlDevice::map(index, "device", e))?;
+        d.utilization_rates().map(|u| f64::from(u.gpu) / 100.0).map_err(|e| NvmlDevice::map(index, "utilisation", e))
+    }
+
+    fn temperature_c(&self, index: u32) -> Result<f64, GpuError> {
+        let d = self.nvml.device_by_index(index).map_err(|e| NvmlDevice::map(index, "device", e))?;
+        d.temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+            .map(f64::from)
+            .map_err(|e| NvmlDevice::map(index, "temperature", e))
+    }
+
+    fn throttle_reasons(&self, index: u32) -> Result<u64, GpuError> {
+        let d = self.nvml.device_by_index(index).map_err(|e| NvmlDevice::map(index, "device", e))?;
+        d.current_throttle_reasons().map(|r| r.bits()).map_err(|e| NvmlDevice::map(index, "throttle reasons", e))
     }
 }
 

@@ -1,0 +1,393 @@
+//! The `[telemetry]` section of the dynamollm TOML config. Every key has a
+//! default, so no config is needed; an unknown key is an error that names it
+//! (and the file, when loading from one).
+//!
+//! ```toml
+//! [telemetry]
+//! site = "dc1"
+//! node = "controller-0"
+//!
+//! [telemetry.store]          # the embedded store (default on)
+//! data_dir = "data/telemetry"
+//! flush_interval_ms = 1000
+//! raw_retention_h = 48
+//! minute_retention_d = 35
+//! hour_retention_d = 730
+//!
+//! [telemetry.influx]         # the InfluxDB v2 sink (off unless url is set)
+//! url = "http://127.0.0.1:8086"
+//! org = "dynamollm"
+//! bucket = "telemetry"
+//! token = ""
+//!
+//! [telemetry.mqtt]           # MQTT ingest from edge nodes (off unless host is set)
+//! host = "127.0.0.1"
+//! port = 1883
+//!
+//! [telemetry.gpu]            # NVML (or the twin's fake device)
+//! interval_ms = 1000
+//!
+//! [[telemetry.engines]]      # engine /metrics pages to scrape
+//! url = "http://127.0.0.1:8000/metrics"
+//! instance = "i0"
+//! ```
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A bad telemetry config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown or ill-typed key.
+    #[error("config {origin}: {message}")]
+    Invalid {
+        /// The file, or `<string>`.
+        origin: String,
+        /// TOML's message: names the key, line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config {origin}: telemetry.{key}: {problem}")]
+    Value {
+        /// The file, or `<string>`.
+        origin: String,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// The `[telemetry]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// This controller's site tag.
+    pub site: String,
+    /// This controller's node tag.
+    pub node: String,
+    /// The embedded store.
+    pub store: StoreConfig,
+    /// The InfluxDB v2 sink.
+    pub influx: InfluxConfig,
+    /// MQTT ingest.
+    pub mqtt: MqttConfig,
+    /// GPU collector.
+    pub gpu: GpuConfig,
+    /// Engine pages to scrape.
+    pub engines: Vec<EngineTarget>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            site: "local".into(),
+            node: "controller".into(),
+            store: StoreConfig::default(),
+            influx: InfluxConfig::default(),
+            mqtt: MqttConfig::default(),
+            gpu: GpuConfig::default(),
+            engines: Vec::new(),
+        }
+    }
+}
+
+/// `[telemetry.store]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Keep telemetry in the embedded store.
+    pub enabled: bool,
+    /// Directory of the store's files.
+    pub data_dir: PathBuf,
+    /// Commit interval: a crash loses at most this much.
+    pub flush_interval_ms: u64,
+    /// Raw samples are kept this long.
+    pub raw_retention_h: u64,
+    /// 1-minute rollups are kept this long.
+    pub minute_retention_d: u64,
+    /// 1-hour rollups are kept this long.
+    pub hour_retention_d: u64,
+    /// Interval of rollup and retention passes.
+    pub maintenance_interval_s: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            enabled: true,
+            data_dir: PathBuf::from("data/telemetry"),
+            flush_interval_ms: 1000,
+            raw_retention_h: 48,
+            minute_retention_d: 35,
+            hour_retention_d: 730,
+            maintenance_interval_s: 60,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The commit interval.
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms)
+    }
+
+    /// Retention of raw, minute and hour data.
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            raw: Duration::from_secs(self.raw_retention_h * 3600),
+            minute: Duration::from_secs(self.minute_retention_d * 86_400),
+            hour: Duration::from_secs(self.hour_retention_d * 86_400),
+        }
+    }
+}
+
+/// `[telemetry.influx]`: the InfluxDB v2 sink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InfluxConfig {
+    /// Server URL (`http://host:8086`); the sink is off when absent.
+    pub url: Option<String>,
+    /// Organisation.
+    pub org: String,
+    /// Bucket.
+    pub bucket: String,
+    /// API token (empty: no `Authorization` header).
+    pub token: String,
+    /// A batch is sent when it holds this many points…
+    pub batch_points: usize,
+    /// …or when its oldest point is this old.
+    pub batch_interval_ms: u64,
+    /// Gzip request bodies.
+    pub gzip: bool,
+    /// Timeout of one write request.
+    pub timeout_ms: u64,
+    /// First retry delay after a failed write.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+    /// Where batches wait during an outage.
+    pub spool_dir: PathBuf,
+    /// The spool's size limit; past it the oldest batches are dropped (and counted).
+    pub spool_max_mb: u64,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        InfluxConfig {
+            url: None,
+            org: "dynamollm".into(),
+            bucket: "telemetry".into(),
+            token: String::new(),
+            batch_points: 5000,
+            batch_interval_ms: 1000,
+            gzip: true,
+            timeout_ms: 10_000,
+            retry_initial_ms: 250,
+            retry_max_ms: 10_000,
+            spool_dir: PathBuf::from("data/telemetry/spool"),
+            spool_max_mb: 1024,
+        }
+    }
+}
+
+/// `[telemetry.mqtt]`: MQTT ingest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker host; MQTT is off when absent.
+    pub host: Option<String>,
+    /// Broker port.
+    pub port: u16,
+    /// Client id (stable: the broker keeps the session, and queues QoS 1 messages, across reconnects).
+    pub client_id: String,
+    /// First topic level.
+    pub topic_prefix: String,
+    /// MQTT keep-alive.
+    pub keep_alive_s: u64,
+    /// First reconnect delay.
+    pub reconnect_initial_ms: u64,
+    /// Longest reconnect delay.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: None,
+            port: 1883,
+            client_id: "dynamollm-controller".into(),
+            topic_prefix: "dynamollm".into(),
+            keep_alive_s: 10,
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 5000,
+        }
+    }
+}
+
+/// `[telemetry.gpu]`: the GPU collector.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Collect GPU samples.
+    pub enabled: bool,
+    /// Sampling interval.
+    pub interval_ms: u64,
+    /// Read the twin's fake device at this URL instead of NVML.
+    pub twin_url: Option<String>,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig { enabled: true, interval_ms: 1000, twin_url: None }
+    }
+}
+
+/// `[[telemetry.engines]]`: one engine `/metrics` page.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineTarget {
+    /// The page (`http://host:port/metrics`).
+    pub url: String,
+    /// Instance tag.
+    pub instance: String,
+    /// Pool tag.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Scrape interval.
+    #[serde(default = "default_scrape_ms")]
+    pub interval_ms: u64,
+    /// Request timeout.
+    #[serde(default = "default_scrape_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_scrape_ms() -> u64 {
+    1000
+}
+
+fn default_scrape_timeout_ms() -> u64 {
+    2000
+}
+
+#[derive(Deserialize)]
+struct Document {
+    #[serde(default)]
+    telemetry: Option<TelemetryConfig>,
+}
+
+impl TelemetryConfig {
+    /// Parse the `[telemetry]` table of a whole config document (other tables
+    /// are other crates' business). A document without it gives the defaults.
+    pub fn from_toml_str(text: &str) -> Result<TelemetryConfig, ConfigError> {
+        Self::parse(text, "<string>")
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<TelemetryConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<TelemetryConfig, ConfigError> {
+        let doc: Document = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid { origin: origin.into(), message: e.to_string().trim_end().into() })?;
+        let cfg = doc.telemetry.unwrap_or_default();
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, problem: &str| ConfigError::Value {
+            origin: origin.into(),
+            key,
+            problem: problem.into(),
+        };
+        if self.store.flush_interval_ms == 0 {
+            return Err(bad("store.flush_interval_ms", "must be at least 1"));
+        }
+        if self.influx.batch_points == 0 {
+            return Err(bad("influx.batch_points", "must be at least 1"));
+        }
+        if self.influx.retry_initial_ms == 0 || self.influx.retry_max_ms < self.influx.retry_initial_ms {
+            return Err(bad("influx.retry_max_ms", "retry delays must satisfy 0 < retry_initial_ms <= retry_max_ms"));
+        }
+        if let Some(url) = &self.influx.url {
+            if reqwest::Url::parse(url).is_err() {
+                return Err(bad("influx.url", &format!("{url:?} is not a URL")));
+            }
+        }
+        if self.gpu.interval_ms == 0 {
+            return Err(bad("gpu.interval_ms", "must be at least 1"));
+        }
+        for e in &self.engines {
+            if reqwest::Url::parse(&e.url).is_err() {
+                return Err(bad("engines.url", &format!("{:?} is not a URL", e.url)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_table_gives_the_defaults() {
+        let cfg = TelemetryConfig::from_toml_str("[other]\nx = 1\n").unwrap();
+        assert_eq!(cfg, TelemetryConfig::default());
+        assert!(cfg.store.enabled);
+        assert_eq!(cfg.influx.url, None);
+    }
+
+    #[test]
+    fn keys_are_read_and_unset_ones_default() {
+        let cfg = TelemetryConfig::from_toml_str(
+            r#"
+[telemetry]
+site = "dc1"
+[telemetry.influx]
+url = "http://127.0.0.1:8086"
+batch_points = 100
+[[telemetry.engines]]
+url = "http://127.0.0.1:8000/metrics"
+instance = "i0"
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.site, "dc1");
+        assert_eq!(cfg.node, "controller");
+        assert_eq!(cfg.influx.batch_points, 100);
+        assert_eq!(cfg.influx.batch_interval_ms, 1000);
+        assert_eq!(cfg.engines[0].interval_ms, 1000);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynamollm.toml");
+        std::fs::write(&path, "[telemetry.influx]\nurl = \"http://x:1\"\nbatch_pointz = 5\n").unwrap();
+        let e = TelemetryConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("batch_pointz"), "{e}");
+        assert!(e.contains("dynamollm.toml"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = TelemetryConfig::from_toml_str("[telemetry.influx]\nurl = \"not a url\"\n").unwrap_err();
+        assert_eq!(e.to_string(), "config <string>: telemetry.influx.url: \"not a url\" is not a URL");
+        let e = TelemetryConfig::from_toml_str("[telemetry.store]\nflush_interval_ms = \"1s\"\n").unwrap_err();
+        assert!(e.to_string().contains("flush_interval_ms"), "{e}");
+    }
+}
