@@ -60,8 +60,6 @@ pub struct ControlSummary {
 }
 
 const FORECAST_LEVEL: f64 = 0.95;
-/// SLO attainment is judged over this trailing window (s).
-const ATTAINMENT_WINDOW_S: f64 = 300.0;
 /// History needed before the forecaster is used (minutes); before, recent peaks are.
 const FORECAST_MIN_HISTORY_MIN: usize = 24 * 60;
 /// Refit the forecast models this often (minutes).
@@ -232,7 +230,7 @@ pub fn run_controlled(
             [k.ttft_ok, k.ttft_n, k.gaps_ok, k.gaps_n]
         });
         att_hist.push_back(totals_now);
-        if att_hist.len() > (ATTAINMENT_WINDOW_S / period).ceil() as usize + 1 {
+        if att_hist.len() > (ctl.config().attainment_window_s / period).ceil() as usize + 1 {
             att_hist.pop_front();
         }
         let oldest = att_hist.front().copied().unwrap_or(totals_now);
@@ -246,6 +244,7 @@ pub fn run_controlled(
             }
         });
         let obs = Observations {
+            now_s: now,
             class_attainment_recent,
             instances,
             class_rps_recent: recent_obs,

@@ -79,6 +79,8 @@ pub struct ControllerConfig {
     pub backlog_waiting: u32,
     /// Without the scale and shard loops: hold exactly this many TP8 instances.
     pub fixed_instances: Option<u32>,
+    /// The window SLO attainment is observed over (s); capacity is re-learnt at most once per window.
+    pub attainment_window_s: f64,
 }
 
 impl ControllerConfig {
@@ -102,6 +104,7 @@ impl ControllerConfig {
             clock_hold_s: 30.0,
             backlog_waiting: 4,
             fixed_instances: None,
+            attainment_window_s: 300.0,
         }
     }
 }
@@ -140,6 +143,8 @@ pub struct InstanceObs {
 /// What the controller is told at each step.
 #[derive(Debug, Clone, Default)]
 pub struct Observations {
+    /// When (s).
+    pub now_s: f64,
     /// Every instance not stopped.
     pub instances: Vec<InstanceObs>,
     /// Per-class arrival rate over the last clock period (requests/s).
@@ -224,6 +229,7 @@ pub struct Controller {
     low_since: Vec<Option<f64>>,
     /// Per pool, the share of the profile's capacity that live telemetry shows it really has.
     util_scale: Vec<f64>,
+    learnt_at: Vec<f64>,
     planners: std::collections::HashMap<[u16; CLASS_COUNT], std::rc::Rc<Planner>>,
 }
 
@@ -251,6 +257,7 @@ impl Controller {
             started: false,
             low_since: vec![None; pools],
             util_scale: vec![1.0; pools],
+            learnt_at: vec![f64::NEG_INFINITY; pools],
             planners: std::collections::HashMap::new(),
         }
     }
@@ -332,14 +339,22 @@ impl Controller {
                 .filter(|&c| self.routing.pool_of[c] as usize == pool)
                 .filter_map(|c| obs.class_attainment_recent[c])
                 .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
+            // At most one adjustment per attainment window: the window's samples must be new.
+            if obs.now_s - self.learnt_at[pool] < self.cfg.attainment_window_s - 1e-9 {
+                continue;
+            }
             let s = &mut self.util_scale[pool];
             match worst {
                 Some(a) if a < ATTAINMENT_TARGET => {
-                    *s = (*s * 0.9).max(0.4);
+                    *s = (*s * 0.85).max(0.4);
+                    self.learnt_at[pool] = obs.now_s;
                     short.push(pool);
                 }
-                Some(_) => *s = (*s * 1.005).min(1.0),
-                None => {}
+                Some(_) if *s < 1.0 => {
+                    *s = (*s * 1.05).min(1.0);
+                    self.learnt_at[pool] = obs.now_s;
+                }
+                _ => {}
             }
         }
         short
