@@ -370,7 +370,7 @@ impl ProfileTable {
             let rec = match rec {
                 Ok(r) => r,
                 Err(e) => {
-                    let line = e.position().map(|p| p.line());
+                    let line = e.position().map(|p| record_line(text.as_bytes(), p));
                     let is = issue(Severity::Error, line, format!("unreadable row: {e}"));
                     if first_bad.is_empty() {
                         first_bad = is.to_string();
@@ -380,7 +380,7 @@ impl ProfileTable {
                     continue;
                 }
             };
-            let line = rec.position().map(|p| p.line()).unwrap_or(0);
+            let line = rec.position().map(|p| record_line(text.as_bytes(), p)).unwrap_or(0);
             match parse_row(&rec, &col) {
                 Ok(r) => rows.push((line, r)),
                 Err(m) => {
@@ -640,6 +640,28 @@ impl ProfileTable {
         let a = c0.max_load(slo);
         Ok(if w1 == 0.0 { a } else { (w0 * a + w1 * c1.max_load(slo)).min(a.max(c1.max_load(slo))) })
     }
+}
+
+/// The line a record starts on. The csv reader positions a record where the
+/// previous one ended, before the blank and comment lines it skips: step over them.
+fn record_line(text: &[u8], pos: &csv::Position) -> u64 {
+    let mut line = pos.line();
+    let mut b = pos.byte() as usize;
+    while b < text.len() {
+        match text[b] {
+            b'\n' => {
+                line += 1;
+                b += 1;
+            }
+            b'\r' => b += 1,
+            b'#' => match text[b..].iter().position(|&c| c == b'\n') {
+                Some(n) => b += n,
+                None => break,
+            },
+            _ => break,
+        }
+    }
+    line
 }
 
 fn parse_row(rec: &csv::StringRecord, col: &[usize; COLUMNS.len()]) -> Result<ProfileRow, String> {
