@@ -349,7 +349,12 @@ impl ProfileTable {
             header_line = i as u64 + 1;
             break;
         }
-        let mut rdr = csv::ReaderBuilder::new().comment(Some(b'#')).trim(csv::Trim::All).from_reader(text.as_bytes());
+        // No quoting: profiles never quote, and a stray `"` must not swallow the lines after it.
+        let mut rdr = csv::ReaderBuilder::new()
+            .comment(Some(b'#'))
+            .quoting(false)
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes());
         let headers = rdr.headers().map_err(|e| ProfileError::MissingColumn {
             path: path.into(),
             line: header_line,
