@@ -420,7 +420,8 @@ impl ProfileTable {
             }
         });
         // Group, check duplicates and monotonicity, build envelopes.
-        let mut groups: BTreeMap<(usize, u32, u32), Vec<(u64, &ProfileRow)>> = BTreeMap::new();
+        type Key = (usize, u32, u32);
+        let mut groups: BTreeMap<Key, Vec<(u64, &ProfileRow)>> = BTreeMap::new();
         for (line, r) in &rows {
             groups.entry((r.class.index(), r.tp, r.clock_mhz)).or_default().push((*line, r));
         }
