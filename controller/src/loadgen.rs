@@ -102,6 +102,7 @@ pub struct RunResult {
 
 /// Offer Poisson arrivals at `load_rps` for `window`, lengths drawn from `lengths`
 /// (the same sequence the twin's profiler replays for this seed), and wait (at most `drain_limit`) for every request to finish.
+#[allow(clippy::too_many_arguments)]
 pub async fn poisson_run(
     client: &reqwest::Client,
     base_url: &str,

@@ -94,9 +94,20 @@ struct Engine {
     metrics: Arc<EngineMetrics>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+/// An f64 ordered by `total_cmp` (all four comparisons agree).
+#[derive(Debug, Clone, Copy)]
 struct OrdF64(f64);
+impl PartialEq for OrdF64 {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o).is_eq()
+    }
+}
 impl Eq for OrdF64 {}
+impl PartialOrd for OrdF64 {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
 impl Ord for OrdF64 {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&o.0)
@@ -317,6 +328,7 @@ fn chat_tokens(messages: &serde_json::Value) -> Result<u32, String> {
     Ok(n.max(1))
 }
 
+#[allow(clippy::result_large_err)] // the error is the answer itself, built once per bad request
 fn body_json(body: Result<Json<serde_json::Value>, JsonRejection>) -> Result<serde_json::Value, Response> {
     body.map(|Json(v)| v).map_err(|e| api_error(StatusCode::BAD_REQUEST, format!("request body: {}", e.body_text())))
 }

@@ -99,6 +99,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let app = router(cfg).map_err(anyhow::Error::msg)?;
         eprintln!("twin serve: listening on http://{}", listener.local_addr()?);
+        // Tokens go out one small SSE write at a time: without TCP_NODELAY, Nagle holds
+        // each write until the client ACKs the previous one (delayed ACKs add tens of ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;

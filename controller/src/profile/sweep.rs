@@ -301,8 +301,8 @@ pub fn run(target: &dyn Target, spec: &SweepSpec, out: &Path, bar: &ProgressBar)
     }
     // Unloaded latencies first: they go in the header and set the SLOs.
     for class in &spec.classes {
-        if !unloaded.contains_key(&class.index()) {
-            unloaded.insert(class.index(), target.unloaded(*class)?);
+        if let std::collections::hash_map::Entry::Vacant(e) = unloaded.entry(class.index()) {
+            e.insert(target.unloaded(*class)?);
         }
     }
     let mut file = std::fs::OpenOptions::new()

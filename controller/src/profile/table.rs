@@ -349,7 +349,12 @@ impl ProfileTable {
             header_line = i as u64 + 1;
             break;
         }
-        let mut rdr = csv::ReaderBuilder::new().comment(Some(b'#')).trim(csv::Trim::All).from_reader(text.as_bytes());
+        // No quoting: profiles never quote, and a stray `"` must not swallow the lines after it.
+        let mut rdr = csv::ReaderBuilder::new()
+            .comment(Some(b'#'))
+            .quoting(false)
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes());
         let headers = rdr.headers().map_err(|e| ProfileError::MissingColumn {
             path: path.into(),
             line: header_line,
@@ -370,7 +375,7 @@ impl ProfileTable {
             let rec = match rec {
                 Ok(r) => r,
                 Err(e) => {
-                    let line = e.position().map(|p| p.line());
+                    let line = e.position().map(|p| record_line(text.as_bytes(), p));
                     let is = issue(Severity::Error, line, format!("unreadable row: {e}"));
                     if first_bad.is_empty() {
                         first_bad = is.to_string();
@@ -380,7 +385,7 @@ impl ProfileTable {
                     continue;
                 }
             };
-            let line = rec.position().map(|p| p.line()).unwrap_or(0);
+            let line = rec.position().map(|p| record_line(text.as_bytes(), p)).unwrap_or(0);
             match parse_row(&rec, &col) {
                 Ok(r) => rows.push((line, r)),
                 Err(m) => {
@@ -415,7 +420,8 @@ impl ProfileTable {
             }
         });
         // Group, check duplicates and monotonicity, build envelopes.
-        let mut groups: BTreeMap<(usize, u32, u32), Vec<(u64, &ProfileRow)>> = BTreeMap::new();
+        type Key = (usize, u32, u32);
+        let mut groups: BTreeMap<Key, Vec<(u64, &ProfileRow)>> = BTreeMap::new();
         for (line, r) in &rows {
             groups.entry((r.class.index(), r.tp, r.clock_mhz)).or_default().push((*line, r));
         }
@@ -640,6 +646,28 @@ impl ProfileTable {
         let a = c0.max_load(slo);
         Ok(if w1 == 0.0 { a } else { (w0 * a + w1 * c1.max_load(slo)).min(a.max(c1.max_load(slo))) })
     }
+}
+
+/// The line a record starts on. The csv reader positions a record where the
+/// previous one ended, before the blank and comment lines it skips: step over them.
+fn record_line(text: &[u8], pos: &csv::Position) -> u64 {
+    let mut line = pos.line();
+    let mut b = pos.byte() as usize;
+    while b < text.len() {
+        match text[b] {
+            b'\n' => {
+                line += 1;
+                b += 1;
+            }
+            b'\r' => b += 1,
+            b'#' => match text[b..].iter().position(|&c| c == b'\n') {
+                Some(n) => b += n,
+                None => break,
+            },
+            _ => break,
+        }
+    }
+    line
 }
 
 fn parse_row(rec: &csv::StringRecord, col: &[usize; COLUMNS.len()]) -> Result<ProfileRow, String> {
