@@ -227,7 +227,7 @@ pub struct Controller {
     spawning: BTreeMap<InstanceId, (usize, u32, f64)>,
     started: bool,
     low_since: Vec<Option<f64>>,
-    /// Per pool, the share of the profile's capacity that live telemetry shows it really has.
+    /// Per pool, the multiple of the profile's capacity that live telemetry shows it really has.
     util_scale: Vec<f64>,
     learnt_at: Vec<f64>,
     planners: std::collections::HashMap<[u16; CLASS_COUNT], std::rc::Rc<Planner>>,
@@ -235,6 +235,10 @@ pub struct Controller {
 
 /// Attainment below which a pool's planning capacity shrinks.
 pub const ATTAINMENT_TARGET: f64 = 0.99;
+/// Attainment at or above which it grows.
+pub const ATTAINMENT_COMFORT: f64 = 0.998;
+/// The most the learnt capacity may exceed the profile's single-instance capacity.
+pub const MAX_CAPACITY_SCALE: f64 = 2.0;
 
 impl Controller {
     /// A controller over a profile.
@@ -350,8 +354,10 @@ impl Controller {
                     self.learnt_at[pool] = obs.now_s;
                     short.push(pool);
                 }
-                Some(_) if *s < 1.0 => {
-                    *s = (*s * 1.05).min(1.0);
+                Some(a) if a >= ATTAINMENT_COMFORT && *s < MAX_CAPACITY_SCALE => {
+                    // A pool of instances behind least-outstanding routing queues less than the one
+                    // instance the profile measured: let live telemetry raise the capacity too.
+                    *s = (*s * 1.05).min(MAX_CAPACITY_SCALE);
                     self.learnt_at[pool] = obs.now_s;
                 }
                 _ => {}

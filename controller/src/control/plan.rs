@@ -16,6 +16,9 @@ use telemetry::{RequestClass, CLASS_COUNT};
 /// Points of the utilisation grid the power tables are kept on.
 const GRID: usize = 65;
 
+/// Up to this many candidate mixes, [`Planner::best_mix`] enumerates them all.
+pub const EXACT_MIXES: usize = 20_000;
+
 /// Per-class rates of a pool (requests/s).
 pub type Demand = [f64; CLASS_COUNT];
 
@@ -238,9 +241,15 @@ impl Planner {
     }
 
     /// The least-power mix of TP degrees carrying `demand_rps` in total, with at
-    /// most `gpu_budget` GPUs and at least `min_instances` instances. Exact
-    /// enumeration over the counts of each degree (the largest degree's count
-    /// follows from the others). `None` when no mix fits the budget.
+    /// most `gpu_budget` GPUs and at least `min_instances` instances. `None`
+    /// when no mix fits the budget.
+    ///
+    /// Exact enumeration over the counts of each degree when there are at
+    /// most [`EXACT_MIXES`] candidates (the largest degree's count follows
+    /// from the others). Beyond that (pools of hundreds of instances), the
+    /// continuous relaxation's optimum is a single degree, so each degree in
+    /// turn is taken as the main one (its count within ±3 of what carries the
+    /// demand alone) topped up with up to 3 instances of each other degree.
     pub fn best_mix(&self, demand_rps: f64, gpu_budget: u32, min_instances: u32) -> Option<Mix> {
         if self.options.is_empty() {
             return None;
@@ -248,42 +257,91 @@ impl Planner {
         let mut opts: Vec<&TpOption> = self.options.iter().collect();
         opts.sort_by_key(|o| o.tp);
         let usable = |o: &TpOption| o.top_cap_rps * self.max_util;
-        let mut best: Option<Mix> = None;
-        let mut counts = vec![0u32; opts.len()];
-        let last = opts.len() - 1;
-        // Enumerate counts of all but the last option; the last tops up.
-        let bounds: Vec<u32> = opts
+        let alone: Vec<u32> = opts
             .iter()
             .map(|o| ((demand_rps / usable(o)).ceil() as u32).max(min_instances).min(gpu_budget / o.tp.max(1)))
             .collect();
-        loop {
+        let last = opts.len() - 1;
+        let space: f64 = alone[..last].iter().map(|&b| f64::from(b) + 1.0).product();
+        let mut best: Option<(f64, Vec<u32>)> = None;
+        let mut consider = |counts: &[u32]| {
+            let gpus: u32 = counts.iter().zip(&opts).map(|(n, o)| n * o.tp).sum();
+            let n: u32 = counts.iter().sum();
+            if gpus > gpu_budget || n == 0 || n < min_instances {
+                return;
+            }
+            if let Some(w) = self.power_of(&opts, counts, demand_rps) {
+                if best.as_ref().is_none_or(|(b, _)| w < *b - 1e-9) {
+                    best = Some((w, counts.to_vec()));
+                }
+            }
+        };
+        let top_up = |counts: &mut Vec<u32>| {
             let cap_others: f64 = (0..last).map(|k| f64::from(counts[k]) * usable(opts[k])).sum();
             let n_others: u32 = counts[..last].iter().sum();
             let need = ((demand_rps - cap_others).max(0.0) / usable(opts[last]) - 1e-9).ceil().max(0.0) as u32;
-            let n_last = need.max(min_instances.saturating_sub(n_others));
-            counts[last] = n_last;
-            let gpus: u32 = counts.iter().zip(&opts).map(|(n, o)| n * o.tp).sum();
-            if gpus <= gpu_budget && counts.iter().sum::<u32>() > 0 {
-                if let Some(m) = self.evaluate(&opts, &counts, demand_rps) {
-                    if best.as_ref().is_none_or(|b| m.power_w < b.power_w - 1e-9) {
-                        best = Some(m);
-                    }
-                }
-            }
-            // Next combination of the other counts.
-            let mut k = 0;
+            counts[last] = need.max(min_instances.saturating_sub(n_others));
+        };
+        if space <= EXACT_MIXES as f64 {
+            let mut counts = vec![0u32; opts.len()];
             loop {
-                if k == last {
-                    return best;
+                top_up(&mut counts);
+                consider(&counts);
+                let mut k = 0;
+                loop {
+                    if k == last {
+                        return best.and_then(|(_, c)| self.evaluate(&opts, &c, demand_rps));
+                    }
+                    if counts[k] < alone[k] {
+                        counts[k] += 1;
+                        break;
+                    }
+                    counts[k] = 0;
+                    k += 1;
                 }
-                if counts[k] < bounds[k] {
-                    counts[k] += 1;
-                    break;
-                }
-                counts[k] = 0;
-                k += 1;
             }
         }
+        for main in 0..opts.len() {
+            let others: Vec<usize> = (0..opts.len()).filter(|&k| k != main).collect();
+            for d in -3i64..=2 {
+                let n_main = (i64::from(alone[main]) + d).max(0) as u32;
+                // Up to 3 of each other degree: 4^(degrees−1) combinations.
+                let combos = 4usize.pow(others.len() as u32);
+                for mut code in 0..combos {
+                    let mut counts = vec![0u32; opts.len()];
+                    counts[main] = n_main;
+                    for &k in &others {
+                        counts[k] = (code % 4) as u32;
+                        code /= 4;
+                    }
+                    let cap: f64 = counts.iter().zip(&opts).map(|(&n, o)| f64::from(n) * usable(o)).sum();
+                    if cap + 1e-9 < demand_rps {
+                        continue;
+                    }
+                    consider(&counts);
+                }
+            }
+        }
+        best.and_then(|(_, c)| self.evaluate(&opts, &c, demand_rps))
+    }
+
+    /// Pool power of a mix (W), `None` when it cannot carry the demand.
+    fn power_of(&self, opts: &[&TpOption], counts: &[u32], demand_rps: f64) -> Option<f64> {
+        let total_cap: f64 = opts.iter().zip(counts).map(|(o, &n)| f64::from(n) * o.top_cap_rps).sum();
+        if total_cap <= 0.0 {
+            return None;
+        }
+        let util = demand_rps / total_cap;
+        if util > self.max_util + 1e-9 {
+            return None;
+        }
+        let mut w = 0.0;
+        for (o, &n) in opts.iter().zip(counts) {
+            if n > 0 {
+                w += f64::from(n) * self.instance_power(o.tp, util * o.top_cap_rps)?.0;
+            }
+        }
+        Some(w)
     }
 
     fn evaluate(&self, opts: &[&TpOption], counts: &[u32], demand_rps: f64) -> Option<Mix> {
