@@ -76,7 +76,12 @@ struct ClassForecasts {
 
 impl ClassForecasts {
     fn new() -> ClassForecasts {
-        ClassForecasts { history: Vec::new(), models: vec![None; CLASS_COUNT], fitted_at: 0, forecaster: Forecaster::default() }
+        ClassForecasts {
+            history: Vec::new(),
+            models: vec![None; CLASS_COUNT],
+            fitted_at: 0,
+            forecaster: Forecaster::default(),
+        }
     }
 
     fn push_minute(&mut self, counts: [f64; CLASS_COUNT]) {
@@ -203,7 +208,9 @@ pub fn run_controlled(
         for (&id, &idx) in ids.iter() {
             let i = &cluster.instances[idx];
             let state = match i.state {
-                Lifecycle::Starting { .. } | Lifecycle::Resharding { .. } | Lifecycle::Standby => InstanceState::Starting,
+                Lifecycle::Starting { .. } | Lifecycle::Resharding { .. } | Lifecycle::Standby => {
+                    InstanceState::Starting
+                }
                 Lifecycle::Serving => {
                     if let Some(t0) = spawned_at.remove(&idx) {
                         observed_spawn_s.push(now - t0);
@@ -271,10 +278,7 @@ pub fn run_controlled(
             if cluster.route(class) == Some(want) {
                 continue;
             }
-            let serves = cluster
-                .pool_members(want)
-                .iter()
-                .any(|&i| cluster.instances[i].state == Lifecycle::Serving);
+            let serves = cluster.pool_members(want).iter().any(|&i| cluster.instances[i].state == Lifecycle::Serving);
             let old_serves = cluster.route(class).is_some_and(|p| {
                 cluster.pool_members(p).iter().any(|&i| cluster.instances[i].state == Lifecycle::Serving)
             });

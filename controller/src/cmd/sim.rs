@@ -1,14 +1,14 @@
 //! `dynamollm sim`: replay a workload through the twin under a policy.
 
 use super::{progress_bar, write_json, PhysicsArgs};
+use crate::closed_loop::{run_controlled, ControlSummary, MinuteCounts};
+use crate::control::ControllerConfig;
 use crate::policy::{self, Policy};
+use crate::profile::{ProfileTable, Severity};
 use crate::report::SimReport;
 use crate::workload::Workload;
 use ::sim::measure::{class_slos, SloRule};
 use ::sim::Physics;
-use crate::closed_loop::{run_controlled, ControlSummary, MinuteCounts};
-use crate::control::ControllerConfig;
-use crate::profile::{ProfileTable, Severity};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -161,7 +161,10 @@ pub fn run_controlled_policy(
     let loops = policy.loops().ok_or_else(|| anyhow::anyhow!("{} is not a controlled policy", policy.name()))?;
     let slo =
         class_slos(physics, &workload.slo_pairs, &ClassBoundaries::default(), SloRule::Multiplier(slo_multiplier));
-    let mut cfg = ControllerConfig::new(loops, run.profile.clocks(telemetry::RequestClass::ALL[8], 8).into_iter().max().unwrap_or(1980));
+    let mut cfg = ControllerConfig::new(
+        loops,
+        run.profile.clocks(telemetry::RequestClass::ALL[8], 8).into_iter().max().unwrap_or(1980),
+    );
     cfg.warm_spawn = run.warm_spawn;
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
@@ -176,16 +179,10 @@ pub fn run_controlled_policy(
     let bar = progress_bar(span as u64, quiet, "{bar:40} {percent}% of the trace replayed [{elapsed} < {eta}] {msg}");
     bar.set_message(policy.name());
     let start = Instant::now();
-    let (totals, summary) = run_controlled(
-        physics,
-        workload,
-        slo,
-        cfg,
-        run.profile.clone(),
-        future,
-        run.decisions,
-        &mut |t| bar.set_position(t as u64),
-    )?;
+    let (totals, summary) =
+        run_controlled(physics, workload, slo, cfg, run.profile.clone(), future, run.decisions, &mut |t| {
+            bar.set_position(t as u64)
+        })?;
     let wall_s = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     Ok((SimReport::new(policy.name(), &workload.name, workload.seed, &totals, wall_s), summary))
@@ -249,13 +246,18 @@ pub fn run(args: &SimArgs) -> Result<()> {
             None => {
                 let instances = args.instances.as_deref().map(|t| parse_instances(policy, t)).transpose()?;
                 let sized = instances.is_none();
-                let (report, counts) = run_policy(&physics, policy, &workload, instances, args.slo_multiplier, args.quiet)?;
+                let (report, counts) =
+                    run_policy(&physics, policy, &workload, instances, args.slo_multiplier, args.quiet)?;
                 if policies.contains(&policy) {
                     print!("{}", report.table());
                     println!(
                         "  instances: {} ({})",
                         describe_counts(policy, &counts),
-                        if sized { "the smallest count holding every class's P99 SLOs, found by replay" } else { "--instances" }
+                        if sized {
+                            "the smallest count holding every class's P99 SLOs, found by replay"
+                        } else {
+                            "--instances"
+                        }
                     );
                 }
                 if policy == Policy::SinglePool {
@@ -325,7 +327,15 @@ pub fn compare_table(reports: &[SimReport]) -> String {
     let _ = writeln!(
         s,
         "\n{:<12} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>11}",
-        "policy", "energy kWh", "vs single", "GPU-hours", "avg GPUs", "TTFT p99", "TBT p99", "worst class", "oracle gap"
+        "policy",
+        "energy kWh",
+        "vs single",
+        "GPU-hours",
+        "avg GPUs",
+        "TTFT p99",
+        "TBT p99",
+        "worst class",
+        "oracle gap"
     );
     for r in reports {
         let worst = r.classes.values().map(|c| c.latency.slo_attainment).fold(1.0, f64::min);

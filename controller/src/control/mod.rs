@@ -311,7 +311,11 @@ impl Controller {
         let total: f64 = shares.iter().sum::<f64>().max(1e-12);
         let mut key: [u16; CLASS_COUNT] = std::array::from_fn(|c| {
             let q = (shares[c] / total * 20.0).round() as u16;
-            if shares[c] > 0.0 { q.max(1) } else { 0 }
+            if shares[c] > 0.0 {
+                q.max(1)
+            } else {
+                0
+            }
         });
         // The utilisation limit is part of the key (in 1% steps).
         key[0] |= ((max_util * 100.0).round() as u16) << 8;
@@ -387,13 +391,10 @@ impl Controller {
         let shard_due = !self.started || now_s - self.last_shard_s >= self.cfg.shard_period_s - 1e-9;
         let clock_due = now_s - self.last_clock_s >= self.cfg.clock_period_s - 1e-9;
         // Demand for planning: forecast peaks, never below what is observed now (with margin).
-        let recent: Demand = std::array::from_fn(|c| {
-            obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]) * self.cfg.observed_margin
-        });
-        let plan_scale: Demand =
-            std::array::from_fn(|c| obs.class_peak_scale.map_or(0.0, |p| p[c]).max(recent[c]));
-        let plan_shard: Demand =
-            std::array::from_fn(|c| obs.class_peak_shard.map_or(0.0, |p| p[c]).max(recent[c]));
+        let recent: Demand =
+            std::array::from_fn(|c| obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]) * self.cfg.observed_margin);
+        let plan_scale: Demand = std::array::from_fn(|c| obs.class_peak_scale.map_or(0.0, |p| p[c]).max(recent[c]));
+        let plan_shard: Demand = std::array::from_fn(|c| obs.class_peak_shard.map_or(0.0, |p| p[c]).max(recent[c]));
         let guard = self.backlog_guard(now_s, obs, &mut out);
         if scale_due || !self.started {
             self.last_scale_s = now_s;
@@ -501,13 +502,8 @@ impl Controller {
             let host = if merged { Some(own_pool) } else { t.map(|x| x.index()) };
             let Some(host) = host else { continue };
             // Demand of the host pool without this class, and with it.
-            let host_d: Demand = std::array::from_fn(|k| {
-                if self.routing.pool_of[k] as usize == host && k != c {
-                    plan[k]
-                } else {
-                    0.0
-                }
-            });
+            let host_d: Demand =
+                std::array::from_fn(|k| if self.routing.pool_of[k] as usize == host && k != c { plan[k] } else { 0.0 });
             // Classes merged into c's own pool move with it.
             let own_d: Demand = std::array::from_fn(|k| {
                 if k == c || (!merged && self.routing.pool_of[k] as usize == c) {
@@ -525,7 +521,13 @@ impl Controller {
                         self.routing.pool_of[k] = host as u32;
                     }
                 }
-                (host, format!("one pool for {class} and {} needs {together:.0} W, two need {separate:.0} W: merge", RequestClass::from_index(host)))
+                (
+                    host,
+                    format!(
+                        "one pool for {class} and {} needs {together:.0} W, two need {separate:.0} W: merge",
+                        RequestClass::from_index(host)
+                    ),
+                )
             } else if merged && separate < 0.85 * together && plan[c] > 0.0 {
                 self.routing.pool_of[c] = c as u32;
                 (c, format!("{class} on its own pool: {separate:.0} W against {together:.0} W shared: split"))
@@ -555,9 +557,13 @@ impl Controller {
     ) {
         let d = self.pool_demand(pool, plan);
         let total: f64 = d.iter().sum();
+        let members: Vec<&InstanceObs> = live.iter().copied().filter(|i| i.pool.0 as usize == pool).collect();
+        if self.cfg.loops.pools && !self.routing.pool_of.iter().any(|&p| p as usize == pool) {
+            self.retire_orphans(now_s, pool, &members, live, out);
+            return;
+        }
         let planner = self.planner(pool, &d);
         let budget = self.plans[pool].budget_gpus;
-        let members: Vec<&InstanceObs> = live.iter().copied().filter(|i| i.pool.0 as usize == pool).collect();
         let has_traffic = total > 0.0;
         let min_instances = u32::from(has_traffic);
         let mix = if self.cfg.loops.shard {
@@ -594,11 +600,14 @@ impl Controller {
         }
         let predicted_w = mix.power_w;
         let old_w = self.plans[pool].power_w;
-        self.plans[pool] = PoolPlan { target: target.clone(), budget_gpus: budget, planned_rps: total, power_w: predicted_w };
+        self.plans[pool] =
+            PoolPlan { target: target.clone(), budget_gpus: budget, planned_rps: total, power_w: predicted_w };
         // Make before break: spawn what is missing first.
         let by_tp = |tp: u32, states: &[InstanceState]| {
-            members.iter().filter(|i| i.tp == tp && states.contains(&i.state) && !self.retiring.contains_key(&i.id)).count()
-                as u32
+            members
+                .iter()
+                .filter(|i| i.tp == tp && states.contains(&i.state) && !self.retiring.contains_key(&i.id))
+                .count() as u32
         };
         let mut all_target_serving = true;
         for (&tp, &n) in &target {
@@ -638,13 +647,20 @@ impl Controller {
         if !all_target_serving {
             return;
         }
-        let current_rps: f64 = self.pool_demand(pool, &obs.class_rps_smoothed).iter().sum::<f64>() * self.cfg.observed_margin;
+        let current_rps: f64 =
+            self.pool_demand(pool, &obs.class_rps_smoothed).iter().sum::<f64>() * self.cfg.observed_margin;
         for (tp, extra) in members
             .iter()
             .map(|i| i.tp)
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
-            .map(|tp| (tp, by_tp(tp, &[InstanceState::Serving, InstanceState::Starting]).saturating_sub(*target.get(&tp).unwrap_or(&0))))
+            .map(|tp| {
+                (
+                    tp,
+                    by_tp(tp, &[InstanceState::Serving, InstanceState::Starting])
+                        .saturating_sub(*target.get(&tp).unwrap_or(&0)),
+                )
+            })
             .collect::<Vec<_>>()
         {
             if extra == 0 {
@@ -683,7 +699,53 @@ impl Controller {
         }
     }
 
-    fn clock_loop(&mut self, now_s: f64, obs: &Observations, recent: &Demand, guard: &[InstanceId], out: &mut Vec<Decision>) {
+    /// A pool no class is routed to any more: once every pool that serves a
+    /// class has a serving instance (so routing has moved), retire its instances.
+    fn retire_orphans(
+        &mut self,
+        now_s: f64,
+        pool: usize,
+        members: &[&InstanceObs],
+        live: &[&InstanceObs],
+        out: &mut Vec<Decision>,
+    ) {
+        self.plans[pool] = PoolPlan::default();
+        let hosts_serve = self.routing.pool_of.iter().all(|&p| {
+            live.iter().any(|i| i.pool.0 == p && i.state == InstanceState::Serving)
+                || !self.plans_have_traffic(p as usize)
+        });
+        if !hosts_serve {
+            return;
+        }
+        for i in members {
+            if self.retiring.contains_key(&i.id) {
+                continue;
+            }
+            self.retiring.insert(i.id, now_s);
+            out.push(Decision {
+                at_s: now_s,
+                source: "scale-loop",
+                action: Action::Retire { instance: i.id },
+                reason: format!("pool {} serves no class any more (merged)", pool_name(pool, true)),
+                pool: Some(pool as u32),
+                planned_rps: Some(0.0),
+                predicted_delta_w: None,
+            });
+        }
+    }
+
+    fn plans_have_traffic(&self, pool: usize) -> bool {
+        self.plans.get(pool).is_some_and(|p| p.planned_rps > 0.0)
+    }
+
+    fn clock_loop(
+        &mut self,
+        now_s: f64,
+        obs: &Observations,
+        recent: &Demand,
+        guard: &[InstanceId],
+        out: &mut Vec<Decision>,
+    ) {
         for pool in 0..self.plans.len() {
             let d = self.pool_demand(pool, recent);
             let total: f64 = d.iter().sum();
@@ -702,12 +764,17 @@ impl Controller {
                 let current = self.pending_clock.get(&i.id).copied().unwrap_or(i.clock_mhz);
                 let want = planner.instance_power(i.tp, load);
                 let (target, why) = match want {
-                    None => (self.cfg.max_clock_mhz, "the load exceeds what any clock carries within the SLO".to_string()),
+                    None => {
+                        (self.cfg.max_clock_mhz, "the load exceeds what any clock carries within the SLO".to_string())
+                    }
                     Some((w, f)) => {
                         let cur_ok = planner.carries(i.tp, current, load);
                         let since = self.clock_since.get(&i.id).copied().unwrap_or(f64::NEG_INFINITY);
                         if !cur_ok {
-                            (f.max(current), format!("TP{} at {current} MHz would miss the SLO at {load:.2} req/s", i.tp))
+                            (
+                                f.max(current),
+                                format!("TP{} at {current} MHz would miss the SLO at {load:.2} req/s", i.tp),
+                            )
                         } else if f == current || now_s - since < self.cfg.clock_hold_s {
                             continue;
                         } else {

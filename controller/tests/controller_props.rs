@@ -1,0 +1,215 @@
+//! Properties of the sans-IO controller, driven by a small cluster model:
+//! spawns serve after a lead time, retires leave at once, clocks apply at
+//! once; demand follows a random (seeded) trajectory.
+
+use actuators::{Action, InstanceId, PoolId};
+use dynamollm::control::plan::{Demand, Planner};
+use dynamollm::control::{Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations};
+use dynamollm::profile::ProfileTable;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use telemetry::CLASS_COUNT;
+
+const STEP_S: f64 = 5.0;
+const LEAD_S: f64 = 30.0;
+
+struct Model {
+    instances: BTreeMap<InstanceId, (InstanceObs, f64)>,
+}
+
+impl Model {
+    fn new() -> Model {
+        Model { instances: BTreeMap::new() }
+    }
+
+    fn observe(&mut self, now: f64, demand: &Demand) -> Observations {
+        for (o, ready) in self.instances.values_mut() {
+            if o.state == InstanceState::Starting && now >= *ready {
+                o.state = InstanceState::Serving;
+            }
+        }
+        Observations {
+            now_s: now,
+            instances: self.instances.values().map(|(o, _)| *o).collect(),
+            class_rps_recent: *demand,
+            class_rps_smoothed: *demand,
+            class_peak_scale: Some(*demand),
+            class_peak_shard: Some(*demand),
+            observed_spawn_s: vec![],
+            class_attainment_recent: [Some(1.0); CLASS_COUNT],
+        }
+    }
+
+    fn apply(&mut self, now: f64, action: &Action, first: bool) {
+        match *action {
+            Action::Spawn { instance, pool, tp, clock_mhz, .. } => {
+                let state = if first { InstanceState::Serving } else { InstanceState::Starting };
+                let o = InstanceObs { id: instance, pool, tp, clock_mhz, state, outstanding: 0, waiting: 0 };
+                self.instances.insert(instance, (o, now + LEAD_S));
+            }
+            Action::Retire { instance } => {
+                self.instances.remove(&instance);
+            }
+            Action::SetClock { instance, clock_mhz } => {
+                if let Some((o, _)) = self.instances.get_mut(&instance) {
+                    o.clock_mhz = clock_mhz;
+                }
+            }
+            Action::Reshard { .. } | Action::Route { .. } => {}
+        }
+    }
+
+    fn gpus(&self) -> u32 {
+        self.instances.values().map(|(o, _)| o.tp).sum()
+    }
+}
+
+fn config() -> ControllerConfig {
+    let mut cfg = ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980);
+    cfg.spawn_lead_s = LEAD_S;
+    cfg
+}
+
+/// Serving capacity of a pool for its own demand mix (requests/s within the planning limit).
+fn serving_capacity(profile: &ProfileTable, model: &Model, pool: PoolId, shares: &Demand, max_util: f64) -> f64 {
+    let p = Planner::new(profile, &[2, 4, 8], shares, max_util);
+    model
+        .instances
+        .values()
+        .filter(|(o, _)| o.pool == pool && o.state == InstanceState::Serving)
+        .map(|(o, _)| p.capacity(o.tp) * max_util)
+        .sum()
+}
+
+fn demand_at(base: &[f64; CLASS_COUNT], wave: &[f64], step: usize) -> Demand {
+    let f = wave[(step / 60) % wave.len()];
+    std::array::from_fn(|c| base[c] * f)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, rng_seed: proptest::test_runner::RngSeed::Fixed(7), ..ProptestConfig::default() })]
+
+    /// A retire never leaves a pool's serving capacity below its current demand.
+    #[test]
+    fn capacity_never_below_need_during_reconfiguration(
+        base in proptest::array::uniform9(0.0f64..3.0),
+        wave in proptest::collection::vec(0.05f64..1.0, 4..8),
+    ) {
+        let profile = ProfileTable::bundled();
+        let mut ctl = Controller::new(config(), profile.clone());
+        let mut model = Model::new();
+        for step in 0..(8 * 60) {
+            let now = step as f64 * STEP_S;
+            let d = demand_at(&base, &wave, step);
+            let obs = model.observe(now, &d);
+            let out = ctl.step(now, &obs);
+            for dec in &out {
+                if let Action::Retire { instance } = dec.action {
+                    let pool = model.instances[&instance].0.pool;
+                    let shares: Demand = std::array::from_fn(|c| if ctl.routing().pool_of[c] == pool.0 { d[c] } else { 0.0 });
+                    let need: f64 = shares.iter().sum();
+                    model.apply(now, &dec.action, false);
+                    let left = serving_capacity(&profile, &model, pool, &shares, ctl.config().max_util);
+                    prop_assert!(left + 1e-9 >= need, "t={now}: retiring {instance:?} leaves {left:.3} req/s for {need:.3}");
+                } else {
+                    model.apply(now, &dec.action, step == 0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_second_step_on_the_same_observations_asks_for_nothing_new() {
+    let profile = ProfileTable::bundled();
+    let mut ctl = Controller::new(config(), profile);
+    let mut model = Model::new();
+    let base = [0.2, 1.0, 0.05, 1.5, 0.7, 0.9, 1.2, 0.5, 2.5];
+    let wave = [1.0, 0.4, 0.8, 0.2];
+    let mut checked = 0;
+    for step in 0..(6 * 60) {
+        let now = step as f64 * STEP_S;
+        let d = demand_at(&base, &wave, step);
+        let obs = model.observe(now, &d);
+        let out = ctl.step(now, &obs);
+        let again = ctl.step(now, &obs);
+        assert!(
+            again.is_empty(),
+            "t={now}: the repeated step asked for {:?}",
+            again.iter().map(|d| &d.action).collect::<Vec<_>>()
+        );
+        checked += usize::from(!out.is_empty());
+        for dec in &out {
+            model.apply(now, &dec.action, step == 0);
+        }
+    }
+    assert!(checked > 5, "the trajectory should make the controller act several times, it acted {checked} times");
+}
+
+/// Under constant load an instance's clock may settle (and follow the capacity the
+/// controller learns, which only moves one way when every window meets the SLO),
+/// but once pools stop changing shape it never goes back and forth.
+#[test]
+fn constant_load_does_not_make_clocks_thrash() {
+    let profile = ProfileTable::bundled();
+    let mut ctl = Controller::new(config(), profile);
+    let mut model = Model::new();
+    let d: Demand = [0.2, 1.0, 0.05, 1.5, 0.7, 0.9, 1.2, 0.5, 2.5];
+    let mut sets: Vec<(f64, InstanceId, u32)> = Vec::new();
+    let mut last_route_s = 0.0;
+    for step in 0..(3 * 3600 / 5) {
+        let now = step as f64 * STEP_S;
+        let obs = model.observe(now, &d);
+        for dec in ctl.step(now, &obs) {
+            match dec.action {
+                Action::SetClock { instance, clock_mhz } => sets.push((now, instance, clock_mhz)),
+                // Pools changing shape (merges, scale-in) move loads between instances.
+                Action::Route { .. } | Action::Spawn { .. } | Action::Retire { .. } => last_route_s = now,
+                _ => {}
+            }
+            model.apply(now, &dec.action, step == 0);
+        }
+    }
+    assert!(last_route_s < 2.0 * 3600.0, "pools should stop changing early under constant load");
+    let mut clocks: BTreeMap<InstanceId, Vec<u32>> = BTreeMap::new();
+    for &(t, id, c) in &sets {
+        if t > last_route_s {
+            clocks.entry(id).or_default().push(c);
+        }
+    }
+    assert!(!sets.is_empty(), "the clock loop should lower some clocks below the top");
+    for (id, seq) in &clocks {
+        let ups = seq.windows(2).any(|w| w[1] > w[0]);
+        let downs = seq.windows(2).any(|w| w[1] < w[0]);
+        assert!(!(ups && downs), "{id:?} went back and forth under constant load: {seq:?}");
+        assert!(seq.len() <= 8, "{id:?} changed clock {} times in 3 h of constant load: {seq:?}", seq.len());
+    }
+}
+
+#[test]
+fn a_class_without_traffic_does_not_stall_scale_in() {
+    let profile = ProfileTable::bundled();
+    let mut ctl = Controller::new(config(), profile);
+    let mut model = Model::new();
+    let mut high: Demand = [3.0, 4.0, 0.5, 6.0, 3.0, 2.0, 4.0, 2.0, 8.0];
+    high[2] = 0.0; // SL never has traffic
+    let low: Demand = std::array::from_fn(|c| high[c] * 0.1);
+    let mut gpus_at_peak = 0;
+    for step in 0..(4 * 3600 / 5) {
+        let now = step as f64 * STEP_S;
+        let d = if now < 3600.0 { high } else { low };
+        let obs = model.observe(now, &d);
+        for dec in ctl.step(now, &obs) {
+            model.apply(now, &dec.action, step == 0);
+        }
+        if (now - 3595.0).abs() < 1e-9 {
+            gpus_at_peak = model.gpus();
+        }
+    }
+    let end = model.gpus();
+    assert!(gpus_at_peak > 0);
+    assert!(
+        end * 2 <= gpus_at_peak,
+        "three hours at a tenth of the load: {end} GPUs against {gpus_at_peak} at the peak"
+    );
+}
