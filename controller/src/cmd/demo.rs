@@ -2,7 +2,8 @@
 //! Conversation hour through the twin with every available policy and print
 //! the comparison. No server, no GPU, no files needed.
 
-use super::sim::{describe_counts, run_policy};
+use super::sim::{compare_table, run_policies, RunOptions};
+use crate::profile::ProfileTable;
 use super::PhysicsArgs;
 use crate::policy::Policy;
 use crate::workload::Workload;
@@ -30,32 +31,16 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let workload = Workload::from_options(None, None, None, args.scale, None, args.seed)?;
     println!(
         "dynamollm demo: the bundled Azure Conversation hour ({}, CC-BY 4.0) through the digital twin \
-         (DGX H100, Llama-2-70B), every policy sized by replay to hold each class's P99 SLOs (5× the class's \
-         median request alone on TP8 at max clock).\n",
+         (DGX H100, Llama-2-70B), the static baselines sized by replay to hold each class's P99 SLOs (5× the class's \
+         median request alone on TP8 at max clock), the controlled policies planning from the bundled profile.\n",
         workload.name
     );
-    let mut rows = Vec::new();
-    for policy in Policy::ALL {
-        let (report, counts) = run_policy(&physics, policy, &workload, None, 5.0, args.quiet)?;
-        print!("{}", report.table());
-        println!("  instances: {}\n", describe_counts(policy, &counts));
-        rows.push(report);
-    }
-    let base = rows[0].energy_kwh;
-    println!(
-        "{:<12} {:>11} {:>9} {:>10} {:>9} {:>10}",
-        "policy", "energy kWh", "vs single", "GPU-hours", "avg GPUs", "SLOs held"
-    );
-    for r in &rows {
-        println!(
-            "{:<12} {:>11.2} {:>8.2}× {:>10.1} {:>9.1} {:>10}",
-            r.policy,
-            r.energy_kwh,
-            r.energy_kwh / base,
-            r.gpu_hours,
-            r.avg_gpus,
-            if r.all_classes_hold() { "every class" } else { "NO" }
-        );
+    let opts = RunOptions { instances: None, slo_multiplier: 5.0, warm_spawn: true, quiet: args.quiet };
+    let rows = run_policies(&physics, &workload, &Policy::ALL, &ProfileTable::bundled(), &opts, None)?;
+    print!("{}", compare_table(&rows));
+    let holds: Vec<&str> = rows.iter().filter(|r| !r.all_classes_hold()).map(|r| r.policy.as_str()).collect();
+    if !holds.is_empty() {
+        println!("  (policies missing a class's P99 SLO: {})", holds.join(", "));
     }
     Ok(())
 }

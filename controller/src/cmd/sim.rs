@@ -228,14 +228,59 @@ pub fn run(args: &SimArgs) -> Result<()> {
         ))),
         None => None,
     };
+    let opts = RunOptions {
+        instances: args.instances.clone(),
+        slo_multiplier: args.slo_multiplier,
+        warm_spawn: !args.cold_spawn,
+        quiet: args.quiet,
+    };
+    let reports =
+        run_policies(&physics, &workload, &policies, &profile, &opts, decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write))?;
+    if let Some(w) = decisions.as_mut() {
+        w.flush().context("writing decisions")?;
+    }
+    if args.compare.is_some() {
+        print!("{}", compare_table(&reports));
+        if let Some(path) = &args.json {
+            write_json(path, &serde_json::json!({ "runs": reports }))?;
+        }
+    } else if let Some(path) = &args.json {
+        write_json(path, &reports[0])?;
+    }
+    Ok(())
+}
+
+/// Options shared by every policy of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `--instances` for the static baselines.
+    pub instances: Option<String>,
+    /// SLO multiplier.
+    pub slo_multiplier: f64,
+    /// Spawn from warm standby.
+    pub warm_spawn: bool,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
+/// Run policies on one workload and seed, printing each one's table; returns
+/// their reports in the order given (with `oracle_gap` when the oracle ran).
+pub fn run_policies(
+    physics: &Physics,
+    workload: &Workload,
+    policies: &[Policy],
+    profile: &ProfileTable,
+    opts: &RunOptions,
+    mut decisions: Option<&mut dyn std::io::Write>,
+) -> Result<Vec<SimReport>> {
     let needs_future = policies.contains(&Policy::Oracle);
-    let future = if needs_future { Some(MinuteCounts::of(&workload)?) } else { None };
+    let future = if needs_future { Some(MinuteCounts::of(workload)?) } else { None };
     let mut single_counts: Option<Vec<u32>> = None;
     let mut reports: Vec<SimReport> = Vec::new();
     let static_first: Vec<Policy> = {
         // Static baselines run first: scale-freq reuses single-pool's layout.
         let mut v: Vec<Policy> = policies.iter().copied().filter(|p| p.loops().is_none()).collect();
-        if v.is_empty() && policies.contains(&Policy::ScaleFreq) && args.instances.is_none() {
+        if !v.contains(&Policy::SinglePool) && policies.contains(&Policy::ScaleFreq) && opts.instances.is_none() {
             v.push(Policy::SinglePool);
         }
         v.extend(policies.iter().copied().filter(|p| p.loops().is_some()));
@@ -244,20 +289,15 @@ pub fn run(args: &SimArgs) -> Result<()> {
     for policy in static_first {
         let report = match policy.loops() {
             None => {
-                let instances = args.instances.as_deref().map(|t| parse_instances(policy, t)).transpose()?;
+                let instances = opts.instances.as_deref().map(|t| parse_instances(policy, t)).transpose()?;
                 let sized = instances.is_none();
-                let (report, counts) =
-                    run_policy(&physics, policy, &workload, instances, args.slo_multiplier, args.quiet)?;
+                let (report, counts) = run_policy(physics, policy, workload, instances, opts.slo_multiplier, opts.quiet)?;
                 if policies.contains(&policy) {
                     print!("{}", report.table());
                     println!(
                         "  instances: {} ({})",
                         describe_counts(policy, &counts),
-                        if sized {
-                            "the smallest count holding every class's P99 SLOs, found by replay"
-                        } else {
-                            "--instances"
-                        }
+                        if sized { "the smallest count holding every class's P99 SLOs, found by replay" } else { "--instances" }
                     );
                 }
                 if policy == Policy::SinglePool {
@@ -266,24 +306,24 @@ pub fn run(args: &SimArgs) -> Result<()> {
                 report
             }
             Some(_) => {
-                let single = match (&single_counts, &args.instances) {
+                let single = match (&single_counts, &opts.instances) {
                     (Some(c), _) => c[0],
                     (None, Some(t)) => parse_instances(Policy::SinglePool, t)?[0],
                     (None, None) => 0,
                 };
                 let (report, summary) = run_controlled_policy(
-                    &physics,
+                    physics,
                     policy,
-                    &workload,
-                    args.slo_multiplier,
+                    workload,
+                    opts.slo_multiplier,
                     ControlledRun {
-                        profile: &profile,
+                        profile,
                         single_pool_instances: single,
-                        warm_spawn: !args.cold_spawn,
+                        warm_spawn: opts.warm_spawn,
                         decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                         future: future.as_ref(),
                     },
-                    args.quiet,
+                    opts.quiet,
                 )?;
                 print!("{}", report.table());
                 let mut acts: Vec<_> = summary.actions.iter().collect();
@@ -300,23 +340,12 @@ pub fn run(args: &SimArgs) -> Result<()> {
             reports.push(report);
         }
     }
-    if let Some(w) = decisions.as_mut() {
-        w.flush().context("writing decisions")?;
-    }
     if let Some(oracle) = reports.iter().find(|r| r.policy == Policy::Oracle.name()).map(|r| r.energy_kwh) {
         for r in &mut reports {
             r.oracle_gap = Some(r.energy_kwh / oracle - 1.0);
         }
     }
-    if args.compare.is_some() {
-        print!("{}", compare_table(&reports));
-        if let Some(path) = &args.json {
-            write_json(path, &serde_json::json!({ "runs": reports }))?;
-        }
-    } else if let Some(path) = &args.json {
-        write_json(path, &reports[0])?;
-    }
-    Ok(())
+    Ok(reports)
 }
 
 /// The comparison table: one line per policy against single-pool.
