@@ -3,9 +3,9 @@
 //! the comparison. No server, no GPU, no files needed.
 
 use super::sim::{compare_table, run_policies, RunOptions};
-use crate::profile::ProfileTable;
 use super::PhysicsArgs;
 use crate::policy::Policy;
+use crate::profile::ProfileTable;
 use crate::workload::Workload;
 use anyhow::Result;
 

@@ -234,8 +234,14 @@ pub fn run(args: &SimArgs) -> Result<()> {
         warm_spawn: !args.cold_spawn,
         quiet: args.quiet,
     };
-    let reports =
-        run_policies(&physics, &workload, &policies, &profile, &opts, decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write))?;
+    let reports = run_policies(
+        &physics,
+        &workload,
+        &policies,
+        &profile,
+        &opts,
+        decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
+    )?;
     if let Some(w) = decisions.as_mut() {
         w.flush().context("writing decisions")?;
     }
@@ -291,13 +297,18 @@ pub fn run_policies(
             None => {
                 let instances = opts.instances.as_deref().map(|t| parse_instances(policy, t)).transpose()?;
                 let sized = instances.is_none();
-                let (report, counts) = run_policy(physics, policy, workload, instances, opts.slo_multiplier, opts.quiet)?;
+                let (report, counts) =
+                    run_policy(physics, policy, workload, instances, opts.slo_multiplier, opts.quiet)?;
                 if policies.contains(&policy) {
                     print!("{}", report.table());
                     println!(
                         "  instances: {} ({})",
                         describe_counts(policy, &counts),
-                        if sized { "the smallest count holding every class's P99 SLOs, found by replay" } else { "--instances" }
+                        if sized {
+                            "the smallest count holding every class's P99 SLOs, found by replay"
+                        } else {
+                            "--instances"
+                        }
                     );
                 }
                 if policy == Policy::SinglePool {
