@@ -476,3 +476,64 @@ fn profiling_over_http_matches_the_virtual_time_sweep() {
     let state = clock_state(&server);
     assert_eq!((state.clock_mhz, state.default_clock_mhz), (1600, 1600));
 }
+
+/// The telemetry crate's engine scrape reads `twin serve` as it would read
+/// vLLM: the page parses without errors, counters move by what was sent, and
+/// the TTFT quantile from the bucket deltas between two scrapes lands in the
+/// bucket of what the clients measured.
+#[test]
+fn the_engine_scrape_reads_twin_serve() {
+    use telemetry::scrape::{parse_engine_page, EngineKind};
+    let _t = timed();
+    let server = Server::start(&[]);
+    let model = model_of(&server);
+    let page = |what: &str| {
+        let text = reqwest::blocking::get(server.url("/metrics")).unwrap().text().unwrap();
+        parse_engine_page(&text, what).expect("the page has engine metrics")
+    };
+    let a = page("before");
+    assert_eq!(a.kind, EngineKind::Vllm);
+    assert!(a.errors.is_empty(), "{:?}", a.errors);
+    let ma = a.models.get(&model).expect("metrics labelled with the model").clone();
+    const N: usize = 32;
+    const PROMPT: u32 = 300;
+    const OUT: u32 = 32;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let timings: Vec<StreamTiming> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut out = Vec::new();
+        // Sequential bursts of 4, so TTFTs spread over a few buckets.
+        for _ in 0..N / 4 {
+            let reqs = (0..4).map(|_| stream_completion(&client, &server.base, &model, PROMPT, OUT));
+            for r in futures::future::join_all(reqs).await {
+                out.push(r.expect("the stream succeeds"));
+            }
+        }
+        out
+    });
+    let b = page("after");
+    assert!(b.errors.is_empty(), "{:?}", b.errors);
+    let mb = b.models.get(&model).unwrap();
+    let n = N as f64;
+    assert_eq!(mb.prompt_tokens_total.unwrap() - ma.prompt_tokens_total.unwrap(), n * f64::from(PROMPT));
+    assert_eq!(mb.generation_tokens_total.unwrap() - ma.generation_tokens_total.unwrap(), n * f64::from(OUT));
+    assert_eq!(mb.running, Some(0.0));
+    assert_eq!(mb.waiting, Some(0.0));
+    let ttft = mb.ttft.as_ref().unwrap().delta(ma.ttft.as_ref().unwrap());
+    assert_eq!(ttft.count, n);
+    let tbt = mb.tbt.as_ref().unwrap().delta(ma.tbt.as_ref().unwrap());
+    assert_eq!(tbt.count, n * f64::from(OUT - 1));
+    let mut client: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64()).collect();
+    client.sort_by(f64::total_cmp);
+    let median = client[N / 2];
+    let est = ttft.quantile(0.5).unwrap();
+    // The buckets holding the clients' median, allowing the clients up to 5 ms of HTTP
+    // on top of the engine's time: the estimate must interpolate inside them.
+    let upper = ttft.buckets.iter().map(|b| b.le_s).find(|&le| le >= median).unwrap();
+    let lower = ttft.buckets.iter().map(|b| b.le_s).filter(|&le| le < median - 0.005).fold(0.0, f64::max);
+    eprintln!("TTFT median: clients {median:.4} s, from /metrics bucket deltas {est:.4} s (bucket {lower}–{upper} s)");
+    assert!(est >= lower && est <= upper, "estimate {est} outside the clients' buckets {lower}–{upper}");
+    let client_gap_mean: f64 =
+        timings.iter().flat_map(|t| t.gaps.iter().map(Duration::as_secs_f64)).sum::<f64>() / (n * f64::from(OUT - 1));
+    assert!((tbt.sum_s / tbt.count / client_gap_mean - 1.0).abs() < 0.05);
+}
