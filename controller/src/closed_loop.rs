@@ -156,6 +156,7 @@ pub fn run_controlled(
         instances: vec![],
     };
     let mut cluster = Cluster::new(&phys, &spec, ClassBoundaries::default(), slo);
+    cluster.set_predictor_accuracy(workload.predictor_accuracy, workload.seed ^ crate::policy::PREDICTOR_SEED);
     let period = cfg.clock_period_s;
     let scale_min = ((cfg.scale_period_s + cfg.spawn_lead_s) / 60.0).ceil() as usize;
     let shard_min = ((cfg.shard_period_s + cfg.spawn_lead_s) / 60.0).ceil() as usize;

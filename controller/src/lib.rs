@@ -7,6 +7,7 @@ pub mod cmd;
 pub mod control;
 pub mod loadgen;
 pub mod policy;
+pub mod predict;
 pub mod profile;
 pub mod report;
 pub mod twin_metrics;

@@ -24,6 +24,8 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Build a profile table by sweeping class × TP × clock × load on the twin or a real engine.
     Profile(cmd::profile::ProfileArgs),
+    /// Accuracy of the output-class predictor on Azure traces.
+    Predictor(cmd::predictor::PredictorArgs),
     /// Load forecasting.
     #[command(subcommand)]
     Forecast(ForecastCommand),
@@ -41,6 +43,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Twin(t) => cmd::twin::run(&t),
         Command::Demo(a) => cmd::demo::run(&a).map(|_| true),
         Command::Profile(a) => cmd::profile::run(&a).map(|_| true),
+        Command::Predictor(a) => cmd::predictor::run(&a).map(|_| true),
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
     }
 }

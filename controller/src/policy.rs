@@ -9,6 +9,9 @@ use anyhow::{bail, Result};
 use sim::{ClassSlo, Cluster, ClusterSpec, InstanceSpec, Physics, PoolSpec, RunTotals};
 use telemetry::{ClassBoundaries, RequestClass, CLASS_COUNT};
 
+/// Mixed into the workload seed for the injected misclassification.
+pub const PREDICTOR_SEED: u64 = 0x0075_7470_7574;
+
 /// Attainment a class needs to hold its P99 SLOs.
 pub const P99_ATTAINMENT: f64 = 0.99;
 
@@ -121,6 +124,7 @@ pub fn run(
     progress: &mut dyn FnMut(f64),
 ) -> Result<RunTotals> {
     let mut cluster = Cluster::new(physics, spec, ClassBoundaries::default(), slo);
+    cluster.set_predictor_accuracy(workload.predictor_accuracy, workload.seed ^ PREDICTOR_SEED);
     cluster.replay(workload.arrivals()?, progress)?;
     Ok(cluster.finish(workload.span_s.unwrap_or(0.0)))
 }

@@ -53,6 +53,9 @@ pub struct Workload {
     pub slo_pairs: Vec<(u32, u32)>,
     /// Span of the arrivals in seconds, when known.
     pub span_s: Option<f64>,
+    /// How often the router's prediction of a request's output class is right
+    /// (1: it knows; below 1, the rest go to another output band's pool).
+    pub predictor_accuracy: f64,
 }
 
 type Arrivals = Box<dyn Iterator<Item = Result<Request, TraceError>>>;
@@ -92,6 +95,7 @@ impl Workload {
                     hours,
                     seed,
                     span_s: Some(span_s),
+                    predictor_accuracy: 1.0,
                 })
             }
             (None, Some(_), None) => bail!("--rates needs --lengths FILE (an Azure trace to draw token lengths from)"),
@@ -105,6 +109,7 @@ impl Workload {
                     name: t.map(|p| p.display().to_string()).unwrap_or_else(|| CONV_TRACE_NAME.to_string()),
                     slo_pairs: Vec::new(),
                     span_s: None,
+                    predictor_accuracy: 1.0,
                 };
                 // First pass: validates every line and gathers lengths and the span.
                 let mut last = 0.0_f64;

@@ -106,9 +106,29 @@ pub struct Cluster<'p> {
     gpus_since_s: f64,
     requests_total: u64,
     requests_rejected: u64,
+    misroute: Option<(f64, rand_pcg::Pcg64Mcg)>,
 }
 
 impl<'p> Cluster<'p> {
+    /// Route by a predicted output class that is right with probability
+    /// `accuracy` (else another output band of the same prompt band, at
+    /// random); statistics stay by the true class. Seeded.
+    pub fn set_predictor_accuracy(&mut self, accuracy: f64, seed: u64) {
+        use rand::SeedableRng;
+        self.misroute = (accuracy < 1.0).then(|| (accuracy.clamp(0.0, 1.0), rand_pcg::Pcg64Mcg::seed_from_u64(seed)));
+    }
+
+    fn route_class(&mut self, class: usize) -> usize {
+        use rand::Rng;
+        let Some((acc, rng)) = self.misroute.as_mut() else { return class };
+        if rng.random::<f64>() < *acc {
+            return class;
+        }
+        let (input, output) = (class / 3, class % 3);
+        let other = (output + rng.random_range(1..3usize)) % 3;
+        input * 3 + other
+    }
+
     /// Build a cluster from a layout, every instance serving at time zero.
     pub fn new(
         physics: &'p Physics,
@@ -138,6 +158,7 @@ impl<'p> Cluster<'p> {
             gpus_since_s: 0.0,
             requests_total: 0,
             requests_rejected: 0,
+            misroute: None,
         };
         for s in &spec.instances {
             cluster.add_instance(s.pool, s.tp, s.clock_mhz, Lifecycle::Serving);
@@ -295,7 +316,8 @@ impl<'p> Cluster<'p> {
             class: class as u8,
             id: self.requests_total,
         };
-        let target = self.class_pool[class].and_then(|p| self.least_loaded(p, &req));
+        let routed = self.route_class(class);
+        let target = self.class_pool[routed].and_then(|p| self.least_loaded(p, &req));
         match target {
             Some(inst) => {
                 let next = self.instances[inst].enqueue(self.physics, req, self.now_s);

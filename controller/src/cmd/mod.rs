@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod forecast;
+pub mod predictor;
 pub mod profile;
 pub mod sim;
 pub mod twin;

@@ -32,6 +32,10 @@ pub struct SimArgs {
     /// Spawn new instances cold (weights download, 7 min) instead of from warm standby.
     #[arg(long)]
     pub cold_spawn: bool,
+    /// The share of requests whose output class the router predicts right (the rest go to another
+    /// output band's pool): a sensitivity study of output-length prediction.
+    #[arg(long, default_value_t = 1.0)]
+    pub predictor_accuracy: f64,
     /// An Azure trace (TIMESTAMP,ContextTokens,GeneratedTokens) replayed at its own timestamps
     /// (default: the bundled Conversation hour).
     #[arg(long, value_name = "FILE", conflicts_with = "rates")]
@@ -203,7 +207,7 @@ pub fn parse_compare(text: &str) -> Result<Vec<Policy>> {
 /// Run `dynamollm sim`.
 pub fn run(args: &SimArgs) -> Result<()> {
     let physics = args.physics.load()?;
-    let workload = Workload::from_options(
+    let mut workload = Workload::from_options(
         args.trace.as_deref(),
         args.rates.as_deref(),
         args.lengths.as_deref(),
@@ -211,6 +215,10 @@ pub fn run(args: &SimArgs) -> Result<()> {
         args.hours,
         args.seed,
     )?;
+    if !(0.0..=1.0).contains(&args.predictor_accuracy) {
+        bail!("--predictor-accuracy must be between 0 and 1, got {}", args.predictor_accuracy);
+    }
+    workload.predictor_accuracy = args.predictor_accuracy;
     let policies = match &args.compare {
         Some(list) => parse_compare(list)?,
         None => vec![Policy::parse(&args.policy)?],
