@@ -120,6 +120,11 @@ pub struct LoadPoint {
     pub requests: u64,
 }
 
+/// Mean prompt + output tokens of a length sample.
+pub fn mean_tokens(lengths: &LengthSamples) -> f64 {
+    lengths.pairs().iter().map(|&(i, o)| f64::from(i) + f64::from(o.max(1))).sum::<f64>() / lengths.pairs().len() as f64
+}
+
 /// A steady Poisson stream of `load_rps` requests/s for `duration_s`, lengths drawn from `lengths`.
 /// The profiler's HTTP load generator sends this very sequence, so a real
 /// endpoint and the twin see the same requests at the same times.
@@ -156,8 +161,7 @@ pub fn load_point(
     seed: u64,
     slo: ClassSlo,
 ) -> LoadPoint {
-    let mean_tokens: f64 = lengths.pairs().iter().map(|&(i, o)| f64::from(i) + f64::from(o.max(1))).sum::<f64>()
-        / lengths.pairs().len() as f64;
+    let mean_tokens = mean_tokens(lengths);
     let mut p = load_point_rps(physics, lengths, tp, clock_mhz, load_tok_s / mean_tokens, duration_s, seed, slo);
     p.load_tok_s = load_tok_s;
     p
@@ -175,8 +179,7 @@ pub fn load_point_rps(
     seed: u64,
     slo: ClassSlo,
 ) -> LoadPoint {
-    let mean_tokens: f64 = lengths.pairs().iter().map(|&(i, o)| f64::from(i) + f64::from(o.max(1))).sum::<f64>()
-        / lengths.pairs().len() as f64;
+    let mean_tokens = mean_tokens(lengths);
     let mut c = Cluster::new(physics, &one_instance(tp, clock_mhz), ClassBoundaries::default(), [slo; CLASS_COUNT]);
     c.replay(steady_arrivals(lengths, load_rps, duration_s, seed).map(Ok), |_| {})
         .expect("synthetic arrivals cannot fail");

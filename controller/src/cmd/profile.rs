@@ -79,6 +79,20 @@ fn parse_classes(s: &str) -> Result<Vec<RequestClass>> {
     s.split(',').map(|c| RequestClass::parse(c.trim()).map_err(anyhow::Error::msg)).collect()
 }
 
+fn sweep_spec(args: &ProfileArgs, classes: Vec<RequestClass>, clocks_mhz: Vec<u32>, made_by: String) -> SweepSpec {
+    SweepSpec {
+        classes,
+        tps: args.tp.clone(),
+        clocks_mhz,
+        loads_rps: args.loads.clone(),
+        slo_multiplier: args.slo_multiplier,
+        refine_tolerance: args.refine_tolerance,
+        refine_depth: args.refine_depth,
+        seed: args.seed,
+        made_by,
+    }
+}
+
 /// Run `dynamollm profile`.
 pub fn run(args: &ProfileArgs) -> Result<()> {
     let classes = parse_classes(&args.classes)?;
@@ -108,17 +122,7 @@ pub fn run(args: &ProfileArgs) -> Result<()> {
             }
         }
         let target = TwinTarget::new(physics, &lengths, args.window_s.unwrap_or(300.0), args.min_requests);
-        let spec = SweepSpec {
-            classes,
-            tps: args.tp.clone(),
-            clocks_mhz: clocks,
-            loads_rps: args.loads.clone(),
-            slo_multiplier: args.slo_multiplier,
-            refine_tolerance: args.refine_tolerance,
-            refine_depth: args.refine_depth,
-            seed: args.seed,
-            made_by,
-        };
+        let spec = sweep_spec(args, classes, clocks, made_by);
         sweep::run(&target, &spec, &args.out, &bar)?
     } else {
         if args.tp.len() != 1 {
@@ -141,17 +145,7 @@ pub fn run(args: &ProfileArgs) -> Result<()> {
             vec![target.current_clock_mhz()?]
         };
         target.check_clocks(&clocks)?;
-        let spec = SweepSpec {
-            classes,
-            tps: args.tp.clone(),
-            clocks_mhz: clocks,
-            loads_rps: args.loads.clone(),
-            slo_multiplier: args.slo_multiplier,
-            refine_tolerance: args.refine_tolerance,
-            refine_depth: args.refine_depth,
-            seed: args.seed,
-            made_by,
-        };
+        let spec = sweep_spec(args, classes, clocks, made_by);
         let result = sweep::run(&target, &spec, &args.out, &bar);
         let restored = target.restore_clocks();
         let summary = result?;

@@ -325,16 +325,16 @@ impl Planner {
         best.and_then(|(_, c)| self.evaluate(&opts, &c, demand_rps))
     }
 
+    /// The utilisation every instance of a mix runs at, `None` when the mix cannot carry the demand.
+    fn utilisation(&self, opts: &[&TpOption], counts: &[u32], demand_rps: f64) -> Option<f64> {
+        let total_cap: f64 = opts.iter().zip(counts).map(|(o, &n)| f64::from(n) * o.top_cap_rps).sum();
+        let util = demand_rps / total_cap;
+        (total_cap > 0.0 && util <= self.max_util + 1e-9).then_some(util)
+    }
+
     /// Pool power of a mix (W), `None` when it cannot carry the demand.
     fn power_of(&self, opts: &[&TpOption], counts: &[u32], demand_rps: f64) -> Option<f64> {
-        let total_cap: f64 = opts.iter().zip(counts).map(|(o, &n)| f64::from(n) * o.top_cap_rps).sum();
-        if total_cap <= 0.0 {
-            return None;
-        }
-        let util = demand_rps / total_cap;
-        if util > self.max_util + 1e-9 {
-            return None;
-        }
+        let util = self.utilisation(opts, counts, demand_rps)?;
         let mut w = 0.0;
         for (o, &n) in opts.iter().zip(counts) {
             if n > 0 {
@@ -345,14 +345,7 @@ impl Planner {
     }
 
     fn evaluate(&self, opts: &[&TpOption], counts: &[u32], demand_rps: f64) -> Option<Mix> {
-        let total_cap: f64 = opts.iter().zip(counts).map(|(o, &n)| f64::from(n) * o.top_cap_rps).sum();
-        if total_cap <= 0.0 {
-            return None;
-        }
-        let util = demand_rps / total_cap;
-        if util > self.max_util + 1e-9 {
-            return None;
-        }
+        let util = self.utilisation(opts, counts, demand_rps)?;
         let mut parts = Vec::new();
         let mut power_w = 0.0;
         let mut gpus = 0;

@@ -53,7 +53,6 @@ impl ClassLengths {
 
     /// Mean prompt + output tokens of a class's requests.
     pub fn mean_tokens(&self, class: RequestClass) -> f64 {
-        let p = self.of(class).pairs();
-        p.iter().map(|&(i, o)| f64::from(i) + f64::from(o)).sum::<f64>() / p.len() as f64
+        sim::measure::mean_tokens(self.of(class))
     }
 }
