@@ -54,6 +54,10 @@ pub struct AccuracyArgs {
     /// Minimum requests per window, as for `dynamollm profile`.
     #[arg(long, default_value_t = 5000)]
     pub min_requests: u64,
+    /// Request lengths per class come from this Azure trace; give the one the profile was made with
+    /// (default: the bundled Conversation trace).
+    #[arg(long, value_name = "FILE")]
+    pub lengths: Option<PathBuf>,
     /// Seed of the fresh measurements (differs from the sweep's).
     #[arg(long, default_value_t = 7919)]
     pub seed: u64,
@@ -118,7 +122,11 @@ fn accuracy(args: &AccuracyArgs) -> Result<()> {
         Some(p) => ProfileTable::load(p)?,
         None => ProfileTable::bundled(),
     };
-    let target = TwinTarget::new(args.physics.load()?, &conversation_lengths(), args.window_s, args.min_requests);
+    let lengths = match &args.lengths {
+        Some(p) => telemetry::LengthSamples::from_azure_trace(p).with_context(|| format!("reading {}", p.display()))?,
+        None => conversation_lengths(),
+    };
+    let target = TwinTarget::new(args.physics.load()?, &lengths, args.window_s, args.min_requests);
     let points = held_out_points(&table);
     let held = evaluate(&table, &target, &points, args.seed)?;
     let rows = by_class(&held);
