@@ -1,8 +1,8 @@
 //! Output-length prediction: what a router knows of a request at admission
 //! is its prompt length (and `max_tokens`, when the client sends one). The
 //! predictor learns, from completed requests, how output lengths fall per
-//! prompt-length bucket, and predicts the most frequent output band; a
-//! `max_tokens` below a band's lower bound rules that band out.
+//! prompt-length bucket, and predicts the most frequent output band, cut to
+//! the band of `max_tokens` when the client sends one (the engine stops there).
 
 use telemetry::{ClassBoundaries, LengthBand, RequestClass};
 
@@ -37,12 +37,12 @@ impl OutputPredictor {
     /// The predicted class of a request at admission.
     pub fn predict(&self, input_tokens: u32, max_tokens: Option<u32>) -> RequestClass {
         let c = &self.counts[Self::bucket(input_tokens)];
-        let allowed = |band: usize| match max_tokens {
-            // A band whose shortest output exceeds max_tokens cannot happen.
-            Some(m) => band_index(self.output_band(m)) >= band,
-            None => true,
+        let learnt = (0..3).max_by_key(|&b| (c[b], std::cmp::Reverse(b))).unwrap_or(0);
+        // The engine stops at max_tokens: the output is cut to its band at most.
+        let best = match max_tokens {
+            Some(m) => learnt.min(band_index(self.output_band(m))),
+            None => learnt,
         };
-        let best = (0..3).filter(|&b| allowed(b)).max_by_key(|&b| (c[b], std::cmp::Reverse(b))).unwrap_or(0);
         let input = self.boundaries.classify(input_tokens, 1).input;
         RequestClass { input, output: LengthBand::ALL[best] }
     }
@@ -102,7 +102,7 @@ mod tests {
     }
 
     #[test]
-    fn max_tokens_rules_out_bands_it_cannot_reach() {
+    fn max_tokens_caps_the_predicted_band() {
         let mut p = OutputPredictor::new(ClassBoundaries::default());
         for _ in 0..10 {
             p.learn(100, 800);
