@@ -178,6 +178,9 @@ pub struct Decision {
     pub planned_rps: Option<f64>,
     /// Predicted power change of the pool (W, negative saves).
     pub predicted_delta_w: Option<f64>,
+    /// SLO margin at the planned load: the share of the profile's SLO-meeting
+    /// capacity (within the utilisation limit) left unused.
+    pub slo_margin: Option<f64>,
 }
 
 /// Routing of classes to pools.
@@ -477,6 +480,7 @@ impl Controller {
                     pool: Some(i.pool.0),
                     planned_rps: None,
                     predicted_delta_w: None,
+                    slo_margin: None,
                 });
             }
         }
@@ -542,6 +546,7 @@ impl Controller {
                 pool: Some(action_pool as u32),
                 planned_rps: Some(plan[c]),
                 predicted_delta_w: Some(if action_pool == c { separate - together } else { together - separate }),
+                slo_margin: None,
             });
         }
     }
@@ -599,6 +604,7 @@ impl Controller {
             }
         }
         let predicted_w = mix.power_w;
+        let mix_margin = (mix.util > 0.0).then(|| 1.0 - mix.util / planner.max_util);
         let old_w = self.plans[pool].power_w;
         self.plans[pool] =
             PoolPlan { target: target.clone(), budget_gpus: budget, planned_rps: total, power_w: predicted_w };
@@ -640,6 +646,7 @@ impl Controller {
                     pool: Some(pool as u32),
                     planned_rps: Some(total),
                     predicted_delta_w: Some(predicted_w - old_w),
+                    slo_margin: mix_margin,
                 });
             }
         }
@@ -694,6 +701,7 @@ impl Controller {
                     pool: Some(pool as u32),
                     planned_rps: Some(total),
                     predicted_delta_w: Some(predicted_w - old_w),
+                    slo_margin: mix_margin,
                 });
             }
         }
@@ -730,6 +738,7 @@ impl Controller {
                 pool: Some(pool as u32),
                 planned_rps: Some(0.0),
                 predicted_delta_w: None,
+                slo_margin: None,
             });
         }
     }
@@ -799,6 +808,7 @@ impl Controller {
                     pool: Some(pool as u32),
                     planned_rps: Some(load),
                     predicted_delta_w: None,
+                    slo_margin: planner.headroom(i.tp, target, load),
                 });
             }
         }

@@ -223,6 +223,15 @@ impl Planner {
         }
     }
 
+    /// The share of TP`tp`'s SLO-meeting capacity at `clock_mhz` (within the utilisation
+    /// limit) that `load_rps` leaves unused; negative when it is exceeded.
+    pub fn headroom(&self, tp: u32, clock_mhz: u32, load_rps: f64) -> Option<f64> {
+        let o = self.option(tp)?;
+        let fi = self.clocks.iter().position(|&c| c == clock_mhz)?;
+        let cap = o.cap_rps[fi] * self.max_util;
+        (cap > 0.0).then(|| 1.0 - load_rps / cap)
+    }
+
     /// Whether `clock_mhz` carries `load_rps` on TP`tp` within the utilisation limit.
     pub fn carries(&self, tp: u32, clock_mhz: u32, load_rps: f64) -> bool {
         let Some(o) = self.option(tp) else { return false };
