@@ -240,8 +240,9 @@ pub struct Controller {
 pub const ATTAINMENT_TARGET: f64 = 0.99;
 /// Attainment at or above which it grows.
 pub const ATTAINMENT_COMFORT: f64 = 0.998;
-/// The most the learnt capacity may exceed the profile's single-instance capacity.
-pub const MAX_CAPACITY_SCALE: f64 = 2.0;
+/// The most the learnt capacity may exceed the profile's single-instance capacity
+/// (a pool behind least-outstanding routing queues far less than one instance alone).
+pub const MAX_CAPACITY_SCALE: f64 = 3.0;
 
 impl Controller {
     /// A controller over a profile.
