@@ -72,6 +72,8 @@ struct ClassForecasts {
     models: Vec<Option<FittedModel>>,
     fitted_at: usize,
     forecaster: Forecaster,
+    /// Peaks by horizon; they change only when a minute is pushed.
+    peaks: std::cell::RefCell<HashMap<usize, Demand>>,
 }
 
 impl ClassForecasts {
@@ -81,10 +83,12 @@ impl ClassForecasts {
             models: vec![None; CLASS_COUNT],
             fitted_at: 0,
             forecaster: Forecaster::default(),
+            peaks: std::cell::RefCell::new(HashMap::new()),
         }
     }
 
     fn push_minute(&mut self, counts: [f64; CLASS_COUNT]) {
+        self.peaks.get_mut().clear();
         self.history.push(counts);
         let n = self.history.len();
         if n >= FORECAST_MIN_HISTORY_MIN && (self.models[0].is_none() || n - self.fitted_at >= FORECAST_REFIT_MIN) {
@@ -107,6 +111,15 @@ impl ClassForecasts {
 
     /// Peak per-class rate (requests/s) over the next `minutes`.
     fn peak(&self, minutes: usize) -> Demand {
+        if let Some(d) = self.peaks.borrow().get(&minutes) {
+            return *d;
+        }
+        let d = self.compute_peak(minutes);
+        self.peaks.borrow_mut().insert(minutes, d);
+        d
+    }
+
+    fn compute_peak(&self, minutes: usize) -> Demand {
         let n = self.history.len();
         let recent = |c: usize| {
             self.history[n.saturating_sub(RECENT_PEAK_MIN)..].iter().map(|m| m[c]).fold(0.0, f64::max) / 60.0
@@ -206,6 +219,8 @@ pub fn run_controlled(
         };
         let mut observed_spawn_s = Vec::new();
         let mut instances = Vec::new();
+        // Stopped instances hold nothing and are never seen again.
+        ids.retain(|_, idx| cluster.instances[*idx].state != Lifecycle::Stopped);
         for (&id, &idx) in ids.iter() {
             let i = &cluster.instances[idx];
             let state = match i.state {
