@@ -233,7 +233,7 @@ pub struct Controller {
     /// Per pool, the multiple of the profile's capacity that live telemetry shows it really has.
     util_scale: Vec<f64>,
     learnt_at: Vec<f64>,
-    planners: std::collections::HashMap<[u16; CLASS_COUNT], std::rc::Rc<Planner>>,
+    planners: std::collections::HashMap<[u16; CLASS_COUNT], std::sync::Arc<Planner>>,
 }
 
 /// Attainment below which a pool's planning capacity shrinks.
@@ -300,7 +300,7 @@ impl Controller {
     }
 
     /// The planner for a pool's class mix (cached by the mix rounded to 5%), with the pool's learnt capacity scale.
-    fn planner(&mut self, pool: usize, shares: &Demand) -> std::rc::Rc<Planner> {
+    fn planner(&mut self, pool: usize, shares: &Demand) -> std::sync::Arc<Planner> {
         let total: f64 = shares.iter().sum();
         let shares: Demand = if total > 0.0 {
             *shares
@@ -311,7 +311,7 @@ impl Controller {
         self.planner_for(&shares, self.cfg.max_util * self.util_scale.get(pool).copied().unwrap_or(1.0))
     }
 
-    fn planner_for(&mut self, shares: &Demand, max_util: f64) -> std::rc::Rc<Planner> {
+    fn planner_for(&mut self, shares: &Demand, max_util: f64) -> std::sync::Arc<Planner> {
         let total: f64 = shares.iter().sum::<f64>().max(1e-12);
         let mut key: [u16; CLASS_COUNT] = std::array::from_fn(|c| {
             let q = (shares[c] / total * 20.0).round() as u16;
@@ -327,7 +327,7 @@ impl Controller {
             return p.clone();
         }
         let q: Demand = std::array::from_fn(|c| f64::from(key[c] & 0xff));
-        let p = std::rc::Rc::new(Planner::new(&self.profile, &self.cfg.tps, &q, max_util));
+        let p = std::sync::Arc::new(Planner::new(&self.profile, &self.cfg.tps, &q, max_util));
         self.planners.insert(key, p.clone());
         p
     }
