@@ -349,7 +349,8 @@ impl MqttSettings {
         })
     }
 
-    fn options(&self) -> MqttOptions {
+    /// The rumqttc options for these settings (credentials and TLS included).
+    pub fn options(&self) -> MqttOptions {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(false);
