@@ -67,8 +67,10 @@ const FORECAST_REFIT_MIN: usize = 6 * 60;
 /// Fallback: the highest minute rate over this many recent minutes.
 const RECENT_PEAK_MIN: usize = 15;
 
-struct ClassForecasts {
-    history: Vec<[f64; CLASS_COUNT]>,
+/// Per-class forecasts from the minute history (shared with `serve`).
+pub(crate) struct ClassForecasts {
+    /// Requests per minute per class, oldest first.
+    pub(crate) history: Vec<[f64; CLASS_COUNT]>,
     models: Vec<Option<FittedModel>>,
     fitted_at: usize,
     forecaster: Forecaster,
@@ -77,7 +79,7 @@ struct ClassForecasts {
 }
 
 impl ClassForecasts {
-    fn new() -> ClassForecasts {
+    pub(crate) fn new() -> ClassForecasts {
         ClassForecasts {
             history: Vec::new(),
             models: vec![None; CLASS_COUNT],
@@ -87,7 +89,7 @@ impl ClassForecasts {
         }
     }
 
-    fn push_minute(&mut self, counts: [f64; CLASS_COUNT]) {
+    pub(crate) fn push_minute(&mut self, counts: [f64; CLASS_COUNT]) {
         self.peaks.get_mut().clear();
         self.history.push(counts);
         let n = self.history.len();
@@ -110,7 +112,7 @@ impl ClassForecasts {
     }
 
     /// Peak per-class rate (requests/s) over the next `minutes`.
-    fn peak(&self, minutes: usize) -> Demand {
+    pub(crate) fn peak(&self, minutes: usize) -> Demand {
         if let Some(d) = self.peaks.borrow().get(&minutes) {
             return *d;
         }

@@ -10,6 +10,7 @@ pub mod policy;
 pub mod predict;
 pub mod profile;
 pub mod report;
+pub mod serve;
 pub mod twin_metrics;
 pub mod twin_serve;
 pub mod workload;

@@ -20,8 +20,10 @@ enum Command {
     /// The digital twin's own commands.
     #[command(subcommand)]
     Twin(cmd::twin::TwinCommand),
-    /// Replay the bundled Conversation hour with every policy and compare (no server, no GPU).
+    /// The whole closed loop on embedded defaults: `serve` managing the twin as it replays the bundled Conversation hour.
     Demo(cmd::demo::DemoArgs),
+    /// The always-on service: telemetry → forecasts → controller → actuators, with its HTTP API.
+    Serve(cmd::serve::ServeArgs),
     /// Build a profile table by sweeping class × TP × clock × load on the twin or a real engine.
     Profile(cmd::profile::ProfileArgs),
     /// Accuracy of the output-class predictor on Azure traces.
@@ -42,6 +44,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Sim(a) => cmd::sim::run(&a).map(|_| true),
         Command::Twin(t) => cmd::twin::run(&t),
         Command::Demo(a) => cmd::demo::run(&a).map(|_| true),
+        Command::Serve(a) => cmd::serve::run(&a).map(|_| true),
         Command::Profile(a) => cmd::profile::run(&a).map(|_| true),
         Command::Predictor(a) => cmd::predictor::run(&a).map(|_| true),
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),

@@ -24,7 +24,7 @@ pub mod plan;
 use crate::profile::ProfileTable;
 use actuators::{Action, InstanceId, PoolId, SpawnFrom};
 use plan::{Demand, Planner};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use telemetry::{RequestClass, CLASS_COUNT};
 
@@ -110,7 +110,7 @@ impl ControllerConfig {
 }
 
 /// An instance's lifecycle as the controller sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     /// Coming up.
@@ -184,7 +184,7 @@ pub struct Decision {
 }
 
 /// Routing of classes to pools.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Routing {
     /// Pool of each class (class index → pool id).
     pub pool_of: [u32; CLASS_COUNT],
@@ -200,7 +200,7 @@ pub fn merge_target(class: RequestClass) -> Option<RequestClass> {
 }
 
 /// What the controller plans for one pool (for status pages and tests).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PoolPlan {
     /// Target count per TP degree.
     pub target: BTreeMap<u32, u32>,
@@ -210,6 +210,41 @@ pub struct PoolPlan {
     pub planned_rps: f64,
     /// Predicted power of the target mix (W).
     pub power_w: f64,
+}
+
+/// Everything the controller has learnt and planned, for a service to
+/// persist and recover after a crash (`Controller::snapshot` / `restore`).
+/// Infinite times (never) are stored as `null`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllerState {
+    /// Routing of classes to pools.
+    pub routing: Routing,
+    /// Each pool's plan.
+    pub plans: Vec<PoolPlan>,
+    /// The next instance id to hand out.
+    pub next_id: u32,
+    /// Last run of each loop (s): scale, shard, clock.
+    pub last_run_s: [Option<f64>; 3],
+    /// When each instance's clock last changed (s).
+    pub clock_since: BTreeMap<InstanceId, f64>,
+    /// Clock changes asked for and not yet observed.
+    pub pending_clock: BTreeMap<InstanceId, u32>,
+    /// Instances asked to retire, and when.
+    pub retiring: BTreeMap<InstanceId, f64>,
+    /// Spawns asked for and not yet observed: id → (pool, tp, when).
+    pub spawning: BTreeMap<InstanceId, (usize, u32, f64)>,
+    /// Whether the first step has run.
+    pub started: bool,
+    /// Per pool, since when its load has been low (s).
+    pub low_since: Vec<Option<f64>>,
+    /// Per pool, the learnt capacity scale.
+    pub util_scale: Vec<f64>,
+    /// Per pool, when the capacity was last learnt (s).
+    pub learnt_at: Vec<Option<f64>>,
+}
+
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
 }
 
 /// The controller.
@@ -268,6 +303,53 @@ impl Controller {
             learnt_at: vec![f64::NEG_INFINITY; pools],
             planners: std::collections::HashMap::new(),
         }
+    }
+
+    /// What the controller has learnt and planned (to persist).
+    pub fn snapshot(&self) -> ControllerState {
+        ControllerState {
+            routing: self.routing.clone(),
+            plans: self.plans.clone(),
+            next_id: self.next_id,
+            last_run_s: [finite(self.last_scale_s), finite(self.last_shard_s), finite(self.last_clock_s)],
+            clock_since: self.clock_since.clone(),
+            pending_clock: self.pending_clock.clone(),
+            retiring: self.retiring.clone(),
+            spawning: self.spawning.clone(),
+            started: self.started,
+            low_since: self.low_since.clone(),
+            util_scale: self.util_scale.clone(),
+            learnt_at: self.learnt_at.iter().map(|&x| finite(x)).collect(),
+        }
+    }
+
+    /// A controller that carries on from a snapshot. Fails when the snapshot
+    /// was taken with a different pool layout.
+    pub fn restore(cfg: ControllerConfig, profile: ProfileTable, st: ControllerState) -> Result<Controller, String> {
+        let mut c = Controller::new(cfg, profile);
+        let n = c.plans.len();
+        if st.plans.len() != n || st.low_since.len() != n || st.util_scale.len() != n || st.learnt_at.len() != n {
+            return Err(format!(
+                "the saved controller state has {} pools, the configuration {n}; start with a fresh state directory",
+                st.plans.len()
+            ));
+        }
+        let never = |x: Option<f64>| x.unwrap_or(f64::NEG_INFINITY);
+        c.routing = st.routing;
+        c.plans = st.plans;
+        c.next_id = st.next_id;
+        c.last_scale_s = never(st.last_run_s[0]);
+        c.last_shard_s = never(st.last_run_s[1]);
+        c.last_clock_s = never(st.last_run_s[2]);
+        c.clock_since = st.clock_since;
+        c.pending_clock = st.pending_clock;
+        c.retiring = st.retiring;
+        c.spawning = st.spawning;
+        c.started = st.started;
+        c.low_since = st.low_since;
+        c.util_scale = st.util_scale;
+        c.learnt_at = st.learnt_at.into_iter().map(never).collect();
+        Ok(c)
     }
 
     /// The settings.

@@ -1,0 +1,196 @@
+//! The service's HTTP API (axum):
+//! - `GET /healthz` (always 200 while the process answers) and `GET /readyz`
+//!   (200 once the first tick ran) need no token;
+//! - everything else needs `Authorization: Bearer <token>` (401 otherwise):
+//!   `GET /metrics` (the service's own Prometheus metrics), `GET /api/v1/status`,
+//!   `GET /api/v1/decisions?limit=N`, `POST /api/v1/mode {"mode": "auto"|"dry-run"|"failsafe"}`,
+//!   and `GET /` (the live page; a browser may pass the token as `?token=`).
+
+use super::core::Mode;
+use super::Shared;
+use actuators::Outcome;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+// Replaced by the dashboards crate's live page.
+const LIVE_PAGE: &str = "<!doctype html><title>dynamollm</title><p>See /api/v1/status</p>";
+
+/// The service's own metrics.
+pub struct ServiceMetrics {
+    registry: Registry,
+    loop_seconds: HistogramVec,
+    actions: IntCounterVec,
+    gauges: GaugeVec,
+}
+
+impl ServiceMetrics {
+    /// Register them.
+    pub fn new() -> prometheus::Result<ServiceMetrics> {
+        let registry = Registry::new();
+        let loop_seconds = HistogramVec::new(
+            HistogramOpts::new("dynamollm_loop_duration_seconds", "Wall time of one pass of a control loop.")
+                .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
+            &["loop"],
+        )?;
+        let actions = IntCounterVec::new(
+            Opts::new("dynamollm_actions_total", "Actions sent to the actuators, by kind and outcome."),
+            &["kind", "outcome"],
+        )?;
+        let gauges = GaugeVec::new(
+            Opts::new("dynamollm_service", "The service's state, one series per quantity."),
+            &["quantity"],
+        )?;
+        registry.register(Box::new(loop_seconds.clone()))?;
+        registry.register(Box::new(actions.clone()))?;
+        registry.register(Box::new(gauges.clone()))?;
+        Ok(ServiceMetrics { registry, loop_seconds, actions, gauges })
+    }
+
+    /// One tick took this long.
+    pub fn observe_tick(&self, d: Duration) {
+        self.loop_seconds.with_label_values(&["tick"]).observe(d.as_secs_f64());
+    }
+
+    /// An action's outcome.
+    pub fn observe_action(&self, kind: &str, o: &Outcome) {
+        let tag = match o {
+            Outcome::Applied { .. } => "applied",
+            Outcome::Failed { .. } => "failed",
+            Outcome::TimedOut { .. } => "timed-out",
+        };
+        self.actions.with_label_values(&[kind, tag]).inc();
+    }
+}
+
+/// The API router.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let guarded = Router::new()
+        .route("/", get(live_page))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/decisions", get(decisions))
+        .route("/api/v1/mode", post(set_mode))
+        .layer(middleware::from_fn_with_state(shared.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
+        .with_state(shared)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn auth(State(st): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let header_token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    // The live page may carry the token in its URL (a browser cannot set a header on navigation).
+    let query_token = (req.uri().path() == "/")
+        .then(|| req.uri().query())
+        .flatten()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
+        .map(str::to_string);
+    let ok = header_token.or(query_token).is_some_and(|t| st.token.matches(&t));
+    if !ok {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(st): State<Arc<Shared>>) -> Response {
+    if st.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "the first control tick has not run yet")
+    }
+}
+
+async fn live_page() -> Html<String> {
+    Html(LIVE_PAGE.to_string())
+}
+
+async fn status(State(st): State<Arc<Shared>>) -> Response {
+    let now = st.clock.now_s();
+    match st.core.lock() {
+        Ok(c) => Json(c.status(now)).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the service state is poisoned"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct DecisionsQuery {
+    limit: Option<usize>,
+}
+
+async fn decisions(State(st): State<Arc<Shared>>, Query(q): Query<DecisionsQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(2000);
+    match st.core.lock() {
+        Ok(c) => {
+            let all: Vec<_> = c.decisions().collect();
+            let from = all.len().saturating_sub(limit);
+            Json(serde_json::json!({ "decisions": &all[from..] })).into_response()
+        }
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the service state is poisoned"),
+    }
+}
+
+async fn set_mode(
+    State(st): State<Arc<Shared>>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(v)) = body else {
+        return error(StatusCode::BAD_REQUEST, "body must be JSON like {\"mode\": \"auto\"}");
+    };
+    let Some(m) = v.get("mode").and_then(|m| m.as_str()) else {
+        return error(StatusCode::BAD_REQUEST, "body must be JSON like {\"mode\": \"auto\"}: field `mode` missing");
+    };
+    let mode = match Mode::parse(m) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    match st.core.lock() {
+        Ok(mut c) => {
+            c.set_mode(mode);
+            tracing::info!(mode = mode.name(), "mode set by the operator");
+            Json(serde_json::json!({ "mode": c.mode().name(), "operator_mode": mode.name() })).into_response()
+        }
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the service state is poisoned"),
+    }
+}
+
+async fn metrics(State(st): State<Arc<Shared>>) -> Response {
+    let now = st.clock.now_s();
+    if let Ok(c) = st.core.lock() {
+        let s = c.status(now);
+        let g = &st.metrics.gauges;
+        g.with_label_values(&["telemetry_lag_seconds"]).set(c.telemetry_lag_s(now));
+        g.with_label_values(&["power_watts"]).set(s["totals"]["power_w"].as_f64().unwrap_or(0.0));
+        g.with_label_values(&["gpus"]).set(s["totals"]["gpus"].as_f64().unwrap_or(0.0));
+        g.with_label_values(&["energy_joules"]).set(s["totals"]["energy_j"].as_f64().unwrap_or(0.0));
+        g.with_label_values(&["baseline_energy_joules"]).set(s["totals"]["baseline_energy_j"].as_f64().unwrap_or(0.0));
+        g.with_label_values(&["instances"]).set(s["instances"].as_array().map_or(0, |a| a.len()) as f64);
+        g.with_label_values(&["pending_actions"]).set(c.pending().count() as f64);
+        g.with_label_values(&["failsafe"]).set(if c.mode() == Mode::Failsafe { 1.0 } else { 0.0 });
+        g.with_label_values(&["time_seconds"]).set(now);
+    }
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&st.metrics.registry.gather(), &mut buf) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], buf).into_response()
+}

@@ -1,0 +1,242 @@
+//! The service's configuration file (`dynamollm serve --config FILE`):
+//! `[service]`, `[controller]`, `[cluster]`, plus the `[telemetry]` and
+//! `[actuators]` tables their crates define. Unknown keys are errors that
+//! name the file and key. `deploy/dynamollm.toml` documents every key.
+
+use super::core::Mode;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A secret read from the config: never printed.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl Secret {
+    /// Compare with a presented token in constant time.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        if a.is_empty() || a.len() != b.len() {
+            return false;
+        }
+        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+/// `[service]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSection {
+    /// HTTP API address.
+    pub listen: String,
+    /// Bearer token every endpoint but `/healthz` and `/readyz` asks for.
+    pub token: Option<Secret>,
+    /// A file holding the token instead (first line).
+    pub token_file: Option<PathBuf>,
+    /// Where the plan, the inventory and the audit log are kept.
+    pub state_dir: PathBuf,
+    /// Mode at start (`auto`, `dry-run`, `failsafe`); a recovered state keeps its own.
+    pub mode: String,
+    /// Service seconds per wall second (above 1 only to replay against an accelerated twin).
+    pub speed: f64,
+    /// Telemetry older than this (s) puts the service in failsafe.
+    pub stale_after_s: f64,
+    /// The policy (`dynamollm`, `scale-inst`, `scale-shard`, `scale-freq`, `single-pool`, `multi-pool`).
+    pub policy: String,
+    /// The profile table (default: the bundled one).
+    pub profile: Option<PathBuf>,
+    /// SLO = this × the profile's unloaded latency of each class.
+    pub slo_multiplier: f64,
+    /// Longest wait for an action's outcome (s).
+    pub action_timeout_s: f64,
+}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        ServiceSection {
+            listen: "127.0.0.1:9464".into(),
+            token: None,
+            token_file: None,
+            state_dir: PathBuf::from("dynamollm-state"),
+            mode: "auto".into(),
+            speed: 1.0,
+            stale_after_s: 5.0,
+            policy: "dynamollm".into(),
+            profile: None,
+            slo_multiplier: 5.0,
+            action_timeout_s: 30.0,
+        }
+    }
+}
+
+/// `[controller]`: the loops' settings (defaults as in the paper).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerSection {
+    /// Scale loop period (s).
+    pub scale_period_s: f64,
+    /// Shard loop period (s).
+    pub shard_period_s: f64,
+    /// Clock loop period (s); also the service's tick.
+    pub clock_period_s: f64,
+    /// Plan instances to at most this share of their SLO capacity.
+    pub max_util: f64,
+    /// Spawn from warm standby.
+    pub warm_spawn: bool,
+    /// Assumed spawn-to-serving time until observed (s).
+    pub spawn_lead_s: f64,
+    /// Most GPUs the cluster may hold.
+    pub gpu_budget: Option<u32>,
+    /// Instances of `single-pool` / `scale-freq` (their fixed size).
+    pub fixed_instances: Option<u32>,
+}
+
+impl Default for ControllerSection {
+    fn default() -> Self {
+        ControllerSection {
+            scale_period_s: 1800.0,
+            shard_period_s: 300.0,
+            clock_period_s: 5.0,
+            max_util: 0.7,
+            warm_spawn: true,
+            spawn_lead_s: 30.0,
+            gpu_budget: None,
+            fixed_instances: None,
+        }
+    }
+}
+
+/// `[cluster]`: what the service manages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// `twin` (the digital twin replaying a workload in-process) or `external`
+    /// (real engines: telemetry from `[telemetry]`, actions through `[actuators]`).
+    pub kind: String,
+    /// Twin: an Azure trace to replay (default: the bundled Conversation hour).
+    pub trace: Option<PathBuf>,
+    /// Twin: a rate curve instead (needs `lengths`).
+    pub rates: Option<PathBuf>,
+    /// Twin: the trace lengths are drawn from.
+    pub lengths: Option<PathBuf>,
+    /// Twin: load multiplier.
+    pub scale: f64,
+    /// Twin: hours to replay.
+    pub hours: Option<f64>,
+    /// Twin: seed.
+    pub seed: u64,
+    /// Twin: physics file (default: the embedded DGX H100 + Llama-2-70B).
+    pub physics: Option<PathBuf>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            kind: "twin".into(),
+            trace: None,
+            rates: None,
+            lengths: None,
+            scale: 1.0,
+            hours: None,
+            seed: 1,
+            physics: None,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// `[service]`.
+    pub service: ServiceSection,
+    /// `[controller]`.
+    pub controller: ControllerSection,
+    /// `[cluster]`.
+    pub cluster: ClusterSection,
+    /// `[telemetry]` (checked by the telemetry crate).
+    pub telemetry: Option<toml::Value>,
+    /// `[actuators]` (checked by the actuators crate).
+    pub actuators: Option<toml::Value>,
+    /// `[carbon]`, `[cost]`, `[sci]`: accounting for reports (checked by the dashboards crate).
+    pub carbon: Option<toml::Value>,
+    /// See `carbon`.
+    pub cost: Option<toml::Value>,
+    /// See `carbon`.
+    pub sci: Option<toml::Value>,
+}
+
+impl ServiceConfig {
+    /// Parse a config document; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<ServiceConfig> {
+        let cfg: ServiceConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+        cfg.validate(origin)?;
+        // The other crates' tables, checked by their own parsers.
+        telemetry::config::TelemetryConfig::from_toml_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        Ok(cfg)
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<ServiceConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn validate(&self, origin: &str) -> Result<()> {
+        let s = &self.service;
+        Mode::parse(&s.mode).map_err(|e| anyhow::anyhow!("{origin}: service.mode: {e}"))?;
+        crate::policy::Policy::parse(&s.policy).map_err(|e| anyhow::anyhow!("{origin}: service.policy: {e}"))?;
+        if s.policy == "oracle" {
+            bail!("{origin}: service.policy: the oracle needs the future and runs only in `dynamollm sim`");
+        }
+        for (key, v) in [
+            ("service.speed", s.speed),
+            ("service.stale_after_s", s.stale_after_s),
+            ("service.slo_multiplier", s.slo_multiplier),
+            ("service.action_timeout_s", s.action_timeout_s),
+            ("controller.scale_period_s", self.controller.scale_period_s),
+            ("controller.shard_period_s", self.controller.shard_period_s),
+            ("controller.clock_period_s", self.controller.clock_period_s),
+            ("controller.max_util", self.controller.max_util),
+            ("cluster.scale", self.cluster.scale),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{origin}: {key} must be a positive number, got {v}");
+            }
+        }
+        if s.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("{origin}: service.listen: {:?} is not an address like 127.0.0.1:9464", s.listen);
+        }
+        if !matches!(self.cluster.kind.as_str(), "twin" | "external") {
+            bail!("{origin}: cluster.kind: {:?} is not `twin` or `external`", self.cluster.kind);
+        }
+        Ok(())
+    }
+
+    /// The bearer token, from `token` or `token_file`.
+    pub fn token(&self) -> Result<Secret> {
+        if let Some(t) = &self.service.token {
+            if !t.0.is_empty() {
+                return Ok(t.clone());
+            }
+        }
+        if let Some(p) = &self.service.token_file {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("service.token_file: cannot read {}", p.display()))?;
+            let t = text.lines().next().unwrap_or("").trim().to_string();
+            if t.is_empty() {
+                bail!("service.token_file: {} is empty", p.display());
+            }
+            return Ok(Secret(t));
+        }
+        bail!("service.token (or service.token_file) is required: every endpoint but /healthz and /readyz asks for it")
+    }
+}

@@ -1,0 +1,802 @@
+//! The service's state machine around the sans-IO controller: it takes in
+//! what telemetry reports (instances, per-class arrivals and SLO counters),
+//! turns the controller's decisions into idempotent [`Command`]s with ids,
+//! applies the operating mode (auto, dry-run, failsafe), tracks the
+//! inventory, and answers the status page. No I/O and no clock of its own:
+//! the caller passes the time, so tests drive it in virtual time.
+
+use crate::closed_loop::ClassForecasts;
+use crate::control::plan::{Demand, Planner};
+use crate::control::{
+    Controller, ControllerConfig, ControllerState, Decision, InstanceObs, InstanceState, Observations,
+};
+use crate::profile::ProfileTable;
+use actuators::{Action, ActionId, Command, InstanceId, Outcome, Placement, PoolId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use telemetry::{RequestClass, CLASS_COUNT};
+
+/// How the service acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Decide and act.
+    Auto,
+    /// Decide and record, act on nothing.
+    DryRun,
+    /// Every clock at its top, no scale-in; the controller's other decisions still act.
+    Failsafe,
+}
+
+impl Mode {
+    /// Parse `auto`, `dry-run` or `failsafe`.
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "dry-run" => Ok(Mode::DryRun),
+            "failsafe" => Ok(Mode::Failsafe),
+            other => Err(format!("unknown mode {other:?}; valid: auto, dry-run, failsafe")),
+        }
+    }
+
+    /// The name used in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::DryRun => "dry-run",
+            Mode::Failsafe => "failsafe",
+        }
+    }
+}
+
+/// An instance's state as telemetry reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReportedState {
+    /// Coming up.
+    Starting,
+    /// Taking requests.
+    Serving,
+    /// Finishing its requests.
+    Draining,
+    /// Gone.
+    Stopped,
+}
+
+/// One instance's reading.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    /// Which.
+    pub id: InstanceId,
+    /// Lifecycle.
+    pub state: ReportedState,
+    /// Requests it holds (running and waiting).
+    pub outstanding: u32,
+    /// Requests waiting for room.
+    pub waiting: u32,
+    /// Power of all its GPUs.
+    pub power_w: f64,
+    /// GPU energy since it started.
+    pub energy_j: f64,
+    /// Its clock.
+    pub clock_mhz: u32,
+}
+
+/// What the service knows of one instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Which.
+    pub id: InstanceId,
+    /// Its pool.
+    pub pool: u32,
+    /// TP degree.
+    pub tp: u32,
+    /// Clock asked for (or reported).
+    pub clock_mhz: u32,
+    /// Lifecycle.
+    pub state: InstanceState,
+    /// Where it lives, once its spawn is acknowledged.
+    pub placement: Option<Placement>,
+    /// Requests it holds.
+    pub outstanding: u32,
+    /// Requests waiting.
+    pub waiting: u32,
+    /// Power of its GPUs.
+    pub power_w: f64,
+    /// Its GPU energy so far.
+    pub energy_j: f64,
+    /// When it was asked for (s).
+    pub spawned_at_s: f64,
+    /// Last report (s).
+    pub last_report_s: Option<f64>,
+}
+
+/// A decision as the service keeps it (the controller's, plus the command id and what the mode did).
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionRecord {
+    /// The command's id (none when the mode kept it from acting).
+    pub id: Option<ActionId>,
+    /// The mode at the time.
+    pub mode: Mode,
+    /// Whether it was sent to the actuators.
+    pub acted: bool,
+    /// The controller's decision.
+    #[serde(flatten)]
+    pub decision: Decision,
+}
+
+/// One point of the status history.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    /// When (s).
+    pub time_s: f64,
+    /// Total GPU power.
+    pub power_w: f64,
+    /// GPUs held.
+    pub gpus: u32,
+    /// Arrivals over the last period (requests/s).
+    pub actual_rps: f64,
+    /// Forecast peak for the coming shard period (requests/s).
+    pub forecast_rps: f64,
+}
+
+/// What the service saves after every tick, and recovers from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedState {
+    /// Format version.
+    pub version: u32,
+    /// Service time of the save (s).
+    pub saved_at_s: f64,
+    /// The controller's plan and what it learnt.
+    pub controller: ControllerState,
+    /// The inventory.
+    pub instances: Vec<InstanceRecord>,
+    /// The last command sequence number used.
+    pub seq: u64,
+    /// The operator's mode.
+    pub mode: Mode,
+    /// Commands sent and not yet answered (re-sent with the same ids after a restart).
+    pub pending: Vec<Command>,
+    /// Energy of instances gone (J).
+    pub retired_energy_j: f64,
+    /// Baseline energy so far (J).
+    pub baseline_energy_j: f64,
+    /// Per-class minute history for the forecaster (the last days).
+    pub minutes: Vec<[f64; CLASS_COUNT]>,
+}
+
+/// The version of [`SavedState`].
+pub const STATE_VERSION: u32 = 1;
+const HISTORY_POINTS: usize = 720;
+const DECISIONS_KEPT: usize = 2000;
+const MINUTES_SAVED: usize = 7 * 1440;
+const FORECAST_LEVEL_MINUTES_MIN: usize = 1;
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The controller's settings.
+    pub controller: ControllerConfig,
+    /// Telemetry older than this (s) puts the service in failsafe.
+    pub stale_after_s: f64,
+    /// Pool names (index = pool id).
+    pub pool_names: Vec<String>,
+}
+
+/// Counters for the service's own metrics.
+#[derive(Debug, Clone, Default)]
+pub struct CoreCounters {
+    /// Ticks run.
+    pub ticks: u64,
+    /// Decisions by action kind.
+    pub decisions: BTreeMap<String, u64>,
+    /// Outcomes by (action kind, outcome).
+    pub outcomes: BTreeMap<(String, String), u64>,
+    /// Times the service entered failsafe on its own.
+    pub failsafe_entries: u64,
+}
+
+/// The service's state machine.
+pub struct ServiceCore {
+    cfg: CoreConfig,
+    ctl: Controller,
+    operator_mode: Mode,
+    stale: Option<String>,
+    instances: BTreeMap<InstanceId, InstanceRecord>,
+    retired_energy_j: f64,
+    seq: u64,
+    pending: BTreeMap<ActionId, Command>,
+    window_counts: [u32; CLASS_COUNT],
+    minute_counts: [u32; CLASS_COUNT],
+    minute: usize,
+    smoothed: Demand,
+    last_recent: Demand,
+    forecasts: ClassForecasts,
+    att_totals: [[u64; 4]; CLASS_COUNT],
+    att_hist: VecDeque<[[u64; 4]; CLASS_COUNT]>,
+    decisions: VecDeque<DecisionRecord>,
+    history: VecDeque<HistoryPoint>,
+    last_telemetry_s: f64,
+    last_tick_s: Option<f64>,
+    observed_spawn_s: Vec<f64>,
+    baseline: Baseline,
+    /// Counters for `/metrics`.
+    pub counters: CoreCounters,
+}
+
+/// The `single-pool` baseline estimated from the profile: TP8 at the top
+/// clock, sized for the highest load seen so far, its power at the observed load.
+struct Baseline {
+    planner: Planner,
+    max_clock_mhz: u32,
+    peak_rps: f64,
+    energy_j: f64,
+    power_w: f64,
+}
+
+impl Baseline {
+    fn new(profile: &ProfileTable, max_clock_mhz: u32) -> Baseline {
+        let shares: Demand = [1.0; CLASS_COUNT];
+        Baseline {
+            planner: Planner::new(profile, &[8], &shares, 1.0),
+            max_clock_mhz,
+            peak_rps: 0.0,
+            energy_j: 0.0,
+            power_w: 0.0,
+        }
+    }
+
+    /// Power of the baseline cluster at `rps` (W).
+    fn power(&mut self, rps: f64) -> f64 {
+        self.peak_rps = self.peak_rps.max(rps);
+        let cap = self.planner.capacity(8);
+        if cap <= 0.0 {
+            return 0.0;
+        }
+        let n = (self.peak_rps / cap).ceil().max(1.0);
+        let per = self.planner.power_at(8, self.max_clock_mhz, (rps / n).min(cap)).unwrap_or(0.0);
+        n * per
+    }
+}
+
+impl ServiceCore {
+    /// A fresh core.
+    pub fn new(cfg: CoreConfig, profile: ProfileTable, now_s: f64) -> ServiceCore {
+        let max_clock = cfg.controller.max_clock_mhz;
+        let baseline = Baseline::new(&profile, max_clock);
+        let ctl = Controller::new(cfg.controller.clone(), profile);
+        ServiceCore {
+            cfg,
+            ctl,
+            operator_mode: Mode::Auto,
+            stale: None,
+            instances: BTreeMap::new(),
+            retired_energy_j: 0.0,
+            seq: 0,
+            pending: BTreeMap::new(),
+            window_counts: [0; CLASS_COUNT],
+            minute_counts: [0; CLASS_COUNT],
+            minute: (now_s / 60.0).floor().max(0.0) as usize,
+            smoothed: [0.0; CLASS_COUNT],
+            last_recent: [0.0; CLASS_COUNT],
+            forecasts: ClassForecasts::new(),
+            att_totals: [[0; 4]; CLASS_COUNT],
+            att_hist: VecDeque::new(),
+            decisions: VecDeque::new(),
+            history: VecDeque::new(),
+            last_telemetry_s: now_s,
+            last_tick_s: None,
+            observed_spawn_s: Vec::new(),
+            baseline,
+            counters: CoreCounters::default(),
+        }
+    }
+
+    /// A core that carries on from a saved state.
+    pub fn restore(
+        cfg: CoreConfig,
+        profile: ProfileTable,
+        saved: SavedState,
+        now_s: f64,
+    ) -> Result<ServiceCore, String> {
+        if saved.version != STATE_VERSION {
+            return Err(format!("saved state version {} is not {STATE_VERSION}", saved.version));
+        }
+        let mut core = ServiceCore::new(cfg.clone(), profile.clone(), now_s);
+        core.ctl = Controller::restore(cfg.controller, profile, saved.controller)?;
+        core.instances = saved.instances.into_iter().map(|r| (r.id, r)).collect();
+        core.seq = saved.seq;
+        core.operator_mode = saved.mode;
+        core.pending = saved.pending.into_iter().map(|c| (c.id.clone(), c)).collect();
+        core.retired_energy_j = saved.retired_energy_j;
+        core.baseline.energy_j = saved.baseline_energy_j;
+        for m in saved.minutes {
+            core.forecasts.push_minute(m);
+        }
+        Ok(core)
+    }
+
+    /// What to save now.
+    pub fn save(&self, now_s: f64) -> SavedState {
+        let h = &self.forecasts.history;
+        SavedState {
+            version: STATE_VERSION,
+            saved_at_s: now_s,
+            controller: self.ctl.snapshot(),
+            instances: self.instances.values().cloned().collect(),
+            seq: self.seq,
+            mode: self.operator_mode,
+            pending: self.pending.values().cloned().collect(),
+            retired_energy_j: self.retired_energy_j,
+            baseline_energy_j: self.baseline.energy_j,
+            minutes: h[h.len().saturating_sub(MINUTES_SAVED)..].to_vec(),
+        }
+    }
+
+    /// Start from a known per-class rate (requests/s), as if the service had
+    /// watched the cluster for a while before it took over.
+    pub fn prime_rates(&mut self, rps: Demand) {
+        self.smoothed = rps;
+    }
+
+    /// The clock loop's period (s): the service's tick.
+    pub fn config_clock_period_s(&self) -> f64 {
+        self.cfg.controller.clock_period_s
+    }
+
+    /// The mode in force (failsafe when telemetry is stale, whatever the operator chose).
+    pub fn mode(&self) -> Mode {
+        if self.stale.is_some() && self.operator_mode != Mode::DryRun {
+            Mode::Failsafe
+        } else {
+            self.operator_mode
+        }
+    }
+
+    /// Why the service is in failsafe on its own, if it is.
+    pub fn stale_reason(&self) -> Option<&str> {
+        self.stale.as_deref()
+    }
+
+    /// Set the operator's mode.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.operator_mode = mode;
+    }
+
+    /// The controller's routing: class index → pool id.
+    pub fn routing(&self) -> [u32; CLASS_COUNT] {
+        self.ctl.routing().pool_of
+    }
+
+    /// The inventory.
+    pub fn instances(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.instances.values()
+    }
+
+    /// Commands sent and not answered.
+    pub fn pending(&self) -> impl Iterator<Item = &Command> {
+        self.pending.values()
+    }
+
+    /// The decisions kept (newest last).
+    pub fn decisions(&self) -> impl Iterator<Item = &DecisionRecord> {
+        self.decisions.iter()
+    }
+
+    /// Seconds since the last telemetry.
+    pub fn telemetry_lag_s(&self, now_s: f64) -> f64 {
+        (now_s - self.last_telemetry_s).max(0.0)
+    }
+
+    /// Requests that arrived, per class.
+    pub fn observe_arrivals(&mut self, now_s: f64, counts: &[u32; CLASS_COUNT]) {
+        self.roll_minutes(now_s);
+        for (c, &n) in counts.iter().enumerate() {
+            self.window_counts[c] += n;
+            self.minute_counts[c] += n;
+        }
+        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+    }
+
+    /// Cumulative per-class SLO counters: `[ttft_ok, ttft_n, gaps_ok, gaps_n]`.
+    pub fn observe_attainment(&mut self, totals: [[u64; 4]; CLASS_COUNT]) {
+        self.att_totals = totals;
+    }
+
+    /// One instance's reading.
+    pub fn observe_instance(&mut self, now_s: f64, r: &InstanceReport) {
+        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+        if r.state == ReportedState::Stopped {
+            if let Some(rec) = self.instances.remove(&r.id) {
+                self.retired_energy_j += r.energy_j.max(rec.energy_j);
+            }
+            return;
+        }
+        let Some(rec) = self.instances.get_mut(&r.id) else { return };
+        let state = match r.state {
+            ReportedState::Starting => InstanceState::Starting,
+            ReportedState::Serving => InstanceState::Serving,
+            _ => InstanceState::Draining,
+        };
+        if rec.state == InstanceState::Starting && state == InstanceState::Serving {
+            self.observed_spawn_s.push(now_s - rec.spawned_at_s);
+        }
+        // A retire asked for stays asked for, whatever a late reading says.
+        if rec.state != InstanceState::Draining {
+            rec.state = state;
+        }
+        rec.outstanding = r.outstanding;
+        rec.waiting = r.waiting;
+        rec.power_w = r.power_w;
+        rec.energy_j = r.energy_j;
+        rec.clock_mhz = r.clock_mhz;
+        rec.last_report_s = Some(now_s);
+    }
+
+    fn roll_minutes(&mut self, now_s: f64) {
+        while ((self.minute + 1) as f64) * 60.0 <= now_s {
+            self.forecasts.push_minute(std::array::from_fn(|c| f64::from(self.minute_counts[c])));
+            self.minute_counts = [0; CLASS_COUNT];
+            self.minute += 1;
+        }
+    }
+
+    fn next_id(&mut self) -> ActionId {
+        self.seq += 1;
+        ActionId(format!("a{:010}", self.seq))
+    }
+
+    /// One control step: the commands to send now. Every command is also in
+    /// [`ServiceCore::pending`] until its outcome comes back.
+    pub fn tick(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
+        self.roll_minutes(now_s);
+        self.counters.ticks += 1;
+        let period = self.last_tick_s.map_or(self.cfg.controller.clock_period_s, |t| (now_s - t).max(1e-3));
+        self.last_tick_s = Some(now_s);
+        let recent: Demand = std::array::from_fn(|c| f64::from(self.window_counts[c]) / period);
+        self.window_counts = [0; CLASS_COUNT];
+        let alpha = (period / 60.0).min(1.0);
+        for (s, r) in self.smoothed.iter_mut().zip(recent) {
+            *s += alpha * (r - *s);
+        }
+        self.last_recent = recent;
+
+        // Stale telemetry: failsafe within one tick of the deadline.
+        let lag = self.telemetry_lag_s(now_s);
+        let was_stale = self.stale.is_some();
+        self.stale = (lag > self.cfg.stale_after_s)
+            .then(|| format!("no telemetry for {lag:.1} s (limit {:.1} s)", self.cfg.stale_after_s));
+        if self.stale.is_some() && !was_stale {
+            self.counters.failsafe_entries += 1;
+            tracing::warn!(lag_s = lag, "telemetry is stale: failsafe (top clocks, no scale-in)");
+        }
+
+        let c = &self.cfg.controller;
+        let scale_min = ((c.scale_period_s + c.spawn_lead_s) / 60.0).ceil().max(1.0) as usize;
+        let shard_min =
+            ((c.shard_period_s + c.spawn_lead_s) / 60.0).ceil().max(FORECAST_LEVEL_MINUTES_MIN as f64) as usize;
+        let peak_scale = self.forecasts.peak(scale_min);
+        let peak_shard = self.forecasts.peak(shard_min);
+
+        self.att_hist.push_back(self.att_totals);
+        if self.att_hist.len() > (c.attainment_window_s / period).ceil() as usize + 1 {
+            self.att_hist.pop_front();
+        }
+        let oldest = self.att_hist.front().copied().unwrap_or(self.att_totals);
+        let class_attainment_recent: [Option<f64>; CLASS_COUNT] = std::array::from_fn(|k| {
+            let d: [u64; 4] = std::array::from_fn(|j| self.att_totals[k][j].saturating_sub(oldest[k][j]));
+            let t = (d[1] > 0).then(|| d[0] as f64 / d[1] as f64);
+            let g = (d[3] > 0).then(|| d[2] as f64 / d[3] as f64);
+            match (t, g) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        });
+        let obs = Observations {
+            now_s,
+            instances: self
+                .instances
+                .values()
+                .map(|r| InstanceObs {
+                    id: r.id,
+                    pool: PoolId(r.pool),
+                    tp: r.tp,
+                    clock_mhz: r.clock_mhz,
+                    state: r.state,
+                    outstanding: r.outstanding,
+                    waiting: r.waiting,
+                })
+                .collect(),
+            class_rps_recent: recent,
+            class_rps_smoothed: self.smoothed,
+            class_peak_scale: Some(peak_scale),
+            class_peak_shard: Some(peak_shard),
+            observed_spawn_s: std::mem::take(&mut self.observed_spawn_s),
+            class_attainment_recent,
+        };
+        let decisions = self.ctl.step(now_s, &obs);
+        let mode = self.mode();
+        let mut out = Vec::new();
+        let max_clock = self.cfg.controller.max_clock_mhz;
+        for d in decisions {
+            let kind = action_kind(&d.action).to_string();
+            *self.counters.decisions.entry(kind).or_default() += 1;
+            let acts = match mode {
+                Mode::DryRun => false,
+                Mode::Auto => true,
+                // No scale-in, no clock below the top.
+                Mode::Failsafe => match d.action {
+                    Action::Retire { .. } => false,
+                    Action::SetClock { clock_mhz, .. } => clock_mhz >= max_clock,
+                    _ => true,
+                },
+            };
+            let id = acts.then(|| self.next_id());
+            if let Some(id) = &id {
+                self.apply_to_inventory(&d.action, now_s);
+                let placement = self.placement_of(&d.action);
+                let cmd = Command { id: id.clone(), action: d.action.clone(), placement, issued_at_ms: wall_ms };
+                self.pending.insert(id.clone(), cmd.clone());
+                out.push(cmd);
+            }
+            self.push_decision(DecisionRecord { id, mode, acted: acts, decision: d });
+        }
+        if mode == Mode::Failsafe {
+            // Every instance to the top clock, once.
+            let low: Vec<InstanceId> = self
+                .instances
+                .values()
+                .filter(|r| r.clock_mhz < max_clock && r.state != InstanceState::Draining)
+                .map(|r| r.id)
+                .collect();
+            for instance in low {
+                let action = Action::SetClock { instance, clock_mhz: max_clock };
+                let id = self.next_id();
+                self.apply_to_inventory(&action, now_s);
+                let cmd = Command {
+                    id: id.clone(),
+                    action: action.clone(),
+                    placement: self.placement_of(&action),
+                    issued_at_ms: wall_ms,
+                };
+                self.pending.insert(id.clone(), cmd.clone());
+                out.push(cmd);
+                let reason = self.stale.clone().unwrap_or_else(|| "the operator chose failsafe".into());
+                self.push_decision(DecisionRecord {
+                    id: Some(id),
+                    mode,
+                    acted: true,
+                    decision: Decision {
+                        at_s: now_s,
+                        source: "failsafe",
+                        action,
+                        reason: format!("failsafe: {reason}; top clock"),
+                        pool: None,
+                        planned_rps: None,
+                        predicted_delta_w: None,
+                        slo_margin: None,
+                    },
+                });
+            }
+        }
+
+        // Accounting and history.
+        let power_w: f64 = self.instances.values().map(|r| r.power_w).sum();
+        let total_rps: f64 = recent.iter().sum();
+        let base_w = self.baseline.power(total_rps);
+        self.baseline.energy_j += base_w * period;
+        self.baseline.power_w = base_w;
+        self.history.push_back(HistoryPoint {
+            time_s: now_s,
+            power_w,
+            gpus: self.gpus(),
+            actual_rps: total_rps,
+            forecast_rps: peak_shard.iter().sum(),
+        });
+        if self.history.len() > HISTORY_POINTS {
+            self.history.pop_front();
+        }
+        out
+    }
+
+    fn push_decision(&mut self, d: DecisionRecord) {
+        self.decisions.push_back(d);
+        if self.decisions.len() > DECISIONS_KEPT {
+            self.decisions.pop_front();
+        }
+    }
+
+    fn gpus(&self) -> u32 {
+        self.instances.values().map(|r| r.tp).sum()
+    }
+
+    fn placement_of(&self, action: &Action) -> Option<Placement> {
+        let id = match action {
+            Action::Retire { instance } | Action::Reshard { instance, .. } | Action::SetClock { instance, .. } => {
+                instance
+            }
+            Action::Spawn { .. } | Action::Route { .. } => return None,
+        };
+        self.instances.get(id).and_then(|r| r.placement.clone())
+    }
+
+    fn apply_to_inventory(&mut self, action: &Action, now_s: f64) {
+        match *action {
+            Action::Spawn { instance, pool, tp, clock_mhz, .. } => {
+                self.instances.insert(
+                    instance,
+                    InstanceRecord {
+                        id: instance,
+                        pool: pool.0,
+                        tp,
+                        clock_mhz,
+                        state: InstanceState::Starting,
+                        placement: None,
+                        outstanding: 0,
+                        waiting: 0,
+                        power_w: 0.0,
+                        energy_j: 0.0,
+                        spawned_at_s: now_s,
+                        last_report_s: None,
+                    },
+                );
+            }
+            Action::Retire { instance } => {
+                if let Some(r) = self.instances.get_mut(&instance) {
+                    r.state = InstanceState::Draining;
+                }
+            }
+            Action::SetClock { instance, clock_mhz } => {
+                if let Some(r) = self.instances.get_mut(&instance) {
+                    r.clock_mhz = clock_mhz;
+                }
+            }
+            Action::Reshard { instance, tp, .. } => {
+                if let Some(r) = self.instances.get_mut(&instance) {
+                    r.tp = tp;
+                    r.state = InstanceState::Starting;
+                    r.spawned_at_s = now_s;
+                }
+            }
+            Action::Route { .. } => {}
+        }
+    }
+
+    /// What became of a command.
+    pub fn on_outcome(&mut self, id: &ActionId, outcome: &Outcome) {
+        let Some(cmd) = self.pending.remove(id) else { return };
+        let kind = action_kind(&cmd.action).to_string();
+        let tag = match outcome {
+            Outcome::Applied { .. } => "applied",
+            Outcome::Failed { .. } => "failed",
+            Outcome::TimedOut { .. } => "timed-out",
+        };
+        *self.counters.outcomes.entry((kind, tag.to_string())).or_default() += 1;
+        match (&cmd.action, outcome) {
+            (Action::Spawn { instance, .. }, Outcome::Applied { placement, .. }) => {
+                if let Some(r) = self.instances.get_mut(instance) {
+                    if placement.is_some() {
+                        r.placement = placement.clone();
+                    }
+                }
+            }
+            (Action::Spawn { instance, .. }, _) => {
+                // It never came up: forget it (the controller plans again).
+                self.instances.remove(instance);
+            }
+            _ => {}
+        }
+    }
+
+    /// Forget an instance a backend retired for good (energy kept in the totals).
+    pub fn forget(&mut self, id: InstanceId) {
+        if let Some(r) = self.instances.remove(&id) {
+            self.retired_energy_j += r.energy_j;
+        }
+    }
+
+    /// The status document of `/api/v1/status`.
+    pub fn status(&self, now_s: f64) -> serde_json::Value {
+        let routing = self.ctl.routing().pool_of;
+        let plans = self.ctl.plans();
+        let pools: Vec<serde_json::Value> = (0..self.ctl.pool_count())
+            .map(|p| {
+                let members: Vec<&InstanceRecord> = self.instances.values().filter(|r| r.pool as usize == p).collect();
+                let classes: Vec<String> = RequestClass::ALL
+                    .iter()
+                    .filter(|c| routing[c.index()] as usize == p)
+                    .map(|c| c.to_string())
+                    .collect();
+                serde_json::json!({
+                    "id": p,
+                    "name": self.cfg.pool_names.get(p).cloned().unwrap_or_else(|| format!("pool{p}")),
+                    "classes": classes,
+                    "instances": members.len(),
+                    "gpus": members.iter().map(|r| r.tp).sum::<u32>(),
+                    "power_w": members.iter().map(|r| r.power_w).sum::<f64>(),
+                    "planned_rps": plans.get(p).map_or(0.0, |x| x.planned_rps),
+                    "target": plans.get(p).map(|x| x.target.clone()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        let instances: Vec<serde_json::Value> = self
+            .instances
+            .values()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id.0,
+                    "pool": r.pool,
+                    "tp": r.tp,
+                    "clock_mhz": r.clock_mhz,
+                    "state": match r.state {
+                        InstanceState::Starting => "starting",
+                        InstanceState::Serving => "serving",
+                        InstanceState::Draining => "draining",
+                    },
+                    "power_w": r.power_w,
+                    "energy_j": r.energy_j,
+                    "outstanding": r.outstanding,
+                    "placement": r.placement,
+                })
+            })
+            .collect();
+        let shard_min =
+            ((self.cfg.controller.shard_period_s + self.cfg.controller.spawn_lead_s) / 60.0).ceil().max(1.0) as usize;
+        let forecast = self.forecasts.peak(shard_min);
+        let last = self.att_hist.back().copied().unwrap_or(self.att_totals);
+        let classes: Vec<serde_json::Value> = RequestClass::ALL
+            .iter()
+            .map(|c| {
+                let k = last[c.index()];
+                let t = (k[1] > 0).then(|| k[0] as f64 / k[1] as f64);
+                let g = (k[3] > 0).then(|| k[2] as f64 / k[3] as f64);
+                let att = match (t, g) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                serde_json::json!({
+                    "class": c.to_string(),
+                    "pool": routing[c.index()],
+                    "actual_rps": self.last_recent[c.index()],
+                    "smoothed_rps": self.smoothed[c.index()],
+                    "forecast_rps": forecast[c.index()],
+                    "attainment": att,
+                })
+            })
+            .collect();
+        let energy_j = self.retired_energy_j + self.instances.values().map(|r| r.energy_j).sum::<f64>();
+        let power_w: f64 = self.instances.values().map(|r| r.power_w).sum();
+        let base = self.baseline.energy_j;
+        serde_json::json!({
+            "mode": self.mode().name(),
+            "operator_mode": self.operator_mode.name(),
+            "failsafe_reason": self.stale,
+            "time_s": now_s,
+            "telemetry_lag_s": self.telemetry_lag_s(now_s),
+            "pools": pools,
+            "instances": instances,
+            "classes": classes,
+            "pending_actions": self.pending.len(),
+            "totals": {
+                "energy_j": energy_j,
+                "baseline_energy_j": base,
+                "baseline_power_w": self.baseline.power_w,
+                "power_w": power_w,
+                "gpus": self.gpus(),
+                "savings_ratio": if base > 0.0 { 1.0 - energy_j / base } else { 0.0 },
+            },
+            "history": self.history,
+        })
+    }
+}
+
+/// The kind of an action as it is named in JSON (`spawn`, `set-clock`, …).
+pub fn action_kind(a: &Action) -> &'static str {
+    match a {
+        Action::Spawn { .. } => "spawn",
+        Action::Retire { .. } => "retire",
+        Action::Reshard { .. } => "reshard",
+        Action::Route { .. } => "route",
+        Action::SetClock { .. } => "set-clock",
+    }
+}

@@ -1,0 +1,393 @@
+//! `dynamollm serve`: the always-on service. Telemetry → store → forecaster
+//! → controller → actuators on tokio timers, around the sans-IO controller
+//! ([`core::ServiceCore`] wraps it with the inventory, modes and command ids).
+//!
+//! - Every clock period the core ticks: it builds the observations, steps the
+//!   controller and returns commands. The state (plan, inventory, commands in
+//!   flight) is written to `state_dir/state.json` **before** any command is
+//!   sent, and every command goes through the audit log, so a restart after
+//!   kill -9 re-sends what was in flight with the same ids and repeats nothing.
+//! - Telemetry older than `stale_after_s` puts the service in failsafe (top
+//!   clocks, no scale-in) at the next tick; shutdown resets clocks.
+//! - The HTTP API (axum) is in [`api`].
+
+pub mod api;
+pub mod config;
+pub mod core;
+pub mod twin;
+
+use crate::control::{ControllerConfig, Loops};
+use crate::policy::Policy;
+use crate::profile::ProfileTable;
+use crate::workload::Workload;
+use actuators::{ActionId, Actuator, Command, Outcome};
+use anyhow::{Context, Result};
+use config::{Secret, ServiceConfig};
+use core::{CoreConfig, Mode, SavedState, ServiceCore};
+use sim::measure::{class_slos, SloRule};
+use sim::RunTotals;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use telemetry::{ClassBoundaries, RequestClass, CLASS_COUNT};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Service time: seconds since an origin, advancing `speed` times faster than
+/// the wall clock (tokio's clock, so tests can pause it).
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceClock {
+    start: tokio::time::Instant,
+    speed: f64,
+    offset_s: f64,
+}
+
+impl ServiceClock {
+    /// A clock that reads `offset_s` now.
+    pub fn new(speed: f64, offset_s: f64) -> ServiceClock {
+        ServiceClock { start: tokio::time::Instant::now(), speed, offset_s }
+    }
+
+    /// Service seconds now.
+    pub fn now_s(&self) -> f64 {
+        self.offset_s + self.start.elapsed().as_secs_f64() * self.speed
+    }
+
+    /// Wall time for `s` service seconds.
+    pub fn wall(&self, s: f64) -> Duration {
+        Duration::from_secs_f64((s / self.speed).max(0.0))
+    }
+
+    /// Service seconds per wall second.
+    pub fn speed(&self) -> f64 {
+        self.speed
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the service shares between its loop and its API.
+pub struct Shared {
+    /// The core.
+    pub core: Mutex<ServiceCore>,
+    /// Service time.
+    pub clock: ServiceClock,
+    /// The API's bearer token.
+    pub token: Secret,
+    /// Set after the first tick.
+    pub ready: AtomicBool,
+    /// The service's own metrics.
+    pub metrics: api::ServiceMetrics,
+    /// The backends.
+    pub actuators: Backends,
+}
+
+/// The actuator backends, in order; the first that supports an action carries it out.
+pub struct Backends {
+    list: Vec<Arc<dyn Actuator>>,
+    timeout: Duration,
+}
+
+impl Backends {
+    /// Backends with a timeout per command (wall time).
+    pub fn new(list: Vec<Arc<dyn Actuator>>, timeout: Duration) -> Backends {
+        Backends { list, timeout }
+    }
+
+    /// Carry out one command.
+    pub async fn dispatch(&self, cmd: &Command) -> Outcome {
+        let Some(b) = self.list.iter().find(|b| b.supports(&cmd.action)) else {
+            return Outcome::Failed { reason: "no backend carries out this action".into(), retryable: false };
+        };
+        match tokio::time::timeout(self.timeout, b.apply(cmd)).await {
+            Ok(o) => o,
+            Err(_) => Outcome::TimedOut { after_ms: self.timeout.as_millis() as u64 },
+        }
+    }
+
+    /// Reset every backend (clocks back to default).
+    pub async fn reset(&self) {
+        for b in &self.list {
+            if let Err(e) = b.reset().await {
+                tracing::error!(backend = b.name(), "reset failed: {e}");
+            }
+        }
+    }
+}
+
+/// A running service.
+pub struct RunningService {
+    /// The API's address.
+    pub addr: std::net::SocketAddr,
+    /// Its shared state.
+    pub shared: Arc<Shared>,
+    /// Set when a twin cluster's workload is over (with the twin's totals).
+    pub finished: watch::Receiver<Option<Arc<RunTotals>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningService {
+    /// Stop: no more ticks, clocks reset, state saved.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        self.task.await.context("the service task panicked")?
+    }
+
+    /// Wait until the service ends by itself (it does not, unless it fails).
+    pub async fn wait(self) -> Result<()> {
+        let RunningService { task, shutdown, .. } = self;
+        let r = task.await.context("the service task panicked")?;
+        drop(shutdown);
+        r
+    }
+}
+
+/// Where the state file lives.
+pub fn state_path(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+/// Write the state atomically (temp file, fsync, rename).
+pub fn save_state(dir: &Path, s: &SavedState) -> Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    let text = serde_json::to_vec(s)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, state_path(dir)).with_context(|| format!("cannot replace {}", state_path(dir).display()))
+}
+
+/// Read a saved state, if there is one.
+pub fn load_state(dir: &Path) -> Result<Option<SavedState>> {
+    let p = state_path(dir);
+    match std::fs::read(&p) {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{}: not a saved state", p.display()))?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+}
+
+/// The controller settings a policy implies.
+pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<ControllerConfig> {
+    let policy = Policy::parse(&cfg.service.policy)?;
+    let loops =
+        policy.loops().unwrap_or(Loops { scale: false, shard: false, clock: false, pools: policy.pool_count() > 1 });
+    let max_clock = profile.clocks(RequestClass::ALL[8], 8).into_iter().max().unwrap_or(1980);
+    let mut c = ControllerConfig::new(loops, max_clock);
+    let s = &cfg.controller;
+    c.scale_period_s = s.scale_period_s;
+    c.shard_period_s = s.shard_period_s;
+    c.clock_period_s = s.clock_period_s;
+    c.max_util = s.max_util;
+    c.warm_spawn = s.warm_spawn;
+    c.spawn_lead_s = s.spawn_lead_s;
+    if let Some(b) = s.gpu_budget {
+        c.gpu_budget = b;
+    }
+    if !loops.scale && !loops.shard {
+        c.fixed_instances = Some(s.fixed_instances.unwrap_or(4));
+    }
+    Ok(c)
+}
+
+/// Start the service: bind the API, recover or create the state, start the
+/// cluster backend and the loop. Returns once the API listens.
+pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
+    let token = cfg.token()?;
+    let mut profile = match &cfg.service.profile {
+        Some(p) => ProfileTable::load(p)?,
+        None => ProfileTable::bundled(),
+    };
+    profile.set_slo_multiplier(cfg.service.slo_multiplier);
+    let ccfg = controller_config(&cfg, &profile)?;
+    let pools = if ccfg.loops.pools { CLASS_COUNT } else { 1 };
+    let core_cfg = CoreConfig {
+        controller: ccfg.clone(),
+        stale_after_s: cfg.service.stale_after_s,
+        pool_names: (0..pools)
+            .map(|p| if pools == 1 { "all".to_string() } else { RequestClass::from_index(p).to_string() })
+            .collect(),
+    };
+    let dir = cfg.service.state_dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create state_dir {}", dir.display()))?;
+    let twin = cfg.cluster.kind == "twin";
+    // A twin starts afresh every time (it is the cluster); a real cluster's state is recovered.
+    let saved = if twin { None } else { load_state(&dir)? };
+    let offset = saved.as_ref().map_or(0.0, |s| s.saved_at_s);
+    let clock = ServiceClock::new(cfg.service.speed, offset);
+    let (mut core, recovered) = match saved {
+        Some(s) => {
+            tracing::info!(pending = s.pending.len(), instances = s.instances.len(), "recovered the saved state");
+            (ServiceCore::restore(core_cfg, profile.clone(), s, offset).map_err(anyhow::Error::msg)?, true)
+        }
+        None => (ServiceCore::new(core_cfg, profile.clone(), 0.0), false),
+    };
+    if !recovered {
+        core.set_mode(Mode::parse(&cfg.service.mode).map_err(anyhow::Error::msg)?);
+    }
+    let (routing_tx, routing_rx) = watch::channel(core.routing());
+    let timeout = Duration::from_secs_f64(cfg.service.action_timeout_s / cfg.service.speed.max(1.0))
+        .max(Duration::from_millis(50));
+    let (backends, twin_events) = if twin {
+        let physics = match &cfg.cluster.physics {
+            Some(p) => sim::Physics::load(p)?,
+            None => sim::Physics::default_h100_llama70b(),
+        };
+        let c = &cfg.cluster;
+        let workload = Workload::from_options(
+            c.trace.as_deref(),
+            c.rates.as_deref(),
+            c.lengths.as_deref(),
+            c.scale,
+            c.hours,
+            c.seed,
+        )?;
+        let slo = class_slos(
+            &physics,
+            &workload.slo_pairs,
+            &ClassBoundaries::default(),
+            SloRule::Multiplier(cfg.service.slo_multiplier),
+        );
+        // The fleet the service finds at start is up already: the first tick's spawns serve at once,
+        // and the rates of the first minutes are known (as in `dynamollm sim`).
+        if let Ok(first) =
+            crate::closed_loop::MinuteCounts::of(&Workload { hours: Some(5.0 / 60.0), ..workload.clone() })
+        {
+            core.prime_rates(first.peak(0, 5));
+        }
+        let settings = twin::TwinSettings { physics, workload, slo, pools, report_every_s: ccfg.clock_period_s / 2.0 };
+        let (act, events) = twin::start(settings, clock, routing_rx)?;
+        (Backends::new(vec![act as Arc<dyn Actuator>], timeout), Some(events))
+    } else {
+        anyhow::bail!("cluster.kind = \"external\" needs the [actuators] backends, which this build does not have yet");
+    };
+    let shared = Arc::new(Shared {
+        core: Mutex::new(core),
+        clock,
+        token,
+        ready: AtomicBool::new(false),
+        metrics: api::ServiceMetrics::new()?,
+        actuators: backends,
+    });
+    let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.service.listen))?;
+    let addr = listener.local_addr()?;
+    let app = api::router(shared.clone());
+    let (stop_api_tx, stop_api_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_api_rx.await;
+            })
+            .await;
+    });
+    let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let (finished_tx, finished_rx) = watch::channel(None);
+    let task =
+        tokio::spawn(run_loop(shared.clone(), dir, twin_events, routing_tx, shutdown_rx, finished_tx, stop_api_tx));
+    tracing::info!(%addr, "dynamollm serve: API up");
+    Ok(RunningService { addr, shared, finished: finished_rx, shutdown: Some(shutdown_tx), task })
+}
+
+async fn run_loop(
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    mut twin_events: Option<mpsc::UnboundedReceiver<twin::TwinEvent>>,
+    routing_tx: watch::Sender<[u32; CLASS_COUNT]>,
+    mut shutdown: oneshot::Receiver<()>,
+    finished: watch::Sender<Option<Arc<RunTotals>>>,
+    stop_api: oneshot::Sender<()>,
+) -> Result<()> {
+    let clock = shared.clock;
+    let period_s = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.config_clock_period_s();
+    let mut tick = tokio::time::interval(clock.wall(period_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(ActionId, Outcome)>();
+    // Commands left in flight by a previous run go out again, same ids.
+    let resend: Vec<Command> = shared.core.lock().map(|c| c.pending().cloned().collect()).unwrap_or_default();
+    if !resend.is_empty() {
+        tracing::info!(n = resend.len(), "re-sending the commands in flight before the restart");
+        send(&shared, resend, &out_tx);
+    }
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {
+                let started = std::time::Instant::now();
+                let now = clock.now_s();
+                let (cmds, saved, routing) = {
+                    let mut core = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                    let cmds = core.tick(now, wall_ms());
+                    (cmds, core.save(now), core.routing())
+                };
+                // Write-ahead: the plan and the commands are on disk before anything acts.
+                if let Err(e) = save_state(&dir, &saved) {
+                    tracing::error!("cannot save the state: {e:#}");
+                }
+                routing_tx.send_replace(routing);
+                shared.metrics.observe_tick(started.elapsed());
+                shared.ready.store(true, Ordering::Relaxed);
+                send(&shared, cmds, &out_tx);
+            }
+            Some((id, outcome)) = out_rx.recv() => {
+                if let Ok(mut core) = shared.core.lock() {
+                    core.on_outcome(&id, &outcome);
+                }
+            }
+            Some(ev) = async { match twin_events.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                match ev {
+                    twin::TwinEvent::Report { now_s, instances, arrivals, attainment } => {
+                        if let Ok(mut core) = shared.core.lock() {
+                            core.observe_arrivals(now_s, &arrivals);
+                            core.observe_attainment(*attainment);
+                            for r in &instances {
+                                core.observe_instance(now_s, r);
+                            }
+                        }
+                    }
+                    twin::TwinEvent::Finished(totals) => {
+                        finished.send_replace(Some(Arc::from(totals)));
+                        twin_events = None;
+                    }
+                }
+            }
+        }
+    }
+    // Graceful: clocks back to default, state saved, API down.
+    shared.actuators.reset().await;
+    let now = clock.now_s();
+    let saved = shared.core.lock().map(|c| c.save(now)).map_err(|_| anyhow::anyhow!("poisoned"))?;
+    save_state(&dir, &saved)?;
+    let _ = stop_api.send(());
+    Ok(())
+}
+
+/// Send one tick's commands in order (a spawn before the clock of the same instance).
+fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(ActionId, Outcome)>) {
+    if cmds.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    let out = out.clone();
+    tokio::spawn(async move {
+        for cmd in cmds {
+            let outcome = shared.actuators.dispatch(&cmd).await;
+            shared.metrics.observe_action(core::action_kind(&cmd.action), &outcome);
+            if !outcome.is_applied() {
+                tracing::warn!(id = %cmd.id, ?outcome, "action not applied");
+            }
+            let _ = out.send((cmd.id.clone(), outcome));
+        }
+    });
+}
