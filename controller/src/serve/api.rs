@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 // Replaced by the dashboards crate's live page.
-const LIVE_PAGE: &str = "<!doctype html><title>dynamollm</title><p>See /api/v1/status</p>";
+const LIVE_PAGE: &str = "<!doctype html><html><title>dynamollm</title><p>See /api/v1/status</p></html>";
 
 /// The service's own metrics.
 pub struct ServiceMetrics {

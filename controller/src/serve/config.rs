@@ -151,6 +151,14 @@ impl Default for ClusterSection {
     }
 }
 
+/// `[router]`: the OpenAI-compatible request router in front of a real cluster.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSection {
+    /// Address of `/v1/completions` and `/v1/chat/completions` (no router when absent).
+    pub listen: Option<String>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -161,6 +169,8 @@ pub struct ServiceConfig {
     pub controller: ControllerSection,
     /// `[cluster]`.
     pub cluster: ClusterSection,
+    /// `[router]`.
+    pub router: RouterSection,
     /// `[telemetry]` (checked by the telemetry crate).
     pub telemetry: Option<toml::Value>,
     /// `[actuators]` (checked by the actuators crate).
@@ -214,6 +224,11 @@ impl ServiceConfig {
         }
         if s.listen.parse::<std::net::SocketAddr>().is_err() {
             bail!("{origin}: service.listen: {:?} is not an address like 127.0.0.1:9464", s.listen);
+        }
+        if let Some(l) = &self.router.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                bail!("{origin}: router.listen: {l:?} is not an address like 127.0.0.1:8000");
+            }
         }
         if !matches!(self.cluster.kind.as_str(), "twin" | "external") {
             bail!("{origin}: cluster.kind: {:?} is not `twin` or `external`", self.cluster.kind);

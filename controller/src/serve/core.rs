@@ -109,6 +109,9 @@ pub struct InstanceRecord {
     pub spawned_at_s: f64,
     /// Last report (s).
     pub last_report_s: Option<f64>,
+    /// Per GPU index: the last power (W) and energy counter (J) telemetry gave.
+    #[serde(default)]
+    pub gpus: BTreeMap<u32, (f64, f64)>,
 }
 
 /// A decision as the service keeps it (the controller's, plus the command id and what the mode did).
@@ -181,6 +184,10 @@ pub struct CoreConfig {
     pub stale_after_s: f64,
     /// Pool names (index = pool id).
     pub pool_names: Vec<String>,
+    /// A retire acknowledged means the instance is gone (real clusters: the
+    /// backend drains and stops it before it answers); else it drains until
+    /// telemetry reports it stopped (the twin).
+    pub retire_ack_means_stopped: bool,
 }
 
 /// Counters for the service's own metrics.
@@ -433,6 +440,65 @@ impl ServiceCore {
         rec.last_report_s = Some(now_s);
     }
 
+    /// A telemetry sample from a real cluster (MQTT or a scrape). GPU and
+    /// engine samples are matched to the instance whose placement is on the
+    /// sample's `site/node` (and, for GPUs, holds that GPU index); arrivals
+    /// samples count per class. Samples of nodes the service did not place
+    /// anything on are ignored.
+    pub fn observe_sample(&mut self, now_s: f64, sample: &telemetry::sample::Sample) {
+        use telemetry::sample::Sample;
+        let tags = match sample {
+            Sample::Gpu(g) => &g.tags,
+            Sample::Engine(e) => &e.tags,
+            Sample::Arrivals(a) => {
+                if let Some(c) = a.tags.class {
+                    let mut counts = [0u32; CLASS_COUNT];
+                    counts[c.index()] = a.requests.max(0.0).round() as u32;
+                    self.observe_arrivals(now_s, &counts);
+                }
+                return;
+            }
+        };
+        let node = match (&tags.site, &tags.node) {
+            (Some(s), Some(n)) => format!("{s}/{n}"),
+            (None, Some(n)) => n.clone(),
+            _ => return,
+        };
+        let gpu = tags.gpu;
+        let Some(rec) = self.instances.values_mut().find(|r| {
+            r.placement
+                .as_ref()
+                .is_some_and(|p| p.node == node && (p.gpus.is_empty() || gpu.is_none_or(|g| p.gpus.contains(&g))))
+        }) else {
+            return;
+        };
+        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+        rec.last_report_s = Some(now_s);
+        match sample {
+            Sample::Gpu(g) => {
+                let e = g.energy_j.unwrap_or(rec.gpus.get(&g.tags.gpu.unwrap_or(0)).map_or(0.0, |x| x.1));
+                rec.gpus.insert(g.tags.gpu.unwrap_or(0), (g.power_w, e));
+                rec.power_w = rec.gpus.values().map(|x| x.0).sum();
+                rec.energy_j = rec.gpus.values().map(|x| x.1).sum();
+                if let Some(c) = g.sm_clock_mhz {
+                    rec.clock_mhz = c;
+                }
+            }
+            Sample::Engine(e) => {
+                let running = e.running.unwrap_or(0.0).max(0.0) as u32;
+                let waiting = e.waiting.unwrap_or(0.0).max(0.0) as u32;
+                rec.outstanding = running + waiting;
+                rec.waiting = waiting;
+                // An engine that answers serves (unless it was asked to retire).
+                if rec.state == InstanceState::Starting {
+                    rec.state = InstanceState::Serving;
+                    self.observed_spawn_s.push(now_s - rec.spawned_at_s);
+                }
+            }
+            Sample::Arrivals(_) => {}
+        }
+    }
+
     fn roll_minutes(&mut self, now_s: f64) {
         while ((self.minute + 1) as f64) * 60.0 <= now_s {
             self.forecasts.push_minute(std::array::from_fn(|c| f64::from(self.minute_counts[c])));
@@ -638,6 +704,7 @@ impl ServiceCore {
                         energy_j: 0.0,
                         spawned_at_s: now_s,
                         last_report_s: None,
+                        gpus: BTreeMap::new(),
                     },
                 );
             }
@@ -683,6 +750,9 @@ impl ServiceCore {
             (Action::Spawn { instance, .. }, _) => {
                 // It never came up: forget it (the controller plans again).
                 self.instances.remove(instance);
+            }
+            (Action::Retire { instance }, Outcome::Applied { .. }) if self.cfg.retire_ack_means_stopped => {
+                self.forget(*instance);
             }
             _ => {}
         }

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod router;
 pub mod twin;
 
 use crate::control::{ControllerConfig, Loops};
@@ -121,6 +122,8 @@ impl Backends {
 pub struct RunningService {
     /// The API's address.
     pub addr: std::net::SocketAddr,
+    /// The request router's address, when `[router]` is set.
+    pub router_addr: Option<std::net::SocketAddr>,
     /// Its shared state.
     pub shared: Arc<Shared>,
     /// Set when a twin cluster's workload is over (with the twin's totals).
@@ -217,6 +220,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         pool_names: (0..pools)
             .map(|p| if pools == 1 { "all".to_string() } else { RequestClass::from_index(p).to_string() })
             .collect(),
+        retire_ack_means_stopped: cfg.cluster.kind != "twin",
     };
     let dir = cfg.service.state_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create state_dir {}", dir.display()))?;
@@ -292,12 +296,25 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             })
             .await;
     });
+    let router_addr = match &cfg.router.listen {
+        Some(l) => {
+            let listener =
+                tokio::net::TcpListener::bind(l).await.with_context(|| format!("router: cannot listen on {l}"))?;
+            let addr = listener.local_addr()?;
+            let app = router::router(shared.clone());
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            Some(addr)
+        }
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let (finished_tx, finished_rx) = watch::channel(None);
     let task =
         tokio::spawn(run_loop(shared.clone(), dir, twin_events, routing_tx, shutdown_rx, finished_tx, stop_api_tx));
     tracing::info!(%addr, "dynamollm serve: API up");
-    Ok(RunningService { addr, shared, finished: finished_rx, shutdown: Some(shutdown_tx), task })
+    Ok(RunningService { addr, router_addr, shared, finished: finished_rx, shutdown: Some(shutdown_tx), task })
 }
 
 async fn run_loop(

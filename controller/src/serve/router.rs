@@ -1,0 +1,196 @@
+//! The request router of a real cluster: an OpenAI-compatible front
+//! (`POST /v1/completions`, `POST /v1/chat/completions`) that classifies each
+//! request at admission (prompt length, and the output band predicted from
+//! `max_tokens` and what completed requests taught it), sends it to its
+//! class's pool as the controller routes it — switching a class to a new pool
+//! only once that pool serves (make before break) — and within the pool to the
+//! serving instance with the fewest requests in flight. It counts per-class
+//! arrivals for the forecaster and streams the engine's answer back untouched.
+
+use super::Shared;
+use crate::control::InstanceState;
+use crate::predict::OutputPredictor;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use telemetry::{ClassBoundaries, CLASS_COUNT};
+
+/// The router's state.
+pub struct RouterState {
+    shared: Arc<Shared>,
+    client: reqwest::Client,
+    predictor: Mutex<OutputPredictor>,
+    boundaries: ClassBoundaries,
+    in_flight: Mutex<HashMap<String, u32>>,
+    current: Mutex<[Option<u32>; CLASS_COUNT]>,
+}
+
+/// The router's axum app.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let st = Arc::new(RouterState {
+        shared,
+        client: reqwest::Client::new(),
+        predictor: Mutex::new(OutputPredictor::new(ClassBoundaries::default())),
+        boundaries: ClassBoundaries::default(),
+        in_flight: Mutex::new(HashMap::new()),
+        current: Mutex::new([None; CLASS_COUNT]),
+    });
+    Router::new()
+        .route("/v1/completions", post(|s, b| forward(s, b, "/v1/completions")))
+        .route("/v1/chat/completions", post(|s, b| forward(s, b, "/v1/chat/completions")))
+        .with_state(st)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": { "message": message.into(), "type": "invalid_request_error", "code": status.as_u16() } });
+    (status, Json(body)).into_response()
+}
+
+/// Prompt tokens: token ids count one each; text counts whitespace-separated words (as the twin's engine does).
+fn input_tokens(v: &serde_json::Value) -> Result<u32, String> {
+    fn prompt(p: &serde_json::Value) -> Result<u32, String> {
+        match p {
+            serde_json::Value::String(s) => Ok(s.split_whitespace().count().max(1) as u32),
+            serde_json::Value::Array(a) if a.iter().all(|x| x.is_u64()) => Ok(a.len().max(1) as u32),
+            serde_json::Value::Array(a) if a.len() == 1 => prompt(&a[0]),
+            _ => Err("`prompt` must be a string, an array of token ids, or a one-element array of either".into()),
+        }
+    }
+    if !v["prompt"].is_null() {
+        return prompt(&v["prompt"]);
+    }
+    let msgs = v["messages"].as_array().ok_or("the body needs `prompt` or `messages`")?;
+    let mut n = 0u32;
+    for (i, m) in msgs.iter().enumerate() {
+        match &m["content"] {
+            serde_json::Value::String(s) => n += s.split_whitespace().count() as u32 + 4,
+            serde_json::Value::Array(parts) => {
+                n += parts
+                    .iter()
+                    .filter_map(|p| p["text"].as_str())
+                    .map(|t| t.split_whitespace().count() as u32)
+                    .sum::<u32>()
+                    + 4
+            }
+            _ => return Err(format!("`messages[{i}].content` must be a string or an array of parts")),
+        }
+    }
+    Ok(n.max(1))
+}
+
+impl RouterState {
+    /// The pool a class goes to now: the controller's choice once it serves, else where it went before.
+    fn pool_for(&self, class: usize, serving: &dyn Fn(u32) -> bool) -> u32 {
+        let want = self.shared.core.lock().map(|c| c.routing()[class]).unwrap_or(0);
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let keep_old = cur[class].is_some_and(|old| old != want && serving(old) && !serving(want));
+        if !keep_old {
+            cur[class] = Some(want);
+        }
+        cur[class].unwrap_or(want)
+    }
+
+    /// The serving instance of a pool with the fewest requests in flight (its endpoint).
+    fn pick(&self, pool: u32) -> Option<String> {
+        let core = self.shared.core.lock().ok()?;
+        let flights = self.in_flight.lock().ok()?;
+        core.instances()
+            .filter(|r| r.pool == pool && r.state == InstanceState::Serving)
+            .filter_map(|r| r.placement.as_ref().and_then(|p| p.endpoint.clone()))
+            .min_by_key(|e| flights.get(e).copied().unwrap_or(0))
+    }
+}
+
+struct Flight {
+    st: Arc<RouterState>,
+    endpoint: String,
+    input_tokens: u32,
+    output_tokens: u32,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.st.in_flight.lock() {
+            if let Some(n) = f.get_mut(&self.endpoint) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if self.output_tokens > 0 {
+            if let Ok(mut p) = self.st.predictor.lock() {
+                p.learn(self.input_tokens, self.output_tokens);
+            }
+        }
+    }
+}
+
+async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static str) -> Response {
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("request body, line {} column {}: {e}", e.line(), e.column()),
+            )
+        }
+    };
+    let input = match input_tokens(&v) {
+        Ok(n) => n,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let max_tokens = v["max_tokens"]
+        .as_u64()
+        .or_else(|| v["max_completion_tokens"].as_u64())
+        .map(|m| m.min(u64::from(u32::MAX)) as u32);
+    let class =
+        st.predictor.lock().map(|p| p.predict(input, max_tokens)).unwrap_or_else(|_| st.boundaries.classify(input, 1));
+    let now = st.shared.clock.now_s();
+    if let Ok(mut core) = st.shared.core.lock() {
+        let mut counts = [0u32; CLASS_COUNT];
+        counts[class.index()] = 1;
+        core.observe_arrivals(now, &counts);
+    }
+    let serving = |pool: u32| st.pick(pool).is_some();
+    let pool = st.pool_for(class.index(), &serving);
+    let Some(endpoint) = st.pick(pool) else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("no instance of pool {pool} serves class {class} yet"));
+    };
+    if let Ok(mut f) = st.in_flight.lock() {
+        *f.entry(endpoint.clone()).or_default() += 1;
+    }
+    let mut flight = Flight { st: st.clone(), endpoint: endpoint.clone(), input_tokens: input, output_tokens: 0 };
+    let url = format!("{}{path}", endpoint.trim_end_matches('/'));
+    let resp = match st.client.post(&url).header(header::CONTENT_TYPE, "application/json").body(body).send().await {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_GATEWAY, format!("{url}: {e}")),
+    };
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let ctype = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let streaming = ctype.starts_with("text/event-stream");
+    let stream = resp.bytes_stream().map(move |chunk| {
+        if let Ok(b) = &chunk {
+            if streaming {
+                // One SSE event per token: count them to learn the output length.
+                flight.output_tokens += b.windows(6).filter(|w| w == b"data: ").count() as u32;
+            }
+        }
+        let _ = &flight;
+        chunk
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    *r.status_mut() = status;
+    if let Ok(h) = header::HeaderValue::from_str(&ctype) {
+        r.headers_mut().insert(header::CONTENT_TYPE, h);
+    }
+    r
+}
