@@ -252,7 +252,13 @@ impl MakeBeforeBreak {
         // 1. Spawn the new configuration.
         let spawn = Command::new(
             plan.spawn_id().0,
-            Action::Spawn { instance: plan.new, pool: plan.pool, tp: plan.tp, clock_mhz: plan.clock_mhz, from: plan.from },
+            Action::Spawn {
+                instance: plan.new,
+                pool: plan.pool,
+                tp: plan.tp,
+                clock_mhz: plan.clock_mhz,
+                from: plan.from,
+            },
             plan.spawn_placement.clone(),
         );
         let o = d.dispatch(&spawn).await?;
@@ -292,7 +298,8 @@ impl MakeBeforeBreak {
         if self.began(d, &plan.retire_id()).await?.is_none() && !self.drain.is_zero() {
             tokio::time::sleep(self.drain).await;
         }
-        let retire = Command::new(plan.retire_id().0, Action::Retire { instance: plan.old }, plan.old_placement.clone());
+        let retire =
+            Command::new(plan.retire_id().0, Action::Retire { instance: plan.old }, plan.old_placement.clone());
         let o = d.dispatch(&retire).await?;
         steps.push((retire.id.clone(), o.clone()));
         let result = if o.is_applied() {

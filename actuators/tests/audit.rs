@@ -175,7 +175,9 @@ async fn commands_go_to_the_first_backend_that_supports_them() {
     // No backend for an action: a recorded, non-retryable failure.
     let d = Dispatcher::new(log.clone()).with_backend(Arc::new(ClocksOnly(clocks)), Duration::from_secs(1));
     match d.dispatch(&retire("orphan", 2)).await.unwrap() {
-        Outcome::Failed { reason, retryable: false } => assert!(reason.contains("no backend carries out retire"), "{reason}"),
+        Outcome::Failed { reason, retryable: false } => {
+            assert!(reason.contains("no backend carries out retire"), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(log.get(&ActionId("orphan".into())).unwrap().unwrap().state, AuditState::Failed);

@@ -67,7 +67,8 @@ async fn bad_configs_are_clear_errors() {
     let c = ActuatorsConfig::from_toml("order = [\"exec\", \"ssh\"]").unwrap();
     let e = build(&c, audit(&dir), None).unwrap_err();
     assert!(e.to_string().contains("ssh"), "{e}");
-    let c = ActuatorsConfig::from_toml("[webhook]\nurl = \"http://x\"\ntoken_env = \"DYNAMOLLM_NO_SUCH_VAR_X\"").unwrap();
+    let c =
+        ActuatorsConfig::from_toml("[webhook]\nurl = \"http://x\"\ntoken_env = \"DYNAMOLLM_NO_SUCH_VAR_X\"").unwrap();
     let e = build(&c, audit(&dir), None).unwrap_err();
     assert!(e.to_string().contains("DYNAMOLLM_NO_SUCH_VAR_X"), "{e}");
     let c = ActuatorsConfig::from_toml("[exec]\nspawn = []").unwrap();

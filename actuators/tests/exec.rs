@@ -42,7 +42,11 @@ async fn spawn_reports_placement_and_gets_the_command_on_stdin_and_in_env() {
     let Outcome::Applied { placement: Some(p), .. } = &out else { panic!("expected applied with placement: {out:?}") };
     assert_eq!(
         p,
-        &Placement { node: "gpu-node-3".into(), gpus: vec![4, 5, 6, 7], endpoint: Some("http://gpu-node-3:8000".into()) }
+        &Placement {
+            node: "gpu-node-3".into(),
+            gpus: vec![4, 5, 6, 7],
+            endpoint: Some("http://gpu-node-3:8000".into())
+        }
     );
     let stdin: Command = serde_json::from_str(&read(&dir.path().join("stdin.json"))).unwrap();
     assert_eq!(stdin, cmd);
@@ -72,7 +76,8 @@ async fn placement_goes_to_the_environment_and_argv_lists_run_without_a_shell() 
         "sh".to_string(),
         out_file.display().to_string(),
     ];
-    let a = exec(ExecTemplates { set_clock: Some(CommandLine::Argv(argv)), ..Default::default() }, Duration::from_secs(10));
+    let a =
+        exec(ExecTemplates { set_clock: Some(CommandLine::Argv(argv)), ..Default::default() }, Duration::from_secs(10));
     assert!(!a.supports(&Action::Retire { instance: InstanceId(1) }));
     let cmd = Command::new(
         "clk-1",
@@ -126,7 +131,10 @@ async fn non_zero_exit_is_failed_with_the_stderr_tail() {
 
 #[tokio::test]
 async fn malformed_spawn_stdout_is_a_failure_naming_the_problem() {
-    let a = exec(ExecTemplates { spawn: shell("echo '{\"placement\": 42}'"), ..Default::default() }, Duration::from_secs(10));
+    let a = exec(
+        ExecTemplates { spawn: shell("echo '{\"placement\": 42}'"), ..Default::default() },
+        Duration::from_secs(10),
+    );
     match a.apply(&spawn_cmd("bad-1")).await {
         Outcome::Failed { reason, retryable: false } => {
             assert!(reason.contains("stdout is not the JSON reply"), "{reason}");

@@ -100,10 +100,7 @@ async fn edge(prefix: &str, site: &str, node: &str, reply: Reply) -> Edge {
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(10), sub_rx)
-        .await
-        .expect("the edge node subscribed within 10 s")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), sub_rx).await.expect("the edge node subscribed within 10 s").unwrap();
     Edge { received, task }
 }
 

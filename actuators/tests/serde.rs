@@ -5,18 +5,24 @@ use actuators::{Ack, Action, ActionId, Command, InstanceId, Outcome, Placement, 
 use proptest::prelude::*;
 
 fn placement() -> impl Strategy<Value = Placement> {
-    ("[a-z0-9/-]{0,12}", proptest::collection::vec(0u32..16, 0..8), proptest::option::of("http://[a-z]{1,8}:[0-9]{2,5}"))
+    (
+        "[a-z0-9/-]{0,12}",
+        proptest::collection::vec(0u32..16, 0..8),
+        proptest::option::of("http://[a-z]{1,8}:[0-9]{2,5}"),
+    )
         .prop_map(|(node, gpus, endpoint)| Placement { node, gpus, endpoint })
 }
 
 fn action() -> impl Strategy<Value = Action> {
     prop_oneof![
-        (any::<u32>(), any::<u32>(), 1u32..9, 0u32..3000, any::<bool>()).prop_map(|(i, p, tp, c, warm)| Action::Spawn {
-            instance: InstanceId(i),
-            pool: PoolId(p),
-            tp,
-            clock_mhz: c,
-            from: if warm { SpawnFrom::WarmStandby } else { SpawnFrom::Cold },
+        (any::<u32>(), any::<u32>(), 1u32..9, 0u32..3000, any::<bool>()).prop_map(|(i, p, tp, c, warm)| {
+            Action::Spawn {
+                instance: InstanceId(i),
+                pool: PoolId(p),
+                tp,
+                clock_mhz: c,
+                from: if warm { SpawnFrom::WarmStandby } else { SpawnFrom::Cold },
+            }
         }),
         any::<u32>().prop_map(|i| Action::Retire { instance: InstanceId(i) }),
         (any::<u32>(), 1u32..9, any::<bool>()).prop_map(|(i, tp, inplace)| Action::Reshard {

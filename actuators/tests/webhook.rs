@@ -11,13 +11,16 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "s3cret-token";
 
+/// (authorization, idempotency key, body) of one request.
+type Seen = (Option<String>, Option<String>, Command);
+
 #[derive(Default)]
 struct Server {
     /// Status per request, in order; the last repeats.
     script: Vec<u16>,
     delay: Duration,
     /// (authorization, idempotency key, body) per request.
-    seen: Mutex<Vec<(Option<String>, Option<String>, Command)>>,
+    seen: Mutex<Vec<Seen>>,
 }
 
 async fn hook(State(s): State<Arc<Server>>, headers: HeaderMap, body: String) -> (StatusCode, String) {
@@ -59,7 +62,13 @@ fn actuator(url: &str, token: Option<&str>, attempts: u32, timeout: Duration) ->
 fn spawn_cmd(id: &str) -> Command {
     Command::new(
         id,
-        Action::Spawn { instance: InstanceId(4), pool: PoolId(1), tp: 2, clock_mhz: 1600, from: SpawnFrom::WarmStandby },
+        Action::Spawn {
+            instance: InstanceId(4),
+            pool: PoolId(1),
+            tp: 2,
+            clock_mhz: 1600,
+            from: SpawnFrom::WarmStandby,
+        },
         None,
     )
 }
