@@ -130,6 +130,10 @@ impl Dispatcher {
     ///   committed with `finish`.
     ///
     /// No backend → `Failed` (not retryable), recorded too.
+    ///
+    /// Dispatch one id from one task at a time: two concurrent dispatches
+    /// of the same id may both reach the backend (harmless for idempotent
+    /// backends, but counted twice in `attempts`).
     pub async fn dispatch(&self, cmd: &Command) -> Result<Outcome, DispatchError> {
         let kind = cmd.action.kind();
         let id = cmd.id.clone();

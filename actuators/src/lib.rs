@@ -1,6 +1,18 @@
 //! actuators: the vocabulary of action (spawn, retire, reshard, set clock,
 //! route) that the controller emits and every backend (the twin, NVML clocks,
 //! exec/webhook, MQTT) carries out.
+//!
+//! - The vocabulary: [`Action`], [`Command`] (an action with its idempotency
+//!   [`ActionId`]), [`Outcome`], [`Ack`], [`Placement`], and the
+//!   [`Actuator`] trait every backend implements.
+//! - Backends: [`nvml`] (GPU clocks), [`exec`] (operator commands),
+//!   [`webhook`] (HTTP POST), [`mqtt`] (edge sites).
+//! - [`Dispatcher`]: routes commands to backends with timeouts, recording
+//!   each in the redb [`AuditLog`] before and after (crash-safe, no action
+//!   repeated), with counters for Prometheus.
+//! - [`reshard::MakeBeforeBreak`]: resharding as spawn → ready → route →
+//!   retire, rolled back on failure, resumable from the audit log.
+//! - [`config`]: the `[actuators]` TOML table and [`build`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

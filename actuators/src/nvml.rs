@@ -16,6 +16,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use telemetry::gpu::{GpuDevice, GpuError};
 
+/// Applied ids remembered (then forgotten all at once; re-applying is harmless).
+const MAX_REMEMBERED_IDS: usize = 10_000;
+
 /// Pick the clock to lock (see the module documentation): the highest
 /// supported clock ≤ `requested_mhz` clamped into `[min_mhz, max_mhz]`, else
 /// the lowest supported clock within the bounds. `supported_mhz` need not be
@@ -145,7 +148,12 @@ impl Actuator for NvmlActuator {
             Err(e) => Outcome::Failed { reason: format!("GPU task failed: {e}"), retryable: true },
         };
         if outcome.is_applied() {
-            self.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.id.clone(), outcome.clone());
+            let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded: forgetting ids is safe, re-locking the same clock is harmless.
+            if applied.len() >= MAX_REMEMBERED_IDS {
+                applied.clear();
+            }
+            applied.insert(cmd.id.clone(), outcome.clone());
         }
         outcome
     }

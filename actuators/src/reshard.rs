@@ -23,7 +23,7 @@
 //! later step (a route or the retire) was already begun. A rollback once
 //! begun is carried on, never reversed.
 
-use crate::audit::AuditState;
+use crate::audit::{AuditError, AuditRecord, AuditState};
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::{Action, ActionId, Command, InstanceId, Outcome, Placement, PoolId, SpawnFrom};
 use std::time::Duration;
@@ -188,13 +188,18 @@ fn failure(o: &Outcome) -> String {
 }
 
 impl MakeBeforeBreak {
-    async fn began(&self, d: &Dispatcher, id: &ActionId) -> Result<Option<AuditState>, DispatchError> {
+    async fn record(&self, d: &Dispatcher, id: &ActionId) -> Result<Option<AuditRecord>, DispatchError> {
         let audit = d.audit().clone();
+        let path = audit.path().to_path_buf();
         let id = id.clone();
-        let rec = tokio::task::spawn_blocking(move || audit.get(&id)).await.unwrap_or_else(|e| {
-            Err(crate::AuditError::Storage { path: Default::default(), what: "audit task", problem: e.to_string() })
-        })?;
-        Ok(rec.map(|r| r.state))
+        let rec = tokio::task::spawn_blocking(move || audit.get(&id))
+            .await
+            .unwrap_or_else(|e| Err(AuditError::Storage { path, what: "audit task", problem: e.to_string() }))?;
+        Ok(rec)
+    }
+
+    async fn began(&self, d: &Dispatcher, id: &ActionId) -> Result<Option<AuditState>, DispatchError> {
+        Ok(self.record(d, id).await?.map(|r| r.state))
     }
 
     async fn wait_ready(&self, readiness: &dyn Readiness, placement: &Placement) -> bool {
@@ -242,10 +247,7 @@ impl MakeBeforeBreak {
         let mut steps = Vec::new();
         // A rollback once begun is carried on.
         if self.began(d, &plan.rollback_id()).await?.is_some() {
-            let placement = match self.began(d, &plan.spawn_id()).await? {
-                Some(_) => d.audit().get(&plan.spawn_id())?.and_then(|r| r.placement),
-                None => None,
-            };
+            let placement = self.record(d, &plan.spawn_id()).await?.and_then(|r| r.placement);
             return self.rollback(plan, d, placement, "resumed an interrupted rollback".into(), &mut steps).await;
         }
 

@@ -57,8 +57,15 @@ impl WebhookActuator {
         kinds: Option<Vec<String>>,
     ) -> Result<WebhookActuator, String> {
         let parsed = reqwest::Url::parse(url).map_err(|e| format!("webhook url {url:?}: {e}"))?;
-        if parsed.scheme() != "http" && parsed.scheme() != "https" {
-            return Err(format!("webhook url {url:?}: the scheme must be http or https"));
+        match parsed.scheme() {
+            "http" => {}
+            "https" => {
+                return Err(format!(
+                    "webhook url {url:?}: https is not supported by this build (reqwest is built without TLS); \
+                     use http to a local TLS-terminating proxy"
+                ))
+            }
+            _ => return Err(format!("webhook url {url:?}: the scheme must be http")),
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)

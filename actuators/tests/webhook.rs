@@ -169,5 +169,7 @@ fn bad_urls_are_clear_errors() {
     let e = WebhookActuator::new("not a url", None, b, Duration::from_secs(1), None).unwrap_err();
     assert!(e.contains("not a url"), "{e}");
     let e = WebhookActuator::new("ftp://x/y", None, b, Duration::from_secs(1), None).unwrap_err();
-    assert!(e.contains("http or https"), "{e}");
+    assert!(e.contains("the scheme must be http"), "{e}");
+    let e = WebhookActuator::new("https://x/y", None, b, Duration::from_secs(1), None).unwrap_err();
+    assert!(e.contains("without TLS"), "{e}");
 }
