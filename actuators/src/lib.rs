@@ -1,10 +1,37 @@
 //! actuators: the vocabulary of action (spawn, retire, reshard, set clock,
 //! route) that the controller emits and every backend (the twin, NVML clocks,
 //! exec/webhook, MQTT) carries out.
+//!
+//! - The vocabulary: [`Action`], [`Command`] (an action with its idempotency
+//!   [`ActionId`]), [`Outcome`], [`Ack`], [`Placement`], and the
+//!   [`Actuator`] trait every backend implements.
+//! - Backends: [`nvml`] (GPU clocks), [`exec`] (operator commands),
+//!   [`webhook`] (HTTP POST), [`mqtt`] (edge sites).
+//! - [`Dispatcher`]: routes commands to backends with timeouts, recording
+//!   each in the redb [`AuditLog`] before and after (crash-safe, no action
+//!   repeated), with counters for Prometheus.
+//! - [`reshard::MakeBeforeBreak`]: resharding as spawn → ready → route →
+//!   retire, rolled back on failure, resumable from the audit log.
+//! - [`config`]: the `[actuators]` TOML table and [`build`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use serde::{Deserialize, Serialize};
+
+pub mod audit;
+pub mod config;
+pub mod dispatch;
+pub mod exec;
+pub mod mqtt;
+pub mod nvml;
+pub mod reshard;
+pub mod secret;
+pub mod webhook;
+
+pub use audit::{AuditError, AuditLog, AuditRecord, AuditState};
+pub use config::{build, ActuatorsConfig, BuildError};
+pub use dispatch::{DispatchError, Dispatcher, DispatcherStats};
+pub use secret::Secret;
 
 /// Identifies an engine instance within a cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -81,6 +108,39 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The action's kind, as in its JSON `kind` tag: `spawn`, `retire`,
+    /// `reshard`, `route` or `set-clock`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Spawn { .. } => "spawn",
+            Action::Retire { .. } => "retire",
+            Action::Reshard { .. } => "reshard",
+            Action::Route { .. } => "route",
+            Action::SetClock { .. } => "set-clock",
+        }
+    }
+
+    /// The instance the action concerns (none for a route).
+    pub fn instance(&self) -> Option<InstanceId> {
+        match self {
+            Action::Spawn { instance, .. }
+            | Action::Retire { instance }
+            | Action::Reshard { instance, .. }
+            | Action::SetClock { instance, .. } => Some(*instance),
+            Action::Route { .. } => None,
+        }
+    }
+
+    /// The pool the action concerns, where it names one.
+    pub fn pool(&self) -> Option<PoolId> {
+        match self {
+            Action::Spawn { pool, .. } | Action::Route { pool, .. } => Some(*pool),
+            _ => None,
+        }
+    }
+}
+
 /// A unique, stable id for one action. Backends use it as the idempotency key:
 /// the same id applied twice does the thing once.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -149,6 +209,24 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name, as in its JSON `outcome` tag: `applied`, `failed`
+    /// or `timed-out`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Applied { .. } => "applied",
+            Outcome::Failed { .. } => "failed",
+            Outcome::TimedOut { .. } => "timed-out",
+        }
+    }
+
+    /// The placement an applied outcome reports, if any.
+    pub fn placement(&self) -> Option<&Placement> {
+        match self {
+            Outcome::Applied { placement, .. } => placement.as_ref(),
+            _ => None,
+        }
+    }
+
     /// Whether the action took effect.
     pub fn is_applied(&self) -> bool {
         matches!(self, Outcome::Applied { .. })
@@ -178,5 +256,30 @@ pub trait Actuator: Send + Sync {
     /// Put the hardware back to its safe state (clocks reset), on shutdown.
     async fn reset(&self) -> Result<(), String> {
         Ok(())
+    }
+}
+
+impl Command {
+    /// A command issued now.
+    pub fn new(id: impl Into<String>, action: Action, placement: Option<Placement>) -> Command {
+        Command { id: ActionId(id.into()), action, placement, issued_at_ms: now_ms() }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The last `max_chars` characters of `s` (for stderr tails and response
+/// bodies in error messages), cut on a character boundary.
+pub(crate) fn tail(s: &str, max_chars: usize) -> String {
+    let s = s.trim();
+    let n = s.chars().count();
+    if n <= max_chars {
+        s.to_string()
+    } else {
+        let skip = n - max_chars;
+        format!("…{}", s.chars().skip(skip).collect::<String>())
     }
 }

@@ -295,6 +295,14 @@ impl Store {
         Ok(Store { db, path, retention, interner: RwLock::new(interner), write_lock: Mutex::new(()) })
     }
 
+    /// The redb database itself, so that other components (the actuators'
+    /// audit log) keep their own tables in the same file. Use table names
+    /// that do not clash with the store's (`series`, `raw_blocks`, `minute`,
+    /// `hour`, `meta`).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     fn err(&self, what: &'static str, e: impl Into<redb::Error>) -> StoreError {
         StoreError::Storage { path: self.path.clone(), what, source: Box::new(e.into()) }
     }
