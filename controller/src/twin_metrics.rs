@@ -7,6 +7,9 @@ use prometheus::{
 };
 use telemetry::gpu::twin_metrics as gpu_names;
 
+/// The per-class SLO counter's name.
+pub const SLO_TOTAL: &str = "dynamollm_twin_slo_total";
+
 /// vLLM's TTFT buckets (s).
 pub const TTFT_BUCKETS_S: [f64; 22] = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
@@ -48,6 +51,8 @@ pub struct EngineMetrics {
     pub gpu_energy_j: GaugeVec,
     /// Per-GPU SM clock.
     pub gpu_clock_mhz: GaugeVec,
+    /// Per-class SLO counters (only with SLOs configured).
+    pub slo: prometheus::IntCounterVec,
 }
 
 impl EngineMetrics {
@@ -99,6 +104,14 @@ impl EngineMetrics {
         let gpu_energy_j =
             GaugeVec::new(Opts::new(gpu_names::ENERGY_J, "Twin GPU energy since start in joules."), &["gpu"])?;
         let gpu_clock_mhz = GaugeVec::new(Opts::new(gpu_names::SM_CLOCK_MHZ, "Twin GPU SM clock in MHz."), &["gpu"])?;
+        let slo = prometheus::IntCounterVec::new(
+            Opts::new(
+                SLO_TOTAL,
+                "First tokens (kind=ttft) and token gaps (kind=tbt) per request class, within the class's SLO or not.",
+            ),
+            &["class", "kind", "result"],
+        )?;
+        registry.register(Box::new(slo.clone()))?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(waiting.clone()))?;
         registry.register(Box::new(kv_usage.clone()))?;
@@ -122,6 +135,7 @@ impl EngineMetrics {
             gpu_power_w,
             gpu_energy_j,
             gpu_clock_mhz,
+            slo,
         })
     }
 

@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub speed: f64,
     /// The model name served and labelled.
     pub model: String,
+    /// Per-class SLOs to count first tokens and token gaps against (`dynamollm_twin_slo_total`).
+    pub slo: Option<[ClassSlo; CLASS_COUNT]>,
 }
 
 /// A token or the end of a stream, as the engine task hands it to a handler.
@@ -70,6 +72,7 @@ struct Snapshot {
 
 struct Stream {
     tx: mpsc::UnboundedSender<Out>,
+    class: usize,
     input_tokens: u32,
     output_tokens: u32,
     arrival_v: f64,
@@ -92,6 +95,15 @@ struct Engine {
     default_clock_mhz: u32,
     boundaries: ClassBoundaries,
     metrics: Arc<EngineMetrics>,
+    slo: Option<[ClassSlo; CLASS_COUNT]>,
+}
+
+fn count_slo(metrics: &EngineMetrics, slo: &Option<[ClassSlo; CLASS_COUNT]>, class: usize, kind: &str, value_s: f64) {
+    let Some(slo) = slo else { return };
+    let limit = if kind == "ttft" { slo[class].ttft_s } else { slo[class].tbt_s };
+    let result = if value_s <= limit + 1e-9 { "ok" } else { "miss" };
+    let name = telemetry::RequestClass::from_index(class).to_string();
+    metrics.slo.with_label_values(&[name.as_str(), kind, result]).inc();
 }
 
 /// An f64 ordered by `total_cmp` (all four comparisons agree).
@@ -138,7 +150,16 @@ impl Engine {
         let req = EngineRequest { arrival_s: now, input_tokens, output_tokens, class, id };
         self.streams.insert(
             id,
-            Stream { tx, input_tokens, output_tokens, arrival_v: now, first_step: None, sent: 0, last_v: now },
+            Stream {
+                tx,
+                class: class as usize,
+                input_tokens,
+                output_tokens,
+                arrival_v: now,
+                first_step: None,
+                sent: 0,
+                last_v: now,
+            },
         );
         self.metrics.prompt_tokens.inc_by(u64::from(input_tokens));
         let due = now + self.physics.perf.request_overhead_s;
@@ -184,6 +205,7 @@ impl Engine {
                 let at = self.inst.step_end_s(first + u64::from(s.sent)).unwrap_or(t);
                 s.sent += 1;
                 self.metrics.inter_token.observe(at - s.last_v);
+                count_slo(&self.metrics, &self.slo, s.class, "tbt", at - s.last_v);
                 s.last_v = at;
                 let _ = s.tx.send(Out::Token { index: s.sent - 1 });
                 self.metrics.generation_tokens.inc();
@@ -201,6 +223,7 @@ impl Engine {
                         s.sent = 1;
                         s.last_v = at_s;
                         self.metrics.ttft.observe(at_s - s.arrival_v);
+                        count_slo(&self.metrics, &self.slo, s.class, "ttft", at_s - s.arrival_v);
                         self.metrics.generation_tokens.inc();
                         let _ = s.tx.send(Out::Token { index: 0 });
                     }
@@ -210,6 +233,7 @@ impl Engine {
                         while s.sent < s.output_tokens {
                             s.sent += 1;
                             self.metrics.inter_token.observe(at_s - s.last_v);
+                            count_slo(&self.metrics, &self.slo, s.class, "tbt", at_s - s.last_v);
                             s.last_v = at_s;
                             let _ = s.tx.send(Out::Token { index: s.sent - 1 });
                             self.metrics.generation_tokens.inc();
@@ -598,6 +622,7 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         default_clock_mhz: cfg.clock_mhz,
         boundaries: ClassBoundaries::default(),
         metrics,
+        slo: cfg.slo,
         physics: cfg.physics,
     };
     tokio::spawn(engine.run(rx));

@@ -38,6 +38,13 @@ pub struct ServeArgs {
     /// Model name served.
     #[arg(long)]
     pub model: Option<String>,
+    /// Count first tokens and token gaps against per-class SLOs of this multiple of
+    /// each class's median request alone on TP8 at max clock (`dynamollm_twin_slo_total`).
+    #[arg(long, default_value_t = 5.0)]
+    pub slo_multiplier: f64,
+    /// The trace whose lengths give the class medians (default: the bundled Conversation trace).
+    #[arg(long, value_name = "FILE")]
+    pub lengths: Option<PathBuf>,
     #[command(flatten)]
     pub physics: PhysicsArgs,
 }
@@ -89,12 +96,23 @@ pub fn run(cmd: &TwinCommand) -> Result<bool> {
 
 fn serve(args: &ServeArgs) -> Result<()> {
     let physics = args.physics.load()?;
+    let lengths = match &args.lengths {
+        Some(p) => telemetry::trace::LengthSamples::from_azure_trace(p)?,
+        None => conversation_lengths(),
+    };
+    let slo = sim::measure::class_slos(
+        &physics,
+        lengths.pairs(),
+        &telemetry::ClassBoundaries::default(),
+        sim::measure::SloRule::Multiplier(args.slo_multiplier),
+    );
     let cfg = ServeConfig {
         model: args.model.clone().unwrap_or_else(|| physics.model.name.clone()),
         physics,
         tp: args.tp,
         clock_mhz: args.clock_mhz,
         speed: args.speed,
+        slo: Some(slo),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
