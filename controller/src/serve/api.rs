@@ -3,7 +3,7 @@
 //!   (200 once the first tick ran) need no token;
 //! - everything else needs `Authorization: Bearer <token>` (401 otherwise):
 //!   `GET /metrics` (the service's own Prometheus metrics), `GET /api/v1/status`,
-//!   `GET /api/v1/decisions?limit=N`, `POST /api/v1/mode {"mode": "auto"|"dry-run"|"failsafe"}`,
+//!   `GET /api/v1/decisions?limit=N`, `GET /api/v1/actions?since_ms=T&limit=N` (the audit log), `POST /api/v1/mode {"mode": "auto"|"dry-run"|"failsafe"}`,
 //!   and `GET /` (the live page; a browser may pass the token as `?token=`).
 
 use super::core::Mode;
@@ -77,6 +77,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/decisions", get(decisions))
+        .route("/api/v1/actions", get(actions))
         .route("/api/v1/mode", post(set_mode))
         .layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
@@ -129,6 +130,23 @@ async fn status(State(st): State<Arc<Shared>>) -> Response {
     match st.core.lock() {
         Ok(c) => Json(c.status(now)).into_response(),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the service state is poisoned"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ActionsQuery {
+    since_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// The audit log: every command sent and what became of it.
+async fn actions(State(st): State<Arc<Shared>>, Query(q): Query<ActionsQuery>) -> Response {
+    let audit = st.actuators.audit().clone();
+    let (since, limit) = (q.since_ms.unwrap_or(0), q.limit.unwrap_or(1000).min(100_000));
+    match tokio::task::spawn_blocking(move || audit.list(since, limit)).await {
+        Ok(Ok(records)) => Json(serde_json::json!({ "actions": records })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

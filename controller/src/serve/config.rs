@@ -159,6 +159,16 @@ pub struct RouterSection {
     pub listen: Option<String>,
 }
 
+/// A config document's text; its Debug shows only its size (it holds secrets).
+#[derive(Clone, Default)]
+pub struct Source(pub String);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -181,16 +191,25 @@ pub struct ServiceConfig {
     pub cost: Option<toml::Value>,
     /// See `carbon`.
     pub sci: Option<toml::Value>,
+    /// The document it was parsed from (the other crates parse their tables from it).
+    #[serde(skip)]
+    pub source: Source,
+    /// Where it came from (for errors).
+    #[serde(skip)]
+    pub origin: String,
 }
 
 impl ServiceConfig {
     /// Parse a config document; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<ServiceConfig> {
-        let cfg: ServiceConfig =
+        let mut cfg: ServiceConfig =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.to_string().trim_end()))?;
         cfg.validate(origin)?;
+        cfg.source = Source(text.to_string());
+        cfg.origin = origin.to_string();
         // The other crates' tables, checked by their own parsers.
-        telemetry::config::TelemetryConfig::from_toml_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        cfg.telemetry_config()?;
+        cfg.actuators_config()?;
         Ok(cfg)
     }
 
@@ -234,6 +253,21 @@ impl ServiceConfig {
             bail!("{origin}: cluster.kind: {:?} is not `twin` or `external`", self.cluster.kind);
         }
         Ok(())
+    }
+
+    /// `[telemetry]`, parsed by the telemetry crate.
+    pub fn telemetry_config(&self) -> Result<telemetry::config::TelemetryConfig> {
+        telemetry::config::TelemetryConfig::from_toml_str(&self.source.0)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
+    }
+
+    /// `[actuators]`, parsed by the actuators crate.
+    pub fn actuators_config(&self) -> Result<actuators::ActuatorsConfig> {
+        let body = match &self.actuators {
+            Some(v) => toml::to_string(v)?,
+            None => String::new(),
+        };
+        actuators::ActuatorsConfig::from_toml(&body).map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
     }
 
     /// The bearer token, from `token` or `token_file`.

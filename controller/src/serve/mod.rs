@@ -21,7 +21,7 @@ use crate::control::{ControllerConfig, Loops};
 use crate::policy::Policy;
 use crate::profile::ProfileTable;
 use crate::workload::Workload;
-use actuators::{ActionId, Actuator, Command, Outcome};
+use actuators::{ActionId, Actuator, AuditLog, Command, Dispatcher, Outcome};
 use anyhow::{Context, Result};
 use config::{Secret, ServiceConfig};
 use core::{CoreConfig, Mode, SavedState, ServiceCore};
@@ -81,41 +81,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The service's own metrics.
     pub metrics: api::ServiceMetrics,
-    /// The backends.
-    pub actuators: Backends,
-}
-
-/// The actuator backends, in order; the first that supports an action carries it out.
-pub struct Backends {
-    list: Vec<Arc<dyn Actuator>>,
-    timeout: Duration,
-}
-
-impl Backends {
-    /// Backends with a timeout per command (wall time).
-    pub fn new(list: Vec<Arc<dyn Actuator>>, timeout: Duration) -> Backends {
-        Backends { list, timeout }
-    }
-
-    /// Carry out one command.
-    pub async fn dispatch(&self, cmd: &Command) -> Outcome {
-        let Some(b) = self.list.iter().find(|b| b.supports(&cmd.action)) else {
-            return Outcome::Failed { reason: "no backend carries out this action".into(), retryable: false };
-        };
-        match tokio::time::timeout(self.timeout, b.apply(cmd)).await {
-            Ok(o) => o,
-            Err(_) => Outcome::TimedOut { after_ms: self.timeout.as_millis() as u64 },
-        }
-    }
-
-    /// Reset every backend (clocks back to default).
-    pub async fn reset(&self) {
-        for b in &self.list {
-            if let Err(e) = b.reset().await {
-                tracing::error!(backend = b.name(), "reset failed: {e}");
-            }
-        }
-    }
+    /// The actuator backends behind the audit log.
+    pub actuators: Dispatcher,
 }
 
 /// A running service.
@@ -242,7 +209,9 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     let (routing_tx, routing_rx) = watch::channel(core.routing());
     let timeout = Duration::from_secs_f64(cfg.service.action_timeout_s / cfg.service.speed.max(1.0))
         .max(Duration::from_millis(50));
-    let (backends, twin_events) = if twin {
+    let mut samples_rx: Option<mpsc::Receiver<telemetry::sample::Sample>> = None;
+    let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let (dispatcher, twin_events) = if twin {
         let physics = match &cfg.cluster.physics {
             Some(p) => sim::Physics::load(p)?,
             None => sim::Physics::default_h100_llama70b(),
@@ -271,9 +240,29 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         }
         let settings = twin::TwinSettings { physics, workload, slo, pools, report_every_s: ccfg.clock_period_s / 2.0 };
         let (act, events) = twin::start(settings, clock, routing_rx)?;
-        (Backends::new(vec![act as Arc<dyn Actuator>], timeout), Some(events))
+        // The twin is a new cluster every time: so is its audit log.
+        let audit_dir = dir.join("twin-audit");
+        let _ = std::fs::remove_dir_all(&audit_dir);
+        std::fs::create_dir_all(&audit_dir)?;
+        let audit = Arc::new(AuditLog::open_in_dir(&audit_dir)?);
+        (Dispatcher::new(audit).with_backend(act as Arc<dyn Actuator>, timeout), Some(events))
     } else {
-        anyhow::bail!("cluster.kind = \"external\" needs the [actuators] backends, which this build does not have yet");
+        let tcfg = cfg.telemetry_config()?;
+        let mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt);
+        let audit = Arc::new(AuditLog::open_in_dir(&dir)?);
+        let d = actuators::build(&cfg.actuators_config()?, audit, mqtt.as_ref())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.origin))?;
+        if d.backend_names().is_empty() {
+            anyhow::bail!("{}: cluster.kind = \"external\" needs at least one [actuators] backend", cfg.origin);
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        if let Some(m) = mqtt {
+            let mut m = m;
+            m.client_id = format!("{}-collector", m.client_id);
+            keep.push(Box::new(telemetry::mqtt::MqttCollector::spawn(m, tx.clone())));
+        }
+        samples_rx = Some(rx);
+        (d, None)
     };
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
@@ -281,7 +270,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         token,
         ready: AtomicBool::new(false),
         metrics: api::ServiceMetrics::new()?,
-        actuators: backends,
+        actuators: dispatcher,
     });
     let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
         .await
@@ -310,17 +299,24 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         None => None,
     };
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let shared2 = shared.clone();
     let (finished_tx, finished_rx) = watch::channel(None);
-    let task =
-        tokio::spawn(run_loop(shared.clone(), dir, twin_events, routing_tx, shutdown_rx, finished_tx, stop_api_tx));
+    let task = tokio::spawn(async move {
+        let r =
+            run_loop(shared2, dir, twin_events, samples_rx, routing_tx, shutdown_rx, finished_tx, stop_api_tx).await;
+        drop(keep);
+        r
+    });
     tracing::info!(%addr, "dynamollm serve: API up");
     Ok(RunningService { addr, router_addr, shared, finished: finished_rx, shutdown: Some(shutdown_tx), task })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_loop(
     shared: Arc<Shared>,
     dir: PathBuf,
     mut twin_events: Option<mpsc::UnboundedReceiver<twin::TwinEvent>>,
+    mut samples: Option<mpsc::Receiver<telemetry::sample::Sample>>,
     routing_tx: watch::Sender<[u32; CLASS_COUNT]>,
     mut shutdown: oneshot::Receiver<()>,
     finished: watch::Sender<Option<Arc<RunTotals>>>,
@@ -362,6 +358,12 @@ async fn run_loop(
                     core.on_outcome(&id, &outcome);
                 }
             }
+            Some(sample) = async { match samples.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                let now = clock.now_s();
+                if let Ok(mut core) = shared.core.lock() {
+                    core.observe_sample(now, &sample);
+                }
+            }
             Some(ev) = async { match twin_events.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 match ev {
                     twin::TwinEvent::Report { now_s, instances, arrivals, attainment } => {
@@ -382,7 +384,9 @@ async fn run_loop(
         }
     }
     // Graceful: clocks back to default, state saved, API down.
-    shared.actuators.reset().await;
+    for (backend, e) in shared.actuators.reset_all().await {
+        tracing::error!(backend, "reset at shutdown failed: {e}");
+    }
     let now = clock.now_s();
     let saved = shared.core.lock().map(|c| c.save(now)).map_err(|_| anyhow::anyhow!("poisoned"))?;
     save_state(&dir, &saved)?;
@@ -399,7 +403,10 @@ fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(A
     let out = out.clone();
     tokio::spawn(async move {
         for cmd in cmds {
-            let outcome = shared.actuators.dispatch(&cmd).await;
+            let outcome = match shared.actuators.dispatch(&cmd).await {
+                Ok(o) => o,
+                Err(e) => Outcome::Failed { reason: format!("audit log: {e}"), retryable: true },
+            };
             shared.metrics.observe_action(core::action_kind(&cmd.action), &outcome);
             if !outcome.is_applied() {
                 tracing::warn!(id = %cmd.id, ?outcome, "action not applied");
