@@ -664,21 +664,20 @@ impl Drop for EdgePublisher {
 impl EdgePublisher {
     /// Connect as node `node` of `site` (the client id is the settings' id).
     pub fn spawn(settings: MqttSettings, site: &str, node: &str) -> EdgePublisher {
-        Self::spawn_with(settings, site, node, None)
+        Self::spawn_with(settings, site, node, &[], None)
     }
 
-    /// Like [`EdgePublisher::spawn`], and every incoming PUBLISH (on topics
-    /// the caller subscribes to with [`EdgePublisher::client`]) goes to
-    /// `incoming`. The publisher subscribes nothing itself; a caller that
-    /// needs subscriptions renewed should subscribe on each ConnAck, which
-    /// it sees as `connects` growing, or use a persistent session (the
-    /// default: clean session off), which keeps them at the broker.
+    /// Like [`EdgePublisher::spawn`], and also subscribes (QoS 1) to
+    /// `subscribe` on every ConnAck (so the subscriptions survive a broker
+    /// that lost its sessions), sending each incoming PUBLISH to `incoming`.
     pub fn spawn_with(
         settings: MqttSettings,
         site: &str,
         node: &str,
+        subscribe: &[String],
         incoming: Option<mpsc::UnboundedSender<rumqttc::Publish>>,
     ) -> EdgePublisher {
+        let subscribe = subscribe.to_vec();
         let prefix = &settings.topic_prefix;
         let state_topic = format!("{prefix}/{site}/{node}/state");
         let mut opts = settings.options();
@@ -698,6 +697,11 @@ impl EdgePublisher {
                         backoff.reset();
                         cn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let _ = c.try_publish(&state_topic, QoS::AtLeastOnce, true, state_payload(NodeState::Alive));
+                        for t in &subscribe {
+                            if let Err(e) = c.try_subscribe(t, QoS::AtLeastOnce) {
+                                tracing::warn!(topic = %t, "cannot subscribe: {e}");
+                            }
+                        }
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         ak.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
