@@ -548,7 +548,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let ack_topic = cfg.topic("ack");
     let state_topic = cfg.topic("state");
     let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel();
-    let publisher = EdgePublisher::spawn_with(settings, &cfg.site, &cfg.node, std::slice::from_ref(&cmd_topic), Some(in_tx));
+    let publisher =
+        EdgePublisher::spawn_with(settings, &cfg.site, &cfg.node, std::slice::from_ref(&cmd_topic), Some(in_tx));
 
     let http =
         reqwest::Client::builder().timeout(Duration::from_millis(cfg.scrape_timeout_ms)).build().map_err(|e| {

@@ -276,3 +276,77 @@ fn the_deploy_example_config_parses() {
     assert!(cfg.mqtt.tls);
     assert_eq!(cfg.mqtt.port, 8883);
 }
+
+/// A child process killed (and reaped) when dropped, also when a test fails.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_stops_cleanly_on_sigterm() {
+    let (host, port) = broker();
+    let base = twin().await;
+    let http = reqwest::Client::new();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("agentbin{}-{}", std::process::id(), telemetry::sample::now_ms());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nsite = \"edge1\"\nnode = \"n2\"\ngpu = \"twin\"\ntwin_url = \"{base}\"\ninterval_s = 0.5\n\
+             state_file = \"{}\"\n[agent.mqtt]\nhost = \"{host}\"\nport = {port}\ntopic_prefix = \"{prefix}\"\n",
+            dir.path().join("applied.json").display()
+        ),
+    )
+    .unwrap();
+    let mut w = Watcher::new(&host, port, &format!("{prefix}-w"), &format!("{prefix}/edge1/n2/#")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_dynamollm"))
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .unwrap(),
+    );
+    w.wait_for("the alive state", "/state", |p| state(p) == "alive").await;
+    w.client.publish(format!("{prefix}/edge1/n2/cmd"), QoS::AtLeastOnce, false, set_clock("c1", 1200)).await.unwrap();
+    applied(&w.ack("c1").await);
+    assert_eq!(clock(&http, &base).await.clock_mhz, 1200);
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the agent did not exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(clock(&http, &base).await.clock_mhz, 1980, "clocks reset on SIGTERM");
+    w.wait_for("the dead state", "/state", |p| state(p) == "dead").await;
+    assert!(std::fs::read_to_string(dir.path().join("applied.json")).unwrap().contains("\"c1\""));
+}
+
+#[test]
+fn the_binary_names_the_key_of_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[agent]\nsite = \"s\"\nnode = \"n\"\ngpu = \"nvml\"\nstate_file = \"x\"\nintervl_s = 1\n[agent.mqtt]\nhost = \"h\"\n")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamollm"))
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("intervl_s") && err.contains("agent.toml"), "{err}");
+}
