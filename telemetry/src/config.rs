@@ -22,7 +22,11 @@
 //!
 //! [telemetry.mqtt]           # MQTT ingest from edge nodes (off unless host is set)
 //! host = "127.0.0.1"
-//! port = 1883
+//! port = 8883
+//! username = "controller"    # with password or password_file (printed as ***)
+//! password_file = "/run/credentials/dynamollm.service/mqtt-password"
+//! tls = true                 # with ca_file; client_cert_file + client_key_file optional
+//! ca_file = "/etc/dynamollm/ca.pem"
 //!
 //! [telemetry.gpu]            # NVML (or the twin's fake device)
 //! interval_ms = 1000

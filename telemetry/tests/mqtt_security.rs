@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -335,4 +336,141 @@ fn debug_output_never_shows_the_password() {
         assert!(!text.contains("hunter2"), "the password leaked: {text}");
     }
     assert!(format!("{settings:?}").contains("***"));
+}
+
+/// deploy/mosquitto/edge-site.conf and its ACL, with the paths swapped for
+/// this test's: TLS and passwords required, each node confined to its own
+/// topics, the controller reading all and commanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_site_broker_config_confines_each_node_to_its_own_topics() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let pwfile = dir.path().join("passwd");
+    for (i, user) in ["controller", "gpu-node-1", "gpu-node-2"].iter().enumerate() {
+        let mut c = Command::new(mosquitto_passwd());
+        c.arg("-b");
+        if i == 0 {
+            c.arg("-c");
+        }
+        let status = c.arg(&pwfile).args([user.to_string(), format!("{user}-{PASSWORD}")]).status().unwrap();
+        assert!(status.success(), "mosquitto_passwd failed: {status}");
+    }
+    world_readable(&pwfile);
+    let acl = dir.path().join("acl");
+    std::fs::copy(deploy.join("acl"), &acl).unwrap();
+    world_readable(&acl);
+    let original = std::fs::read_to_string(deploy.join("edge-site.conf")).unwrap();
+    let broker = common::mosquitto_with(dir.path(), |port| {
+        let swaps = [
+            ("listener", format!("{port} 127.0.0.1")),
+            ("cafile", pki.ca.display().to_string()),
+            ("certfile", pki.server_cert.display().to_string()),
+            ("keyfile", pki.server_key.display().to_string()),
+            ("password_file", pwfile.display().to_string()),
+            ("acl_file", acl.display().to_string()),
+            ("persistence_location", format!("{}/", dir.path().display())),
+            ("log_dest", "stderr".to_string()),
+        ];
+        let mut seen = BTreeSet::new();
+        let conf: Vec<String> = original
+            .lines()
+            .map(|line| {
+                let key = line.split_whitespace().next().unwrap_or_default();
+                match swaps.iter().find(|(k, _)| *k == key) {
+                    Some((k, v)) => {
+                        seen.insert(*k);
+                        format!("{k} {v}")
+                    }
+                    None => line.to_string(),
+                }
+            })
+            .collect();
+        assert_eq!(seen.len(), swaps.len(), "edge-site.conf lost one of {:?}", swaps.map(|s| s.0));
+        for must in ["allow_anonymous false", "persistence true", "per_listener_settings false"] {
+            assert!(conf.iter().any(|l| l == must), "edge-site.conf lacks {must:?}");
+        }
+        conf.join("\n") + "\n"
+    });
+    let user = |name: &str, client_id: &str| {
+        fast(
+            MqttSettings::from_config(&MqttConfig {
+                host: Some("127.0.0.1".into()),
+                port: broker.port,
+                client_id: client_id.into(),
+                username: Some(name.into()),
+                password: Some(Secret::new(format!("{name}-{PASSWORD}"))),
+                tls: true,
+                ca_file: Some(pki.ca.clone()),
+                ..MqttConfig::default()
+            })
+            .unwrap()
+            .unwrap(),
+        )
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let collector = MqttCollector::spawn(user("controller", "controller"), tx);
+    let n1_cmd = "dynamollm/edge1/gpu-node-1/cmd".to_string();
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+    let node1 = EdgePublisher::spawn_with(
+        user("gpu-node-1", "gpu-node-1"),
+        "edge1",
+        "gpu-node-1",
+        std::slice::from_ref(&n1_cmd),
+        Some(cmd_tx),
+    );
+    // Node 1's credentials posing as node 3: its state and telemetry are refused.
+    let forger = EdgePublisher::spawn(user("gpu-node-1", "forger"), "edge1", "gpu-node-3");
+    let (spy_tx, mut spy_rx) = mpsc::unbounded_channel();
+    let spy = EdgePublisher::spawn_with(
+        user("gpu-node-2", "gpu-node-2"),
+        "edge1",
+        "gpu-node-2",
+        std::slice::from_ref(&n1_cmd),
+        Some(spy_tx),
+    );
+    let nodes = collector.nodes.clone();
+    wait_until("node 1 to be alive", Duration::from_secs(15), || {
+        nodes.lock().unwrap().contains_key(&("edge1".into(), "gpu-node-1".into()))
+    })
+    .await;
+    let (fc, sc) = (forger.connects.clone(), spy.connects.clone());
+    wait_until("the forger and the spy to connect", Duration::from_secs(15), || {
+        fc.load(std::sync::atomic::Ordering::Relaxed) > 0 && sc.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    forger.publish(&payload(2)).await.unwrap();
+    node1.publish(&payload(3)).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains(&("gpu-node-1".to_string(), 103.0)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(Sample::Gpu(g))) => seen.push((g.tags.node.clone().unwrap_or_default(), g.power_w)),
+            Ok(Some(_)) => {}
+            _ => panic!("node 1's telemetry never came; saw {seen:?}; {:?}", collector.stats.last_error()),
+        }
+    }
+    // Anything the forger got through would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(s) = rx.try_recv() {
+        if let Sample::Gpu(g) = s {
+            seen.push((g.tags.node.clone().unwrap_or_default(), g.power_w));
+        }
+    }
+    assert!(seen.iter().all(|(n, _)| n == "gpu-node-1"), "forged telemetry got through: {seen:?}");
+    assert!(!nodes.lock().unwrap().contains_key(&("edge1".into(), "gpu-node-3".into())), "a forged state got through");
+    // Node 2's own state is its own to publish.
+    assert!(nodes.lock().unwrap().contains_key(&("edge1".into(), "gpu-node-2".into())));
+
+    // The controller commands node 1; node 2 cannot read node 1's commands.
+    let (ctl, mut el) = rumqttc::AsyncClient::new(user("controller", "controller-cmd").options(), 16);
+    let pump = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    ctl.publish(&n1_cmd, rumqttc::QoS::AtLeastOnce, false, b"{\"hello\":1}".to_vec()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), cmd_rx.recv()).await.expect("node 1 gets its command");
+    assert_eq!(got.unwrap().payload.as_ref(), b"{\"hello\":1}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(spy_rx.try_recv().is_err(), "node 2 read node 1's command");
+    pump.abort();
 }
