@@ -15,8 +15,9 @@
 //! `SetClock` is applied here through the [`GpuDevice`] (NVML, or the
 //! twin's fake device): the clock is bounded by `clock_min_mhz`/
 //! `clock_max_mhz` and snapped to the nearest clock the GPU supports. Other
-//! actions (spawn, retire, reshard, route) need an orchestrator and are
-//! answered `Failed` ("not handled by the agent"). Commands are idempotent
+//! actions (spawn, retire, reshard, route) are carried out by the commands
+//! of `[agent.exec]` ([`exec`]) when it has one for their kind, and
+//! otherwise answered `Failed` ("not handled by the agent"). Commands are idempotent
 //! by id: the ids applied are kept in `state_file` (across restarts), and
 //! an id seen again is acknowledged `Applied` without doing it again. On
 //! shutdown the agent unlocks the clocks it locked, publishes the dead
@@ -37,6 +38,8 @@
 //! host = "broker.edge1.example"
 //! port = 8883
 //! ```
+
+pub mod exec;
 
 use actuators::{Ack, Action, ActionId, Command, Outcome, Placement};
 use rumqttc::QoS;
@@ -149,6 +152,10 @@ pub struct AgentConfig {
     /// client_key_file, client_id, topic_prefix, keep_alive_s, reconnect_*).
     /// A `client_id` left at its default becomes `dynamollm-agent-<site>-<node>`.
     pub mqtt: MqttConfig,
+    /// Commands that carry out spawn/retire/reshard/route on this node
+    /// (none: those actions are refused).
+    #[serde(default)]
+    pub exec: Option<exec::ExecConfig>,
 }
 
 fn default_interval_s() -> f64 {
@@ -226,6 +233,9 @@ impl AgentConfig {
         }
         if let Err(e) = self.mqtt.check() {
             return Err(bad(e.key, e.problem));
+        }
+        if let Some(Err((key, problem))) = self.exec.as_ref().map(exec::ExecConfig::check) {
+            return Err(bad(&key, problem));
         }
         if self.state_file.as_os_str().is_empty() {
             return Err(bad("state_file", "must be a file path".into()));
@@ -458,21 +468,34 @@ impl Node {
         }
         let outcome = match &cmd.action {
             Action::SetClock { clock_mhz, .. } => self.set_clock(*clock_mhz, cmd.placement.as_ref()).await,
-            other => {
-                let kind = match other {
-                    Action::Spawn { .. } => "spawn",
-                    Action::Retire { .. } => "retire",
-                    Action::Reshard { .. } => "reshard",
-                    Action::Route { .. } => "route",
-                    Action::SetClock { .. } => "set-clock",
-                };
-                Outcome::Failed {
-                    reason: format!(
-                        "{kind} is not handled by the agent (only set-clock is; use an orchestrator backend)"
-                    ),
-                    retryable: false,
+            other => match self.cfg.exec.as_ref().and_then(|x| x.argv(&cmd).map(|argv| (x.clone(), argv))) {
+                Some((x, argv)) => {
+                    let (c, node) = (cmd.clone(), format!("{}/{}", self.cfg.site, self.cfg.node));
+                    match tokio::task::spawn_blocking(move || x.run(&c, &argv)).await {
+                        // A spawn's instance lives here unless the program says otherwise.
+                        Ok(Outcome::Applied { placement: None, detail }) if matches!(other, Action::Spawn { .. }) => {
+                            Outcome::Applied { placement: Some(Placement { node, ..Placement::default() }), detail }
+                        }
+                        Ok(o) => o,
+                        Err(e) => Outcome::Failed { reason: format!("exec task failed: {e}"), retryable: true },
+                    }
                 }
-            }
+                None => {
+                    let kind = match other {
+                        Action::Spawn { .. } => "spawn",
+                        Action::Retire { .. } => "retire",
+                        Action::Reshard { .. } => "reshard",
+                        Action::Route { .. } => "route",
+                        Action::SetClock { .. } => "set-clock",
+                    };
+                    Outcome::Failed {
+                        reason: format!(
+                            "{kind} is not handled by the agent (no [agent.exec] {kind} command; or use an orchestrator backend)"
+                        ),
+                        retryable: false,
+                    }
+                }
+            },
         };
         if let Outcome::Applied { placement, detail } = &outcome {
             let entry = AppliedEntry {
@@ -593,7 +616,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 if let Some(ack) = ack {
                     match serde_json::to_vec(&ack) {
                         Ok(body) => {
-                            if let Err(e) = publisher.client().publish(&ack_topic, QoS::AtLeastOnce, false, body).await {
+                            // Not awaited: a full queue (a long outage) must not stall the loop;
+                            // the controller times out and retries the same id, which is re-acked.
+                            if let Err(e) = publisher.client().try_publish(&ack_topic, QoS::AtLeastOnce, false, body) {
                                 tracing::error!(topic = %ack_topic, "cannot publish the ack: {e}");
                             }
                         }
@@ -638,8 +663,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                     }
                 }
                 if !(payload.gpus.is_empty() && payload.engines.is_empty()) {
-                    if let Err(e) = publisher.publish(&payload).await {
-                        tracing::warn!("{e}");
+                    if let Err(e) = publisher.try_publish(&payload) {
+                        tracing::warn!("telemetry dropped: {e}");
                     }
                 }
             }

@@ -350,3 +350,82 @@ fn the_binary_names_the_key_of_a_bad_config() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("intervl_s") && err.contains("agent.toml"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_templates_carry_out_other_actions_once_per_id() {
+    let (host, port) = broker();
+    let base = twin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("spawned.log");
+    let prefix = format!("agentexec{}-{}", std::process::id(), telemetry::sample::now_ms());
+    let toml = format!(
+        r#"
+[agent]
+site = "edge1"
+node = "n3"
+gpu = "twin"
+twin_url = "{base}"
+interval_s = 1.0
+state_file = "{state}"
+[agent.mqtt]
+host = "{host}"
+port = {port}
+topic_prefix = "{prefix}"
+[agent.exec]
+spawn = ["sh", "-c", "echo {{id}} {{instance}} {{tp}} >> \"$0\"; echo '{{\"placement\": {{\"node\": \"edge1/n3\", \"gpus\": [4, 5]}}}}'", "{log}"]
+retire = ["sh", "-c", "echo instance {{instance}} is busy >&2; exit 4"]
+timeout_s = 10
+"#,
+        state = dir.path().join("applied.json").display(),
+        log = log.display(),
+    );
+    let cfg = AgentConfig::from_toml_str(&toml).unwrap();
+    let cmd_topic = cfg.topic("cmd");
+    let mut w = Watcher::new(&host, port, &format!("{prefix}-w"), &format!("{prefix}/edge1/n3/#")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(agent::run(cfg, async {
+        let _ = stopped.await;
+    }));
+    w.wait_for("the alive state", "/state", |p| state(p) == "alive").await;
+    let cmd = |id: &str, action: Action| {
+        serde_json::to_vec(&Command { id: ActionId(id.into()), action, placement: None, issued_at_ms: 3 }).unwrap()
+    };
+    let spawn = Action::Spawn {
+        instance: InstanceId(9),
+        pool: PoolId(1),
+        tp: 2,
+        clock_mhz: 1980,
+        from: actuators::SpawnFrom::Cold,
+    };
+    for _ in 0..2 {
+        w.client.publish(&cmd_topic, QoS::AtLeastOnce, false, cmd("sp-1", spawn.clone())).await.unwrap();
+        match w.ack("sp-1").await.outcome {
+            Outcome::Applied { placement: Some(p), .. } => {
+                assert_eq!((p.node.as_str(), p.gpus), ("edge1/n3", vec![4, 5]))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "sp-1 9 2\n", "the spawn ran once for its id");
+    w.client
+        .publish(&cmd_topic, QoS::AtLeastOnce, false, cmd("rt-1", Action::Retire { instance: InstanceId(9) }))
+        .await
+        .unwrap();
+    match w.ack("rt-1").await.outcome {
+        Outcome::Failed { reason, retryable: true } => {
+            assert!(reason.contains("exit status: 4") && reason.contains("instance 9 is busy"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let route = Action::Route { class: "SS".into(), pool: PoolId(0) };
+    w.client.publish(&cmd_topic, QoS::AtLeastOnce, false, cmd("ro-1", route)).await.unwrap();
+    match w.ack("ro-1").await.outcome {
+        Outcome::Failed { reason, retryable: false } => {
+            assert!(reason.contains("not handled by the agent"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), agent).await.expect("the agent stops").unwrap().unwrap();
+}

@@ -749,21 +749,41 @@ impl EdgePublisher {
     /// disconnect cleanly (so the last will is not needed), waiting up to
     /// `timeout` for the broker to take both.
     pub async fn shutdown(&self, state_topic: &str, timeout: Duration) {
-        let _ = self.client.publish(state_topic, QoS::AtLeastOnce, true, state_payload(NodeState::Dead)).await;
-        let before = self.acked.load(std::sync::atomic::Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + timeout;
-        // Wait for the broker's PUBACK of the dead state (or the timeout).
-        while self.acked.load(std::sync::atomic::Ordering::Relaxed) == before && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let before = self.acked.load(std::sync::atomic::Ordering::Relaxed);
+        // try_*: a full request queue (a long outage) must not hold up the exit.
+        if let Err(e) = self.client.try_publish(state_topic, QoS::AtLeastOnce, true, state_payload(NodeState::Dead)) {
+            tracing::warn!(topic = %state_topic, "cannot publish the dead state ({e}); the last will says it");
+        } else {
+            // Wait for a PUBACK (the dead state's, or an earlier one: the
+            // DISCONNECT goes after the state on the same connection anyway).
+            while self.acked.load(std::sync::atomic::Ordering::Relaxed) == before
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
-        let _ = self.client.disconnect().await;
+        let _ = self.client.try_disconnect();
         let _ = tokio::time::timeout_at(deadline, async {
             while !self.task.is_finished() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
+    }
+
+    /// Publish one payload at QoS 1 without waiting: an error (and nothing
+    /// sent) when the client's request queue is full, as after a long
+    /// outage, so a periodic publisher never stalls its loop.
+    pub fn try_publish(&self, payload: &TelemetryPayload) -> Result<(), MqttError> {
+        let body = serde_json::to_vec(payload).map_err(|e| MqttError::Payload {
+            topic: self.topic.clone(),
+            byte: 0,
+            problem: e.to_string(),
+        })?;
+        self.client
+            .try_publish(&self.topic, QoS::AtLeastOnce, false, body)
+            .map_err(|e| MqttError::Connection { broker: self.topic.clone(), problem: e.to_string() })
     }
 
     /// Publish one payload at QoS 1 (queued while disconnected).
