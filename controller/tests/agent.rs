@@ -288,7 +288,7 @@ impl Drop for Child {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_stops_cleanly_on_sigterm() {
+async fn the_binary_stops_cleanly_on_sigterm_and_its_last_will_covers_a_kill() {
     let (host, port) = broker();
     let base = twin().await;
     let http = reqwest::Client::new();
@@ -332,6 +332,20 @@ async fn the_binary_stops_cleanly_on_sigterm() {
     assert_eq!(clock(&http, &base).await.clock_mhz, 1980, "clocks reset on SIGTERM");
     w.wait_for("the dead state", "/state", |p| state(p) == "dead").await;
     assert!(std::fs::read_to_string(dir.path().join("applied.json")).unwrap().contains("\"c1\""));
+
+    // Killed outright, it is declared dead by its last will.
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_dynamollm"))
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .unwrap(),
+    );
+    w.wait_for("the alive state after the restart", "/state", |p| state(p) == "alive").await;
+    child.0.kill().unwrap();
+    let _ = child.0.wait();
+    w.wait_for("the last will's dead state", "/state", |p| state(p) == "dead").await;
 }
 
 #[test]

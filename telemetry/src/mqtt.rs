@@ -526,6 +526,7 @@ impl MqttSettings {
     }
 
     /// The rumqttc options for these settings (credentials and TLS included).
+    /// Do not log them: rumqttc's `Debug` of the options shows the password.
     pub fn options(&self) -> MqttOptions {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_keep_alive(self.keep_alive);
