@@ -2,6 +2,7 @@
 //! control loops, policies) and the commands of the `dynamollm` binary.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod closed_loop;
 pub mod cmd;
 pub mod control;

@@ -31,6 +31,8 @@ enum Command {
     /// Load forecasting.
     #[command(subcommand)]
     Forecast(ForecastCommand),
+    /// The node agent of an edge site: GPU and engine telemetry over MQTT, clock commands applied locally.
+    Agent(cmd::agent::AgentArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +50,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Profile(a) => cmd::profile::run(&a).map(|_| true),
         Command::Predictor(a) => cmd::predictor::run(&a).map(|_| true),
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
+        Command::Agent(a) => cmd::agent::run(&a).map(|_| true),
     }
 }
 

@@ -22,7 +22,11 @@
 //!
 //! [telemetry.mqtt]           # MQTT ingest from edge nodes (off unless host is set)
 //! host = "127.0.0.1"
-//! port = 1883
+//! port = 8883
+//! username = "controller"    # with password or password_file (printed as ***)
+//! password_file = "/run/credentials/dynamollm.service/mqtt-password"
+//! tls = true                 # with ca_file; client_cert_file + client_key_file optional
+//! ca_file = "/etc/dynamollm/ca.pem"
 //!
 //! [telemetry.gpu]            # NVML (or the twin's fake device)
 //! interval_ms = 1000
@@ -200,14 +204,66 @@ impl Default for InfluxConfig {
     }
 }
 
-/// `[telemetry.mqtt]`: MQTT ingest.
+/// A secret (a password) from the config: its `Debug` and `Display` print
+/// `***`, so it never reaches a log; [`Secret::expose`] gives the value.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value itself (for the one place that needs it: the wire).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `[telemetry.mqtt]`: MQTT ingest (and, reused as `[agent.mqtt]`, an edge
+/// node's broker connection).
+///
+/// Credentials: `username` with either `password` or `password_file` (the
+/// file's first line; suits systemd's `LoadCredential=`). TLS: `tls = true`
+/// with `ca_file` (PEM, the CA that signed the broker's certificate) and,
+/// for client-certificate authentication, `client_cert_file` and
+/// `client_key_file` (PEM) together. The files are read when the settings
+/// are built ([`crate::mqtt::MqttSettings::from_config`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Broker host; MQTT is off when absent.
     pub host: Option<String>,
-    /// Broker port.
+    /// Broker port (1883 plain, 8883 is usual for TLS).
     pub port: u16,
+    /// User name for the broker (none: anonymous).
+    pub username: Option<String>,
+    /// Password for `username` (printed as `***`).
+    pub password: Option<Secret>,
+    /// A file holding the password (first line), instead of `password`.
+    pub password_file: Option<PathBuf>,
+    /// Connect over TLS.
+    pub tls: bool,
+    /// PEM file of the CA certificate(s) the broker's certificate must chain to (required with `tls`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for brokers that require one.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
     /// Client id (stable: the broker keeps the session, and queues QoS 1 messages, across reconnects).
     pub client_id: String,
     /// First topic level.
@@ -225,12 +281,54 @@ impl Default for MqttConfig {
         MqttConfig {
             host: None,
             port: 1883,
+            username: None,
+            password: None,
+            password_file: None,
+            tls: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             client_id: "dynamollm-controller".into(),
             topic_prefix: "dynamollm".into(),
             keep_alive_s: 10,
             reconnect_initial_ms: 100,
             reconnect_max_ms: 5000,
         }
+    }
+}
+
+impl MqttConfig {
+    /// Checks that need no file: `password`/`password_file` go with
+    /// `username` (and not both), `tls` needs `ca_file`, the client
+    /// certificate and key come together, and the TLS files are only set
+    /// with `tls`. Errors name the key (`mqtt.…`).
+    pub fn check(&self) -> Result<(), crate::mqtt::MqttConfigError> {
+        let bad = |key: &'static str, problem: &str| crate::mqtt::MqttConfigError { key, problem: problem.into() };
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(bad("mqtt.password_file", "set either password or password_file, not both"));
+        }
+        if self.username.is_none() && (self.password.is_some() || self.password_file.is_some()) {
+            return Err(bad("mqtt.username", "a password is set but no username"));
+        }
+        if self.tls && self.ca_file.is_none() {
+            return Err(bad("mqtt.ca_file", "required when tls = true (the CA that signed the broker's certificate)"));
+        }
+        if !self.tls {
+            for (key, v) in [
+                ("mqtt.ca_file", &self.ca_file),
+                ("mqtt.client_cert_file", &self.client_cert_file),
+                ("mqtt.client_key_file", &self.client_key_file),
+            ] {
+                if v.is_some() {
+                    return Err(bad(key, "set but tls is false (set tls = true to use it)"));
+                }
+            }
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            let key = if self.client_cert_file.is_some() { "mqtt.client_key_file" } else { "mqtt.client_cert_file" };
+            return Err(bad(key, "client_cert_file and client_key_file go together"));
+        }
+        Ok(())
     }
 }
 
@@ -325,6 +423,9 @@ impl TelemetryConfig {
             if reqwest::Url::parse(url).is_err() {
                 return Err(bad("influx.url", &format!("{url:?} is not a URL")));
             }
+        }
+        if let Err(e) = self.mqtt.check() {
+            return Err(ConfigError::Value { origin: origin.into(), key: e.key, problem: e.problem });
         }
         if self.gpu.interval_ms == 0 {
             return Err(bad("gpu.interval_ms", "must be at least 1"));

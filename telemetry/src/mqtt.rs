@@ -14,12 +14,14 @@
 //! A malformed payload is an error naming the topic and byte (or entry), is
 //! counted, and costs only itself: each entry of a payload is read on its own.
 
+use crate::config::Secret;
 use crate::sample::{ArrivalSample, EngineSample, GpuSample, LatencySummary, Sample, Tags};
 use crate::sink::Backoff;
 use crate::stats::CollectorStats;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -311,12 +313,136 @@ struct StatePayload {
     state: NodeState,
 }
 
+/// A readable account of a connection failure: a refused CONNECT says why
+/// (bad user name or password, not authorised) rather than a return code.
+pub fn connection_problem(e: &rumqttc::ConnectionError) -> String {
+    use rumqttc::ConnectReturnCode as C;
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(code) => {
+            let why = match code {
+                C::BadUserNamePassword => "bad user name or password",
+                C::NotAuthorized => "not authorised (wrong or missing credentials, or the ACL refuses this client)",
+                C::BadClientId => "client id rejected",
+                C::ServiceUnavailable => "service unavailable",
+                C::RefusedProtocolVersion => "protocol version refused",
+                C::Success => "success (unexpected)",
+            };
+            format!("the broker refused the connection: {why}")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The state payload a node publishes (`{"state":"alive"}` / `{"state":"dead"}`).
 pub fn state_payload(state: NodeState) -> Vec<u8> {
     serde_json::to_vec(&StatePayload { state }).expect("serialisable")
 }
 
+/// A bad MQTT connection setting: names the key (`mqtt.ca_file`, …) and,
+/// in the problem, the file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct MqttConfigError {
+    /// The key, relative to the table holding the `mqtt` table (`mqtt.ca_file`).
+    pub key: &'static str,
+    /// What is wrong (with the file's path where a file is involved).
+    pub problem: String,
+}
+
+/// TLS to the broker: a rustls client config built from the CA (and
+/// client certificate) files, which were read and checked when it was built.
+#[derive(Clone)]
+pub struct MqttTls {
+    /// The CA file the broker's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// The client certificate, when the broker wants one.
+    pub client_cert_file: Option<PathBuf>,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttTls")
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_pem_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, MqttConfigError> {
+    let bad = |problem: String| MqttConfigError { key, problem: format!("{}: {problem}", path.display()) };
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into()));
+    }
+    Ok(certs)
+}
+
+impl MqttTls {
+    /// Read the CA file (and the client certificate and key, both or
+    /// neither) and build the TLS client config. Errors name the key and file.
+    pub fn load(
+        ca_file: &Path,
+        client_cert_file: Option<&Path>,
+        client_key_file: Option<&Path>,
+    ) -> Result<MqttTls, MqttConfigError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in read_pem_certs("mqtt.ca_file", ca_file)? {
+            roots.add(cert).map_err(|e| MqttConfigError {
+                key: "mqtt.ca_file",
+                problem: format!("{}: not a usable CA certificate: {e}", ca_file.display()),
+            })?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| MqttConfigError { key: "mqtt.tls", problem: e.to_string() })?
+            .with_root_certificates(roots);
+        let config = match (client_cert_file, client_key_file) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(cert), Some(key)) => {
+                let chain = read_pem_certs("mqtt.client_cert_file", cert)?;
+                let bad = |problem: String| MqttConfigError {
+                    key: "mqtt.client_key_file",
+                    problem: format!("{}: {problem}", key.display()),
+                };
+                let bytes = std::fs::read(key).map_err(|e| bad(format!("cannot read: {e}")))?;
+                let pk = rustls_pemfile::private_key(&mut bytes.as_slice())
+                    .map_err(|e| bad(format!("bad PEM: {e}")))?
+                    .ok_or_else(|| bad("no PEM private key in it".into()))?;
+                builder
+                    .with_client_auth_cert(chain, pk)
+                    .map_err(|e| bad(format!("does not go with client_cert_file {}: {e}", cert.display())))?
+            }
+            (Some(_), None) => {
+                return Err(MqttConfigError {
+                    key: "mqtt.client_key_file",
+                    problem: "client_cert_file and client_key_file go together".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(MqttConfigError {
+                    key: "mqtt.client_cert_file",
+                    problem: "client_cert_file and client_key_file go together".into(),
+                })
+            }
+        };
+        Ok(MqttTls {
+            ca_file: ca_file.into(),
+            client_cert_file: client_cert_file.map(Into::into),
+            config: Arc::new(config),
+        })
+    }
+}
+
 /// Broker connection settings (from `[telemetry.mqtt]` or set by hand).
+/// `Debug` shows the password as `***`.
 #[derive(Debug, Clone)]
 pub struct MqttSettings {
     /// Broker host.
@@ -333,28 +459,85 @@ pub struct MqttSettings {
     pub reconnect_initial: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// User name (none: anonymous).
+    pub username: Option<String>,
+    /// Password of `username`.
+    pub password: Option<Secret>,
+    /// TLS (none: plain TCP).
+    pub tls: Option<MqttTls>,
 }
 
 impl MqttSettings {
-    /// Settings from `[telemetry.mqtt]`; `None` when no host is set.
-    pub fn from_config(c: &crate::config::MqttConfig) -> Option<MqttSettings> {
-        Some(MqttSettings {
-            host: c.host.clone()?,
+    /// Plain, anonymous settings with the config's defaults for the rest
+    /// (keep-alive 10 s, reconnect 100 ms–5 s).
+    pub fn new(host: &str, port: u16, client_id: &str, topic_prefix: &str) -> MqttSettings {
+        MqttSettings {
+            host: host.into(),
+            port,
+            client_id: client_id.into(),
+            topic_prefix: topic_prefix.into(),
+            keep_alive: Duration::from_secs(10),
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_millis(5000),
+            username: None,
+            password: None,
+            tls: None,
+        }
+    }
+
+    /// Settings from `[telemetry.mqtt]`; `Ok(None)` when no host is set.
+    /// Reads the password file and the TLS files now, so a bad one is an
+    /// error at start naming the key and file, not a failed connection later.
+    pub fn from_config(c: &crate::config::MqttConfig) -> Result<Option<MqttSettings>, MqttConfigError> {
+        c.check()?;
+        let Some(host) = c.host.clone() else { return Ok(None) };
+        let password = match (&c.password, &c.password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| MqttConfigError {
+                    key: "mqtt.password_file",
+                    problem: format!("{}: cannot read: {e}", path.display()),
+                })?;
+                Some(Secret::new(text.lines().next().unwrap_or_default()))
+            }
+            (None, None) => None,
+        };
+        let tls = match (c.tls, &c.ca_file) {
+            (true, Some(ca)) => Some(MqttTls::load(ca, c.client_cert_file.as_deref(), c.client_key_file.as_deref())?),
+            _ => None,
+        };
+        Ok(Some(MqttSettings {
+            host,
             port: c.port,
             client_id: c.client_id.clone(),
             topic_prefix: c.topic_prefix.clone(),
             keep_alive: Duration::from_secs(c.keep_alive_s.max(1)),
             reconnect_initial: Duration::from_millis(c.reconnect_initial_ms.max(1)),
             reconnect_max: Duration::from_millis(c.reconnect_max_ms.max(c.reconnect_initial_ms.max(1))),
-        })
+            username: c.username.clone(),
+            password,
+            tls,
+        }))
+    }
+
+    /// `host:port` (for messages).
+    pub fn broker(&self) -> String {
+        format!("{}:{}", self.host, self.port)
     }
 
     /// The rumqttc options for these settings (credentials and TLS included).
+    /// Do not log them: rumqttc's `Debug` of the options shows the password.
     pub fn options(&self) -> MqttOptions {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(false);
         o.set_max_packet_size(1 << 20, 1 << 20);
+        if let Some(user) = &self.username {
+            o.set_credentials(user, self.password.as_ref().map(Secret::expose).unwrap_or_default());
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config.clone())));
+        }
         o
     }
 }
@@ -443,7 +626,10 @@ impl MqttCollector {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        st.record_error(&MqttError::Connection { broker: broker.clone(), problem: e.to_string() });
+                        st.record_error(&MqttError::Connection {
+                            broker: broker.clone(),
+                            problem: connection_problem(&e),
+                        });
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }
@@ -463,6 +649,10 @@ pub struct EdgePublisher {
     pub errors: Arc<std::sync::atomic::AtomicU64>,
     /// Publishes the broker acknowledged.
     pub acked: Arc<std::sync::atomic::AtomicU64>,
+    /// The last connection error (see [`connection_problem`]).
+    pub last_error: Arc<Mutex<Option<MqttError>>>,
+    /// ConnAcks seen (1 + reconnects).
+    pub connects: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -475,6 +665,20 @@ impl Drop for EdgePublisher {
 impl EdgePublisher {
     /// Connect as node `node` of `site` (the client id is the settings' id).
     pub fn spawn(settings: MqttSettings, site: &str, node: &str) -> EdgePublisher {
+        Self::spawn_with(settings, site, node, &[], None)
+    }
+
+    /// Like [`EdgePublisher::spawn`], and also subscribes (QoS 1) to
+    /// `subscribe` on every ConnAck (so the subscriptions survive a broker
+    /// that lost its sessions), sending each incoming PUBLISH to `incoming`.
+    pub fn spawn_with(
+        settings: MqttSettings,
+        site: &str,
+        node: &str,
+        subscribe: &[String],
+        incoming: Option<mpsc::UnboundedSender<rumqttc::Publish>>,
+    ) -> EdgePublisher {
+        let subscribe = subscribe.to_vec();
         let prefix = &settings.topic_prefix;
         let state_topic = format!("{prefix}/{site}/{node}/state");
         let mut opts = settings.options();
@@ -482,27 +686,105 @@ impl EdgePublisher {
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (er, ak, c) = (errors.clone(), acked.clone(), client.clone());
+        let connects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let last_error = Arc::new(Mutex::new(None));
+        let (er, ak, cn, le, c) = (errors.clone(), acked.clone(), connects.clone(), last_error.clone(), client.clone());
+        let broker = settings.broker();
         let task = tokio::spawn(async move {
             let mut backoff = Backoff::new(settings.reconnect_initial, settings.reconnect_max);
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
+                        cn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let _ = c.try_publish(&state_topic, QoS::AtLeastOnce, true, state_payload(NodeState::Alive));
+                        for t in &subscribe {
+                            if let Err(e) = c.try_subscribe(t, QoS::AtLeastOnce) {
+                                tracing::warn!(topic = %t, "cannot subscribe: {e}");
+                            }
+                        }
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         ak.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Some(tx) = &incoming {
+                            let _ = tx.send(p);
+                        }
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        // Asked to go: let the DISCONNECT reach the broker, then stop.
+                        let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+                        return;
+                    }
                     Ok(_) => {}
-                    Err(_) => {
+                    Err(e) => {
                         er.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let e = MqttError::Connection { broker: broker.clone(), problem: connection_problem(&e) };
+                        tracing::warn!("{e}");
+                        if let Ok(mut l) = le.lock() {
+                            *l = Some(e);
+                        }
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }
             }
         });
-        EdgePublisher { client, topic: format!("{prefix}/{site}/{node}/telemetry"), errors, acked, task }
+        EdgePublisher {
+            client,
+            topic: format!("{prefix}/{site}/{node}/telemetry"),
+            errors,
+            acked,
+            last_error,
+            connects,
+            task,
+        }
+    }
+
+    /// The underlying client (to subscribe, or publish on other topics).
+    pub fn client(&self) -> &AsyncClient {
+        &self.client
+    }
+
+    /// Say goodbye: publish the retained `{"state":"dead"}` (QoS 1) and
+    /// disconnect cleanly (so the last will is not needed), waiting up to
+    /// `timeout` for the broker to take both.
+    pub async fn shutdown(&self, state_topic: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let before = self.acked.load(std::sync::atomic::Ordering::Relaxed);
+        // try_*: a full request queue (a long outage) must not hold up the exit.
+        if let Err(e) = self.client.try_publish(state_topic, QoS::AtLeastOnce, true, state_payload(NodeState::Dead)) {
+            tracing::warn!(topic = %state_topic, "cannot publish the dead state ({e}); the last will says it");
+        } else {
+            // Wait for a PUBACK (the dead state's, or an earlier one: the
+            // DISCONNECT goes after the state on the same connection anyway).
+            while self.acked.load(std::sync::atomic::Ordering::Relaxed) == before
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout_at(deadline, async {
+            while !self.task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Publish one payload at QoS 1 without waiting: an error (and nothing
+    /// sent) when the client's request queue is full, as after a long
+    /// outage, so a periodic publisher never stalls its loop.
+    pub fn try_publish(&self, payload: &TelemetryPayload) -> Result<(), MqttError> {
+        let body = serde_json::to_vec(payload).map_err(|e| MqttError::Payload {
+            topic: self.topic.clone(),
+            byte: 0,
+            problem: e.to_string(),
+        })?;
+        self.client
+            .try_publish(&self.topic, QoS::AtLeastOnce, false, body)
+            .map_err(|e| MqttError::Connection { broker: self.topic.clone(), problem: e.to_string() })
     }
 
     /// Publish one payload at QoS 1 (queued while disconnected).

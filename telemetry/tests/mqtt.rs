@@ -12,13 +12,10 @@ use tokio::sync::mpsc;
 
 fn settings(host: &str, port: u16, id: &str, prefix: &str) -> MqttSettings {
     MqttSettings {
-        host: host.into(),
-        port,
-        client_id: id.into(),
-        topic_prefix: prefix.into(),
         keep_alive: Duration::from_secs(5),
         reconnect_initial: Duration::from_millis(50),
         reconnect_max: Duration::from_millis(500),
+        ..MqttSettings::new(host, port, id, prefix)
     }
 }
 

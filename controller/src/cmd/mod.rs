@@ -1,5 +1,6 @@
 //! The commands of the `dynamollm` binary, one module each.
 
+pub mod agent;
 pub mod demo;
 pub mod forecast;
 pub mod predictor;

@@ -248,7 +248,8 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         (Dispatcher::new(audit).with_backend(act as Arc<dyn Actuator>, timeout), Some(events))
     } else {
         let tcfg = cfg.telemetry_config()?;
-        let mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt);
+        let mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt)
+            .map_err(|e| anyhow::anyhow!("{}: telemetry.{e}", cfg.origin))?;
         let audit = Arc::new(AuditLog::open_in_dir(&dir)?);
         let d = actuators::build(&cfg.actuators_config()?, audit, mqtt.as_ref())
             .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.origin))?;

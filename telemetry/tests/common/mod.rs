@@ -119,6 +119,20 @@ pub fn mosquitto(dir: &Path) -> Service {
     Service::spawn(Path::new(&bin), &["-c".to_string(), conf.display().to_string()], port)
 }
 
+/// A private Mosquitto on a free port with the config `conf(port)` (the
+/// whole file: listeners, auth, TLS). `dir` is made world-readable, since
+/// Mosquitto started as root drops to its own user before reading the
+/// password, ACL and certificate files kept there.
+pub fn mosquitto_with(dir: &Path, conf: impl FnOnce(u16) -> String) -> Service {
+    let bin = require_env("DYNAMOLLM_TEST_MOSQUITTO_BIN");
+    let port = free_port();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = dir.join("mosquitto.conf");
+    std::fs::write(&path, conf(port)).unwrap();
+    Service::spawn(Path::new(&bin), &["-c".to_string(), path.display().to_string()], port)
+}
+
 /// Count, per series name, the samples VictoriaMetrics holds for metric names
 /// matching `regex`, through `/api/v1/export` (after a forced flush).
 /// One exported series: labels, timestamps (ms), values.
