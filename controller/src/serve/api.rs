@@ -127,8 +127,13 @@ async fn live_page() -> Html<String> {
 
 async fn status(State(st): State<Arc<Shared>>) -> Response {
     let now = st.clock.now_s();
+    let router = st.router_stats.lock().map(|r| r.clone()).unwrap_or_default();
     match st.core.lock() {
-        Ok(c) => Json(c.status(now)).into_response(),
+        Ok(c) => {
+            let mut s = c.status(now);
+            s["router"] = serde_json::to_value(router).unwrap_or_default();
+            Json(s).into_response()
+        }
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the service state is poisoned"),
     }
 }

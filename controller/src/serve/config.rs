@@ -152,11 +152,19 @@ impl Default for ClusterSection {
 }
 
 /// `[router]`: the OpenAI-compatible request router in front of a real cluster.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterSection {
     /// Address of `/v1/completions` and `/v1/chat/completions` (no router when absent).
     pub listen: Option<String>,
+    /// Hold a request this long (service seconds) for its pool to get a serving instance, then 503.
+    pub hold_s: f64,
+}
+
+impl Default for RouterSection {
+    fn default() -> Self {
+        RouterSection { listen: None, hold_s: 60.0 }
+    }
 }
 
 /// A config document's text; its Debug shows only its size (it holds secrets).

@@ -83,6 +83,10 @@ pub struct Shared {
     pub metrics: api::ServiceMetrics,
     /// The actuator backends behind the audit log.
     pub actuators: Dispatcher,
+    /// What the request router did.
+    pub router_stats: Mutex<router::RouterStats>,
+    /// How long the router holds a request for a pool with no serving instance (service seconds).
+    pub router_hold_s: f64,
 }
 
 /// A running service.
@@ -272,6 +276,8 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         ready: AtomicBool::new(false),
         metrics: api::ServiceMetrics::new()?,
         actuators: dispatcher,
+        router_stats: Mutex::new(router::RouterStats::default()),
+        router_hold_s: cfg.router.hold_s,
     });
     let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
         .await

@@ -21,6 +21,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use telemetry::{ClassBoundaries, CLASS_COUNT};
 
+/// What the router did (in `/api/v1/status` as `router`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RouterStats {
+    /// Requests sent to an instance.
+    pub requests: u64,
+    /// Requests per pool.
+    pub per_pool: std::collections::BTreeMap<u32, u64>,
+    /// Requests held (more than a wall millisecond) until an instance of their pool served.
+    pub held: u64,
+    /// Longest hold (service seconds).
+    pub held_max_s: f64,
+    /// Requests turned away: no instance served their pool within the hold limit.
+    pub rejected: u64,
+    /// Requests whose instance could not be reached.
+    pub errors: u64,
+}
+
 /// The router's state.
 pub struct RouterState {
     shared: Arc<Shared>,
@@ -155,11 +172,35 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
         counts[class.index()] = 1;
         core.observe_arrivals(now, &counts);
     }
-    let serving = |pool: u32| st.pick(pool).is_some();
-    let pool = st.pool_for(class.index(), &serving);
-    let Some(endpoint) = st.pick(pool) else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("no instance of pool {pool} serves class {class} yet"));
+    // A pool scaled from nothing: hold the request until an instance serves (as long as `hold_s`).
+    let clock = st.shared.clock;
+    let arrived = clock.now_s();
+    let hold_s = st.shared.router_hold_s;
+    let (pool, endpoint) = loop {
+        let serving = |pool: u32| st.pick(pool).is_some();
+        let pool = st.pool_for(class.index(), &serving);
+        if let Some(e) = st.pick(pool) {
+            break (pool, e);
+        }
+        let waited = clock.now_s() - arrived;
+        if waited >= hold_s {
+            st.shared.router_stats.lock().map(|mut r| r.rejected += 1).ok();
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no instance of pool {pool} serves class {class} after {waited:.1} s; try again"),
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     };
+    let held = clock.now_s() - arrived;
+    if let Ok(mut r) = st.shared.router_stats.lock() {
+        r.requests += 1;
+        r.per_pool.entry(pool).and_modify(|n| *n += 1).or_insert(1);
+        if held > 1e-3 * clock.speed() {
+            r.held += 1;
+            r.held_max_s = r.held_max_s.max(held);
+        }
+    }
     if let Ok(mut f) = st.in_flight.lock() {
         *f.entry(endpoint.clone()).or_default() += 1;
     }
@@ -167,7 +208,10 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
     let url = format!("{}{path}", endpoint.trim_end_matches('/'));
     let resp = match st.client.post(&url).header(header::CONTENT_TYPE, "application/json").body(body).send().await {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_GATEWAY, format!("{url}: {e}")),
+        Err(e) => {
+            st.shared.router_stats.lock().map(|mut r| r.errors += 1).ok();
+            return error(StatusCode::BAD_GATEWAY, format!("{url}: {e}"));
+        }
     };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let ctype = resp
