@@ -56,6 +56,9 @@ pub struct ServiceSection {
     pub slo_multiplier: f64,
     /// Longest wait for an action's outcome (s).
     pub action_timeout_s: f64,
+    /// Per-class request rates (requests/s, keys `SS` … `LL`) to plan the first
+    /// fleet for, before the router has seen any traffic (a fresh state only).
+    pub initial_class_rps: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 impl Default for ServiceSection {
@@ -72,6 +75,7 @@ impl Default for ServiceSection {
             profile: None,
             slo_multiplier: 5.0,
             action_timeout_s: 30.0,
+            initial_class_rps: None,
         }
     }
 }
@@ -247,6 +251,16 @@ impl ServiceConfig {
         ] {
             if !(v.is_finite() && v > 0.0) {
                 bail!("{origin}: {key} must be a positive number, got {v}");
+            }
+        }
+        if let Some(m) = &s.initial_class_rps {
+            for (k, v) in m {
+                if telemetry::RequestClass::parse(k).is_err() {
+                    bail!("{origin}: service.initial_class_rps.{k}: not a request class (SS, SM, SL, MS, MM, ML, LS, LM, LL)");
+                }
+                if !(v.is_finite() && *v >= 0.0) {
+                    bail!("{origin}: service.initial_class_rps.{k} must be a rate ≥ 0, got {v}");
+                }
             }
         }
         if s.listen.parse::<std::net::SocketAddr>().is_err() {

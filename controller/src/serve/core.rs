@@ -527,7 +527,10 @@ impl ServiceCore {
         }
         self.last_recent = recent;
 
-        // Stale telemetry: failsafe within one tick of the deadline.
+        // Stale telemetry: failsafe within one tick of the deadline (nothing placed yet: nothing to hear from).
+        if !self.instances.values().any(|r| r.placement.is_some()) {
+            self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+        }
         let lag = self.telemetry_lag_s(now_s);
         let was_stale = self.stale.is_some();
         self.stale = (lag > self.cfg.stale_after_s)

@@ -209,6 +209,15 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     };
     if !recovered {
         core.set_mode(Mode::parse(&cfg.service.mode).map_err(anyhow::Error::msg)?);
+        if let Some(m) = &cfg.service.initial_class_rps {
+            let mut d = [0.0; CLASS_COUNT];
+            for (k, v) in m {
+                if let Ok(c) = RequestClass::parse(k) {
+                    d[c.index()] = *v;
+                }
+            }
+            core.prime_rates(d);
+        }
     }
     let (routing_tx, routing_rx) = watch::channel(core.routing());
     let timeout = Duration::from_secs_f64(cfg.service.action_timeout_s / cfg.service.speed.max(1.0))
@@ -367,6 +376,7 @@ async fn run_loop(
             }
             Some(sample) = async { match samples.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 let now = clock.now_s();
+                if std::env::var("DBG_S").is_ok() { eprintln!("SAMPLE {sample:?}"); }
                 if let Ok(mut core) = shared.core.lock() {
                     core.observe_sample(now, &sample);
                 }

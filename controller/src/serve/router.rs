@@ -102,15 +102,34 @@ fn input_tokens(v: &serde_json::Value) -> Result<u32, String> {
 }
 
 impl RouterState {
-    /// The pool a class goes to now: the controller's choice once it serves, else where it went before.
+    /// The pool a class goes to now: the controller's choice once it serves;
+    /// until then where it went before, or — when that does not serve either —
+    /// the pool of the next-larger class of the same prompt band that serves
+    /// (where a merged class would go).
     fn pool_for(&self, class: usize, serving: &dyn Fn(u32) -> bool) -> u32 {
-        let want = self.shared.core.lock().map(|c| c.routing()[class]).unwrap_or(0);
+        let table = self.shared.core.lock().map(|c| c.routing()).unwrap_or([0; CLASS_COUNT]);
+        let want = table[class];
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let keep_old = cur[class].is_some_and(|old| old != want && serving(old) && !serving(want));
-        if !keep_old {
+        if serving(want) {
             cur[class] = Some(want);
+            return want;
         }
-        cur[class].unwrap_or(want)
+        if let Some(old) = cur[class].filter(|&o| serving(o)) {
+            return old;
+        }
+        let mut chain = Vec::new();
+        let mut c = telemetry::RequestClass::from_index(class);
+        while let Some(next) = crate::control::merge_target(c) {
+            chain.push(table[next.index()]);
+            c = next;
+        }
+        match chain.into_iter().find(|&p| serving(p)) {
+            Some(p) => {
+                cur[class] = Some(p);
+                p
+            }
+            None => want,
+        }
     }
 
     /// The serving instance of a pool with the fewest requests in flight (its endpoint).
