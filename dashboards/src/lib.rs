@@ -4,5 +4,8 @@
 #![warn(missing_docs)]
 
 pub mod accounting;
+pub mod browser;
 pub mod config;
 pub mod intensity;
+pub mod report;
+pub mod svg;
