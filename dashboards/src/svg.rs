@@ -71,7 +71,7 @@ fn tick(v: f64) -> String {
 fn frame(s: &mut String, id: &str, title: &str, y_label: &str, y_max: f64) {
     let _ = write!(
         s,
-        r##"<svg id="{id}" class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img"><title>{t}</title><rect x="0" y="0" width="{W}" height="{H}" fill="#fff"/><text x="{L}" y="20" font-size="14" font-weight="bold">{t}</text><text x="14" y="{ym}" font-size="11" transform="rotate(-90 14 {ym})" text-anchor="middle">{yl}</text>"##,
+        r##"<svg id="{id}" class="chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img"><title>{t}</title><rect x="0" y="0" width="{W}" height="{H}" fill="#fff"/><text x="{L}" y="20" font-size="14" font-weight="bold">{t}</text><text x="14" y="{ym}" font-size="11" transform="rotate(-90 14 {ym})" text-anchor="middle">{yl}</text>"##,
         t = esc(title),
         yl = esc(y_label),
         ym = T + (H - T - B) / 2.0
@@ -90,8 +90,8 @@ fn frame(s: &mut String, id: &str, title: &str, y_label: &str, y_max: f64) {
     }
 }
 
-fn legend(s: &mut String, names: &[String]) {
-    let mut x = L + 260.0;
+fn legend(s: &mut String, title: &str, names: &[String]) {
+    let mut x = L + 20.0 + 8.5 * title.chars().count() as f64;
     for (i, n) in names.iter().enumerate().take(PALETTE.len()) {
         let _ = write!(
             s,
@@ -143,7 +143,7 @@ pub fn line_chart(id: &str, title: &str, x_label: &str, y_label: &str, lines: &[
             d.join(" ")
         );
     }
-    legend(&mut s, &lines.iter().map(|l| l.name.clone()).collect::<Vec<_>>());
+    legend(&mut s, title, &lines.iter().map(|l| l.name.clone()).collect::<Vec<_>>());
     s.push_str("</svg>");
     s
 }
@@ -181,7 +181,7 @@ pub fn bar_chart(id: &str, title: &str, y_label: &str, categories: &[String], se
             esc(c)
         );
     }
-    legend(&mut s, &series.iter().map(|x| x.0.clone()).collect::<Vec<_>>());
+    legend(&mut s, title, &series.iter().map(|x| x.0.clone()).collect::<Vec<_>>());
     s.push_str("</svg>");
     s
 }
