@@ -7,5 +7,6 @@ pub mod accounting;
 pub mod browser;
 pub mod config;
 pub mod intensity;
+pub mod live;
 pub mod report;
 pub mod svg;
