@@ -146,8 +146,8 @@ pub fn account(timeline: &RunTimeline, cfg: &AccountingConfig, intensity: &Inten
     let mut run_tokens = vec![[0.0; CLASS_COUNT]; pools];
     for iv in &timeline.intervals {
         for (p, pi) in iv.pools.iter().enumerate() {
-            for c in 0..CLASS_COUNT {
-                run_tokens[p][c] += pi.tokens_by_class[c];
+            for (acc, t) in run_tokens[p].iter_mut().zip(pi.tokens_by_class) {
+                *acc += t;
             }
         }
     }
@@ -160,8 +160,8 @@ pub fn account(timeline: &RunTimeline, cfg: &AccountingConfig, intensity: &Inten
         let mid = timeline.start_unix_s + iv.start_s + iv.duration_s / 2.0;
         let g_per_kwh = intensity.at(mid);
         let usd_per_kwh = tariff_usd_per_kwh(cfg, mid);
-        for c in 0..CLASS_COUNT {
-            class[c].requests += iv.requests_by_class[c];
+        for (k, r) in class.iter_mut().zip(iv.requests_by_class) {
+            k.requests += r;
         }
         for (p, pi) in iv.pools.iter().enumerate() {
             let facility = pi.energy_j * pue;

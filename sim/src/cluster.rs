@@ -178,6 +178,13 @@ impl<'p> Cluster<'p> {
         cluster
     }
 
+    /// Set the timeline's interval (default one minute; infinity records
+    /// only the closing interval). Call before the first arrival.
+    pub fn set_timeline_step(&mut self, step_s: f64) {
+        let names = std::mem::take(&mut self.recorder.timeline.pool_names);
+        self.recorder = Recorder::new(names, step_s);
+    }
+
     /// Virtual time now.
     pub fn now_s(&self) -> f64 {
         self.now_s
