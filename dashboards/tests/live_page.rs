@@ -7,7 +7,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
 use dashboards::browser::{check_page, chromium_from_env, png_colours};
-use dashboards::live::PAGE_HTML;
+use dashboards::live::{check_live, PAGE_HTML};
 
 const STATUS: &str = r#"{"mode":"auto","time_s":86400.0,"telemetry_lag_s":1.5,
 "pools":[{"id":0,"name":"SS","classes":["SS","SM"],"instances":2,"gpus":6,"power_w":2345.6,"planned_rps":3.25},
@@ -89,6 +89,9 @@ fn the_live_page_renders_the_status_without_errors() {
     assert!(d.contains("<polyline"), "sparklines drawn");
     assert!(!d.contains("class=\"error\""), "no error banner");
     assert!(png_colours(&png, 64).unwrap() > 4);
+    let live = check_live(&chromium, &url, Some("s3cret"), &png).unwrap();
+    assert_eq!((live.mode.as_str(), live.gpus.as_str(), live.savings.as_str()), ("auto", "14", "50.0%"));
+    assert!(live.message.is_empty() && live.page.console_errors.is_empty());
 }
 
 #[test]
@@ -96,7 +99,9 @@ fn a_refused_token_shows_unauthorised_not_a_js_error() {
     let chromium = chromium_from_env();
     let url = serve();
     let dir = tempfile::tempdir().unwrap();
-    let c = check_page(&chromium, &format!("{url}/?token=wrong"), &dir.path().join("u.png")).unwrap();
+    let live = check_live(&chromium, &url, Some("wrong"), &dir.path().join("u.png")).unwrap();
+    assert!(live.message.starts_with("unauthorised") && live.power == "–", "{live:?}");
+    let c = live.page;
     assert!(c.console_errors.is_empty(), "{:?}", c.console_errors);
     assert!(c.network_errors.iter().all(|e| e.contains("401")), "{:?}", c.network_errors);
     let msg = text_of(&c.dom, "status-message");
