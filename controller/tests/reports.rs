@@ -55,9 +55,11 @@ fn a_compare_runs_report_loads_clean_and_matches_its_json_and_csv() {
     let csv = dir.path().join("report.csv");
     let base =
         ["sim", "--compare", "single-pool,dynamollm", "--hours", "0.15", "--instances", "2", "--quiet", "--report"];
+    let sim_json = dir.path().join("sim.json");
     for out in [&html, &json, &csv] {
         let mut a: Vec<&str> = base.to_vec();
         a.push(out.to_str().unwrap());
+        a.extend(["--json", sim_json.to_str().unwrap()]);
         let o = dynamollm(&a);
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(stdout.contains("× single-pool"), "{stdout}");
@@ -88,6 +90,15 @@ fn a_compare_runs_report_loads_clean_and_matches_its_json_and_csv() {
     assert_eq!(j["baseline"], "single-pool");
     assert_eq!(j["runs"].as_array().unwrap().len(), 2);
     check_figures(&c.dom, &j, true);
+    // The timeline adds up to the sim's own totals.
+    let sim: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sim_json).unwrap()).unwrap();
+    for (r, s) in j["runs"].as_array().unwrap().iter().zip(sim["runs"].as_array().unwrap()) {
+        assert_eq!(r["policy"], s["policy"]);
+        for (a, b) in [("energy_kwh", "energy_kwh"), ("gpu_hours", "gpu_hours"), ("requests", "requests_total")] {
+            let (x, y) = (r[a].as_f64().unwrap(), s[b].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-9 * y.abs().max(1.0), "{a}: report {x}, sim {y}");
+        }
+    }
     // The CSV's totals rows carry the same figures.
     let text = std::fs::read_to_string(&csv).unwrap();
     let mut rows = csv::Reader::from_reader(text.as_bytes());

@@ -516,13 +516,15 @@ th:first-child,td:first-child{{text-align:left}} .charts{{display:flex;flex-wrap
         s.push_str(&bar_chart("chart-class-energy", "GPU energy by class", "kWh", &classes, &by(&|c| c.energy_kwh)));
         s.push_str(&bar_chart("chart-class-carbon", "Carbon by class", "kg CO2e", &classes, &by(&|c| c.carbon_kg)));
         s.push_str(&bar_chart("chart-class-cost", "Cost by class", "$", &classes, &by(&|c| c.cost_usd)));
-        s.push_str(&bar_chart(
-            "chart-class-slo",
-            "SLO attainment by class",
-            "share",
-            &classes,
-            &by(&|c| c.slo_attainment.unwrap_or(0.0)),
-        ));
+        if self.runs.iter().any(|r| r.classes.values().any(|c| c.slo_attainment.is_some())) {
+            s.push_str(&bar_chart(
+                "chart-class-slo",
+                "SLO attainment by class",
+                "share",
+                &classes,
+                &by(&|c| c.slo_attainment.unwrap_or(0.0)),
+            ));
+        }
         s
     }
 }
