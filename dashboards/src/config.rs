@@ -192,6 +192,36 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
+/// Place a schema error (about the merged document) on the user's line: the
+/// key between the message's first backticks.
+fn locate(user_text: &str, merged: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    // The key: named in the message, or the one on the merged document's line the span points at.
+    let from_span = span
+        .and_then(|r| merged.get(..r.start))
+        .map(|before| {
+            let start = before.rfind('\n').map_or(0, |i| i + 1);
+            let line = merged[start..].lines().next().unwrap_or("");
+            line.split_once('=').map(|(k, _)| k.trim().to_string()).unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let named = message.split('`').nth(1).unwrap_or("").to_string();
+    let key = if named.is_empty() { from_span.as_str() } else { named.as_str() };
+    let message = if named.is_empty() && !key.is_empty() { format!("`{key}`: {message}") } else { message.to_string() };
+    let message = message.as_str();
+    let line = (!key.is_empty())
+        .then(|| {
+            user_text.lines().position(|l| {
+                let l = l.trim_start();
+                l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        })
+        .flatten();
+    match line {
+        Some(n) => format!("line {}: {message}", n + 1),
+        None => message.to_string(),
+    }
+}
+
 impl Default for AccountingConfig {
     fn default() -> Self {
         AccountingConfig::parse(DEFAULTS_TOML, "defaults").expect("the bundled defaults parse")
@@ -228,8 +258,13 @@ impl AccountingConfig {
             }
             merge(&mut base, toml::Value::Table(mine));
         }
-        let text = toml::to_string(&base).expect("a TOML value serialises");
-        AccountingConfig::parse(&text, source_name)
+        let merged = toml::to_string(&base).expect("a TOML value serialises");
+        let c: AccountingConfig = toml::from_str(&merged).map_err(|e| ConfigError::Parse {
+            source_name: source_name.into(),
+            message: locate(text, &merged, e.span(), e.message()),
+        })?;
+        c.validate(source_name)?;
+        Ok(c)
     }
 
     /// Load from a file (its `[carbon]`, `[cost]`, `[sci]` tables over the defaults).
@@ -329,8 +364,11 @@ mod tests {
 
     #[test]
     fn unknown_and_bad_keys_are_named() {
-        let e = AccountingConfig::from_toml_str("[carbon]\npeu = 1.3\n", "a.toml").unwrap_err().to_string();
-        assert!(e.contains("a.toml") && e.contains("peu"), "{e}");
+        let e = AccountingConfig::from_toml_str("# x\n[carbon]\npeu = 1.3\n", "a.toml").unwrap_err().to_string();
+        assert!(e.starts_with("a.toml: line 3: unknown field `peu`"), "{e}");
+        let e =
+            AccountingConfig::from_toml_str("[sci]\ngpus_per_server = \"eight\"\n", "e.toml").unwrap_err().to_string();
+        assert!(e.starts_with("e.toml: line 2: `gpus_per_server`: invalid type"), "{e}");
         let e = AccountingConfig::from_toml_str("[sci]\nlifetime_years = 0\n", "b.toml").unwrap_err().to_string();
         assert!(e.contains("sci.lifetime_years"), "{e}");
         let e = AccountingConfig::from_toml_str("[cost]\ngpu_sku = \"B200\"\n", "c.toml").unwrap_err().to_string();

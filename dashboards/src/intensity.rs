@@ -182,7 +182,10 @@ impl IntensitySeries {
         IntensitySeries::from_csv_str(&text, path)
     }
 
-    /// The series a configuration names, for `[from, to]` (Unix s) when it is fetched from an API.
+    /// The series a configuration names. From the APIs: Electricity Maps' `history`
+    /// (its last 24 hours) and WattTime's MOER `forecast`; like any series, they
+    /// repeat outside their span, so a period far from now is better served by a CSV
+    /// export. `from_s`/`to_s` (Unix s) are the period wanted.
     pub fn from_config(cfg: &AccountingConfig, from_s: f64, to_s: f64) -> Result<IntensitySeries, IntensityError> {
         let c = &cfg.carbon;
         match c.source {
