@@ -28,6 +28,8 @@ enum Command {
     Profile(cmd::profile::ProfileArgs),
     /// Accuracy of the output-class predictor on Azure traces.
     Predictor(cmd::predictor::PredictorArgs),
+    /// Energy, carbon and cost of a period from the telemetry store (HTML, JSON or CSV).
+    Report(cmd::report::ReportArgs),
     /// Load forecasting.
     #[command(subcommand)]
     Forecast(ForecastCommand),
@@ -48,6 +50,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Demo(a) => cmd::demo::run(&a).map(|_| true),
         Command::Serve(a) => cmd::serve::run(&a).map(|_| true),
         Command::Profile(a) => cmd::profile::run(&a).map(|_| true),
+        Command::Report(a) => cmd::report::run(&a).map(|_| true),
         Command::Predictor(a) => cmd::predictor::run(&a).map(|_| true),
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
         Command::Agent(a) => cmd::agent::run(&a).map(|_| true),

@@ -52,6 +52,9 @@ pub struct SimReport {
     /// Energy over the oracle's on the same trace and seed, minus one (when an oracle ran).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_gap: Option<f64>,
+    /// The replay's per-minute timeline, for `--report` (not part of the JSON).
+    #[serde(skip)]
+    pub timeline: Option<std::sync::Arc<sim::Timeline>>,
 }
 
 impl SimReport {
@@ -83,6 +86,7 @@ impl SimReport {
             wall_s,
             sim_requests_per_s: if wall_s > 0.0 { totals.requests_total as f64 / wall_s } else { 0.0 },
             oracle_gap: None,
+            timeline: Some(std::sync::Arc::new(totals.timeline.clone())),
         }
     }
 

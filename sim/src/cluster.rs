@@ -6,6 +6,7 @@
 use crate::engine::{EngineRequest, Instance, Lifecycle, Next};
 use crate::physics::Physics;
 use crate::stats::{ClassSlo, Stats};
+use crate::timeline::{Recorder, Timeline, TIMELINE_STEP_S};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use telemetry::{ClassBoundaries, Request, RequestClass, TraceError, CLASS_COUNT};
@@ -85,6 +86,8 @@ pub struct RunTotals {
     pub requests_total: u64,
     /// Requests turned away.
     pub requests_rejected: u64,
+    /// Per-minute timeline (energy, GPUs, clocks, tokens per pool; arrivals per class).
+    pub timeline: Timeline,
 }
 
 /// A cluster being simulated.
@@ -107,6 +110,11 @@ pub struct Cluster<'p> {
     requests_total: u64,
     requests_rejected: u64,
     misroute: Option<(f64, rand_pcg::Pcg64Mcg)>,
+    /// Per pool: GPUs held × time so far, and final energy of its stopped instances.
+    pool_gpu_seconds: Vec<f64>,
+    pool_gpus: Vec<u32>,
+    pool_stopped_energy_j: Vec<f64>,
+    recorder: Recorder,
 }
 
 impl<'p> Cluster<'p> {
@@ -159,11 +167,22 @@ impl<'p> Cluster<'p> {
             requests_total: 0,
             requests_rejected: 0,
             misroute: None,
+            pool_gpu_seconds: vec![0.0; spec.pools.len()],
+            pool_gpus: vec![0; spec.pools.len()],
+            pool_stopped_energy_j: vec![0.0; spec.pools.len()],
+            recorder: Recorder::new(spec.pools.iter().map(|p| p.name.clone()).collect(), TIMELINE_STEP_S),
         };
         for s in &spec.instances {
             cluster.add_instance(s.pool, s.tp, s.clock_mhz, Lifecycle::Serving);
         }
         cluster
+    }
+
+    /// Set the timeline's interval (default one minute; infinity records
+    /// only the closing interval). Call before the first arrival.
+    pub fn set_timeline_step(&mut self, step_s: f64) {
+        let names = std::mem::take(&mut self.recorder.timeline.pool_names);
+        self.recorder = Recorder::new(names, step_s);
     }
 
     /// Virtual time now.
@@ -199,14 +218,59 @@ impl<'p> Cluster<'p> {
     /// Forget stopped instances in pool member lists (they hold nothing).
     fn prune(&mut self, inst: usize) {
         let pool = self.instances[inst].pool;
+        self.pool_stopped_energy_j[pool] += self.instances[inst].energy_j;
         self.pools[pool].members.retain(|&m| m != inst);
     }
 
     fn regpu(&mut self) {
-        self.gpu_seconds += f64::from(self.gpus_held) * (self.now_s - self.gpus_since_s);
+        let dt = self.now_s - self.gpus_since_s;
+        self.gpu_seconds += f64::from(self.gpus_held) * dt;
+        for (s, g) in self.pool_gpu_seconds.iter_mut().zip(&self.pool_gpus) {
+            *s += f64::from(*g) * dt;
+        }
         self.gpus_since_s = self.now_s;
-        self.gpus_held = self.instances.iter().map(Instance::gpus_held).sum();
+        self.pool_gpus.iter_mut().for_each(|g| *g = 0);
+        for i in &self.instances {
+            self.pool_gpus[i.pool] += i.gpus_held();
+        }
+        self.gpus_held = self.pool_gpus.iter().sum();
         self.peak_gpus = self.peak_gpus.max(self.gpus_held);
+    }
+
+    /// Close the timeline's interval at `t` (no event pending before `t`).
+    fn record(&mut self, t: f64) {
+        let saved = self.now_s;
+        self.now_s = t;
+        self.regpu();
+        self.now_s = saved;
+        let pools = self.pools.len();
+        let mut energy = self.pool_stopped_energy_j.clone();
+        let mut clock_sum = vec![0.0; pools];
+        let mut clock_gpus = vec![0.0; pools];
+        for (p, pool) in self.pools.iter().enumerate() {
+            for &m in &pool.members {
+                let i = &self.instances[m];
+                energy[p] += i.energy_at(self.physics, t);
+                if i.state == Lifecycle::Serving {
+                    clock_sum[p] += f64::from(i.clock_mhz) * f64::from(i.tp);
+                    clock_gpus[p] += f64::from(i.tp);
+                }
+            }
+        }
+        let clock: Vec<f64> =
+            (0..pools).map(|p| if clock_gpus[p] > 0.0 { clock_sum[p] / clock_gpus[p] } else { 0.0 }).collect();
+        let requests = std::array::from_fn(|c| self.stats.classes[c].requests);
+        self.recorder.close(t, &energy, &self.pool_gpu_seconds, &self.pool_gpus, &clock, requests);
+    }
+
+    /// Close every timeline interval ending at or before `t`.
+    #[inline]
+    fn record_until(&mut self, t: f64) {
+        while self.recorder.next_s <= t {
+            let at = self.recorder.next_s;
+            self.record(at);
+            self.recorder.next_s += self.recorder.timeline.step_s;
+        }
     }
 
     fn schedule(&mut self, inst: usize, next: Next) {
@@ -320,6 +384,8 @@ impl<'p> Cluster<'p> {
         let target = self.class_pool[routed].and_then(|p| self.least_loaded(p, &req));
         match target {
             Some(inst) => {
+                let pool = self.instances[inst].pool;
+                self.recorder.tokens[pool][class] += f64::from(req.input_tokens) + f64::from(req.output_tokens);
                 let next = self.instances[inst].enqueue(self.physics, req, self.now_s);
                 self.schedule(inst, next);
             }
@@ -336,10 +402,12 @@ impl<'p> Cluster<'p> {
             if et > t {
                 break;
             }
+            self.record_until(et);
             self.events.pop();
             self.now_s = self.now_s.max(et);
             self.handle(inst, kind);
         }
+        self.record_until(t);
         self.now_s = self.now_s.max(t);
     }
 
@@ -418,11 +486,15 @@ impl<'p> Cluster<'p> {
     /// Close the books at `end_s` (at least now): settle idle energy and GPU time.
     pub fn finish(mut self, end_s: f64) -> RunTotals {
         let end = end_s.max(self.now_s);
+        self.record_until(end);
         self.now_s = end;
         for i in &mut self.instances {
             i.settle(self.physics, end);
         }
         self.regpu();
+        if self.recorder.last_s < end {
+            self.record(end);
+        }
         RunTotals {
             energy_j: self.instances.iter().map(|i| i.energy_j).sum(),
             gpu_seconds: self.gpu_seconds,
@@ -431,6 +503,7 @@ impl<'p> Cluster<'p> {
             requests_total: self.requests_total,
             requests_rejected: self.requests_rejected,
             stats: self.stats,
+            timeline: self.recorder.timeline,
         }
     }
 }

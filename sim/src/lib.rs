@@ -10,10 +10,12 @@ pub mod cluster;
 pub mod engine;
 pub mod physics;
 pub mod stats;
+pub mod timeline;
 
 pub use cluster::{Cluster, ClusterSpec, InstanceSpec, PoolSpec, RunTotals};
 pub use engine::{EngineEvent, EngineRequest, Instance, Lifecycle, Next};
 pub use physics::{Physics, PhysicsError, StepCost, StepShape};
 pub use stats::{ClassSlo, LatencySummary, Stats};
+pub use timeline::{PoolInterval, Timeline, TimelinePoint};
 pub mod anchors;
 pub mod measure;

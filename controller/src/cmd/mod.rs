@@ -5,6 +5,7 @@ pub mod demo;
 pub mod forecast;
 pub mod predictor;
 pub mod profile;
+pub mod report;
 pub mod serve;
 pub mod sim;
 pub mod twin;

@@ -65,6 +65,16 @@ pub struct SimArgs {
     /// Write the run as one JSON object.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Write an energy, carbon and cost report of every policy run: HTML (self-contained,
+    /// with charts), or JSON / CSV by the file's extension.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// The policy the report compares against (default: single-pool when it ran); must be one that ran.
+    #[arg(long, value_name = "POLICY")]
+    pub baseline: Option<String>,
+    /// A TOML file whose `[carbon]`, `[cost]` and `[sci]` tables override the report's defaults.
+    #[arg(long, value_name = "FILE")]
+    pub accounting: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -223,6 +233,20 @@ pub fn run(args: &SimArgs) -> Result<()> {
         Some(list) => parse_compare(list)?,
         None => vec![Policy::parse(&args.policy)?],
     };
+    let baseline = match &args.baseline {
+        Some(b) => {
+            let b = Policy::parse(b)?;
+            if !policies.contains(&b) {
+                bail!("--baseline {} did not run: add it to --compare", b.name());
+            }
+            Some(b.name().to_string())
+        }
+        None => policies.contains(&Policy::SinglePool).then(|| Policy::SinglePool.name().to_string()),
+    };
+    let accounting = match &args.accounting {
+        Some(p) => dashboards::config::AccountingConfig::load(p)?,
+        None => dashboards::config::AccountingConfig::default(),
+    };
     let profile = match &args.profile {
         Some(p) => ProfileTable::load(p)?,
         None => ProfileTable::bundled(),
@@ -260,6 +284,25 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
     } else if let Some(path) = &args.json {
         write_json(path, &reports[0])?;
+    }
+    if let Some(path) = &args.report {
+        let source = format!("dynamollm sim, trace {}, seed {}", workload.name, workload.seed);
+        let report = super::report::sim_report(&reports, baseline.as_deref(), &accounting, &source)?;
+        super::report::write_report(&report, super::report::Format::of_path(path), path)?;
+        println!("\nreport: {}", path.display());
+        for r in &report.runs {
+            let vs = |x: Option<f64>| {
+                x.map_or(String::new(), |x| format!(" ({x:.3}× {})", baseline.as_deref().unwrap_or("")))
+            };
+            println!(
+                "{:<12} carbon {:.1} kg{}  cost ${:.2}{}",
+                r.policy,
+                r.carbon_kg,
+                vs(r.vs_baseline.map(|b| b.carbon_ratio)),
+                r.cost_usd,
+                vs(r.vs_baseline.map(|b| b.cost_ratio))
+            );
+        }
     }
     Ok(())
 }

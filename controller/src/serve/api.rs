@@ -20,9 +20,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-// Replaced by the dashboards crate's live page.
-const LIVE_PAGE: &str = "<!doctype html><html><title>dynamollm</title><p>See /api/v1/status</p></html>";
-
 /// The service's own metrics.
 pub struct ServiceMetrics {
     registry: Registry,
@@ -121,8 +118,8 @@ async fn readyz(State(st): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn live_page() -> Html<String> {
-    Html(LIVE_PAGE.to_string())
+async fn live_page() -> Html<&'static str> {
+    Html(dashboards::live::PAGE_HTML)
 }
 
 async fn status(State(st): State<Arc<Shared>>) -> Response {
