@@ -71,7 +71,10 @@ case "$DYNAMOLLM_ACTION_KIND" in
       echo "$DYNAMOLLM_TP $DYNAMOLLM_ACTION_ID" > "$D/nodes/.n$I" && mv "$D/nodes/.n$I" "$D/nodes/n$I"
       note=created
     fi
+    # Logged before the reply: an orphan whose service was killed dies of SIGPIPE at the echo.
+    echo "$DYNAMOLLM_ACTION_ID $DYNAMOLLM_ACTION_KIND $I done $note" >> "$D/exec.log"
     echo "{{\"placement\":{{\"node\":\"site/n$I\",\"endpoint\":null}}}}"
+    exit 0
     ;;
   retire)
     rm -f "$D/nodes/n$I"
