@@ -313,3 +313,45 @@ fn saved_state_restores_the_plan() {
     assert_eq!(ids_a, ids_b, "the restored core continues with the same ids and actions");
     let _ = Secret(String::new());
 }
+
+/// A clock command that fails leaves the instance at its old clock in the
+/// service's view (so the controller decides again), and one that is
+/// applied moves it.
+#[test]
+fn a_failed_clock_command_keeps_the_old_clock() {
+    let mut core = core();
+    core.prime_rates([0.5; 9]);
+    let mut n = 0u32;
+    let (mut failed, mut applied) = (0, 0);
+    let mut t = 0.0;
+    while t <= 600.0 {
+        for c in core.tick(t, 0) {
+            match c.action {
+                Action::Spawn { .. } => {
+                    n += 1;
+                    let placement = Some(Placement { node: format!("site/n{n}"), gpus: vec![], endpoint: None });
+                    core.on_outcome(&c.id, &Outcome::Applied { placement, detail: String::new() });
+                }
+                Action::SetClock { instance, clock_mhz } => {
+                    let before = core.instances().find(|r| r.id == instance).map(|r| r.clock_mhz);
+                    assert_eq!(before, Some(clock_mhz), "the inventory shows the clock asked for while it is in flight");
+                    if failed <= applied {
+                        core.on_outcome(&c.id, &Outcome::Failed { reason: "500".into(), retryable: true });
+                        failed += 1;
+                        let after = core.instances().find(|r| r.id == instance).unwrap().clock_mhz;
+                        assert_ne!(after, clock_mhz, "a failed clock command must not count as set");
+                    } else {
+                        core.on_outcome(&c.id, &Outcome::Applied { placement: None, detail: String::new() });
+                        applied += 1;
+                        assert_eq!(core.instances().find(|r| r.id == instance).unwrap().clock_mhz, clock_mhz);
+                    }
+                }
+                _ => core.on_outcome(&c.id, &Outcome::Applied { placement: None, detail: String::new() }),
+            }
+        }
+        core.observe_arrivals(t, &[2; 9]);
+        samples(&mut core, t);
+        t += 5.0;
+    }
+    assert!(failed > 0 && applied > 0, "both cases ran: {failed} failed, {applied} applied");
+}

@@ -213,6 +213,8 @@ pub struct ServiceCore {
     retired_energy_j: f64,
     seq: u64,
     pending: BTreeMap<ActionId, Command>,
+    /// For each clock command in flight, the clock the instance had before it.
+    clock_before: BTreeMap<ActionId, u32>,
     window_counts: [u32; CLASS_COUNT],
     minute_counts: [u32; CLASS_COUNT],
     minute: usize,
@@ -281,6 +283,7 @@ impl ServiceCore {
             retired_energy_j: 0.0,
             seq: 0,
             pending: BTreeMap::new(),
+            clock_before: BTreeMap::new(),
             window_counts: [0; CLASS_COUNT],
             minute_counts: [0; CLASS_COUNT],
             minute: (now_s / 60.0).floor().max(0.0) as usize,
@@ -602,6 +605,7 @@ impl ServiceCore {
             };
             let id = acts.then(|| self.next_id());
             if let Some(id) = &id {
+                self.remember_clock(id, &d.action);
                 self.apply_to_inventory(&d.action, now_s);
                 let placement = self.placement_of(&d.action);
                 let cmd = Command { id: id.clone(), action: d.action.clone(), placement, issued_at_ms: wall_ms };
@@ -621,6 +625,7 @@ impl ServiceCore {
             for instance in low {
                 let action = Action::SetClock { instance, clock_mhz: max_clock };
                 let id = self.next_id();
+                self.remember_clock(&id, &action);
                 self.apply_to_inventory(&action, now_s);
                 let cmd = Command {
                     id: id.clone(),
@@ -666,6 +671,14 @@ impl ServiceCore {
             self.history.pop_front();
         }
         out
+    }
+
+    fn remember_clock(&mut self, id: &ActionId, action: &Action) {
+        if let Action::SetClock { instance, .. } = action {
+            if let Some(r) = self.instances.get(instance) {
+                self.clock_before.insert(id.clone(), r.clock_mhz);
+            }
+        }
     }
 
     fn push_decision(&mut self, d: DecisionRecord) {
@@ -735,6 +748,7 @@ impl ServiceCore {
     /// What became of a command.
     pub fn on_outcome(&mut self, id: &ActionId, outcome: &Outcome) {
         let Some(cmd) = self.pending.remove(id) else { return };
+        let before = self.clock_before.remove(id);
         let kind = action_kind(&cmd.action).to_string();
         let tag = match outcome {
             Outcome::Applied { .. } => "applied",
@@ -753,6 +767,14 @@ impl ServiceCore {
             (Action::Spawn { instance, .. }, _) => {
                 // It never came up: forget it (the controller plans again).
                 self.instances.remove(instance);
+            }
+            // A clock that was not set is still the old one (the controller decides again).
+            (Action::SetClock { instance, clock_mhz }, Outcome::Failed { .. } | Outcome::TimedOut { .. }) => {
+                if let (Some(r), Some(b)) = (self.instances.get_mut(instance), before) {
+                    if r.clock_mhz == *clock_mhz {
+                        r.clock_mhz = b;
+                    }
+                }
             }
             (Action::Retire { instance }, Outcome::Applied { .. }) if self.cfg.retire_ack_means_stopped => {
                 self.forget(*instance);
