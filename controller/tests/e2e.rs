@@ -81,7 +81,16 @@ fn metric_sum(page: &str, name: &str, filter: &dyn Fn(&str) -> bool) -> f64 {
 impl Manager {
     fn spawn(&self, id: u32, tp: u64, clock: u64) -> Result<String, String> {
         let mut twin = Command::new(BIN)
-            .args(["twin", "serve", "--listen", "127.0.0.1:0", "--tp", &tp.to_string(), "--clock-mhz", &clock.to_string()])
+            .args([
+                "twin",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--tp",
+                &tp.to_string(),
+                "--clock-mhz",
+                &clock.to_string(),
+            ])
             .args(["--speed", &self.speed.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -90,7 +99,11 @@ impl Manager {
             .map_err(|e| e.to_string())?;
         let mut line = String::new();
         BufReader::new(twin.stderr.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).ok_or(format!("twin said {line:?}"))?.to_string();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .ok_or(format!("twin said {line:?}"))?
+            .to_string();
         let cfg = self.dir.join(format!("agent-{id}.toml"));
         std::fs::write(
             &cfg,
@@ -118,7 +131,11 @@ impl Manager {
     }
 }
 
-async fn actions(State(m): State<Arc<Manager>>, headers: HeaderMap, Json(cmd): Json<serde_json::Value>) -> (StatusCode, Json<serde_json::Value>) {
+async fn actions(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Json(cmd): Json<serde_json::Value>,
+) -> (StatusCode, Json<serde_json::Value>) {
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {CM_TOKEN}")) {
         return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "token"})));
     }
@@ -141,7 +158,10 @@ async fn actions(State(m): State<Arc<Manager>>, headers: HeaderMap, Json(cmd): J
                     }
                 }
             };
-            (StatusCode::OK, Json(serde_json::json!({"placement": {"node": format!("e2e/i{instance}"), "endpoint": url}})))
+            (
+                StatusCode::OK,
+                Json(serde_json::json!({"placement": {"node": format!("e2e/i{instance}"), "endpoint": url}})),
+            )
         }
         Some("retire") => {
             let url = m.engines.lock().unwrap().get(&instance).map(|e| e.url.clone());
@@ -198,7 +218,8 @@ async fn serve_manages_twin_engines_and_agents_over_mqtt_for_an_hour() {
     let (host, port) = broker();
     // The operator knows today's load: the first fleet is planned for the first minutes' rates.
     let workload = Workload::from_options(None, None, None, scale, None, seed).unwrap();
-    let first = dynamollm::closed_loop::MinuteCounts::of(&Workload { hours: Some(5.0 / 60.0), ..workload.clone() }).unwrap();
+    let first =
+        dynamollm::closed_loop::MinuteCounts::of(&Workload { hours: Some(5.0 / 60.0), ..workload.clone() }).unwrap();
     let initial: Vec<String> =
         telemetry::RequestClass::ALL.iter().map(|c| format!("{c} = {}", first.peak(0, 5)[c.index()])).collect();
     let cfg = ServiceConfig::parse(
@@ -247,7 +268,14 @@ ack_timeout_ms = 3000
     let router = format!("http://{}", svc.router_addr.unwrap());
     let http = reqwest::Client::new();
     let status = |http: reqwest::Client, api: String| async move {
-        http.get(format!("{api}/api/v1/status")).bearer_auth(SVC_TOKEN).send().await.unwrap().json::<serde_json::Value>().await.unwrap()
+        http.get(format!("{api}/api/v1/status"))
+            .bearer_auth(SVC_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
     };
 
     // The cluster is up before traffic comes (the service starts on an idle cluster).
@@ -285,7 +313,9 @@ ack_timeout_ms = 3000
     if std::env::var("DBG_S").is_ok() {
         let mut kinds: Vec<String> = errors.iter().map(|e| e.chars().take(160).collect()).collect();
         kinds.sort();
-        kinds.dedup_by(|a, b| a[60..].chars().take(40).collect::<String>() == b[60..].chars().take(40).collect::<String>());
+        kinds.dedup_by(|a, b| {
+            a[60..].chars().take(40).collect::<String>() == b[60..].chars().take(40).collect::<String>()
+        });
         eprintln!("ERRKINDS {kinds:#?}");
     }
     let mut actions: HashMap<String, u64> = HashMap::new();
@@ -299,7 +329,9 @@ ack_timeout_ms = 3000
         .await
         .unwrap();
     for a in audit["actions"].as_array().unwrap() {
-        *actions.entry(format!("{}:{}", a["action"]["kind"].as_str().unwrap(), a["state"].as_str().unwrap())).or_default() += 1;
+        *actions
+            .entry(format!("{}:{}", a["action"]["kind"].as_str().unwrap(), a["state"].as_str().unwrap()))
+            .or_default() += 1;
     }
     svc.stop().await.unwrap();
 
@@ -319,17 +351,25 @@ ack_timeout_ms = 3000
                 .iter()
                 .map(|p| {
                     metric_sum(p, "dynamollm_twin_slo_total", &|l| {
-                        l.contains(&c) && l.contains(&format!("kind=\"{kind}\"")) && l.contains(&format!("result=\"{result}\""))
+                        l.contains(&c)
+                            && l.contains(&format!("kind=\"{kind}\""))
+                            && l.contains(&format!("result=\"{result}\""))
                     })
                 })
                 .sum()
         };
-        let (t_ok, t_miss, g_ok, g_miss) = (count("ttft", "ok"), count("ttft", "miss"), count("tbt", "ok"), count("tbt", "miss"));
+        let (t_ok, t_miss, g_ok, g_miss) =
+            (count("ttft", "ok"), count("ttft", "miss"), count("tbt", "ok"), count("tbt", "miss"));
         if t_ok + t_miss == 0.0 {
             continue;
         }
         let att = (t_ok / (t_ok + t_miss)).min(if g_ok + g_miss > 0.0 { g_ok / (g_ok + g_miss) } else { 1.0 });
-        table += &format!("  {class}: {} requests, TTFT ok {:.4}, TBT ok {:.4}\n", t_ok + t_miss, t_ok / (t_ok + t_miss), g_ok / (g_ok + g_miss).max(1.0));
+        table += &format!(
+            "  {class}: {} requests, TTFT ok {:.4}, TBT ok {:.4}\n",
+            t_ok + t_miss,
+            t_ok / (t_ok + t_miss),
+            g_ok / (g_ok + g_miss).max(1.0)
+        );
         if att < worst.1 {
             worst = (class.to_string(), att);
         }
@@ -341,7 +381,8 @@ ack_timeout_ms = 3000
     let base = run_policies(&physics, &workload, &[Policy::SinglePool], &ProfileTable::bundled(), &opts, None).unwrap();
     let base_kwh = base[0].energy_kwh;
     let kwh = energy_j / 3.6e6;
-    let repeated: Vec<_> = manager.seen.lock().unwrap().iter().filter(|(_, &n)| n > 1).map(|(k, n)| (k.clone(), *n)).collect();
+    let repeated: Vec<_> =
+        manager.seen.lock().unwrap().iter().filter(|(_, &n)| n > 1).map(|(k, n)| (k.clone(), *n)).collect();
     eprintln!(
         "e2e: {} requests (scale {scale}, speed {speed}×, {replay_wall_s:.1} s wall), {tokens} tokens, {} errors\n\
          e2e: energy {kwh:.3} kWh vs single-pool {base_kwh:.3} kWh (ratio {:.3}); worst class {} at {:.4}\n{table}\
@@ -355,7 +396,10 @@ ack_timeout_ms = 3000
     );
     assert!(errors.is_empty(), "{} requests failed, e.g. {:?}", errors.len(), &errors[..errors.len().min(3)]);
     assert_eq!(s["router"]["rejected"], 0, "the router turned requests away: {}", s["router"]);
-    assert!(actions.keys().any(|k| k.starts_with("set-clock:applied")), "clock commands went over MQTT to the agents: {actions:?}");
+    assert!(
+        actions.keys().any(|k| k.starts_with("set-clock:applied")),
+        "clock commands went over MQTT to the agents: {actions:?}"
+    );
     assert!(worst.1 >= 0.99, "class {} holds its P99 SLOs only {:.4} of the time", worst.0, worst.1);
     assert!(kwh > 0.0 && kwh < base_kwh, "energy {kwh:.3} kWh is not below single-pool's {base_kwh:.3} kWh");
     assert!(repeated.is_empty(), "a command reached the cluster manager twice: {repeated:?}");

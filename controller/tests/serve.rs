@@ -334,7 +334,11 @@ fn a_failed_clock_command_keeps_the_old_clock() {
                 }
                 Action::SetClock { instance, clock_mhz } => {
                     let before = core.instances().find(|r| r.id == instance).map(|r| r.clock_mhz);
-                    assert_eq!(before, Some(clock_mhz), "the inventory shows the clock asked for while it is in flight");
+                    assert_eq!(
+                        before,
+                        Some(clock_mhz),
+                        "the inventory shows the clock asked for while it is in flight"
+                    );
                     if failed <= applied {
                         core.on_outcome(&c.id, &Outcome::Failed { reason: "500".into(), retryable: true });
                         failed += 1;

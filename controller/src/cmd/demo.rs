@@ -71,16 +71,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let workload = Workload::from_options(None, None, None, args.scale, args.hours, args.seed)?;
     let state = tempfile_dir()?;
     let token = args.token.clone().unwrap_or_else(fresh_token);
-    let mut cfg = ServiceConfig::default();
-    cfg.service.listen = args.listen.clone();
-    cfg.service.token = Some(serve::config::Secret(token.clone()));
-    cfg.service.state_dir = state.clone();
-    cfg.service.speed = args.speed;
-    cfg.service.slo_multiplier = SLO_MULTIPLIER;
-    cfg.cluster.scale = args.scale;
-    cfg.cluster.seed = args.seed;
-    cfg.cluster.hours = args.hours;
-    cfg.cluster.physics = args.physics.physics.clone();
+    let cfg = service_config(args, &token, &state);
     let span_s = workload.span_s.unwrap_or(3600.0);
     println!(
         "dynamollm demo: `serve` managing the digital twin (DGX H100, Llama-2-70B) as it replays the bundled Azure \
@@ -145,6 +136,21 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         println!("  (missing a class's P99 SLO: {})", missing.join(", "));
     }
     Ok(())
+}
+
+/// The service the demo runs: `serve` on the twin replaying the bundled hour.
+pub fn service_config(args: &DemoArgs, token: &str, state_dir: &std::path::Path) -> ServiceConfig {
+    let mut cfg = ServiceConfig::default();
+    cfg.service.listen = args.listen.clone();
+    cfg.service.token = Some(serve::config::Secret(token.to_string()));
+    cfg.service.state_dir = state_dir.to_path_buf();
+    cfg.service.speed = args.speed;
+    cfg.service.slo_multiplier = SLO_MULTIPLIER;
+    cfg.cluster.scale = args.scale;
+    cfg.cluster.seed = args.seed;
+    cfg.cluster.hours = args.hours;
+    cfg.cluster.physics = args.physics.physics.clone();
+    cfg
 }
 
 fn summary(shared: &serve::Shared, now: f64) -> String {
