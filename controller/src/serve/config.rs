@@ -222,6 +222,7 @@ impl ServiceConfig {
         // The other crates' tables, checked by their own parsers.
         cfg.telemetry_config()?;
         cfg.actuators_config()?;
+        dashboards::config::AccountingConfig::from_toml_str(text, origin).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(cfg)
     }
 

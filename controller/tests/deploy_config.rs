@@ -1,0 +1,36 @@
+//! The example configs under deploy/ stay true: every table parses with the
+//! parser that reads it in the service.
+
+use dynamollm::serve::config::ServiceConfig;
+use std::path::Path;
+
+fn deploy(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy").join(name)
+}
+
+#[test]
+fn the_example_service_config_parses() {
+    let cfg = ServiceConfig::load(&deploy("dynamollm.toml")).unwrap();
+    assert_eq!(cfg.cluster.kind, "external");
+    assert_eq!(cfg.service.mode, "dry-run");
+    assert_eq!(cfg.router.listen.as_deref(), Some("0.0.0.0:8000"));
+    let t = cfg.telemetry_config().unwrap();
+    assert_eq!(t.mqtt.port, 8883);
+    let a = cfg.actuators_config().unwrap();
+    assert!(a.exec.is_some() && a.mqtt.is_some() && a.webhook.is_none() && a.nvml.is_none());
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap();
+    let acc = dashboards::config::AccountingConfig::from_toml_str(&text, "deploy/dynamollm.toml").unwrap();
+    assert!((acc.carbon.pue - 1.2).abs() < 1e-12);
+}
+
+#[test]
+fn a_misspelt_key_is_named() {
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace("stale_after_s", "stale_afer_s");
+    let e = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap_err().to_string();
+    assert!(e.contains("deploy/dynamollm.toml") && e.contains("stale_afer_s"), "{e}");
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace("ack_timeout_ms", "ack_timeout");
+    let e = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap_err().to_string();
+    assert!(e.contains("ack_timeout"), "{e}");
+    let e = ServiceConfig::parse("[service]\nmode = \"sideways\"\n", "x.toml").unwrap_err().to_string();
+    assert!(e.contains("x.toml") && e.contains("service.mode") && e.contains("dry-run"), "{e}");
+}
