@@ -170,21 +170,28 @@ async fn actions(
                 let http = reqwest::Client::new();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 let mut page = String::new();
-                while Instant::now() < deadline {
+                // Empty twice, 200 ms apart: a request the router sent just before the
+                // instance was marked draining has reached it by then.
+                let mut empty = 0;
+                while Instant::now() < deadline && empty < 2 {
                     page = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
                     let held = metric_sum(&page, "vllm:num_requests_running", &|_| true)
                         + metric_sum(&page, "vllm:num_requests_waiting", &|_| true);
-                    if held == 0.0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    empty = if held == 0.0 { empty + 1 } else { 0 };
+                    tokio::time::sleep(Duration::from_millis(if empty > 0 { 200 } else { 20 })).await;
                 }
                 let mut e = m.engines.lock().unwrap().remove(&instance).unwrap();
-                let _ = e.agent.kill();
-                let _ = e.twin.kill();
-                let _ = e.agent.wait();
-                let _ = e.twin.wait();
-                e.final_page = Some(page.clone());
+                // SIGTERM: the agent resets clocks and says goodbye; the engine finishes the streams in flight.
+                for child in [&e.agent, &e.twin] {
+                    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+                }
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = e.agent.wait();
+                    let _ = e.twin.wait();
+                    e
+                })
+                .await
+                .map(|mut e| e.final_page = Some(String::new()));
                 m.finals.lock().unwrap().push(page);
             }
             (StatusCode::OK, Json(serde_json::json!({})))
@@ -233,6 +240,9 @@ speed = {speed}
 stale_after_s = 60.0
 initial_class_rps = {{ {initial} }}
 
+[controller]
+max_util = {max_util}
+
 [cluster]
 kind = "external"
 
@@ -258,7 +268,8 @@ kinds = ["set-clock"]
 ack_timeout_ms = 3000
 "#,
             state = dir.path().join("state").display(),
-            initial = initial.join(", ")
+            initial = initial.join(", "),
+            max_util = env_f64("DYNAMOLLM_E2E_MAX_UTIL", 0.6),
         ),
         "e2e.toml",
     )

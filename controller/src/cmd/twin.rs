@@ -127,9 +127,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
             let _ = tcp.set_nodelay(true);
         });
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            // SIGINT or SIGTERM: stop taking connections, finish the streams in flight.
+            .with_graceful_shutdown(super::serve::shutdown_signal())
             .await?;
         Ok(())
     })
