@@ -46,7 +46,6 @@ struct Engine {
     twin: Child,
     agent: Child,
     url: String,
-    final_page: Option<String>,
 }
 
 struct Manager {
@@ -126,7 +125,7 @@ impl Manager {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?;
-        self.engines.lock().unwrap().insert(id, Engine { twin, agent, url: url.clone(), final_page: None });
+        self.engines.lock().unwrap().insert(id, Engine { twin, agent, url: url.clone() });
         Ok(url)
     }
 }
@@ -190,8 +189,7 @@ async fn actions(
                     let _ = e.twin.wait();
                     e
                 })
-                .await
-                .map(|mut e| e.final_page = Some(String::new()));
+                .await;
                 m.finals.lock().unwrap().push(page);
             }
             (StatusCode::OK, Json(serde_json::json!({})))
@@ -277,7 +275,8 @@ ack_timeout_ms = 3000
     let svc = dynamollm::serve::start(cfg).await.unwrap();
     let api = format!("http://{}", svc.addr);
     let router = format!("http://{}", svc.router_addr.unwrap());
-    let http = reqwest::Client::new();
+    // No request may hang the test: a stalled stream becomes an error naming it.
+    let http = reqwest::Client::builder().read_timeout(Duration::from_secs(60)).build().unwrap();
     let status = |http: reqwest::Client, api: String| async move {
         http.get(format!("{api}/api/v1/status"))
             .bearer_auth(SVC_TOKEN)
@@ -321,14 +320,6 @@ ack_timeout_ms = 3000
     }
     let replay_wall_s = started.elapsed().as_secs_f64();
     let s = status(http.clone(), api.clone()).await;
-    if std::env::var("DBG_S").is_ok() {
-        let mut kinds: Vec<String> = errors.iter().map(|e| e.chars().take(160).collect()).collect();
-        kinds.sort();
-        kinds.dedup_by(|a, b| {
-            a[60..].chars().take(40).collect::<String>() == b[60..].chars().take(40).collect::<String>()
-        });
-        eprintln!("ERRKINDS {kinds:#?}");
-    }
     let mut actions: HashMap<String, u64> = HashMap::new();
     let audit: serde_json::Value = http
         .get(format!("{api}/api/v1/actions?limit=100000"))

@@ -376,7 +376,6 @@ async fn run_loop(
             }
             Some(sample) = async { match samples.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 let now = clock.now_s();
-                if std::env::var("DBG_S").is_ok() { eprintln!("SAMPLE {sample:?}"); }
                 if let Ok(mut core) = shared.core.lock() {
                     core.observe_sample(now, &sample);
                 }

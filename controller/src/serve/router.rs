@@ -52,7 +52,12 @@ pub struct RouterState {
 pub fn router(shared: Arc<Shared>) -> Router {
     let st = Arc::new(RouterState {
         shared,
-        client: reqwest::Client::new(),
+        // A stalled engine fails the request instead of holding it forever.
+        client: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .read_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .unwrap_or_default(),
         predictor: Mutex::new(OutputPredictor::new(ClassBoundaries::default())),
         boundaries: ClassBoundaries::default(),
         in_flight: Mutex::new(HashMap::new()),
