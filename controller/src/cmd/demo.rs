@@ -123,7 +123,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         Ok::<_, anyhow::Error>(totals)
     })?;
     let _ = std::fs::remove_dir_all(&state);
-    let closed = SimReport::new("dynamollm (serve)", &workload.name, args.seed, &totals, 0.0);
+    let closed = SimReport::new("dynamollm", &workload.name, args.seed, &totals, 0.0);
     print!("{}", closed.table());
     println!("Replaying single-pool (sized by replay) on the same trace and seed for comparison…");
     let opts = RunOptions { instances: None, slo_multiplier: SLO_MULTIPLIER, warm_spawn: true, quiet: args.quiet };
@@ -131,6 +131,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let mut rows = base;
     rows.push(closed);
     print!("{}", compare_table(&rows));
+    println!("  (dynamollm: the closed loop above, `serve` managing the twin; single-pool: replayed by `sim`)");
     let missing: Vec<&str> = rows.iter().filter(|r| !r.all_classes_hold()).map(|r| r.policy.as_str()).collect();
     if !missing.is_empty() {
         println!("  (missing a class's P99 SLO: {})", missing.join(", "));
