@@ -38,13 +38,10 @@ kinds = ["set-clock"]
     assert!(!format!("{cfg:?}").contains("tok-123"), "the token shows in Debug");
     let dir = tempfile::tempdir().unwrap();
     let settings = telemetry::mqtt::MqttSettings {
-        host: "127.0.0.1".into(),
-        port: 1,
-        client_id: "c".into(),
-        topic_prefix: "p".into(),
         keep_alive: std::time::Duration::from_secs(5),
         reconnect_initial: std::time::Duration::from_millis(100),
         reconnect_max: std::time::Duration::from_millis(100),
+        ..telemetry::mqtt::MqttSettings::new("127.0.0.1", 1, "c", "p")
     };
     let d = build(&cfg, audit(&dir), Some(&settings)).unwrap();
     assert_eq!(d.backend_names(), ["webhook", "exec", "mqtt"]);

@@ -21,13 +21,10 @@ fn broker() -> (String, u16) {
 fn settings(prefix: &str) -> MqttSettings {
     let (host, port) = broker();
     MqttSettings {
-        host,
-        port,
-        client_id: format!("{prefix}-ctl"),
-        topic_prefix: prefix.into(),
         keep_alive: Duration::from_secs(5),
         reconnect_initial: Duration::from_millis(50),
         reconnect_max: Duration::from_millis(500),
+        ..MqttSettings::new(&host, port, &format!("{prefix}-ctl"), prefix)
     }
 }
 

@@ -645,7 +645,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                     Err(e) => tracing::warn!("GPU: {e}"),
                 }
                 if let Some(url) = &node.cfg.engine_url {
-                    match scrape(&http, url).await {
+                    match telemetry::scrape::fetch(&http, url).await {
                         Ok(text) => match parse_engine_page(&text, url) {
                             Ok(page) => {
                                 for e in &page.errors {
@@ -677,14 +677,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let dev = node.dev;
     let _ = tokio::task::spawn_blocking(move || drop(dev)).await;
     Ok(())
-}
-
-async fn scrape(client: &reqwest::Client, url: &str) -> Result<String, String> {
-    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("HTTP {}", resp.status()));
-    }
-    resp.text().await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

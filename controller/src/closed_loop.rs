@@ -259,15 +259,7 @@ pub fn run_controlled(
             att_hist.pop_front();
         }
         let oldest = att_hist.front().copied().unwrap_or(totals_now);
-        let class_attainment_recent: [Option<f64>; CLASS_COUNT] = std::array::from_fn(|c| {
-            let d: Vec<u64> = (0..4).map(|j| totals_now[c][j] - oldest[c][j]).collect();
-            let t = (d[1] > 0).then(|| d[0] as f64 / d[1] as f64);
-            let g = (d[3] > 0).then(|| d[2] as f64 / d[3] as f64);
-            match (t, g) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        });
+        let class_attainment_recent = crate::control::window_attainment(&totals_now, &oldest);
         let obs = Observations {
             now_s: now,
             class_attainment_recent,

@@ -587,7 +587,8 @@ impl ScrapeCollector {
     }
 }
 
-async fn fetch(client: &reqwest::Client, url: &str) -> Result<String, String> {
+/// GET a metrics page: its text, or the error as text.
+pub async fn fetch(client: &reqwest::Client, url: &str) -> Result<String, String> {
     let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("HTTP {}", resp.status()));

@@ -143,7 +143,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 pub fn service_config(args: &DemoArgs, token: &str, state_dir: &std::path::Path) -> ServiceConfig {
     let mut cfg = ServiceConfig::default();
     cfg.service.listen = args.listen.clone();
-    cfg.service.token = Some(serve::config::Secret(token.to_string()));
+    cfg.service.token = Some(serve::config::Secret::new(token));
     cfg.service.state_dir = state_dir.to_path_buf();
     cfg.service.speed = args.speed;
     cfg.service.slo_multiplier = SLO_MULTIPLIER;

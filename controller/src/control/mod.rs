@@ -161,6 +161,25 @@ pub struct Observations {
     pub class_attainment_recent: [Option<f64>; CLASS_COUNT],
 }
 
+/// SLO attainment from counters `[ttft_ok, ttft_n, gaps_ok, gaps_n]`: the
+/// smaller of the TTFT and token-gap shares (None without samples).
+pub fn slo_attainment(k: [u64; 4]) -> Option<f64> {
+    let t = (k[1] > 0).then(|| k[0] as f64 / k[1] as f64);
+    let g = (k[3] > 0).then(|| k[2] as f64 / k[3] as f64);
+    match (t, g) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Per-class attainment over a window, from cumulative counters at its end and start.
+pub fn window_attainment(
+    now: &[[u64; 4]; CLASS_COUNT],
+    then: &[[u64; 4]; CLASS_COUNT],
+) -> [Option<f64>; CLASS_COUNT] {
+    std::array::from_fn(|c| slo_attainment(std::array::from_fn(|j| now[c][j].saturating_sub(then[c][j]))))
+}
+
 /// An action with its reason.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {

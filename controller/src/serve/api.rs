@@ -101,7 +101,7 @@ async fn auth(State(st): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         .flatten()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
         .map(str::to_string);
-    let ok = header_token.or(query_token).is_some_and(|t| st.token.matches(&t));
+    let ok = header_token.or(query_token).is_some_and(|t| super::config::token_matches(&st.token, &t));
     if !ok {
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));

@@ -8,26 +8,15 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-/// A secret read from the config: never printed.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(pub String);
+pub use telemetry::config::Secret;
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"***\"")
+/// Whether a presented token is the secret (constant time in the token's length).
+pub fn token_matches(secret: &Secret, presented: &str) -> bool {
+    let (a, b) = (secret.expose().as_bytes(), presented.as_bytes());
+    if a.is_empty() || a.len() != b.len() {
+        return false;
     }
-}
-
-impl Secret {
-    /// Compare with a presented token in constant time.
-    pub fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
-        if a.is_empty() || a.len() != b.len() {
-            return false;
-        }
-        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `[service]`.
@@ -296,7 +285,7 @@ impl ServiceConfig {
     /// The bearer token, from `token` or `token_file`.
     pub fn token(&self) -> Result<Secret> {
         if let Some(t) = &self.service.token {
-            if !t.0.is_empty() {
+            if !t.expose().is_empty() {
                 return Ok(t.clone());
             }
         }
@@ -307,7 +296,7 @@ impl ServiceConfig {
             if t.is_empty() {
                 bail!("service.token_file: {} is empty", p.display());
             }
-            return Ok(Secret(t));
+            return Ok(Secret::new(t));
         }
         bail!("service.token (or service.token_file) is required: every endpoint but /healthz and /readyz asks for it")
     }

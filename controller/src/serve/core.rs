@@ -555,15 +555,7 @@ impl ServiceCore {
             self.att_hist.pop_front();
         }
         let oldest = self.att_hist.front().copied().unwrap_or(self.att_totals);
-        let class_attainment_recent: [Option<f64>; CLASS_COUNT] = std::array::from_fn(|k| {
-            let d: [u64; 4] = std::array::from_fn(|j| self.att_totals[k][j].saturating_sub(oldest[k][j]));
-            let t = (d[1] > 0).then(|| d[0] as f64 / d[1] as f64);
-            let g = (d[3] > 0).then(|| d[2] as f64 / d[3] as f64);
-            match (t, g) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        });
+        let class_attainment_recent = crate::control::window_attainment(&self.att_totals, &oldest);
         let obs = Observations {
             now_s,
             instances: self
@@ -842,13 +834,7 @@ impl ServiceCore {
         let classes: Vec<serde_json::Value> = RequestClass::ALL
             .iter()
             .map(|c| {
-                let k = last[c.index()];
-                let t = (k[1] > 0).then(|| k[0] as f64 / k[1] as f64);
-                let g = (k[3] > 0).then(|| k[2] as f64 / k[3] as f64);
-                let att = match (t, g) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let att = crate::control::slo_attainment(last[c.index()]);
                 serde_json::json!({
                     "class": c.to_string(),
                     "pool": routing[c.index()],
