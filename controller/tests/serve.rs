@@ -141,7 +141,31 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
     assert!(m.contains("dynamollm_actions_total{kind=\"spawn\",outcome=\"applied\"}"), "{m}");
     assert!(m.contains("dynamollm_service{quantity=\"telemetry_lag_seconds\"}"), "{m}");
 
+    // Back to auto; the clock loop lowers some clocks; stopping puts them back to the top.
+    let r = c
+        .post(format!("{base}/api/v1/mode"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"mode": "auto"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let shared = svc.shared.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let low = loop {
+        let low = shared.core.lock().unwrap().instances().filter(|r| r.clock_mhz < 1980).count();
+        if low > 0 {
+            break low;
+        }
+        assert!(std::time::Instant::now() < deadline, "no clock was ever lowered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     svc.stop().await.unwrap();
+    let core = shared.core.lock().unwrap();
+    assert!(core.instances().all(|r| r.clock_mhz == 1980), "clocks left below the top after shutdown");
+    let resets = core.decisions().filter(|d| d.decision.source == "shutdown").count();
+    assert!(resets >= low, "{resets} shutdown clock resets for {low} lowered clocks");
+    drop(core);
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("API up"), "the logs were captured: {text}");
     assert!(!text.contains(TOKEN), "the token appears in the logs");

@@ -173,10 +173,7 @@ pub fn slo_attainment(k: [u64; 4]) -> Option<f64> {
 }
 
 /// Per-class attainment over a window, from cumulative counters at its end and start.
-pub fn window_attainment(
-    now: &[[u64; 4]; CLASS_COUNT],
-    then: &[[u64; 4]; CLASS_COUNT],
-) -> [Option<f64>; CLASS_COUNT] {
+pub fn window_attainment(now: &[[u64; 4]; CLASS_COUNT], then: &[[u64; 4]; CLASS_COUNT]) -> [Option<f64>; CLASS_COUNT] {
     std::array::from_fn(|c| slo_attainment(std::array::from_fn(|j| now[c][j].saturating_sub(then[c][j]))))
 }
 

@@ -673,6 +673,48 @@ impl ServiceCore {
         }
     }
 
+    /// On shutdown: every instance below the top clock goes back to it (the
+    /// cluster is left as a static cluster would run it). The commands are
+    /// pending like any other; a dry run sends nothing.
+    pub fn shutdown_commands(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
+        if self.operator_mode == Mode::DryRun {
+            return Vec::new();
+        }
+        let max_clock = self.cfg.controller.max_clock_mhz;
+        let low: Vec<InstanceId> = self.instances.values().filter(|r| r.clock_mhz < max_clock).map(|r| r.id).collect();
+        let mut out = Vec::new();
+        for instance in low {
+            let action = Action::SetClock { instance, clock_mhz: max_clock };
+            let id = self.next_id();
+            self.remember_clock(&id, &action);
+            self.apply_to_inventory(&action, now_s);
+            let cmd = Command {
+                id: id.clone(),
+                action: action.clone(),
+                placement: self.placement_of(&action),
+                issued_at_ms: wall_ms,
+            };
+            self.pending.insert(id.clone(), cmd.clone());
+            self.push_decision(DecisionRecord {
+                id: Some(id),
+                mode: self.mode(),
+                acted: true,
+                decision: Decision {
+                    at_s: now_s,
+                    source: "shutdown",
+                    action,
+                    reason: "the service is stopping: top clock".into(),
+                    pool: None,
+                    planned_rps: None,
+                    predicted_delta_w: None,
+                    slo_margin: None,
+                },
+            });
+            out.push(cmd);
+        }
+        out
+    }
+
     fn push_decision(&mut self, d: DecisionRecord) {
         self.decisions.push_back(d);
         if self.decisions.len() > DECISIONS_KEPT {

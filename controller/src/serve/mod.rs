@@ -399,7 +399,29 @@ async fn run_loop(
             }
         }
     }
-    // Graceful: clocks back to default, state saved, API down.
+    // Graceful: every instance back to the top clock (through the backends that set
+    // clocks, edge agents included), each backend's own reset, state saved, API down.
+    let now = clock.now_s();
+    let cmds = shared.core.lock().map(|mut c| c.shutdown_commands(now, wall_ms())).unwrap_or_default();
+    if !cmds.is_empty() {
+        let saved = shared.core.lock().map(|c| c.save(now)).map_err(|_| anyhow::anyhow!("poisoned"))?;
+        save_state(&dir, &saved)?;
+        let all = async {
+            for cmd in &cmds {
+                let outcome = shared
+                    .actuators
+                    .dispatch(cmd)
+                    .await
+                    .unwrap_or_else(|e| Outcome::Failed { reason: e.to_string(), retryable: true });
+                if let Ok(mut core) = shared.core.lock() {
+                    core.on_outcome(&cmd.id, &outcome);
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), all).await.is_err() {
+            tracing::error!("shutdown: not every clock was reset within 10 s");
+        }
+    }
     for (backend, e) in shared.actuators.reset_all().await {
         tracing::error!(backend, "reset at shutdown failed: {e}");
     }
