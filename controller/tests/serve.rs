@@ -166,10 +166,29 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
     let resets = core.decisions().filter(|d| d.decision.source == "shutdown").count();
     assert!(resets >= low, "{resets} shutdown clock resets for {low} lowered clocks");
     drop(core);
+    drop(shared);
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("API up"), "the logs were captured: {text}");
     assert!(!text.contains(TOKEN), "the token appears in the logs");
     assert!(dir.path().join("state.json").exists(), "the state is saved on shutdown");
+    // Telemetry went to the embedded store: per-GPU power and energy per instance, per-class arrivals.
+    // (The store closes once the service's last handle is gone.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let store = loop {
+        match telemetry::store::Store::open(&dynamollm::serve::store_dir(dir.path()), Default::default()) {
+            Ok(s) => break s,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "the store stayed open: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let series = store.series();
+    let gpu_energy: Vec<_> = series.iter().filter(|k| k.measurement == "gpu" && k.field == "energy_j").collect();
+    assert!(!gpu_energy.is_empty(), "no GPU energy in the store: {series:?}");
+    assert!(gpu_energy.iter().all(|k| k.tag("instance").is_some() && k.tag("pool").is_some()), "{gpu_energy:?}");
+    assert!(series.iter().any(|k| k.measurement == "arrivals" && k.field == "requests" && k.tag("class").is_some()));
+    let k = gpu_energy[0];
+    let points = store.range(k, 0, i64::MAX).unwrap();
+    assert!(points.len() > 3 && points.windows(2).all(|w| w[1].1 >= w[0].1), "energy counters rise: {points:?}");
 }
 
 fn core() -> ServiceCore {

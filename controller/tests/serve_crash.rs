@@ -127,7 +127,7 @@ async fn kill_9_mid_replan_then_restart_repeats_nothing_and_recovers_the_plan() 
         saved["pending"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
     assert!(pending.contains(&id), "{id} is not pending in the saved state: {pending:?}");
     let issued: Vec<String> = {
-        let audit = actuators::AuditLog::open_in_dir(&state_dir).unwrap();
+        let audit = actuators::AuditLog::open(&dynamollm::serve::audit_path(&state_dir)).unwrap();
         audit.in_flight().unwrap().into_iter().map(|r| r.id.0).collect()
     };
     assert!(issued.contains(&id), "{id} is not in flight in the audit log: {issued:?}");

@@ -80,6 +80,9 @@ pub struct InstanceReport {
     pub energy_j: f64,
     /// Its clock.
     pub clock_mhz: u32,
+    /// Its TP degree (GPUs).
+    #[serde(default)]
+    pub tp: u32,
 }
 
 /// What the service knows of one instance.

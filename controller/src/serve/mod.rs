@@ -87,6 +87,10 @@ pub struct Shared {
     pub router_stats: Mutex<router::RouterStats>,
     /// How long the router holds a request for a pool with no serving instance (service seconds).
     pub router_hold_s: f64,
+    /// Where telemetry goes: the embedded store (`[telemetry.store]`), when enabled.
+    pub store: Option<telemetry::ingest::StoreWriter>,
+    /// Wall time (ms since the Unix epoch) of service time zero: samples are stamped from it.
+    pub epoch_ms: i64,
 }
 
 /// A running service.
@@ -118,6 +122,22 @@ impl RunningService {
         let r = task.await.context("the service task panicked")?;
         drop(shutdown);
         r
+    }
+}
+
+/// The embedded store's directory when `[telemetry.store] data_dir` is not set.
+pub fn store_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("telemetry")
+}
+
+/// Where a real cluster's audit log is: in the embedded store's file when the
+/// store is on, else `actuators-audit.redb` in the state directory.
+pub fn audit_path(state_dir: &Path) -> PathBuf {
+    let in_store = store_dir(state_dir).join(telemetry::store::FILE_NAME);
+    if in_store.exists() {
+        in_store
+    } else {
+        state_dir.join("actuators-audit.redb")
     }
 }
 
@@ -222,6 +242,17 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     let (routing_tx, routing_rx) = watch::channel(core.routing());
     let timeout = Duration::from_secs_f64(cfg.service.action_timeout_s / cfg.service.speed.max(1.0))
         .max(Duration::from_millis(50));
+    // The embedded store (default under state_dir): telemetry, and the audit log of a real cluster.
+    let tcfg = cfg.telemetry_config()?;
+    let store = if tcfg.store.enabled {
+        let explicit = cfg.telemetry.as_ref().and_then(|t| t.get("store")).and_then(|s| s.get("data_dir")).is_some();
+        let data_dir = if explicit { tcfg.store.data_dir.clone() } else { store_dir(&dir) };
+        let s = telemetry::store::Store::open(&data_dir, tcfg.store.retention())
+            .with_context(|| format!("telemetry store in {}", data_dir.display()))?;
+        Some(Arc::new(s))
+    } else {
+        None
+    };
     let mut samples_rx: Option<mpsc::Receiver<telemetry::sample::Sample>> = None;
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let (dispatcher, twin_events) = if twin {
@@ -260,10 +291,12 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         let audit = Arc::new(AuditLog::open_in_dir(&audit_dir)?);
         (Dispatcher::new(audit).with_backend(act as Arc<dyn Actuator>, timeout), Some(events))
     } else {
-        let tcfg = cfg.telemetry_config()?;
         let mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt)
             .map_err(|e| anyhow::anyhow!("{}: telemetry.{e}", cfg.origin))?;
-        let audit = Arc::new(AuditLog::open_in_dir(&dir)?);
+        let audit = Arc::new(match &store {
+            Some(s) => AuditLog::in_store(s.clone())?,
+            None => AuditLog::open_in_dir(&dir)?,
+        });
         let d = actuators::build(&cfg.actuators_config()?, audit, mqtt.as_ref())
             .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.origin))?;
         if d.backend_names().is_empty() {
@@ -287,6 +320,14 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         actuators: dispatcher,
         router_stats: Mutex::new(router::RouterStats::default()),
         router_hold_s: cfg.router.hold_s,
+        store: store.map(|s| {
+            telemetry::ingest::StoreWriter::spawn(
+                s,
+                tcfg.store.flush_interval(),
+                Duration::from_secs(tcfg.store.maintenance_interval_s.max(1)),
+            )
+        }),
+        epoch_ms: wall_ms() as i64,
     });
     let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
         .await
@@ -379,16 +420,26 @@ async fn run_loop(
                 if let Ok(mut core) = shared.core.lock() {
                     core.observe_sample(now, &sample);
                 }
+                if let Some(w) = &shared.store {
+                    w.write(sample.points()).await;
+                }
             }
             Some(ev) = async { match twin_events.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 match ev {
                     twin::TwinEvent::Report { now_s, instances, arrivals, attainment } => {
-                        if let Ok(mut core) = shared.core.lock() {
+                        let tps: Vec<(u32, u32)> = if let Ok(mut core) = shared.core.lock() {
                             core.observe_arrivals(now_s, &arrivals);
                             core.observe_attainment(*attainment);
                             for r in &instances {
                                 core.observe_instance(now_s, r);
                             }
+                            core.instances().map(|r| (r.id.0, r.pool)).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        if let Some(w) = &shared.store {
+                            let ts_ms = shared.epoch_ms + (now_s * 1000.0) as i64;
+                            w.write(twin::samples(ts_ms, &instances, &tps, &arrivals)).await;
                         }
                     }
                     twin::TwinEvent::Finished(totals) => {
@@ -428,6 +479,11 @@ async fn run_loop(
     let now = clock.now_s();
     let saved = shared.core.lock().map(|c| c.save(now)).map_err(|_| anyhow::anyhow!("poisoned"))?;
     save_state(&dir, &saved)?;
+    if let Some(w) = &shared.store {
+        if let Err(e) = w.flush().await {
+            tracing::error!("shutdown: the telemetry store did not flush: {e}");
+        }
+    }
     let _ = stop_api.send(());
     Ok(())
 }

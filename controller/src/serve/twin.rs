@@ -189,6 +189,7 @@ fn run(
                     power_w: i.power_per_gpu_w_at(&s.physics, now) * f64::from(i.tp),
                     energy_j: i.energy_at(&s.physics, now),
                     clock_mhz: i.clock_mhz,
+                    tp: i.tp,
                 });
                 state != ReportedState::Stopped
             });
@@ -220,6 +221,49 @@ fn run(
         // Wake about every 10 twin-milliseconds of wall time, at most 100 times a wall second.
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A twin report as the telemetry an agent would publish: per GPU (power
+/// and energy split evenly over the instance's GPUs, node `twin/i<id>`) and
+/// per-class arrivals, stamped `ts_ms`, flattened into store points.
+pub fn samples(
+    ts_ms: i64,
+    instances: &[InstanceReport],
+    pools: &[(u32, u32)],
+    arrivals: &[u32; CLASS_COUNT],
+) -> Vec<telemetry::sample::Point> {
+    use telemetry::sample::{ArrivalSample, GpuSample, Sample, Tags};
+    let mut out = Vec::new();
+    for r in instances.iter().filter(|r| r.state != ReportedState::Stopped) {
+        let pool = pools.iter().find(|(i, _)| *i == r.id.0).map(|(_, p)| p.to_string());
+        let n = r.tp.max(1);
+        for g in 0..n {
+            let tags = Tags {
+                gpu: Some(g),
+                instance: Some(format!("i{}", r.id.0)),
+                pool: pool.clone(),
+                ..Tags::node("twin", &format!("i{}", r.id.0))
+            };
+            let s = Sample::Gpu(GpuSample {
+                ts_ms,
+                tags,
+                power_w: r.power_w / f64::from(n),
+                energy_j: Some(r.energy_j / f64::from(n)),
+                sm_clock_mhz: Some(r.clock_mhz),
+                util: None,
+                temperature_c: None,
+                throttle_reasons: None,
+            });
+            out.extend(s.points());
+        }
+    }
+    for (c, &n) in arrivals.iter().enumerate() {
+        if n > 0 {
+            let tags = Tags { class: Some(RequestClass::from_index(c)), ..Tags::default() };
+            out.extend(Sample::Arrivals(ArrivalSample { ts_ms, tags, requests: f64::from(n), tokens: 0.0 }).points());
+        }
+    }
+    out
 }
 
 fn apply(
