@@ -166,28 +166,39 @@ async fn actions(
             let url = m.engines.lock().unwrap().get(&instance).map(|e| e.url.clone());
             if let Some(url) = url {
                 // Drain: the router sends it nothing new; wait for what it holds.
-                let http = reqwest::Client::new();
+                let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 let mut page = String::new();
                 // Empty twice, 200 ms apart: a request the router sent just before the
                 // instance was marked draining has reached it by then.
                 let mut empty = 0;
                 while Instant::now() < deadline && empty < 2 {
-                    page = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+                    page = match http.get(format!("{url}/metrics")).send().await {
+                        Ok(r) => r.text().await.unwrap_or_default(),
+                        Err(e) => panic!("{url}/metrics while draining: {e}"),
+                    };
                     let held = metric_sum(&page, "vllm:num_requests_running", &|_| true)
                         + metric_sum(&page, "vllm:num_requests_waiting", &|_| true);
                     empty = if held == 0.0 { empty + 1 } else { 0 };
                     tokio::time::sleep(Duration::from_millis(if empty > 0 { 200 } else { 20 })).await;
                 }
                 let mut e = m.engines.lock().unwrap().remove(&instance).unwrap();
-                // SIGTERM: the agent resets clocks and says goodbye; the engine finishes the streams in flight.
-                for child in [&e.agent, &e.twin] {
-                    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-                }
+                // SIGTERM to the agent first (it resets the clock on the live engine and says goodbye),
+                // then to the engine (it finishes the streams in flight); SIGKILL after 10 s.
                 let _ = tokio::task::spawn_blocking(move || {
-                    let _ = e.agent.wait();
-                    let _ = e.twin.wait();
-                    e
+                    for child in [&mut e.agent, &mut e.twin] {
+                        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while child.try_wait().ok().flatten().is_none() {
+                            if Instant::now() > deadline {
+                                eprintln!("e2e: process {} ignored SIGTERM; killed", child.id());
+                                let _ = child.kill();
+                                let _ = child.wait();
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
                 })
                 .await;
                 m.finals.lock().unwrap().push(page);

@@ -161,11 +161,12 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     svc.stop().await.unwrap();
-    let core = shared.core.lock().unwrap();
-    assert!(core.instances().all(|r| r.clock_mhz == 1980), "clocks left below the top after shutdown");
-    let resets = core.decisions().filter(|d| d.decision.source == "shutdown").count();
-    assert!(resets >= low, "{resets} shutdown clock resets for {low} lowered clocks");
-    drop(core);
+    {
+        let core = shared.core.lock().unwrap();
+        assert!(core.instances().all(|r| r.clock_mhz == 1980), "clocks left below the top after shutdown");
+        let resets = core.decisions().filter(|d| d.decision.source == "shutdown").count();
+        assert!(resets >= low, "{resets} shutdown clock resets for {low} lowered clocks");
+    }
     drop(shared);
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("API up"), "the logs were captured: {text}");

@@ -390,7 +390,12 @@ impl Instance {
     fn current_next(&self) -> Next {
         match self.phase {
             Some(p) => Next::At(p.end_s()),
-            None if self.paused_until_s.is_finite() && !self.waiting.is_empty() => Next::At(self.paused_until_s),
+            // Paused by a clock change with work in hand (waiting, or running between phases):
+            // the pause's end is the next event. (Idle here lost the wake-up when the same
+            // clock was asked for twice during a pause, and the running requests stalled.)
+            None if self.paused_until_s.is_finite() && (!self.waiting.is_empty() || self.running() > 0) => {
+                Next::At(self.paused_until_s)
+            }
             None => Next::Idle,
         }
     }

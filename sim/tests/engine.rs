@@ -99,3 +99,38 @@ fn a_full_kv_cache_makes_requests_wait_not_vanish() {
     c.arrive(&Request { arrival_s: c.now_s(), input_tokens: cap as u32 + 1, output_tokens: 10 });
     assert_eq!(c.stats.classes.iter().map(|s| s.rejected).sum::<u64>(), 1);
 }
+
+/// The same clock asked for again while a clock change pauses the engine
+/// keeps the pause's end as the next event: the running request finishes
+/// (an engine driven by its own next-event answer, as `twin serve` is, used
+/// to stall here).
+#[test]
+fn a_repeated_clock_during_the_pause_keeps_the_wake_up() {
+    use sim::engine::{EngineRequest, Instance, Lifecycle, Next};
+    let physics = sim::Physics::default_h100_llama70b();
+    let mut stats = sim::Stats::new([sim::ClassSlo { ttft_s: f64::INFINITY, tbt_s: f64::INFINITY }; 9]);
+    let mut inst = Instance::new(&physics, 2, 1980, 0, Lifecycle::Serving, 0.0);
+    let req = EngineRequest { arrival_s: 0.0, input_tokens: 100, output_tokens: 50, class: 0, id: 1 };
+    let mut next = inst.enqueue(&physics, req, 0.0);
+    // Drive it by its own answers, as `twin serve` does; change the clock after the first event.
+    let mut changed = false;
+    let mut events = 0;
+    while let Next::At(t) = next {
+        events += 1;
+        assert!(events < 10_000, "runaway");
+        next = inst.on_event(&physics, &mut stats, t);
+        if !changed {
+            changed = true;
+            // The change applies after the running step; at that event the engine pauses.
+            let n = inst.set_clock(&physics, 1000, t);
+            let Next::At(end) = n else { panic!("a clock change with work in hand must schedule") };
+            next = inst.on_event(&physics, &mut stats, end);
+            // Paused now, request in hand: the same clock again must not lose the wake-up.
+            let again = inst.set_clock(&physics, 1000, end);
+            assert!(matches!(again, Next::At(_)), "the same clock during the pause returned {again:?}");
+            next = again;
+        }
+    }
+    assert_eq!(inst.running(), 0, "the request never finished");
+    assert_eq!(stats.classes[0].completed, 1);
+}
