@@ -124,7 +124,8 @@ fn a_repeated_clock_during_the_pause_keeps_the_wake_up() {
             // The change applies after the running step; at that event the engine pauses.
             let n = inst.set_clock(&physics, 1000, t);
             let Next::At(end) = n else { panic!("a clock change with work in hand must schedule") };
-            next = inst.on_event(&physics, &mut stats, end);
+            let paused = inst.on_event(&physics, &mut stats, end);
+            assert!(matches!(paused, Next::At(_)), "paused with a request in hand: {paused:?}");
             // Paused now, request in hand: the same clock again must not lose the wake-up.
             let again = inst.set_clock(&physics, 1000, end);
             assert!(matches!(again, Next::At(_)), "the same clock during the pause returned {again:?}");
