@@ -32,7 +32,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub hours: Option<f64>,
     /// The API and live page address (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: String,
     /// The API token (default: a fresh random one, printed).
     #[arg(long)]
@@ -51,6 +51,8 @@ pub struct DemoArgs {
 }
 
 const SLO_MULTIPLIER: f64 = 5.0;
+/// The demo's API address (another free port when it is taken).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 fn fresh_token() -> String {
     use std::hash::{BuildHasher, Hasher};
@@ -81,7 +83,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     );
     let rt = tokio::runtime::Runtime::new()?;
     let totals = rt.block_on(async {
-        let svc = serve::start(cfg).await?;
+        let svc = match serve::start(cfg.clone()).await {
+            // The default port is taken: any free one will do for a demo.
+            Err(e) if args.listen == DEFAULT_LISTEN && format!("{e:#}").contains("cannot listen") => {
+                let mut cfg = cfg;
+                cfg.service.listen = "127.0.0.1:0".into();
+                serve::start(cfg).await?
+            }
+            r => r?,
+        };
         println!("  live page: http://{}/?token={token}", svc.addr);
         println!("  API:       curl -H 'Authorization: Bearer {token}' http://{}/api/v1/status\n", svc.addr);
         let bar = super::progress_bar(span_s as u64, args.quiet, "{bar:30} {msg}");

@@ -384,6 +384,7 @@ async fn run_loop(
     let mut tick = tokio::time::interval(clock.wall(period_s));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(ActionId, Outcome)>();
+    let mut twin_over = false;
     // Commands left in flight by a previous run go out again, same ids.
     let resend: Vec<Command> = shared.core.lock().map(|c| c.pending().cloned().collect()).unwrap_or_default();
     if !resend.is_empty() {
@@ -393,7 +394,8 @@ async fn run_loop(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {
+            // A twin whose workload is over is a cluster no more: nothing to control.
+            _ = tick.tick(), if !twin_over => {
                 let started = std::time::Instant::now();
                 let now = clock.now_s();
                 let (cmds, saved, routing) = {
@@ -445,6 +447,7 @@ async fn run_loop(
                     twin::TwinEvent::Finished(totals) => {
                         finished.send_replace(Some(Arc::from(totals)));
                         twin_events = None;
+                        twin_over = true;
                     }
                 }
             }
