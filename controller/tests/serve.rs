@@ -39,7 +39,7 @@ speed = 60.0
 
 [cluster]
 kind = "twin"
-hours = 0.1
+hours = 0.5
 "#,
         dir.display()
     );
