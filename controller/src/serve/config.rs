@@ -127,6 +127,9 @@ pub struct ClusterSection {
     pub seed: u64,
     /// Twin: physics file (default: the embedded DGX H100 + Llama-2-70B).
     pub physics: Option<PathBuf>,
+    /// External: read every placed instance's `<endpoint>/metrics` (vLLM or
+    /// SGLang) this often (wall seconds; 0: never, engine telemetry comes over MQTT only).
+    pub scrape_interval_s: f64,
 }
 
 impl Default for ClusterSection {
@@ -140,6 +143,7 @@ impl Default for ClusterSection {
             hours: None,
             seed: 1,
             physics: None,
+            scrape_interval_s: 1.0,
         }
     }
 }

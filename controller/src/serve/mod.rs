@@ -254,6 +254,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         None
     };
     let mut samples_rx: Option<mpsc::Receiver<telemetry::sample::Sample>> = None;
+    let mut scrape_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, Duration)> = None;
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let (dispatcher, twin_events) = if twin {
         let physics = match &cfg.cluster.physics {
@@ -303,6 +304,9 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             anyhow::bail!("{}: cluster.kind = \"external\" needs at least one [actuators] backend", cfg.origin);
         }
         let (tx, rx) = mpsc::channel(4096);
+        if cfg.cluster.scrape_interval_s > 0.0 {
+            scrape_tx = Some((tx.clone(), Duration::from_secs_f64(cfg.cluster.scrape_interval_s)));
+        }
         if let Some(m) = mqtt {
             let mut m = m;
             m.client_id = format!("{}-collector", m.client_id);
@@ -329,6 +333,9 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         }),
         epoch_ms: wall_ms() as i64,
     });
+    if let Some((tx, every)) = scrape_tx {
+        keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape_engines(shared.clone(), tx, every)))));
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.service.listen))?;
@@ -489,6 +496,71 @@ async fn run_loop(
     }
     let _ = stop_api.send(());
     Ok(())
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Read every placed instance's engine page (`<endpoint>/metrics`, vLLM or
+/// SGLang names) and pass its samples on, tagged with the instance's node, as
+/// an agent would. Bad pages and lines are logged with their source and skipped.
+async fn scrape_engines(shared: Arc<Shared>, tx: mpsc::Sender<telemetry::sample::Sample>, every: Duration) {
+    use telemetry::sample::{Sample, Tags};
+    let http = reqwest::Client::builder().timeout(every.max(Duration::from_secs(2))).build().unwrap_or_default();
+    let mut trackers: std::collections::HashMap<u32, telemetry::scrape::EngineTracker> = Default::default();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let targets: Vec<(u32, String, String)> = match shared.core.lock() {
+            Ok(c) => c
+                .instances()
+                .filter_map(|r| {
+                    let p = r.placement.as_ref()?;
+                    Some((r.id.0, p.endpoint.clone()?, p.node.clone()))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        trackers.retain(|id, _| targets.iter().any(|t| t.0 == *id));
+        for (id, endpoint, node) in targets {
+            let url = format!("{}/metrics", endpoint.trim_end_matches('/'));
+            let text = match telemetry::scrape::fetch(&http, &url).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%url, "engine page: {e}");
+                    continue;
+                }
+            };
+            let page = match telemetry::scrape::parse_engine_page(&text, &url) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    continue;
+                }
+            };
+            for e in &page.errors {
+                tracing::warn!("{e}");
+            }
+            let at = match node.split_once('/') {
+                Some((site, n)) => Tags::node(site, n),
+                None => Tags { node: Some(node.clone()), ..Tags::default() },
+            };
+            let tags = Tags { instance: Some(format!("i{id}")), ..at };
+            let tracker = trackers.entry(id).or_default();
+            for s in tracker.observe(&page, telemetry::sample::now_ms(), &tags) {
+                if tx.send(Sample::Engine(s)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Send one tick's commands in order (a spawn before the clock of the same instance).

@@ -1,0 +1,90 @@
+//! A datacenter cluster without agents: `serve` reads each placed engine's
+//! `/metrics` page itself (vLLM names, here from `twin serve` routers on
+//! loopback) and learns from it that the instances serve and what they hold.
+
+use axum::routing::post;
+use axum::{Json, Router};
+use dynamollm::serve::config::ServiceConfig;
+use dynamollm::twin_serve::{router, ServeConfig};
+use std::time::{Duration, Instant};
+
+async fn engine(tp: u32) -> String {
+    let cfg = ServeConfig {
+        physics: sim::Physics::default_h100_llama70b(),
+        tp,
+        clock_mhz: 1980,
+        speed: 10.0,
+        model: "llama2-70b".into(),
+        slo: None,
+    };
+    let app = router(cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_scrapes_the_engines_it_placed() {
+    // The cluster manager: a spawn starts an engine and answers with its endpoint.
+    let app = Router::new().route(
+        "/actions",
+        post(|Json(cmd): Json<serde_json::Value>| async move {
+            let a = &cmd["action"];
+            match a["kind"].as_str() {
+                Some("spawn") => {
+                    let url = engine(a["tp"].as_u64().unwrap() as u32).await;
+                    let node = format!("dc1/node{}", a["instance"]);
+                    Json(serde_json::json!({"placement": {"node": node, "endpoint": url}}))
+                }
+                _ => Json(serde_json::json!({})),
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cm = format!("http://{}/actions", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServiceConfig::parse(
+        &format!(
+            r#"
+[service]
+listen = "127.0.0.1:0"
+token = "t"
+state_dir = "{}"
+speed = 10.0
+stale_after_s = 30.0
+initial_class_rps = {{ MM = 1.0, LL = 0.5 }}
+
+[cluster]
+kind = "external"
+scrape_interval_s = 0.1
+
+[actuators.webhook]
+url = "{cm}"
+"#,
+            dir.path().display()
+        ),
+        "scrape.toml",
+    )
+    .unwrap();
+    let svc = dynamollm::serve::start(cfg).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (n, serving, lag, mode) = {
+            let c = svc.shared.core.lock().unwrap();
+            let now = svc.shared.clock.now_s();
+            let n = c.instances().count();
+            let serving = c.instances().filter(|r| r.state == dynamollm::control::InstanceState::Serving).count();
+            (n, serving, c.telemetry_lag_s(now), c.mode())
+        };
+        if n > 0 && serving == n {
+            assert!(lag < 10.0, "telemetry lag {lag} s");
+            assert_eq!(mode, dynamollm::serve::core::Mode::Auto);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{serving} of {n} instances serving: the engine pages were not read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    svc.stop().await.unwrap();
+}
