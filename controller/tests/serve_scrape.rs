@@ -60,6 +60,9 @@ initial_class_rps = {{ MM = 1.0, LL = 0.5 }}
 kind = "external"
 scrape_interval_s = 0.1
 
+[router]
+listen = "127.0.0.1:0"
+
 [actuators.webhook]
 url = "{cm}"
 "#,
@@ -85,6 +88,21 @@ url = "{cm}"
         }
         assert!(Instant::now() < deadline, "{serving} of {n} instances serving: the engine pages were not read");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A stream through the router counts as in flight until it ends.
+    let router = format!("http://{}/v1/completions", svc.router_addr.unwrap());
+    let in_flight = |svc: &dynamollm::serve::RunningService| svc.shared.router_stats.lock().unwrap().in_flight;
+    let body = serde_json::json!({"model": "llama2-70b", "prompt": vec![7; 600], "max_tokens": 400, "ignore_eos": true, "stream": true});
+    let mut resp = reqwest::Client::new().post(&router).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().expect("a first chunk");
+    assert!(String::from_utf8_lossy(&first).contains("data: "), "{first:?}");
+    assert_eq!(in_flight(&svc), 1, "the open stream is not counted in flight");
+    while resp.chunk().await.unwrap().is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while in_flight(&svc) != 0 {
+        assert!(Instant::now() < deadline, "the finished stream is still counted in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     svc.stop().await.unwrap();
 }

@@ -196,14 +196,14 @@ async fn set_mode(
 async fn metrics(State(st): State<Arc<Shared>>) -> Response {
     let now = st.clock.now_s();
     if let Ok(c) = st.core.lock() {
-        let s = c.status(now);
+        let t = c.totals();
         let g = &st.metrics.gauges;
         g.with_label_values(&["telemetry_lag_seconds"]).set(c.telemetry_lag_s(now));
-        g.with_label_values(&["power_watts"]).set(s["totals"]["power_w"].as_f64().unwrap_or(0.0));
-        g.with_label_values(&["gpus"]).set(s["totals"]["gpus"].as_f64().unwrap_or(0.0));
-        g.with_label_values(&["energy_joules"]).set(s["totals"]["energy_j"].as_f64().unwrap_or(0.0));
-        g.with_label_values(&["baseline_energy_joules"]).set(s["totals"]["baseline_energy_j"].as_f64().unwrap_or(0.0));
-        g.with_label_values(&["instances"]).set(s["instances"].as_array().map_or(0, |a| a.len()) as f64);
+        g.with_label_values(&["power_watts"]).set(t.power_w);
+        g.with_label_values(&["gpus"]).set(f64::from(t.gpus));
+        g.with_label_values(&["energy_joules"]).set(t.energy_j);
+        g.with_label_values(&["baseline_energy_joules"]).set(t.baseline_energy_j);
+        g.with_label_values(&["instances"]).set(c.instances().count() as f64);
         g.with_label_values(&["pending_actions"]).set(c.pending().count() as f64);
         g.with_label_values(&["failsafe"]).set(if c.mode() == Mode::Failsafe { 1.0 } else { 0.0 });
         g.with_label_values(&["time_seconds"]).set(now);

@@ -131,6 +131,23 @@ pub struct DecisionRecord {
     pub decision: Decision,
 }
 
+/// The totals of the status document.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Totals {
+    /// GPU energy of every instance so far, retired ones included (J).
+    pub energy_j: f64,
+    /// The `single-pool` estimate's energy over the same time (J).
+    pub baseline_energy_j: f64,
+    /// The estimate's power now (W).
+    pub baseline_power_w: f64,
+    /// GPU power now (W).
+    pub power_w: f64,
+    /// GPUs held.
+    pub gpus: u32,
+    /// Share of the estimate's energy saved.
+    pub savings_ratio: f64,
+}
+
 /// One point of the status history.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HistoryPoint {
@@ -598,55 +615,18 @@ impl ServiceCore {
                     _ => true,
                 },
             };
-            let id = acts.then(|| self.next_id());
-            if let Some(id) = &id {
-                self.remember_clock(id, &d.action);
-                self.apply_to_inventory(&d.action, now_s);
-                let placement = self.placement_of(&d.action);
-                let cmd = Command { id: id.clone(), action: d.action.clone(), placement, issued_at_ms: wall_ms };
-                self.pending.insert(id.clone(), cmd.clone());
+            let id = acts.then(|| {
+                let cmd = self.issue(&d.action, now_s, wall_ms);
+                let id = cmd.id.clone();
                 out.push(cmd);
-            }
+                id
+            });
             self.push_decision(DecisionRecord { id, mode, acted: acts, decision: d });
         }
         if mode == Mode::Failsafe {
-            // Every instance to the top clock, once.
-            let low: Vec<InstanceId> = self
-                .instances
-                .values()
-                .filter(|r| r.clock_mhz < max_clock && r.state != InstanceState::Draining)
-                .map(|r| r.id)
-                .collect();
-            for instance in low {
-                let action = Action::SetClock { instance, clock_mhz: max_clock };
-                let id = self.next_id();
-                self.remember_clock(&id, &action);
-                self.apply_to_inventory(&action, now_s);
-                let cmd = Command {
-                    id: id.clone(),
-                    action: action.clone(),
-                    placement: self.placement_of(&action),
-                    issued_at_ms: wall_ms,
-                };
-                self.pending.insert(id.clone(), cmd.clone());
-                out.push(cmd);
-                let reason = self.stale.clone().unwrap_or_else(|| "the operator chose failsafe".into());
-                self.push_decision(DecisionRecord {
-                    id: Some(id),
-                    mode,
-                    acted: true,
-                    decision: Decision {
-                        at_s: now_s,
-                        source: "failsafe",
-                        action,
-                        reason: format!("failsafe: {reason}; top clock"),
-                        pool: None,
-                        planned_rps: None,
-                        predicted_delta_w: None,
-                        slo_margin: None,
-                    },
-                });
-            }
+            // Every instance to the top clock, once (a draining one finishes as it is).
+            let reason = self.stale.clone().unwrap_or_else(|| "the operator chose failsafe".into());
+            out.extend(self.top_clocks(now_s, wall_ms, "failsafe", &format!("failsafe: {reason}; top clock"), false));
         }
 
         // Accounting and history.
@@ -676,37 +656,51 @@ impl ServiceCore {
         }
     }
 
-    /// On shutdown: every instance below the top clock goes back to it (the
-    /// cluster is left as a static cluster would run it). The commands are
-    /// pending like any other; a dry run sends nothing.
-    pub fn shutdown_commands(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
-        if self.operator_mode == Mode::DryRun {
-            return Vec::new();
-        }
+    /// Make a command of an action: a new id, the inventory updated, pending
+    /// until its outcome comes back.
+    fn issue(&mut self, action: &Action, now_s: f64, wall_ms: u64) -> Command {
+        let id = self.next_id();
+        self.remember_clock(&id, action);
+        self.apply_to_inventory(action, now_s);
+        let cmd = Command {
+            id: id.clone(),
+            action: action.clone(),
+            placement: self.placement_of(action),
+            issued_at_ms: wall_ms,
+        };
+        self.pending.insert(id, cmd.clone());
+        cmd
+    }
+
+    /// Every instance below the top clock back to it, each command recorded as a decision of `source`.
+    fn top_clocks(
+        &mut self,
+        now_s: f64,
+        wall_ms: u64,
+        source: &'static str,
+        reason: &str,
+        draining_too: bool,
+    ) -> Vec<Command> {
         let max_clock = self.cfg.controller.max_clock_mhz;
-        let low: Vec<InstanceId> = self.instances.values().filter(|r| r.clock_mhz < max_clock).map(|r| r.id).collect();
-        let mut out = Vec::new();
+        let low: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|r| r.clock_mhz < max_clock && (draining_too || r.state != InstanceState::Draining))
+            .map(|r| r.id)
+            .collect();
+        let mut out = Vec::with_capacity(low.len());
         for instance in low {
             let action = Action::SetClock { instance, clock_mhz: max_clock };
-            let id = self.next_id();
-            self.remember_clock(&id, &action);
-            self.apply_to_inventory(&action, now_s);
-            let cmd = Command {
-                id: id.clone(),
-                action: action.clone(),
-                placement: self.placement_of(&action),
-                issued_at_ms: wall_ms,
-            };
-            self.pending.insert(id.clone(), cmd.clone());
+            let cmd = self.issue(&action, now_s, wall_ms);
             self.push_decision(DecisionRecord {
-                id: Some(id),
+                id: Some(cmd.id.clone()),
                 mode: self.mode(),
                 acted: true,
                 decision: Decision {
                     at_s: now_s,
-                    source: "shutdown",
+                    source,
                     action,
-                    reason: "the service is stopping: top clock".into(),
+                    reason: reason.to_string(),
                     pool: None,
                     planned_rps: None,
                     predicted_delta_w: None,
@@ -716,6 +710,16 @@ impl ServiceCore {
             out.push(cmd);
         }
         out
+    }
+
+    /// On shutdown: every instance below the top clock goes back to it (the
+    /// cluster is left as a static cluster would run it). The commands are
+    /// pending like any other; a dry run sends nothing.
+    pub fn shutdown_commands(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
+        if self.operator_mode == Mode::DryRun {
+            return Vec::new();
+        }
+        self.top_clocks(now_s, wall_ms, "shutdown", "the service is stopping: top clock", true)
     }
 
     fn push_decision(&mut self, d: DecisionRecord) {
@@ -827,6 +831,20 @@ impl ServiceCore {
         }
     }
 
+    /// Energy, power and GPUs so far, against the `single-pool` estimate.
+    pub fn totals(&self) -> Totals {
+        let energy_j = self.retired_energy_j + self.instances.values().map(|r| r.energy_j).sum::<f64>();
+        let base = self.baseline.energy_j;
+        Totals {
+            energy_j,
+            baseline_energy_j: base,
+            baseline_power_w: self.baseline.power_w,
+            power_w: self.instances.values().map(|r| r.power_w).sum(),
+            gpus: self.gpus(),
+            savings_ratio: if base > 0.0 { 1.0 - energy_j / base } else { 0.0 },
+        }
+    }
+
     /// The status document of `/api/v1/status`.
     pub fn status(&self, now_s: f64) -> serde_json::Value {
         let routing = self.ctl.routing().pool_of;
@@ -890,9 +908,6 @@ impl ServiceCore {
                 })
             })
             .collect();
-        let energy_j = self.retired_energy_j + self.instances.values().map(|r| r.energy_j).sum::<f64>();
-        let power_w: f64 = self.instances.values().map(|r| r.power_w).sum();
-        let base = self.baseline.energy_j;
         serde_json::json!({
             "mode": self.mode().name(),
             "operator_mode": self.operator_mode.name(),
@@ -903,14 +918,7 @@ impl ServiceCore {
             "instances": instances,
             "classes": classes,
             "pending_actions": self.pending.len(),
-            "totals": {
-                "energy_j": energy_j,
-                "baseline_energy_j": base,
-                "baseline_power_w": self.baseline.power_w,
-                "power_w": power_w,
-                "gpus": self.gpus(),
-                "savings_ratio": if base > 0.0 { 1.0 - energy_j / base } else { 0.0 },
-            },
+            "totals": self.totals(),
             "history": self.history,
         })
     }

@@ -36,6 +36,8 @@ pub struct RouterStats {
     pub rejected: u64,
     /// Requests whose instance could not be reached.
     pub errors: u64,
+    /// Requests streaming now.
+    pub in_flight: u64,
 }
 
 /// The router's state.
@@ -157,6 +159,9 @@ struct Flight {
 
 impl Drop for Flight {
     fn drop(&mut self) {
+        if let Ok(mut r) = self.st.shared.router_stats.lock() {
+            r.in_flight = r.in_flight.saturating_sub(1);
+        }
         if let Ok(mut f) = self.st.in_flight.lock() {
             if let Some(n) = f.get_mut(&self.endpoint) {
                 *n = n.saturating_sub(1);
@@ -229,6 +234,9 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
         *f.entry(endpoint.clone()).or_default() += 1;
     }
     let mut flight = Flight { st: st.clone(), endpoint: endpoint.clone(), input_tokens: input, output_tokens: 0 };
+    if let Ok(mut r) = st.shared.router_stats.lock() {
+        r.in_flight += 1;
+    }
     let url = format!("{}{path}", endpoint.trim_end_matches('/'));
     let resp = match st.client.post(&url).header(header::CONTENT_TYPE, "application/json").body(body).send().await {
         Ok(r) => r,
@@ -245,14 +253,16 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
         .unwrap_or("application/json")
         .to_string();
     let streaming = ctype.starts_with("text/event-stream");
+    // The stream owns the whole flight (not just the counter it updates): the
+    // request counts as in flight, and is learnt from, until the stream ends.
     let stream = resp.bytes_stream().map(move |chunk| {
+        let f = &mut flight;
         if let Ok(b) = &chunk {
             if streaming {
                 // One SSE event per token: count them to learn the output length.
-                flight.output_tokens += b.windows(6).filter(|w| w == b"data: ").count() as u32;
+                f.output_tokens += b.windows(6).filter(|w| w == b"data: ").count() as u32;
             }
         }
-        let _ = &flight;
         chunk
     });
     let mut r = Response::new(Body::from_stream(stream));

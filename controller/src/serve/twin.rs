@@ -12,7 +12,7 @@ use actuators::{Action, Actuator, Command, InstanceId, Outcome, Placement, Resha
 use sim::engine::Lifecycle;
 use sim::{ClassSlo, Cluster, ClusterSpec, Physics, PoolSpec, RunTotals};
 use std::collections::{HashMap, HashSet};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 use telemetry::{ClassBoundaries, RequestClass, CLASS_COUNT};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -39,7 +39,7 @@ type Job = (Command, oneshot::Sender<Outcome>);
 
 /// The actuator that acts on the twin.
 pub struct TwinActuator {
-    tx: Mutex<std_mpsc::Sender<Job>>,
+    tx: std_mpsc::Sender<Job>,
 }
 
 #[async_trait::async_trait]
@@ -54,8 +54,7 @@ impl Actuator for TwinActuator {
 
     async fn apply(&self, cmd: &Command) -> Outcome {
         let (tx, rx) = oneshot::channel();
-        let sent = self.tx.lock().map(|t| t.send((cmd.clone(), tx)).is_ok()).unwrap_or(false);
-        if !sent {
+        if self.tx.send((cmd.clone(), tx)).is_err() {
             return Outcome::Failed { reason: "the twin has stopped".into(), retryable: false };
         }
         rx.await.unwrap_or(Outcome::Failed { reason: "the twin has stopped".into(), retryable: false })
@@ -93,7 +92,7 @@ pub fn start(
             tracing::error!("the twin stopped: {e:#}");
         }
     })?;
-    Ok((Arc::new(TwinActuator { tx: Mutex::new(job_tx) }), ev_rx))
+    Ok((Arc::new(TwinActuator { tx: job_tx }), ev_rx))
 }
 
 fn run(
