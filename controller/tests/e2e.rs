@@ -251,6 +251,8 @@ initial_class_rps = {{ {initial} }}
 
 [controller]
 max_util = {max_util}
+clock_hold_s = {clock_hold_s}
+tps = [4, 8]
 
 [cluster]
 kind = "external"
@@ -278,7 +280,8 @@ ack_timeout_ms = 3000
 "#,
             state = dir.path().join("state").display(),
             initial = initial.join(", "),
-            max_util = env_f64("DYNAMOLLM_E2E_MAX_UTIL", 0.6),
+            max_util = env_f64("DYNAMOLLM_E2E_MAX_UTIL", 0.5),
+            clock_hold_s = env_f64("DYNAMOLLM_E2E_CLOCK_HOLD_S", 30.0),
         ),
         "e2e.toml",
     )

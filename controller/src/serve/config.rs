@@ -89,6 +89,11 @@ pub struct ControllerSection {
     pub gpu_budget: Option<u32>,
     /// Instances of `single-pool` / `scale-freq` (their fixed size).
     pub fixed_instances: Option<u32>,
+    /// Hold a new clock at least this long (s) unless the SLO forces a change
+    /// (each change pauses the engine for tens of milliseconds).
+    pub clock_hold_s: f64,
+    /// TP degrees the shard loop may use (default 2, 4 and 8).
+    pub tps: Option<Vec<u32>>,
 }
 
 impl Default for ControllerSection {
@@ -102,6 +107,8 @@ impl Default for ControllerSection {
             spawn_lead_s: 30.0,
             gpu_budget: None,
             fixed_instances: None,
+            clock_hold_s: 30.0,
+            tps: None,
         }
     }
 }
@@ -241,6 +248,7 @@ impl ServiceConfig {
             ("controller.shard_period_s", self.controller.shard_period_s),
             ("controller.clock_period_s", self.controller.clock_period_s),
             ("controller.max_util", self.controller.max_util),
+            ("controller.clock_hold_s", self.controller.clock_hold_s),
             ("cluster.scale", self.cluster.scale),
         ] {
             if !(v.is_finite() && v > 0.0) {
@@ -259,6 +267,11 @@ impl ServiceConfig {
         }
         if s.listen.parse::<std::net::SocketAddr>().is_err() {
             bail!("{origin}: service.listen: {:?} is not an address like 127.0.0.1:9464", s.listen);
+        }
+        if let Some(t) = &self.controller.tps {
+            if t.is_empty() || t.iter().any(|d| ![2, 4, 8].contains(d)) {
+                bail!("{origin}: controller.tps: {t:?} must list TP degrees among 2, 4 and 8");
+            }
         }
         if let Some(l) = &self.router.listen {
             if l.parse::<std::net::SocketAddr>().is_err() {

@@ -185,6 +185,10 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     c.max_util = s.max_util;
     c.warm_spawn = s.warm_spawn;
     c.spawn_lead_s = s.spawn_lead_s;
+    c.clock_hold_s = s.clock_hold_s;
+    if let (Some(t), true) = (&s.tps, loops.shard) {
+        c.tps = t.clone();
+    }
     if let Some(b) = s.gpu_budget {
         c.gpu_budget = b;
     }
