@@ -24,7 +24,8 @@ pub enum Mode {
     Auto,
     /// Decide and record, act on nothing.
     DryRun,
-    /// Every clock at its top, no scale-in; the controller's other decisions still act.
+    /// Every clock at its top, no scale-in; the controller's spawns and routes
+    /// still act unless telemetry is stale (then the fleet is held as it is).
     Failsafe,
 }
 
@@ -560,7 +561,7 @@ impl ServiceCore {
             .then(|| format!("no telemetry for {lag:.1} s (limit {:.1} s)", self.cfg.stale_after_s));
         if self.stale.is_some() && !was_stale {
             self.counters.failsafe_entries += 1;
-            tracing::warn!(lag_s = lag, "telemetry is stale: failsafe (top clocks, no scale-in)");
+            tracing::warn!(lag_s = lag, "telemetry is stale: failsafe (top clocks, the fleet held as it is)");
         }
 
         let c = &self.cfg.controller;
@@ -608,11 +609,13 @@ impl ServiceCore {
             let acts = match mode {
                 Mode::DryRun => false,
                 Mode::Auto => true,
-                // No scale-in, no clock below the top.
+                // No scale-in, no clock below the top; and while blind (stale
+                // telemetry) no change of the fleet at all: the plan then rests on
+                // load the service can no longer see.
                 Mode::Failsafe => match d.action {
                     Action::Retire { .. } => false,
                     Action::SetClock { clock_mhz, .. } => clock_mhz >= max_clock,
-                    _ => true,
+                    Action::Spawn { .. } | Action::Reshard { .. } | Action::Route { .. } => self.stale.is_none(),
                 },
             };
             let id = acts.then(|| {

@@ -8,7 +8,7 @@
 //!   sent, and every command goes through the audit log, so a restart after
 //!   kill -9 re-sends what was in flight with the same ids and repeats nothing.
 //! - Telemetry older than `stale_after_s` puts the service in failsafe (top
-//!   clocks, no scale-in) at the next tick; shutdown resets clocks.
+//!   clocks, the fleet held as it is) at the next tick; shutdown resets clocks.
 //! - The HTTP API (axum) is in [`api`].
 
 pub mod api;
