@@ -105,10 +105,17 @@ pub struct PerfParams {
     pub tp4_compute_efficiency: f64,
     /// … at TP8.
     pub tp8_compute_efficiency: f64,
-    /// Latency of one all-reduce.
+    /// Fixed latency of one all-reduce (launch, synchronisation).
     pub allreduce_latency_s: f64,
+    /// Latency one all-reduce adds per peer GPU beyond the first (hops of
+    /// the ring or tree): TP8 synchronises seven peers, TP2 one.
+    pub allreduce_latency_per_peer_s: f64,
     /// Effective all-reduce bus bandwidth.
     pub allreduce_bandwidth_bytes_per_s: f64,
+    /// How far a linear layer's weight streaming and its math overlap: the
+    /// step's linear time is `(t_weights^k + t_math^k)^(1/k)` (roofline).
+    /// 1 = no overlap (the times add); large = a perfect max.
+    pub linear_overlap_exponent: f64,
     /// CPU time per engine step during which the GPU idles.
     pub iteration_overhead_s: f64,
     /// Per-request API/tokeniser time, part of TTFT.
@@ -319,7 +326,14 @@ impl Physics {
         fraction("perf.tp4_compute_efficiency", p.tp4_compute_efficiency)?;
         fraction("perf.tp8_compute_efficiency", p.tp8_compute_efficiency)?;
         non_negative("perf.allreduce_latency_s", p.allreduce_latency_s)?;
+        non_negative("perf.allreduce_latency_per_peer_s", p.allreduce_latency_per_peer_s)?;
         positive("perf.allreduce_bandwidth_bytes_per_s", p.allreduce_bandwidth_bytes_per_s)?;
+        if !(1.0..=16.0).contains(&p.linear_overlap_exponent) {
+            return Err(bad(
+                "perf.linear_overlap_exponent",
+                format!("must be in [1, 16], got {}", p.linear_overlap_exponent),
+            ));
+        }
         non_negative("perf.iteration_overhead_s", p.iteration_overhead_s)?;
         non_negative("perf.request_overhead_s", p.request_overhead_s)?;
         let e = &self.engine;
@@ -329,10 +343,10 @@ impl Physics {
             ("engine.max_num_batched_tokens_tp4", e.max_num_batched_tokens_tp4),
             ("engine.max_num_batched_tokens_tp8", e.max_num_batched_tokens_tp8),
         ] {
-            if v <= e.max_num_seqs {
+            if v < e.max_num_seqs {
                 return Err(bad(
                     key,
-                    format!("must exceed engine.max_num_seqs ({}) so prefill always gets a share", e.max_num_seqs),
+                    format!("must be at least engine.max_num_seqs ({}), as vLLM requires", e.max_num_seqs),
                 ));
             }
         }
@@ -406,13 +420,38 @@ impl Physics {
             return cost;
         }
         // Power capping: the GPU lowers its clock until the step fits the TDP.
+        // Power rises with the clock, so the capped clock is the root of
+        // `power(f) - tdp` in [50, f]: regula falsi (Illinois), kept on the
+        // side that fits.
+        let tdp = self.gpu.tdp_w;
         let (mut lo, mut hi) = (50.0_f64, f);
-        for _ in 0..24 {
-            let mid = 0.5 * (lo + hi);
-            if self.step_at(tp, mid, shape).power_w() > self.gpu.tdp_w {
+        let mut g_lo = self.step_at(tp, lo, shape).power_w() - tdp;
+        if g_lo > 0.0 {
+            return self.step_at(tp, lo, shape);
+        }
+        let mut g_hi = cost.power_w() - tdp;
+        let mut side = 0i8;
+        for _ in 0..40 {
+            if hi - lo < 0.01 {
+                break;
+            }
+            let mid = (lo * g_hi - hi * g_lo) / (g_hi - g_lo);
+            let mid = if mid > lo && mid < hi { mid } else { 0.5 * (lo + hi) };
+            let g = self.step_at(tp, mid, shape).power_w() - tdp;
+            if g > 0.0 {
                 hi = mid;
+                g_hi = g;
+                if side == 1 {
+                    g_lo *= 0.5;
+                }
+                side = 1;
             } else {
                 lo = mid;
+                g_lo = g;
+                if side == -1 {
+                    g_hi *= 0.5;
+                }
+                side = -1;
             }
         }
         self.step_at(tp, lo, shape)
@@ -434,16 +473,23 @@ impl Physics {
         let t_weights = m.weight_bytes / tpf / bw;
         let t_kv = s.decode_context_tokens * m.kv_bytes_per_token / tpf / bw;
         let attn_flops_per_token_ctx = 4.0 * f64::from(m.layers) * f64::from(m.hidden_size);
-        let flops_at_peak = 2.0 * m.params * (d / p.decode_flops_efficiency + c / p.prefill_flops_efficiency)
-            + attn_flops_per_token_ctx * c * s.prefill_context_tokens / p.prefill_flops_efficiency;
-        let t_comp = flops_at_peak / (tpf * g.peak_flops * self.tp_efficiency(tp)) * (f_max / f_mhz);
+        let compute_s_per_flop = (f_max / f_mhz) / (tpf * g.peak_flops * self.tp_efficiency(tp));
+        // Linear layers: their math overlaps the weight streaming (roofline).
+        let t_linear_math =
+            2.0 * m.params * (d / p.decode_flops_efficiency + c / p.prefill_flops_efficiency) * compute_s_per_flop;
+        // Prefill attention math runs in its own kernels.
+        let t_attention_math =
+            attn_flops_per_token_ctx * c * s.prefill_context_tokens / p.prefill_flops_efficiency * compute_s_per_flop;
+        let t_comp = t_linear_math + t_attention_math;
+        let t_linear = overlap(t_weights, t_linear_math, p.linear_overlap_exponent);
         let t_comm = if tp > 1 {
             let bytes = (d + c) * f64::from(m.hidden_size) * 2.0 * 2.0 * (tpf - 1.0) / tpf;
-            2.0 * f64::from(m.layers) * (p.allreduce_latency_s + bytes / p.allreduce_bandwidth_bytes_per_s)
+            let latency_s = p.allreduce_latency_s + (tpf - 1.0) * p.allreduce_latency_per_peer_s;
+            2.0 * f64::from(m.layers) * (latency_s + bytes / p.allreduce_bandwidth_bytes_per_s)
         } else {
             0.0
         };
-        let busy = t_weights + t_kv + t_comp + t_comm;
+        let busy = t_linear + t_kv + t_attention_math + t_comm;
         let time_s = p.iteration_overhead_s + busy;
 
         let scale = (f_mhz / f_max).powf(w.voltage_exponent);
@@ -461,6 +507,27 @@ impl Physics {
         let energy_growth_j = time_growth_s * (idle + w.active_w + scale * w.sm_active_w)
             + w.memory_w_at_peak_bandwidth * kv_growth_bytes / hbm_peak;
         StepCost { time_s, energy_j, time_growth_s, energy_growth_j, effective_clock_mhz: f_mhz }
+    }
+}
+
+/// `(a^k + b^k)^(1/k)` for non-negative `a`, `b`: the time of two
+/// overlapping parts (k = 1: they add; k → ∞: the longer one). Written as
+/// `m · (1 + (n/m)^k)^(1/k)` with `m` the larger, with fast paths for k = 1,
+/// 2 and 3 (`powf` is the costliest part of a step otherwise).
+fn overlap(a: f64, b: f64, k: f64) -> f64 {
+    let (m, n) = if a >= b { (a, b) } else { (b, a) };
+    if m <= 0.0 {
+        return 0.0;
+    }
+    let r = n / m;
+    if k == 1.0 {
+        m + n
+    } else if k == 2.0 {
+        m * (1.0 + r * r).sqrt()
+    } else if k == 3.0 {
+        m * (1.0 + r * r * r).cbrt()
+    } else {
+        m * (1.0 + r.powf(k)).powf(1.0 / k)
     }
 }
 
@@ -511,6 +578,35 @@ mod tests {
         for tp in [2, 4, 8] {
             let c = p.step(tp, 1980, &shape);
             assert!(c.power_w() <= p.gpu.tdp_w + 1e-6, "tp{tp}: {}", c.power_w());
+        }
+    }
+
+    #[test]
+    fn overlapping_parts_lie_between_the_longer_and_the_sum() {
+        assert_eq!(overlap(2.0, 3.0, 1.0), 5.0);
+        assert!((overlap(3.0, 4.0, 2.0) - 5.0).abs() < 1e-12);
+        assert!((overlap(1.0, 1.0, 3.0) - 2f64.cbrt()).abs() < 1e-12);
+        assert!((overlap(4.0, 3.0, 2.5) - (4f64.powf(2.5) + 3f64.powf(2.5)).powf(0.4)).abs() < 1e-12);
+        assert_eq!(overlap(0.0, 0.0, 3.0), 0.0);
+        for k in [1.0, 1.5, 2.0, 3.0, 7.0] {
+            let t = overlap(0.02, 0.015, k);
+            assert!(t >= 0.02 && t <= 0.035 + 1e-15, "k {k}: {t}");
+        }
+    }
+
+    #[test]
+    fn a_capped_step_runs_at_the_tdp() {
+        let p = Physics::default_h100_llama70b();
+        let shape = StepShape {
+            decode_seqs: 8,
+            decode_context_tokens: 8.0 * 500.0,
+            prefill_tokens: 880,
+            prefill_context_tokens: 600.0,
+        };
+        for tp in [2, 4, 8] {
+            let c = p.step(tp, 1980, &shape);
+            assert!(c.effective_clock_mhz < 1980.0, "tp{tp} is not capped: {}", c.power_w());
+            assert!((c.power_w() - p.gpu.tdp_w).abs() < 0.5, "tp{tp}: {} W", c.power_w());
         }
     }
 
