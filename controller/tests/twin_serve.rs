@@ -469,7 +469,11 @@ fn profiling_over_http_matches_the_virtual_time_sweep() {
         // The very same request sequence: the same count finished.
         assert_eq!(h.requests, v.requests, "{clock} MHz");
         for (name, x, y) in pairs {
-            assert!((x / y - 1.0).abs() <= 0.10, "{clock} MHz {name}: HTTP {x} vs virtual {y}");
+            // Over HTTP a first token also crosses the loopback and the
+            // scheduler of a busy machine: a few milliseconds more, whatever
+            // the TTFT, on top of the 10%.
+            let slack_s = if name.starts_with("ttft") { 0.005 } else { 0.0 };
+            assert!((x - y).abs() <= 0.10 * y + slack_s, "{clock} MHz {name}: HTTP {x} vs virtual {y}");
         }
     }
     // The profiler put the clock back.
