@@ -4,7 +4,9 @@
 
 use actuators::{Action, InstanceId, PoolId};
 use dynamollm::control::plan::{Demand, Planner};
-use dynamollm::control::{Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations};
+use dynamollm::control::{
+    Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations, MAX_CAPACITY_SCALE,
+};
 use dynamollm::profile::ProfileTable;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -161,7 +163,13 @@ fn constant_load_does_not_make_clocks_thrash() {
     let d: Demand = [0.2, 1.0, 0.05, 1.5, 0.7, 0.9, 1.2, 0.5, 2.5];
     let mut sets: Vec<(f64, InstanceId, u32)> = Vec::new();
     let mut last_route_s = 0.0;
-    for step in 0..(3 * 3600 / 5) {
+    // Every window meets the SLO here, so the learnt capacity grows 5% a window up
+    // to its cap, and pools may shrink until then; give that a scale period more,
+    // and watch the clocks for an hour after.
+    let learning_s = (MAX_CAPACITY_SCALE.ln() / 1.05f64.ln()).ceil() * ctl.config().attainment_window_s;
+    let settled_s = learning_s + ctl.config().scale_period_s;
+    let horizon_s = settled_s + 3600.0;
+    for step in 0..((horizon_s / STEP_S) as usize) {
         let now = step as f64 * STEP_S;
         let obs = model.observe(now, &d);
         for dec in ctl.step(now, &obs) {
@@ -174,7 +182,10 @@ fn constant_load_does_not_make_clocks_thrash() {
             model.apply(now, &dec.action, step == 0);
         }
     }
-    assert!(last_route_s < 2.0 * 3600.0, "pools should stop changing early under constant load");
+    assert!(
+        last_route_s <= settled_s,
+        "pools should stop changing once the capacity is learnt ({settled_s} s) under constant load; last change at {last_route_s} s"
+    );
     let mut clocks: BTreeMap<InstanceId, Vec<u32>> = BTreeMap::new();
     for &(t, id, c) in &sets {
         if t > last_route_s {
@@ -186,7 +197,7 @@ fn constant_load_does_not_make_clocks_thrash() {
         let ups = seq.windows(2).any(|w| w[1] > w[0]);
         let downs = seq.windows(2).any(|w| w[1] < w[0]);
         assert!(!(ups && downs), "{id:?} went back and forth under constant load: {seq:?}");
-        assert!(seq.len() <= 8, "{id:?} changed clock {} times in 3 h of constant load: {seq:?}", seq.len());
+        assert!(seq.len() <= 8, "{id:?} changed clock {} times under constant load: {seq:?}", seq.len());
     }
 }
 
