@@ -5,7 +5,7 @@
 
 use actuators::{Ack, Action, ActionId, Command, InstanceId, Outcome, PoolId};
 use dynamollm::agent::{self, AgentConfig};
-use dynamollm::twin_serve::{router, ServeConfig};
+mod twin_engine;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use std::time::{Duration, Instant};
 use telemetry::gpu::TwinClockState;
@@ -22,19 +22,7 @@ fn broker() -> (String, u16) {
 
 /// A twin instance (TP4, 1980 MHz by default) served on a loopback port.
 async fn twin() -> String {
-    let cfg = ServeConfig {
-        physics: sim::Physics::default_h100_llama70b(),
-        tp: 4,
-        clock_mhz: 1980,
-        speed: 1.0,
-        model: "llama-2-70b".into(),
-        slo: None,
-    };
-    let app = router(cfg).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    base
+    twin_engine::start(4, 1.0, "llama-2-70b").await
 }
 
 async fn clock(http: &reqwest::Client, base: &str) -> TwinClockState {

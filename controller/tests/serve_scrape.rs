@@ -5,23 +5,11 @@
 use axum::routing::post;
 use axum::{Json, Router};
 use dynamollm::serve::config::ServiceConfig;
-use dynamollm::twin_serve::{router, ServeConfig};
+mod twin_engine;
 use std::time::{Duration, Instant};
 
 async fn engine(tp: u32) -> String {
-    let cfg = ServeConfig {
-        physics: sim::Physics::default_h100_llama70b(),
-        tp,
-        clock_mhz: 1980,
-        speed: 10.0,
-        model: "llama2-70b".into(),
-        slo: None,
-    };
-    let app = router(cfg).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    base
+    twin_engine::start(tp, 10.0, "llama2-70b").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
