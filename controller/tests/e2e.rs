@@ -212,7 +212,10 @@ async fn actions(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_manages_twin_engines_and_agents_over_mqtt_for_an_hour() {
-    let speed = env_f64("DYNAMOLLM_E2E_SPEED", 30.0);
+    // 15×: at 30× the debug binaries (router, service, engines, agents) saturate
+    // the 2 cores and late wake-ups cost SLO attainment (seen: worst class
+    // 0.9856 and 0.9886, energy 1.04×, where 15× gave 0.9951 and 0.967×).
+    let speed = env_f64("DYNAMOLLM_E2E_SPEED", 15.0);
     // 0.3: single-pool needs two TP8 instances. Below it one TP8 instance
     // carries the whole hour, and dynamollm's pools (one per prompt band, so a
     // short prompt never queues behind a long prefill) cannot beat it.
