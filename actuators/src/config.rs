@@ -17,6 +17,7 @@
 //! reshard = "…"
 //! set_clock = "…"
 //! route = "…"
+//! move_queued = "…"
 //! timeout_ms = 600000         # per command; the process group is killed after it
 //! stderr_tail_chars = 2000    # stderr quoted in a failure
 //!
@@ -50,7 +51,7 @@ use telemetry::gpu::{GpuDevice, GpuError, NvmlDevice, TwinDevice};
 use telemetry::mqtt::MqttSettings;
 
 /// The action kinds, as `kinds` lists name them.
-pub const KINDS: [&str; 5] = ["spawn", "retire", "reshard", "route", "set-clock"];
+pub const KINDS: [&str; 6] = ["spawn", "retire", "reshard", "route", "set-clock", "move-queued"];
 
 /// Backend names, as `order` names them.
 pub const BACKENDS: [&str; 4] = ["nvml", "exec", "webhook", "mqtt"];
@@ -125,6 +126,9 @@ pub struct ExecConfig {
     /// Command for `route`.
     #[serde(default)]
     pub route: Option<CommandLine>,
+    /// Command for `move-queued` (the backlog guard's hand-over of unstarted requests).
+    #[serde(default)]
+    pub move_queued: Option<CommandLine>,
     /// Per-command timeout; past it the process group is killed.
     #[serde(default = "exec_timeout")]
     pub timeout_ms: u64,
@@ -296,6 +300,7 @@ pub fn build(
                     reshard: c.reshard.clone(),
                     set_clock: c.set_clock.clone(),
                     route: c.route.clone(),
+                    move_queued: c.move_queued.clone(),
                 };
                 for (k, v) in [
                     ("spawn", &c.spawn),
@@ -303,6 +308,7 @@ pub fn build(
                     ("reshard", &c.reshard),
                     ("set_clock", &c.set_clock),
                     ("route", &c.route),
+                    ("move_queued", &c.move_queued),
                 ] {
                     match v {
                         Some(CommandLine::Argv(a)) if a.is_empty() => {

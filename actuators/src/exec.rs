@@ -3,9 +3,9 @@
 //!
 //! Each command gets the [`Command`] as JSON on stdin and these environment
 //! variables (where the action has the field): `DYNAMOLLM_ACTION_ID`,
-//! `DYNAMOLLM_ACTION_KIND` (`spawn`, `retire`, `reshard`, `route`,
+//! `DYNAMOLLM_ACTION_KIND` (`spawn`, `retire`, `reshard`, `route`, `move-queued`,
 //! `set-clock`), `DYNAMOLLM_INSTANCE`, `DYNAMOLLM_POOL`, `DYNAMOLLM_TP`,
-//! `DYNAMOLLM_CLOCK_MHZ`, `DYNAMOLLM_CLASS` (route), `DYNAMOLLM_FROM`
+//! `DYNAMOLLM_CLOCK_MHZ`, `DYNAMOLLM_CLASS` (route), `DYNAMOLLM_MAX_REQUESTS` (move-queued), `DYNAMOLLM_FROM`
 //! (spawn: `cold`/`warm-standby`), `DYNAMOLLM_RESHARD_PATH` (reshard:
 //! `restart`/`in-place`), and from the placement `DYNAMOLLM_NODE`,
 //! `DYNAMOLLM_GPUS` (comma-separated) and `DYNAMOLLM_ENDPOINT`.
@@ -54,6 +54,9 @@ pub struct ExecTemplates {
     /// For `route`.
     #[serde(default)]
     pub route: Option<CommandLine>,
+    /// For `move-queued`.
+    #[serde(default)]
+    pub move_queued: Option<CommandLine>,
 }
 
 impl ExecTemplates {
@@ -65,6 +68,7 @@ impl ExecTemplates {
             Action::Reshard { .. } => self.reshard.as_ref(),
             Action::SetClock { .. } => self.set_clock.as_ref(),
             Action::Route { .. } => self.route.as_ref(),
+            Action::MoveQueued { .. } => self.move_queued.as_ref(),
         }
     }
 }
@@ -107,6 +111,7 @@ pub fn command_env(cmd: &Command) -> Vec<(&'static str, String)> {
         }
         Action::SetClock { clock_mhz, .. } => env.push(("DYNAMOLLM_CLOCK_MHZ", clock_mhz.to_string())),
         Action::Route { class, .. } => env.push(("DYNAMOLLM_CLASS", class.clone())),
+        Action::MoveQueued { max_requests, .. } => env.push(("DYNAMOLLM_MAX_REQUESTS", max_requests.to_string())),
         Action::Retire { .. } => {}
     }
     if let Some(p) = &cmd.placement {

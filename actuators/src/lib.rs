@@ -106,11 +106,22 @@ pub enum Action {
         /// The clock.
         clock_mhz: u32,
     },
+    /// Backlog guard: hand requests an instance has not started (queued,
+    /// no prefill done) to the least-loaded other instances of a pool (its
+    /// own, or the next-larger class's). They keep their arrival time.
+    MoveQueued {
+        /// The instance whose queue is too long.
+        instance: InstanceId,
+        /// The pool that takes them.
+        pool: PoolId,
+        /// At most this many.
+        max_requests: u32,
+    },
 }
 
 impl Action {
     /// The action's kind, as in its JSON `kind` tag: `spawn`, `retire`,
-    /// `reshard`, `route` or `set-clock`.
+    /// `reshard`, `route`, `set-clock` or `move-queued`.
     pub fn kind(&self) -> &'static str {
         match self {
             Action::Spawn { .. } => "spawn",
@@ -118,6 +129,7 @@ impl Action {
             Action::Reshard { .. } => "reshard",
             Action::Route { .. } => "route",
             Action::SetClock { .. } => "set-clock",
+            Action::MoveQueued { .. } => "move-queued",
         }
     }
 
@@ -127,7 +139,8 @@ impl Action {
             Action::Spawn { instance, .. }
             | Action::Retire { instance }
             | Action::Reshard { instance, .. }
-            | Action::SetClock { instance, .. } => Some(*instance),
+            | Action::SetClock { instance, .. }
+            | Action::MoveQueued { instance, .. } => Some(*instance),
             Action::Route { .. } => None,
         }
     }
@@ -135,7 +148,7 @@ impl Action {
     /// The pool the action concerns, where it names one.
     pub fn pool(&self) -> Option<PoolId> {
         match self {
-            Action::Spawn { pool, .. } | Action::Route { pool, .. } => Some(*pool),
+            Action::Spawn { pool, .. } | Action::Route { pool, .. } | Action::MoveQueued { pool, .. } => Some(*pool),
             _ => None,
         }
     }

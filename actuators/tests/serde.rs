@@ -32,6 +32,11 @@ fn action() -> impl Strategy<Value = Action> {
         }),
         ("[A-Z]{2}", any::<u32>()).prop_map(|(class, p)| Action::Route { class, pool: PoolId(p) }),
         (any::<u32>(), 0u32..3000).prop_map(|(i, c)| Action::SetClock { instance: InstanceId(i), clock_mhz: c }),
+        (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(i, p, n)| Action::MoveQueued {
+            instance: InstanceId(i),
+            pool: PoolId(p),
+            max_requests: n,
+        }),
     ]
 }
 

@@ -487,6 +487,7 @@ impl Node {
                         Action::Reshard { .. } => "reshard",
                         Action::Route { .. } => "route",
                         Action::SetClock { .. } => "set-clock",
+                        Action::MoveQueued { .. } => "move-queued",
                     };
                     Outcome::Failed {
                         reason: format!(

@@ -373,6 +373,11 @@ fn apply(
         }
         // Routing follows the controller's table once the new pool serves (see the tick).
         Action::Route { .. } => {}
+        Action::MoveQueued { instance, pool, max_requests } => {
+            if let Some(&idx) = ids.get(&instance) {
+                cluster.move_unstarted(idx, pool.0 as usize, max_requests);
+            }
+        }
         Action::Reshard { instance, tp, path } => {
             if let Some(&idx) = ids.get(&instance) {
                 cluster.reshard(idx, tp, path == actuators::ReshardPath::InPlace);

@@ -55,6 +55,10 @@ pub struct SimReport {
     /// The replay's per-minute timeline, for `--report` (not part of the JSON).
     #[serde(skip)]
     pub timeline: Option<std::sync::Arc<sim::Timeline>>,
+    /// Requests turned away, per class and reason (class name, reason, count;
+    /// printed under the table, not part of the JSON).
+    #[serde(skip)]
+    pub rejections: Vec<(String, sim::RejectReason, u64)>,
 }
 
 impl SimReport {
@@ -87,6 +91,18 @@ impl SimReport {
             sim_requests_per_s: if wall_s > 0.0 { totals.requests_total as f64 / wall_s } else { 0.0 },
             oracle_gap: None,
             timeline: Some(std::sync::Arc::new(totals.timeline.clone())),
+            rejections: RequestClass::ALL
+                .iter()
+                .flat_map(|c| {
+                    let s = &totals.stats.classes[c.index()];
+                    sim::RejectReason::ALL
+                        .iter()
+                        .zip(s.rejected_by)
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(r, n)| (c.name(), *r, n))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
         }
     }
 
@@ -136,6 +152,11 @@ impl SimReport {
             }
         }
         row("all", self.requests_total, &self.latency);
+        if !self.rejections.is_empty() {
+            let list: Vec<String> =
+                self.rejections.iter().map(|(c, r, n)| format!("{c} {n} ({})", r.as_str())).collect();
+            let _ = writeln!(s, "  rejected: {}", list.join(", "));
+        }
         s
     }
 }

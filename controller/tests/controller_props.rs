@@ -57,7 +57,7 @@ impl Model {
                     o.clock_mhz = clock_mhz;
                 }
             }
-            Action::Reshard { .. } | Action::Route { .. } => {}
+            Action::Reshard { .. } | Action::Route { .. } | Action::MoveQueued { .. } => {}
         }
     }
 

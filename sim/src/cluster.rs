@@ -5,7 +5,7 @@
 
 use crate::engine::{EngineRequest, Instance, Lifecycle, Next};
 use crate::physics::Physics;
-use crate::stats::{ClassSlo, Stats};
+use crate::stats::{ClassSlo, RejectReason, Stats};
 use crate::timeline::{Recorder, Timeline, TIMELINE_STEP_S};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -351,12 +351,12 @@ impl<'p> Cluster<'p> {
         self.schedule(inst, next);
     }
 
-    /// The serving instance of a pool with the fewest outstanding requests.
-    fn least_loaded(&self, pool: usize, req: &EngineRequest) -> Option<usize> {
+    /// The serving instance of a pool (other than `except`) with the fewest outstanding requests.
+    fn least_loaded(&self, pool: usize, req: &EngineRequest, except: Option<usize>) -> Option<usize> {
         let mut best: Option<(usize, usize)> = None;
         for &m in &self.pools[pool].members {
             let i = &self.instances[m];
-            if i.state != Lifecycle::Serving || !i.fits(req) {
+            if i.state != Lifecycle::Serving || !i.fits(req) || Some(m) == except {
                 continue;
             }
             let load = i.outstanding();
@@ -381,19 +381,71 @@ impl<'p> Cluster<'p> {
             id: self.requests_total,
         };
         let routed = self.route_class(class);
-        let target = self.class_pool[routed].and_then(|p| self.least_loaded(p, &req));
+        let target = match self.class_pool[routed] {
+            None => Err(RejectReason::NoPool),
+            Some(p) => self.least_loaded(p, &req, None).ok_or_else(|| self.why_none(p)),
+        };
         match target {
-            Some(inst) => {
-                let pool = self.instances[inst].pool;
-                self.recorder.tokens[pool][class] += f64::from(req.input_tokens) + f64::from(req.output_tokens);
-                let next = self.instances[inst].enqueue(self.physics, req, self.now_s);
-                self.schedule(inst, next);
-            }
-            None => {
+            Ok(inst) => self.place(inst, req),
+            Err(why) => {
                 self.requests_rejected += 1;
-                self.stats.rejected(class);
+                self.stats.rejected(class, why);
             }
         }
+    }
+
+    fn place(&mut self, inst: usize, req: EngineRequest) {
+        let pool = self.instances[inst].pool;
+        self.recorder.tokens[pool][req.class as usize] += f64::from(req.input_tokens) + f64::from(req.output_tokens);
+        let next = self.instances[inst].enqueue(self.physics, req, self.now_s);
+        self.schedule(inst, next);
+    }
+
+    /// Why no instance of `pool` takes a request: none serves, or none has the KV room.
+    fn why_none(&self, pool: usize) -> RejectReason {
+        let serving = self.pools[pool].members.iter().any(|&m| self.instances[m].state == Lifecycle::Serving);
+        if serving {
+            RejectReason::TooLarge
+        } else {
+            RejectReason::NoServingInstance
+        }
+    }
+
+    /// Move up to `max` requests that `from` has not started (see
+    /// [`Instance::take_unstarted`]) to the least-loaded serving instances of
+    /// `to_pool` other than `from`; each keeps its arrival time. A request no
+    /// instance there can hold goes back to `from`. Returns how many moved.
+    pub fn move_unstarted(&mut self, from: usize, to_pool: usize, max: u32) -> u32 {
+        if to_pool >= self.pools.len() || from >= self.instances.len() {
+            return 0;
+        }
+        let has_other =
+            self.pools[to_pool].members.iter().any(|&m| m != from && self.instances[m].state == Lifecycle::Serving);
+        if !has_other || max == 0 {
+            return 0;
+        }
+        let (reqs, next) = self.instances[from].take_unstarted(max as usize, self.now_s);
+        self.schedule(from, next);
+        let mut moved = 0;
+        let old_pool = self.instances[from].pool;
+        for req in reqs {
+            let inst = match self.least_loaded(to_pool, &req, Some(from)) {
+                Some(inst) => {
+                    moved += 1;
+                    if to_pool != old_pool {
+                        // The tokens move with the request to the other pool's account.
+                        let tokens = f64::from(req.input_tokens) + f64::from(req.output_tokens);
+                        self.recorder.tokens[old_pool][req.class as usize] -= tokens;
+                        self.recorder.tokens[to_pool][req.class as usize] += tokens;
+                    }
+                    inst
+                }
+                None => from,
+            };
+            let next = self.instances[inst].enqueue(self.physics, req, self.now_s);
+            self.schedule(inst, next);
+        }
+        moved
     }
 
     /// Process every event up to and including time `t`, then set the clock to `t`.

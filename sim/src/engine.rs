@@ -352,6 +352,39 @@ impl Instance {
         }
     }
 
+    /// Take back up to `max` requests that have not started: first those
+    /// waiting for admission (newest first), then admitted prompts whose
+    /// prefill has not begun, from the back of the prefill queue (the head
+    /// and the one after it may be in the running phase's chunks, so they
+    /// stay). Their KV reservations are released. A running phase ends after
+    /// its current step so the next one is planned without them. Returns
+    /// the requests (arrival times unchanged: their TTFT still counts from
+    /// the first arrival) and when the cluster must call back.
+    pub fn take_unstarted(&mut self, max: usize, now_s: f64) -> (Vec<EngineRequest>, Next) {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.waiting.pop_back() {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+        while out.len() < max && self.prefilling.len() > 2 {
+            let last = self.prefilling.back().expect("more than two queued prompts");
+            if last.left != last.req.input_tokens {
+                break;
+            }
+            let p = self.prefilling.pop_back().expect("checked above");
+            self.kv_reserved -= p.req.kv_tokens();
+            self.prefill_left -= u64::from(p.req.input_tokens);
+            out.push(p.req);
+        }
+        let next = match self.phase {
+            Some(mut p) if !out.is_empty() => self.cut_after_current_step(&mut p, now_s),
+            _ => self.current_next(),
+        };
+        (out, next)
+    }
+
     /// Lock a new clock: the change takes effect after the running step, and no
     /// step runs for `lifecycle.clock_change_s`.
     pub fn set_clock(&mut self, physics: &Physics, clock_mhz: u32, now_s: f64) -> Next {

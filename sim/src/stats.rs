@@ -25,6 +25,36 @@ pub struct ClassSlo {
     pub tbt_s: f64,
 }
 
+/// Why the twin turned a request away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectReason {
+    /// Its class is routed to no pool.
+    NoPool,
+    /// Its pool has no serving instance (all starting, draining or none).
+    NoServingInstance,
+    /// Its prompt and output do not fit any serving instance's KV cache.
+    TooLarge,
+}
+
+impl RejectReason {
+    /// Every reason, in the order of [`ClassStats::rejected_by`].
+    pub const ALL: [RejectReason; 3] = [RejectReason::NoPool, RejectReason::NoServingInstance, RejectReason::TooLarge];
+
+    /// The reason in words, as the table and logs print it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NoPool => "no-pool",
+            RejectReason::NoServingInstance => "no-serving-instance",
+            RejectReason::TooLarge => "too-large",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Everything measured for one class.
 #[derive(Debug, Clone)]
 pub struct ClassStats {
@@ -32,6 +62,8 @@ pub struct ClassStats {
     pub requests: u64,
     /// Requests turned away (no serving instance, or too large for any KV cache).
     pub rejected: u64,
+    /// Requests turned away, by reason (indexed as [`RejectReason::ALL`]).
+    pub rejected_by: [u64; 3],
     /// Requests that finished.
     pub completed: u64,
     /// TTFT histogram (µs).
@@ -53,6 +85,7 @@ impl ClassStats {
         ClassStats {
             requests: 0,
             rejected: 0,
+            rejected_by: [0; 3],
             completed: 0,
             ttft: new_hist(),
             tbt: new_hist(),
@@ -109,10 +142,11 @@ impl Stats {
         self.classes[class].requests += 1;
     }
 
-    /// A request was turned away.
+    /// A request was turned away, and why.
     #[inline]
-    pub fn rejected(&mut self, class: usize) {
+    pub fn rejected(&mut self, class: usize, why: RejectReason) {
         self.classes[class].rejected += 1;
+        self.classes[class].rejected_by[why.index()] += 1;
     }
 
     /// A request finished.
@@ -257,7 +291,7 @@ mod tests {
         let mut s = Stats::new(slo(0.1, 1.0));
         s.ttft(2, 0.05);
         s.ttft(2, 0.20);
-        s.rejected(2);
+        s.rejected(2, RejectReason::NoServingInstance);
         s.ttft(2, 0.01);
         assert!((s.classes[2].ttft_attainment() - 0.5).abs() < 1e-12);
         assert_eq!(s.classes[0].slo_attainment(), 1.0);

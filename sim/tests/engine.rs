@@ -135,3 +135,97 @@ fn a_repeated_clock_during_the_pause_keeps_the_wake_up() {
     assert_eq!(inst.running(), 0, "the request never finished");
     assert_eq!(stats.classes[0].completed, 1);
 }
+
+fn two_instances(tp: u32) -> ClusterSpec {
+    ClusterSpec {
+        pools: vec![
+            PoolSpec { name: "a".into(), classes: RequestClass::ALL.to_vec() },
+            PoolSpec { name: "b".into(), classes: vec![] },
+        ],
+        instances: vec![InstanceSpec { pool: 0, tp, clock_mhz: 1980 }, InstanceSpec { pool: 1, tp, clock_mhz: 1980 }],
+    }
+}
+
+/// The backlog guard's move: requests waiting for KV room on one instance
+/// go to another, finish there, and keep their arrival time (their TTFT
+/// includes the time they queued before the move).
+#[test]
+fn unstarted_requests_move_to_another_pool_and_keep_their_arrival() {
+    let p = Physics::default_h100_llama70b();
+    let cap = p.kv_capacity_tokens(2);
+    let each = (cap / 3) as u32;
+    let mut c = Cluster::new(&p, &two_instances(2), ClassBoundaries::default(), NO_SLO);
+    c.set_route(RequestClass::from_index(8), Some(0));
+    for k in 0..6 {
+        c.arrive(&Request { arrival_s: f64::from(k) * 1e-3, input_tokens: each - 400, output_tokens: 400 });
+    }
+    c.advance_to(0.5);
+    assert_eq!((c.instances[0].running(), c.instances[0].waiting()), (3, 3));
+    // Nothing moves to a pool without a serving instance other than the source.
+    assert_eq!(c.move_unstarted(0, 0, 10), 0);
+    assert_eq!(c.instances[0].waiting(), 3);
+    // Two of the three waiting requests move to pool b's instance.
+    assert_eq!(c.move_unstarted(0, 1, 2), 2);
+    assert_eq!(c.instances[0].waiting(), 1);
+    c.advance_to(1.0);
+    assert_eq!(c.instances[1].running(), 2, "the moved requests run on the other instance");
+    c.drain();
+    let s = &c.stats.classes[8];
+    assert_eq!((s.completed, s.rejected), (6, 0));
+    // Their TTFT counts from the first arrival: the moved ones waited 0.5 s first.
+    let ttft_max_s = s.ttft.max() as f64 / 1e6;
+    assert!(ttft_max_s > 0.5, "the longest TTFT is {ttft_max_s} s: moved requests lost their arrival time");
+}
+
+/// A prompt already admitted but not started can move too; the KV cache it
+/// reserved is free again on the source.
+#[test]
+fn taking_unstarted_prompts_frees_their_kv_and_keeps_the_running_ones() {
+    let p = Physics::default_h100_llama70b();
+    let mut c = Cluster::new(&p, &one(8, 1980), ClassBoundaries::default(), NO_SLO);
+    for _ in 0..6 {
+        c.arrive(&Request { arrival_s: 0.0, input_tokens: 4000, output_tokens: 10 });
+    }
+    // After the first step boundary all six are admitted; the first is in prefill.
+    c.advance_to(0.1);
+    assert_eq!((c.instances[0].running(), c.instances[0].waiting()), (6, 0));
+    let kv_before = c.instances[0].kv_usage();
+    let now = c.now_s();
+    let (taken, _) = c.instances[0].take_unstarted(10, now);
+    // The head and the one after it may be in the running phase's chunks: they stay.
+    assert_eq!(taken.len(), 4);
+    let ids: Vec<u64> = taken.iter().map(|r| r.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    assert_eq!(c.instances[0].running(), 2);
+    let kv_after = c.instances[0].kv_usage();
+    assert!((kv_after - kv_before / 3.0).abs() < 1e-9, "KV usage {kv_after} of {kv_before} after taking 4 of 6");
+}
+
+/// Each turned-away request is counted with its reason.
+#[test]
+fn rejections_are_counted_per_class_with_their_reason() {
+    use sim::RejectReason;
+    let p = Physics::default_h100_llama70b();
+    let spec = ClusterSpec {
+        pools: vec![PoolSpec { name: "a".into(), classes: RequestClass::ALL.to_vec() }],
+        instances: vec![],
+    };
+    let mut c = Cluster::new(&p, &spec, ClassBoundaries::default(), NO_SLO);
+    let ss = Request { arrival_s: 0.0, input_tokens: 100, output_tokens: 50 };
+    // A pool with no instance at all.
+    c.arrive(&ss);
+    // A class routed nowhere.
+    c.set_route(RequestClass::from_index(0), None);
+    c.arrive(&ss);
+    // Too large for the one serving instance's KV cache.
+    let i = c.add_instance(0, 2, 1980, sim::Lifecycle::Serving);
+    let huge = p.kv_capacity_tokens(c.instances[i].tp) as u32 + 1;
+    c.arrive(&Request { arrival_s: 0.1, input_tokens: huge, output_tokens: 10 });
+    let by = |class: usize, r: RejectReason| {
+        c.stats.classes[class].rejected_by[RejectReason::ALL.iter().position(|x| *x == r).unwrap()]
+    };
+    assert_eq!(by(0, RejectReason::NoServingInstance), 1);
+    assert_eq!(by(0, RejectReason::NoPool), 1);
+    assert_eq!(by(6, RejectReason::TooLarge), 1);
+    assert_eq!(c.stats.classes.iter().map(|s| s.rejected).sum::<u64>(), 3);
+}

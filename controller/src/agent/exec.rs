@@ -118,6 +118,14 @@ impl ExecConfig {
                 vec![("instance", instance.0.to_string()), ("tp", tp.to_string()), ("path", enum_name(path))],
             ),
             Action::Route { class, pool } => ("route", vec![("class", class.clone()), ("pool", pool.0.to_string())]),
+            Action::MoveQueued { instance, pool, max_requests } => (
+                "move-queued",
+                vec![
+                    ("instance", instance.0.to_string()),
+                    ("pool", pool.0.to_string()),
+                    ("max_requests", max_requests.to_string()),
+                ],
+            ),
             Action::SetClock { .. } => return None,
         };
         let template = self.template(kind)?;

@@ -77,6 +77,9 @@ pub struct ControllerConfig {
     pub clock_hold_s: f64,
     /// Waiting requests on an instance that trip the backlog guard.
     pub backlog_waiting: u32,
+    /// The backlog guard hands an instance's unstarted requests to other
+    /// instances (`move-queued`); needs a backend that carries it out.
+    pub move_queued: bool,
     /// Without the scale and shard loops: hold exactly this many TP8 instances.
     pub fixed_instances: Option<u32>,
     /// The window SLO attainment is observed over (s); capacity is re-learnt at most once per window.
@@ -103,6 +106,7 @@ impl ControllerConfig {
             clock_hysteresis: 0.03,
             clock_hold_s: 30.0,
             backlog_waiting: 4,
+            move_queued: true,
             fixed_instances: None,
             attainment_window_s: 300.0,
         }
@@ -285,6 +289,8 @@ pub struct Controller {
     util_scale: Vec<f64>,
     learnt_at: Vec<f64>,
     planners: std::collections::HashMap<[u16; CLASS_COUNT], std::sync::Arc<Planner>>,
+    /// When the backlog guard last moved requests off each instance.
+    moved_at: BTreeMap<InstanceId, f64>,
 }
 
 /// Attainment below which a pool's planning capacity shrinks.
@@ -321,6 +327,7 @@ impl Controller {
             util_scale: vec![1.0; pools],
             learnt_at: vec![f64::NEG_INFINITY; pools],
             planners: std::collections::HashMap::new(),
+            moved_at: BTreeMap::new(),
         }
     }
 
@@ -500,7 +507,7 @@ impl Controller {
             std::array::from_fn(|c| obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]) * self.cfg.observed_margin);
         let plan_scale: Demand = std::array::from_fn(|c| obs.class_peak_scale.map_or(0.0, |p| p[c]).max(recent[c]));
         let plan_shard: Demand = std::array::from_fn(|c| obs.class_peak_shard.map_or(0.0, |p| p[c]).max(recent[c]));
-        let guard = self.backlog_guard(now_s, obs, &mut out);
+        let (guard, backed_up) = self.backlog_guard(now_s, obs, &mut out);
         if scale_due || !self.started {
             self.last_scale_s = now_s;
             if self.cfg.loops.pools {
@@ -538,7 +545,7 @@ impl Controller {
                 self.plans[pool].budget_gpus = b;
             }
         }
-        if shard_due || !guard.is_empty() {
+        if shard_due || backed_up {
             self.last_shard_s = now_s;
             for pool in 0..self.plans.len() {
                 self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
@@ -563,10 +570,35 @@ impl Controller {
     }
 
     /// Instances whose queues grow: top clock now; returns their ids.
-    fn backlog_guard(&mut self, now_s: f64, obs: &Observations, out: &mut Vec<Decision>) -> Vec<InstanceId> {
+    /// The backlog guard, every step. An instance whose queue (requests
+    /// waiting for admission) reaches `backlog_waiting`, and every serving
+    /// instance of a pool where a class's observed SLO attainment fell below
+    /// [`ATTAINMENT_TARGET`], gets the top clock at once. An instance with a
+    /// queue also hands its unstarted requests to the other instances of
+    /// its pool when one of them has no queue, else to the pool of the
+    /// next-larger class (at most once per clock period). Returns the
+    /// instances guarded (the clock loop leaves them be this step) and
+    /// whether a queue tripped it (the pools are then re-planned at once; an
+    /// SLO miss is re-planned by capacity learning, once per window).
+    /// Rejection is left to the cluster, as the last resort when no
+    /// instance can take a request.
+    fn backlog_guard(&mut self, now_s: f64, obs: &Observations, out: &mut Vec<Decision>) -> (Vec<InstanceId>, bool) {
+        let mut backed_up = false;
         let mut hit = Vec::new();
+        // Pools whose classes miss the SLO in the observed window.
+        let missing: Vec<(usize, RequestClass, f64)> = (0..CLASS_COUNT)
+            .filter_map(|c| {
+                let a = obs.class_attainment_recent[c]?;
+                (a < ATTAINMENT_TARGET).then(|| (self.routing.pool_of[c] as usize, RequestClass::from_index(c), a))
+            })
+            .collect();
         for i in &obs.instances {
-            if i.state != InstanceState::Serving || i.waiting < self.cfg.backlog_waiting {
+            if i.state != InstanceState::Serving {
+                continue;
+            }
+            let queued = i.waiting >= self.cfg.backlog_waiting;
+            let miss = missing.iter().find(|(p, ..)| *p == i.pool.0 as usize);
+            if !queued && miss.is_none() {
                 continue;
             }
             hit.push(i.id);
@@ -574,19 +606,77 @@ impl Controller {
             if current != self.cfg.max_clock_mhz {
                 self.pending_clock.insert(i.id, self.cfg.max_clock_mhz);
                 self.clock_since.insert(i.id, now_s);
+                let why = match miss {
+                    Some((_, class, a)) if !queued => format!(
+                        "{class} met its SLO for only {:.2}% of the last {:.0} s (target {:.0}%): top clock and re-plan the pool",
+                        a * 100.0,
+                        self.cfg.attainment_window_s,
+                        ATTAINMENT_TARGET * 100.0
+                    ),
+                    _ => format!("{} requests waiting for KV room: top clock and re-plan the pool", i.waiting),
+                };
                 out.push(Decision {
                     at_s: now_s,
                     source: "backlog-guard",
                     action: Action::SetClock { instance: i.id, clock_mhz: self.cfg.max_clock_mhz },
-                    reason: format!("{} requests waiting for KV room: top clock and re-plan the pool", i.waiting),
+                    reason: why,
                     pool: Some(i.pool.0),
                     planned_rps: None,
                     predicted_delta_w: None,
                     slo_margin: None,
                 });
             }
+            backed_up |= queued;
+            if queued && self.cfg.move_queued {
+                self.move_queued(now_s, i, obs, out);
+            }
         }
-        hit
+        self.moved_at.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
+        (hit, backed_up)
+    }
+
+    /// Hand half of an instance's queue to its pool (when another instance
+    /// there has no queue) or to the next-larger class's pool.
+    fn move_queued(&mut self, now_s: f64, i: &InstanceObs, obs: &Observations, out: &mut Vec<Decision>) {
+        if self.moved_at.get(&i.id).is_some_and(|&t| now_s - t < self.cfg.clock_period_s - 1e-9) {
+            return;
+        }
+        let has_room = |pool: u32, except: InstanceId| {
+            obs.instances
+                .iter()
+                .any(|o| o.pool.0 == pool && o.id != except && o.state == InstanceState::Serving && o.waiting == 0)
+        };
+        let own = i.pool.0;
+        let target = if has_room(own, i.id) {
+            Some((own, "another instance of its pool has no queue".to_string()))
+        } else {
+            // The next-larger class of the pool's largest class that another pool serves.
+            let largest = (0..CLASS_COUNT).rev().find(|&c| self.routing.pool_of[c] == own);
+            let mut t = largest.and_then(|c| merge_target(RequestClass::from_index(c)));
+            let mut found = None;
+            while let Some(tc) = t {
+                let p = self.routing.pool_of[tc.index()];
+                if p != own {
+                    found = has_room(p, i.id).then(|| (p, format!("its pool is backed up; {tc}'s pool has room")));
+                    break;
+                }
+                t = merge_target(tc);
+            }
+            found
+        };
+        let Some((pool, why)) = target else { return };
+        let n = i.waiting.div_ceil(2);
+        self.moved_at.insert(i.id, now_s);
+        out.push(Decision {
+            at_s: now_s,
+            source: "backlog-guard",
+            action: Action::MoveQueued { instance: i.id, pool: PoolId(pool), max_requests: n },
+            reason: format!("{} requests waiting for KV room: move up to {n} unstarted ones ({why})", i.waiting),
+            pool: Some(pool),
+            planned_rps: None,
+            predicted_delta_w: None,
+            slo_margin: None,
+        });
     }
 
     /// Merge a class's pool into the next-larger class's pool when one pool

@@ -94,6 +94,12 @@ pub struct ControllerSection {
     pub clock_hold_s: f64,
     /// TP degrees the shard loop may use (default 2, 4 and 8).
     pub tps: Option<Vec<u32>>,
+    /// Whether the backlog guard hands a backed-up instance's unstarted
+    /// requests to other instances (`move-queued` commands). Default: on for
+    /// the in-process twin, off for an external cluster, where a backend
+    /// (an `[actuators.exec] move_queued` command, or the webhook) must
+    /// carry it out.
+    pub move_queued: Option<bool>,
 }
 
 impl Default for ControllerSection {
@@ -109,6 +115,7 @@ impl Default for ControllerSection {
             fixed_instances: None,
             clock_hold_s: 30.0,
             tps: None,
+            move_queued: None,
         }
     }
 }

@@ -615,7 +615,10 @@ impl ServiceCore {
                 Mode::Failsafe => match d.action {
                     Action::Retire { .. } => false,
                     Action::SetClock { clock_mhz, .. } => clock_mhz >= max_clock,
-                    Action::Spawn { .. } | Action::Reshard { .. } | Action::Route { .. } => self.stale.is_none(),
+                    Action::Spawn { .. }
+                    | Action::Reshard { .. }
+                    | Action::Route { .. }
+                    | Action::MoveQueued { .. } => self.stale.is_none(),
                 },
             };
             let id = acts.then(|| {
@@ -738,9 +741,10 @@ impl ServiceCore {
 
     fn placement_of(&self, action: &Action) -> Option<Placement> {
         let id = match action {
-            Action::Retire { instance } | Action::Reshard { instance, .. } | Action::SetClock { instance, .. } => {
-                instance
-            }
+            Action::Retire { instance }
+            | Action::Reshard { instance, .. }
+            | Action::SetClock { instance, .. }
+            | Action::MoveQueued { instance, .. } => instance,
             Action::Spawn { .. } | Action::Route { .. } => return None,
         };
         self.instances.get(id).and_then(|r| r.placement.clone())
@@ -785,7 +789,7 @@ impl ServiceCore {
                     r.spawned_at_s = now_s;
                 }
             }
-            Action::Route { .. } => {}
+            Action::Route { .. } | Action::MoveQueued { .. } => {}
         }
     }
 
@@ -935,5 +939,6 @@ pub fn action_kind(a: &Action) -> &'static str {
         Action::Reshard { .. } => "reshard",
         Action::Route { .. } => "route",
         Action::SetClock { .. } => "set-clock",
+        Action::MoveQueued { .. } => "move-queued",
     }
 }

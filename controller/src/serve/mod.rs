@@ -186,6 +186,7 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     c.warm_spawn = s.warm_spawn;
     c.spawn_lead_s = s.spawn_lead_s;
     c.clock_hold_s = s.clock_hold_s;
+    c.move_queued = s.move_queued.unwrap_or(cfg.cluster.kind == "twin");
     if let (Some(t), true) = (&s.tps, loops.shard) {
         c.tps = t.clone();
     }

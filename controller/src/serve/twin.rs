@@ -317,6 +317,16 @@ fn apply(
         },
         // Routing follows the controller's table (see the loop).
         Action::Route { .. } => Outcome::Applied { placement: None, detail: "routing follows the table".into() },
+        Action::MoveQueued { instance, pool, max_requests } => match ids.get(&instance) {
+            Some(&idx) => {
+                let moved = cluster.move_unstarted(idx, pool.0 as usize, max_requests);
+                Outcome::Applied {
+                    placement: None,
+                    detail: format!("{moved} unstarted requests moved to pool {}", pool.0),
+                }
+            }
+            None => unknown(instance),
+        },
     };
     if out.is_applied() {
         done.insert(cmd.id.0.clone());
