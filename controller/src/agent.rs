@@ -481,14 +481,7 @@ impl Node {
                     }
                 }
                 None => {
-                    let kind = match other {
-                        Action::Spawn { .. } => "spawn",
-                        Action::Retire { .. } => "retire",
-                        Action::Reshard { .. } => "reshard",
-                        Action::Route { .. } => "route",
-                        Action::SetClock { .. } => "set-clock",
-                        Action::MoveQueued { .. } => "move-queued",
-                    };
+                    let kind = other.kind();
                     Outcome::Failed {
                         reason: format!(
                             "{kind} is not handled by the agent (no [agent.exec] {kind} command; or use an orchestrator backend)"

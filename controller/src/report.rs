@@ -96,10 +96,9 @@ impl SimReport {
                 .flat_map(|c| {
                     let s = &totals.stats.classes[c.index()];
                     sim::RejectReason::ALL
-                        .iter()
-                        .zip(s.rejected_by)
-                        .filter(|(_, n)| *n > 0)
-                        .map(|(r, n)| (c.name(), *r, n))
+                        .into_iter()
+                        .map(|r| (c.name(), r, s.rejected_for(r)))
+                        .filter(|(_, _, n)| *n > 0)
                         .collect::<Vec<_>>()
                 })
                 .collect(),

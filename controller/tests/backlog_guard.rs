@@ -86,7 +86,6 @@ fn with_no_room_in_its_pool_the_queue_goes_to_the_next_larger_class() {
     // Nobody with room anywhere: nothing to move (the queue stays; no rejection by the controller).
     let mut c = controller(true);
     let out = c.step(5.0, &obs(5.0, vec![inst(200, LM, TOP_MHZ, 9), inst(201, LL, TOP_MHZ, 7)]));
-    assert!(moves(&out).iter().all(|(i, p, _)| !(*i == 200 && *p == LL as u32)), "{out:#?}");
     assert!(moves(&out).iter().all(|(i, _, _)| *i != 200), "LL's pool is backed up too: {out:#?}");
 }
 

@@ -26,8 +26,7 @@ pub struct ClassSlo {
 }
 
 /// Why the twin turned a request away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
     /// Its class is routed to no pool.
     NoPool,
@@ -94,6 +93,11 @@ impl ClassStats {
             gaps_ok: 0,
             gaps_n: 0,
         }
+    }
+
+    /// Requests turned away for this reason.
+    pub fn rejected_for(&self, why: RejectReason) -> u64 {
+        self.rejected_by[why.index()]
     }
 
     /// Share of requests meeting TTFT (rejected requests count as misses); 1 with no requests.

@@ -221,9 +221,7 @@ fn rejections_are_counted_per_class_with_their_reason() {
     let i = c.add_instance(0, 2, 1980, sim::Lifecycle::Serving);
     let huge = p.kv_capacity_tokens(c.instances[i].tp) as u32 + 1;
     c.arrive(&Request { arrival_s: 0.1, input_tokens: huge, output_tokens: 10 });
-    let by = |class: usize, r: RejectReason| {
-        c.stats.classes[class].rejected_by[RejectReason::ALL.iter().position(|x| *x == r).unwrap()]
-    };
+    let by = |class: usize, why: RejectReason| c.stats.classes[class].rejected_for(why);
     assert_eq!(by(0, RejectReason::NoServingInstance), 1);
     assert_eq!(by(0, RejectReason::NoPool), 1);
     assert_eq!(by(6, RejectReason::TooLarge), 1);

@@ -17,7 +17,8 @@
 //!   meets the SLO at its current load, with hysteresis;
 //!
 //! and a **backlog guard** every step: an instance whose queue grows gets the
-//! top clock at once and its pool is re-planned.
+//! top clock at once, hands half its unstarted requests to a pool mate with
+//! no queue (else to the next-larger class's pool), and its pool is re-planned.
 
 pub mod plan;
 
@@ -507,7 +508,7 @@ impl Controller {
             std::array::from_fn(|c| obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]) * self.cfg.observed_margin);
         let plan_scale: Demand = std::array::from_fn(|c| obs.class_peak_scale.map_or(0.0, |p| p[c]).max(recent[c]));
         let plan_shard: Demand = std::array::from_fn(|c| obs.class_peak_shard.map_or(0.0, |p| p[c]).max(recent[c]));
-        let (guard, backed_up) = self.backlog_guard(now_s, obs, &mut out);
+        let guard = self.backlog_guard(now_s, obs, &mut out);
         if scale_due || !self.started {
             self.last_scale_s = now_s;
             if self.cfg.loops.pools {
@@ -545,7 +546,7 @@ impl Controller {
                 self.plans[pool].budget_gpus = b;
             }
         }
-        if shard_due || backed_up {
+        if shard_due || !guard.is_empty() {
             self.last_shard_s = now_s;
             for pool in 0..self.plans.len() {
                 self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
@@ -569,27 +570,18 @@ impl Controller {
         out
     }
 
-    /// Instances whose queues grow: top clock now; returns their ids.
-    /// The backlog guard, every step. An instance whose queue (requests
-    /// waiting for admission) reaches `backlog_waiting` gets the top clock
-    /// at once (a pool whose SLO attainment falls is re-planned by capacity
-    /// learning instead: top clocks on every dip cost the e2e test 4% energy
-    /// for no attainment). It also hands its unstarted requests to the other instances of
-    /// its pool when one of them has no queue, else to the pool of the
-    /// next-larger class (at most once per clock period). Returns the
-    /// instances guarded (the clock loop leaves them be this step) and
-    /// whether any did (the pools are then re-planned at once).
-    /// Rejection is left to the cluster, as the last resort when no
-    /// instance can take a request.
-    fn backlog_guard(&mut self, now_s: f64, obs: &Observations, out: &mut Vec<Decision>) -> (Vec<InstanceId>, bool) {
-        let mut backed_up = false;
+    /// The backlog guard, every step: an instance with `backlog_waiting`
+    /// requests waiting for admission gets the top clock at once and (with
+    /// `move_queued`) hands up to half of them on, see [`Self::move_queued`].
+    /// Returns the instances guarded: the clock loop leaves them be this
+    /// step and their pools are re-planned at once. A dip in a pool's SLO
+    /// attainment is left to capacity learning (top clocks on every dip cost
+    /// energy for no attainment). The controller never rejects; the cluster
+    /// does, as the last resort, when no instance can take a request.
+    fn backlog_guard(&mut self, now_s: f64, obs: &Observations, out: &mut Vec<Decision>) -> Vec<InstanceId> {
         let mut hit = Vec::new();
         for i in &obs.instances {
-            if i.state != InstanceState::Serving {
-                continue;
-            }
-            let queued = i.waiting >= self.cfg.backlog_waiting;
-            if !queued {
+            if i.state != InstanceState::Serving || i.waiting < self.cfg.backlog_waiting {
                 continue;
             }
             hit.push(i.id);
@@ -597,29 +589,28 @@ impl Controller {
             if current != self.cfg.max_clock_mhz {
                 self.pending_clock.insert(i.id, self.cfg.max_clock_mhz);
                 self.clock_since.insert(i.id, now_s);
-                let why = format!("{} requests waiting for KV room: top clock and re-plan the pool", i.waiting);
                 out.push(Decision {
                     at_s: now_s,
                     source: "backlog-guard",
                     action: Action::SetClock { instance: i.id, clock_mhz: self.cfg.max_clock_mhz },
-                    reason: why,
+                    reason: format!("{} requests waiting for KV room: top clock and re-plan the pool", i.waiting),
                     pool: Some(i.pool.0),
                     planned_rps: None,
                     predicted_delta_w: None,
                     slo_margin: None,
                 });
             }
-            backed_up = true;
             if self.cfg.move_queued {
                 self.move_queued(now_s, i, obs, out);
             }
         }
         self.moved_at.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
-        (hit, backed_up)
+        hit
     }
 
     /// Hand half of an instance's queue to its pool (when another instance
-    /// there has no queue) or to the next-larger class's pool.
+    /// there has no queue) or else to the next-larger class's pool, at most
+    /// once per clock period (the same observations twice move nothing new).
     fn move_queued(&mut self, now_s: f64, i: &InstanceObs, obs: &Observations, out: &mut Vec<Decision>) {
         if self.moved_at.get(&i.id).is_some_and(|&t| now_s - t < self.cfg.clock_period_s - 1e-9) {
             return;

@@ -604,7 +604,7 @@ impl ServiceCore {
         let mut out = Vec::new();
         let max_clock = self.cfg.controller.max_clock_mhz;
         for d in decisions {
-            let kind = action_kind(&d.action).to_string();
+            let kind = d.action.kind().to_string();
             *self.counters.decisions.entry(kind).or_default() += 1;
             let acts = match mode {
                 Mode::DryRun => false,
@@ -797,7 +797,7 @@ impl ServiceCore {
     pub fn on_outcome(&mut self, id: &ActionId, outcome: &Outcome) {
         let Some(cmd) = self.pending.remove(id) else { return };
         let before = self.clock_before.remove(id);
-        let kind = action_kind(&cmd.action).to_string();
+        let kind = cmd.action.kind().to_string();
         let tag = match outcome {
             Outcome::Applied { .. } => "applied",
             Outcome::Failed { .. } => "failed",
@@ -928,17 +928,5 @@ impl ServiceCore {
             "totals": self.totals(),
             "history": self.history,
         })
-    }
-}
-
-/// The kind of an action as it is named in JSON (`spawn`, `set-clock`, …).
-pub fn action_kind(a: &Action) -> &'static str {
-    match a {
-        Action::Spawn { .. } => "spawn",
-        Action::Retire { .. } => "retire",
-        Action::Reshard { .. } => "reshard",
-        Action::Route { .. } => "route",
-        Action::SetClock { .. } => "set-clock",
-        Action::MoveQueued { .. } => "move-queued",
     }
 }

@@ -581,7 +581,7 @@ fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(A
                 Ok(o) => o,
                 Err(e) => Outcome::Failed { reason: format!("audit log: {e}"), retryable: true },
             };
-            shared.metrics.observe_action(core::action_kind(&cmd.action), &outcome);
+            shared.metrics.observe_action(cmd.action.kind(), &outcome);
             if !outcome.is_applied() {
                 tracing::warn!(id = %cmd.id, ?outcome, "action not applied");
             }
