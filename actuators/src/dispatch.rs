@@ -74,6 +74,11 @@ impl Dispatcher {
         self.backends.push(Backend { actuator, timeout });
     }
 
+    /// Add a backend before those already there (it is asked first).
+    pub fn push_front(&mut self, actuator: Arc<dyn Actuator>, timeout: Duration) {
+        self.backends.insert(0, Backend { actuator, timeout });
+    }
+
     /// [`Dispatcher::push`], builder style.
     pub fn with_backend(mut self, actuator: Arc<dyn Actuator>, timeout: Duration) -> Dispatcher {
         self.push(actuator, timeout);

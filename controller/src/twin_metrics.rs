@@ -43,8 +43,11 @@ pub struct EngineMetrics {
     pub prompt_tokens: IntCounter,
     /// `vllm:generation_tokens_total`.
     pub generation_tokens: IntCounter,
-    /// `vllm:request_success_total`.
+    /// `vllm:request_success_total{finished_reason="length"}`.
     pub success: IntCounter,
+    /// `vllm:request_success_total{finished_reason="abort"}`: requests dropped
+    /// unstarted because their client went away.
+    pub aborted: IntCounter,
     /// Per-GPU power.
     pub gpu_power_w: GaugeVec,
     /// Per-GPU energy counter (J).
@@ -100,6 +103,10 @@ impl EngineMetrics {
             Opts::new("vllm:request_success_total", "Count of successfully processed requests.")
                 .const_label("finished_reason", "length"),
         ))?;
+        let aborted = IntCounter::with_opts(labelled(
+            Opts::new("vllm:request_success_total", "Count of successfully processed requests.")
+                .const_label("finished_reason", "abort"),
+        ))?;
         let gpu_power_w = GaugeVec::new(Opts::new(gpu_names::POWER_W, "Twin GPU board power in watts."), &["gpu"])?;
         let gpu_energy_j =
             GaugeVec::new(Opts::new(gpu_names::ENERGY_J, "Twin GPU energy since start in joules."), &["gpu"])?;
@@ -118,6 +125,7 @@ impl EngineMetrics {
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generation_tokens.clone()))?;
         registry.register(Box::new(success.clone()))?;
+        registry.register(Box::new(aborted.clone()))?;
         registry.register(Box::new(gpu_power_w.clone()))?;
         registry.register(Box::new(gpu_energy_j.clone()))?;
         registry.register(Box::new(gpu_clock_mhz.clone()))?;
@@ -132,6 +140,7 @@ impl EngineMetrics {
             prompt_tokens,
             generation_tokens,
             success,
+            aborted,
             gpu_power_w,
             gpu_energy_j,
             gpu_clock_mhz,

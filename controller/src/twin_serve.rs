@@ -268,10 +268,38 @@ impl Engine {
         t.is_finite().then(|| self.wall(t))
     }
 
+    /// A request whose client went away before its first token is dropped,
+    /// as vLLM aborts a request whose connection closes (the router closes it
+    /// when it moves the request to another instance).
+    fn drop_abandoned(&mut self, now: f64) {
+        let gone: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.first_step.is_none() && s.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            // Not admitted yet: its arrival event finds nothing and passes.
+            let dropped = if self.pending_req.remove(&id).is_some() {
+                true
+            } else if let Some(n) = self.inst.abort_unstarted(id, now) {
+                self.schedule(n);
+                true
+            } else {
+                false
+            };
+            if dropped {
+                self.streams.remove(&id);
+                self.metrics.aborted.inc();
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         loop {
             let now = self.vnow();
             self.advance(now);
+            self.drop_abandoned(now);
             let wake = self.next_wake(now);
             let cmd = match wake {
                 Some(w) => tokio::select! {

@@ -385,6 +385,31 @@ impl Instance {
         (out, next)
     }
 
+    /// Drop the request `id` if it has not started (its client went away):
+    /// from the admission queue, or from the prefill queue when its prefill
+    /// has not begun and it is behind the two prompts the running phase may
+    /// be chunking (the rule of [`Instance::take_unstarted`]). Its KV
+    /// reservation is released. `None` when it is not there or has started;
+    /// else when the cluster must call back.
+    pub fn abort_unstarted(&mut self, id: u64, now_s: f64) -> Option<Next> {
+        if let Some(k) = self.waiting.iter().position(|r| r.id == id) {
+            self.waiting.remove(k);
+            return Some(self.current_next());
+        }
+        let k = self.prefilling.iter().position(|p| p.req.id == id)?;
+        let p = self.prefilling[k];
+        if k < 2 || p.left != p.req.input_tokens {
+            return None;
+        }
+        self.prefilling.remove(k);
+        self.kv_reserved -= p.req.kv_tokens();
+        self.prefill_left -= u64::from(p.req.input_tokens);
+        Some(match self.phase {
+            Some(mut ph) => self.cut_after_current_step(&mut ph, now_s),
+            None => self.current_next(),
+        })
+    }
+
     /// Lock a new clock: the change takes effect after the running step, and no
     /// step runs for `lifecycle.clock_change_s`.
     pub fn set_clock(&mut self, physics: &Physics, clock_mhz: u32, now_s: f64) -> Next {

@@ -590,7 +590,7 @@ mod tests {
         assert_eq!(overlap(0.0, 0.0, 3.0), 0.0);
         for k in [1.0, 1.5, 2.0, 3.0, 7.0] {
             let t = overlap(0.02, 0.015, k);
-            assert!(t >= 0.02 && t <= 0.035 + 1e-15, "k {k}: {t}");
+            assert!((0.02..=0.035 + 1e-15).contains(&t), "k {k}: {t}");
         }
     }
 

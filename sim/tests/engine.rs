@@ -201,6 +201,36 @@ fn taking_unstarted_prompts_frees_their_kv_and_keeps_the_running_ones() {
     assert!((kv_after - kv_before / 3.0).abs() < 1e-9, "KV usage {kv_after} of {kv_before} after taking 4 of 6");
 }
 
+/// A request whose client went away is dropped if it has not started, and its
+/// KV is free again; the prompts the running phase may be chunking stay.
+#[test]
+fn aborting_an_unstarted_request_drops_only_it() {
+    let p = Physics::default_h100_llama70b();
+    let mut c = Cluster::new(&p, &one(8, 1980), ClassBoundaries::default(), NO_SLO);
+    for _ in 0..6 {
+        c.arrive(&Request { arrival_s: 0.0, input_tokens: 4000, output_tokens: 10 });
+    }
+    c.advance_to(0.1);
+    let now = c.now_s();
+    let kv_before = c.instances[0].kv_usage();
+    // The ids of the four not started, read from a copy.
+    let mut probe = c.instances[0].clone();
+    let mut ids: Vec<u64> = probe.take_unstarted(10, now).0.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids.len(), 4, "four of six have not started");
+    let head = ids[0] - 2;
+    assert!(c.instances[0].abort_unstarted(head, now).is_none(), "the prompt in prefill was dropped");
+    assert!(c.instances[0].abort_unstarted(ids[1], now).is_some());
+    assert!(c.instances[0].abort_unstarted(ids[1], now).is_none(), "dropped twice");
+    assert!(c.instances[0].abort_unstarted(9_999, now).is_none(), "an unknown id was dropped");
+    assert_eq!(c.instances[0].running(), 5);
+    let kv_after = c.instances[0].kv_usage();
+    assert!(
+        (kv_after - kv_before * 5.0 / 6.0).abs() < 1e-9,
+        "KV usage {kv_after} of {kv_before} after dropping 1 of 6"
+    );
+}
+
 /// Each turned-away request is counted with its reason.
 #[test]
 fn rejections_are_counted_per_class_with_their_reason() {

@@ -85,6 +85,8 @@ pub struct Shared {
     pub actuators: Dispatcher,
     /// What the request router did.
     pub router_stats: Mutex<router::RouterStats>,
+    /// The router's streaming requests with no first token yet (what `move-queued` may take back).
+    pub unstarted: Arc<router::Unstarted>,
     /// How long the router holds a request for a pool with no serving instance (service seconds).
     pub router_hold_s: f64,
     /// Where telemetry goes: the embedded store (`[telemetry.store]`), when enabled.
@@ -186,7 +188,8 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     c.warm_spawn = s.warm_spawn;
     c.spawn_lead_s = s.spawn_lead_s;
     c.clock_hold_s = s.clock_hold_s;
-    c.move_queued = s.move_queued.unwrap_or(cfg.cluster.kind == "twin");
+    // On where something carries it out: the in-process twin, or the request router.
+    c.move_queued = s.move_queued.unwrap_or(cfg.cluster.kind == "twin" || cfg.router.listen.is_some());
     if let (Some(t), true) = (&s.tps, loops.shard) {
         c.tps = t.clone();
     }
@@ -258,6 +261,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     } else {
         None
     };
+    let unstarted = Arc::new(router::Unstarted::default());
     let mut samples_rx: Option<mpsc::Receiver<telemetry::sample::Sample>> = None;
     let mut scrape_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, Duration)> = None;
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
@@ -303,10 +307,14 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             Some(s) => AuditLog::in_store(s.clone())?,
             None => AuditLog::open_in_dir(&dir)?,
         });
-        let d = actuators::build(&cfg.actuators_config()?, audit, mqtt.as_ref())
+        let mut d = actuators::build(&cfg.actuators_config()?, audit, mqtt.as_ref())
             .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.origin))?;
         if d.backend_names().is_empty() {
             anyhow::bail!("{}: cluster.kind = \"external\" needs at least one [actuators] backend", cfg.origin);
+        }
+        if cfg.router.listen.is_some() {
+            // The router holds the streams: it carries out move-queued, before any backend.
+            d.push_front(Arc::new(router::RouterMover::new(unstarted.clone())), timeout);
         }
         let (tx, rx) = mpsc::channel(4096);
         if cfg.cluster.scrape_interval_s > 0.0 {
@@ -328,6 +336,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         metrics: api::ServiceMetrics::new()?,
         actuators: dispatcher,
         router_stats: Mutex::new(router::RouterStats::default()),
+        unstarted,
         router_hold_s: cfg.router.hold_s,
         store: store.map(|s| {
             telemetry::ingest::StoreWriter::spawn(

@@ -6,6 +6,13 @@
 //! only once that pool serves (make before break) — and within the pool to the
 //! serving instance with the fewest requests in flight. It counts per-class
 //! arrivals for the forecaster and streams the engine's answer back untouched.
+//!
+//! It also carries out the backlog guard's `move-queued` for engines that
+//! cannot hand requests over themselves ([`RouterMover`]): a streaming
+//! request whose engine has not yet sent a first token may be taken back —
+//! its upstream connection closed, which makes vLLM and SGLang abort it —
+//! and sent again, whole, to an instance of another pool. The client sees
+//! one answer; its time to first token counts from its first arrival.
 
 use super::Shared;
 use crate::control::InstanceState;
@@ -38,6 +45,118 @@ pub struct RouterStats {
     pub errors: u64,
     /// Requests streaming now.
     pub in_flight: u64,
+    /// Requests taken back from an engine before their first token and sent to another instance (`move-queued`).
+    pub moved: u64,
+}
+
+/// The streaming requests the router has sent that have no first token yet,
+/// per engine endpoint, oldest first: the ones `move-queued` may take back.
+#[derive(Debug, Default)]
+pub struct Unstarted {
+    inner: Mutex<UnstartedInner>,
+}
+
+#[derive(Debug, Default)]
+struct UnstartedInner {
+    next_id: u64,
+    by_endpoint: HashMap<String, Vec<(u64, tokio::sync::oneshot::Sender<u32>)>>,
+}
+
+impl Unstarted {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnstartedInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register a request just sent to `endpoint`; the receiver yields the pool it is moved to.
+    fn add(&self, endpoint: &str) -> (u64, tokio::sync::oneshot::Receiver<u32>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut g = self.lock();
+        g.next_id += 1;
+        let id = g.next_id;
+        g.by_endpoint.entry(endpoint.to_string()).or_default().push((id, tx));
+        (id, rx)
+    }
+
+    /// The request has its first token (or failed): it is no longer movable.
+    fn remove(&self, endpoint: &str, id: u64) {
+        let mut g = self.lock();
+        if let Some(v) = g.by_endpoint.get_mut(endpoint) {
+            v.retain(|(i, _)| *i != id);
+            if v.is_empty() {
+                g.by_endpoint.remove(endpoint);
+            }
+        }
+    }
+
+    /// How many requests sent to `endpoint` have no first token yet.
+    pub fn count(&self, endpoint: &str) -> usize {
+        self.lock().by_endpoint.get(endpoint).map_or(0, Vec::len)
+    }
+
+    /// Move up to `max` of `endpoint`'s unstarted requests to `pool`, the
+    /// most recently sent first (they are at the back of the engine's queue
+    /// and would wait longest). Returns how many were moved.
+    pub fn move_to(&self, endpoint: &str, pool: u32, max: u32) -> u32 {
+        let mut g = self.lock();
+        let Some(v) = g.by_endpoint.get_mut(endpoint) else { return 0 };
+        let mut moved = 0;
+        while moved < max {
+            let Some((_, tx)) = v.pop() else { break };
+            // A request that finished meanwhile has dropped its receiver: not counted.
+            if tx.send(pool).is_ok() {
+                moved += 1;
+            }
+        }
+        if v.is_empty() {
+            g.by_endpoint.remove(endpoint);
+        }
+        moved
+    }
+}
+
+/// The actuator backend of `move-queued` on an external cluster behind the
+/// router: it takes unstarted streams back from the instance's engine (by
+/// its placement's endpoint) and the router sends them to the target pool.
+pub struct RouterMover {
+    unstarted: Arc<Unstarted>,
+}
+
+impl RouterMover {
+    /// A mover over the router's unstarted requests.
+    pub fn new(unstarted: Arc<Unstarted>) -> RouterMover {
+        RouterMover { unstarted }
+    }
+}
+
+#[async_trait::async_trait]
+impl actuators::Actuator for RouterMover {
+    fn name(&self) -> &str {
+        "router"
+    }
+
+    fn supports(&self, action: &actuators::Action) -> bool {
+        matches!(action, actuators::Action::MoveQueued { .. })
+    }
+
+    async fn apply(&self, cmd: &actuators::Command) -> actuators::Outcome {
+        let actuators::Action::MoveQueued { instance, pool, max_requests } = cmd.action else {
+            return actuators::Outcome::Failed {
+                reason: format!("the router carries out move-queued only, not {}", cmd.action.kind()),
+                retryable: false,
+            };
+        };
+        let Some(endpoint) = cmd.placement.as_ref().and_then(|p| p.endpoint.as_deref()) else {
+            return actuators::Outcome::Failed {
+                reason: format!("instance {} has no known endpoint: the router cannot tell its requests", instance.0),
+                retryable: false,
+            };
+        };
+        let moved = self.unstarted.move_to(endpoint, pool.0, max_requests);
+        actuators::Outcome::Applied {
+            placement: None,
+            detail: format!("{moved} unstarted requests moved to pool {}", pool.0),
+        }
+    }
 }
 
 /// The router's state.
@@ -150,6 +269,20 @@ impl RouterState {
     }
 }
 
+impl RouterState {
+    /// A request taken back from its engine goes to `to` (counted in flight there instead).
+    fn moved(&self, flight: &mut Flight, to: String) {
+        if let Ok(mut f) = self.in_flight.lock() {
+            if let Some(n) = f.get_mut(&flight.endpoint) {
+                *n = n.saturating_sub(1);
+            }
+            *f.entry(to.clone()).or_default() += 1;
+        }
+        flight.endpoint = to;
+        self.shared.router_stats.lock().map(|mut r| r.moved += 1).ok();
+    }
+}
+
 struct Flight {
     st: Arc<RouterState>,
     endpoint: String,
@@ -237,12 +370,47 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
     if let Ok(mut r) = st.shared.router_stats.lock() {
         r.in_flight += 1;
     }
-    let url = format!("{}{path}", endpoint.trim_end_matches('/'));
-    let resp = match st.client.post(&url).header(header::CONTENT_TYPE, "application/json").body(body).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            st.shared.router_stats.lock().map(|mut r| r.errors += 1).ok();
-            return error(StatusCode::BAD_GATEWAY, format!("{url}: {e}"));
+    // A streaming request may be moved until its first token comes; an answer
+    // that is not streamed shows nothing before it is whole, so it is not moved.
+    let movable = v["stream"].as_bool().unwrap_or(false);
+    let mut endpoint = endpoint;
+    let (resp, first) = loop {
+        let url = format!("{}{path}", endpoint.trim_end_matches('/'));
+        let attempt = async {
+            let mut resp =
+                st.client.post(&url).header(header::CONTENT_TYPE, "application/json").body(body.clone()).send().await?;
+            let first = resp.chunk().await?;
+            Ok::<_, reqwest::Error>((resp, first))
+        };
+        let result = if movable {
+            let (id, moved) = st.shared.unstarted.add(&endpoint);
+            tokio::pin!(attempt);
+            tokio::select! {
+                r = &mut attempt => {
+                    st.shared.unstarted.remove(&endpoint, id);
+                    r
+                }
+                Ok(to_pool) = moved => {
+                    // Dropping the attempt closes the upstream connection: the engine aborts it.
+                    match st.pick(to_pool).or_else(|| st.pick(pool)) {
+                        Some(next) => {
+                            st.moved(&mut flight, next.clone());
+                            endpoint = next;
+                        }
+                        None => st.moved(&mut flight, endpoint.clone()),
+                    }
+                    continue;
+                }
+            }
+        } else {
+            attempt.await
+        };
+        match result {
+            Ok(r) => break r,
+            Err(e) => {
+                st.shared.router_stats.lock().map(|mut r| r.errors += 1).ok();
+                return error(StatusCode::BAD_GATEWAY, format!("{url}: {e}"));
+            }
         }
     };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -255,7 +423,15 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
     let streaming = ctype.starts_with("text/event-stream");
     // The stream owns the whole flight (not just the counter it updates): the
     // request counts as in flight, and is learnt from, until the stream ends.
-    let stream = resp.bytes_stream().map(move |chunk| {
+    let rest = futures::stream::unfold(Some(resp), |resp| async move {
+        let mut resp = resp?;
+        match resp.chunk().await {
+            Ok(Some(b)) => Some((Ok(b), Some(resp))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let stream = futures::stream::iter(first.map(Ok)).chain(rest).map(move |chunk| {
         let f = &mut flight;
         if let Ok(b) = &chunk {
             if streaming {
