@@ -96,10 +96,16 @@ pub struct ControllerSection {
     pub tps: Option<Vec<u32>>,
     /// Whether the backlog guard hands a backed-up instance's unstarted
     /// requests to other instances (`move-queued` commands). Default: on for
-    /// the in-process twin, off for an external cluster, where a backend
-    /// (an `[actuators.exec] move_queued` command, or the webhook) must
-    /// carry it out.
+    /// the in-process twin and behind the request router (which carries it
+    /// out), off otherwise, where a backend (an `[actuators.exec]
+    /// move_queued` command, or the webhook) must carry it out.
     pub move_queued: Option<bool>,
+    /// Whether the shard loop changes a surplus instance's TP degree in place
+    /// (`reshard` commands, path `in-place`) instead of spawning a new one and
+    /// retiring the old. Default: on for the in-process twin, off for an
+    /// external cluster, whose engines must support it (an `[actuators.exec]
+    /// reshard` command, or the webhook).
+    pub reshard_in_place: Option<bool>,
 }
 
 impl Default for ControllerSection {
@@ -116,6 +122,7 @@ impl Default for ControllerSection {
             clock_hold_s: 30.0,
             tps: None,
             move_queued: None,
+            reshard_in_place: None,
         }
     }
 }

@@ -1,0 +1,117 @@
+//! In-place resharding by the shard loop: a surplus instance of a smaller TP
+//! degree grows to the wanted larger one (`reshard`, path `in-place`) instead
+//! of a new instance being spawned; a larger one is never shrunk in place
+//! (spawn first, retire after). Driven through `Controller::step` alone.
+
+use actuators::{Action, InstanceId, PoolId, ReshardPath};
+use dynamollm::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Loops, Observations};
+use dynamollm::profile::ProfileTable;
+use telemetry::CLASS_COUNT;
+
+const TOP_MHZ: u32 = 1980;
+const LL: usize = 8;
+
+fn controller(in_place: bool) -> Controller {
+    let mut cfg = ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, TOP_MHZ);
+    cfg.reshard_in_place = in_place;
+    Controller::new(cfg, ProfileTable::bundled())
+}
+
+/// Observations with `ll_rps` of long/long traffic and nothing else.
+fn obs(now_s: f64, instances: Vec<InstanceObs>, ll_rps: f64) -> Observations {
+    let mut d = [0.0; CLASS_COUNT];
+    d[LL] = ll_rps;
+    Observations {
+        now_s,
+        instances,
+        class_rps_recent: d,
+        class_rps_smoothed: d,
+        class_attainment_recent: [None; CLASS_COUNT],
+        ..Default::default()
+    }
+}
+
+fn inst(id: u32, tp: u32) -> InstanceObs {
+    InstanceObs {
+        id: InstanceId(id),
+        pool: PoolId(LL as u32),
+        tp,
+        clock_mhz: TOP_MHZ,
+        state: InstanceState::Serving,
+        outstanding: 1,
+        waiting: 0,
+    }
+}
+
+fn spawns(out: &[Decision]) -> Vec<(u32, u32)> {
+    out.iter()
+        .filter_map(|d| match d.action {
+            Action::Spawn { instance, tp, .. } => Some((instance.0, tp)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reshards(out: &[Decision]) -> Vec<(u32, u32)> {
+    out.iter()
+        .filter_map(|d| match d.action {
+            Action::Reshard { instance, tp, path } => {
+                assert_eq!(path, ReshardPath::InPlace);
+                Some((instance.0, tp))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first plan for 5 req/s of long/long traffic is two TP8 instances (ids 0 and 1).
+fn planned_for_two_tp8(in_place: bool) -> Controller {
+    let mut c = controller(in_place);
+    let out = c.step(0.0, &obs(0.0, vec![], 5.0));
+    assert_eq!(spawns(&out), vec![(0, 8), (1, 8)], "the bundled profile's plan changed: {out:#?}");
+    c
+}
+
+#[test]
+fn a_smaller_surplus_instance_grows_in_place_instead_of_a_spawn() {
+    let mut c = planned_for_two_tp8(true);
+    // One TP8 serves; a TP4 (not in the plan) serves too; the other TP8 never came.
+    let o = obs(300.0, vec![inst(0, 8), inst(7, 4)], 5.0);
+    let out = c.step(300.0, &o);
+    assert_eq!(reshards(&out), vec![(7, 8)], "{out:#?}");
+    assert!(spawns(&out).is_empty(), "spawned although an instance could grow in place: {out:#?}");
+    let d = out.iter().find(|d| matches!(d.action, Action::Reshard { .. })).unwrap();
+    assert_eq!(d.source, "shard-loop");
+    assert!(d.reason.contains("grows in place"), "{}", d.reason);
+    // While it moves its weights it counts as a TP8 coming up: nothing new on the same observations.
+    for t in [300.0, 305.0] {
+        let again = c.step(t, &obs(t, o.instances.clone(), 5.0));
+        assert!(reshards(&again).is_empty() && spawns(&again).is_empty(), "at {t} s: {again:#?}");
+    }
+    // A reshard not seen done after twice the spawn lead plus a minute is taken as lost: asked again.
+    let retry = c.step(600.0, &obs(600.0, o.instances.clone(), 5.0));
+    assert_eq!(reshards(&retry), vec![(7, 8)], "{retry:#?}");
+    // Done: it serves as TP8, the plan holds, and nothing is retired.
+    let done = c.step(900.0, &obs(900.0, vec![inst(0, 8), inst(7, 8)], 5.0));
+    assert!(reshards(&done).is_empty() && spawns(&done).is_empty(), "{done:#?}");
+    assert!(!done.iter().any(|d| matches!(d.action, Action::Retire { .. })), "{done:#?}");
+}
+
+#[test]
+fn a_larger_instance_is_never_shrunk_in_place() {
+    let mut c = controller(true);
+    let first = c.step(0.0, &obs(0.0, vec![], 0.2));
+    assert_eq!(spawns(&first), vec![(0, 4)], "the bundled profile's plan changed: {first:#?}");
+    // A TP8 serves where one TP4 is planned: a TP4 is spawned; the TP8 is not resharded.
+    let out = c.step(300.0, &obs(300.0, vec![inst(9, 8)], 0.2));
+    assert!(reshards(&out).is_empty(), "{out:#?}");
+    assert_eq!(spawns(&out).iter().map(|s| s.1).collect::<Vec<_>>(), vec![4], "{out:#?}");
+}
+
+#[test]
+fn without_in_place_resharding_the_missing_instance_is_spawned() {
+    let mut c = planned_for_two_tp8(false);
+    let out = c.step(300.0, &obs(300.0, vec![inst(0, 8), inst(7, 4)], 5.0));
+    assert!(reshards(&out).is_empty(), "{out:#?}");
+    assert_eq!(spawns(&out).iter().map(|s| s.1).collect::<Vec<_>>(), vec![8], "{out:#?}");
+}
