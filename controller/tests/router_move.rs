@@ -33,9 +33,13 @@ async fn finished(url: &str, reason: &str) -> u64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_router_moves_unstarted_streams_to_another_pool() {
-    // The cluster manager: a spawn starts an engine (at half real time) and answers with its endpoint.
+/// A service managing an external cluster of `twin serve` engines (at half
+/// real time) behind its router, with `[router] balance`; once every planned
+/// instance serves (in at least two pools) the controller only watches, so
+/// that nothing but the test moves requests. Returns the service and its
+/// instances (id, pool, endpoint).
+async fn service(balance: &str) -> (dynamollm::serve::RunningService, Vec<(u32, u32, String)>, tempfile::TempDir) {
+    // The cluster manager: a spawn starts an engine and answers with its endpoint.
     let app = Router::new().route(
         "/actions",
         post(|Json(cmd): Json<serde_json::Value>| async move {
@@ -70,6 +74,7 @@ scrape_interval_s = 0.1
 
 [router]
 listen = "127.0.0.1:0"
+balance = "{balance}"
 
 [actuators.webhook]
 url = "{cm}"
@@ -82,8 +87,6 @@ url = "{cm}"
     let ccfg = dynamollm::serve::controller_config(&cfg, &dynamollm::profile::ProfileTable::bundled()).unwrap();
     assert!(ccfg.move_queued, "with a router, move-queued is on by default");
     let svc = dynamollm::serve::start(cfg).await.unwrap();
-    // Every planned instance serves; then the controller only watches, so that
-    // nothing but this test moves requests.
     let deadline = Instant::now() + Duration::from_secs(20);
     let instances = loop {
         let serving: Vec<(u32, u32, String)> = {
@@ -103,26 +106,34 @@ url = "{cm}"
         assert!(Instant::now() < deadline, "no two pools served: {serving:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    (svc, instances, dir)
+}
+
+/// One streamed completion through the router: (tokens received, ended with `[DONE]`).
+async fn stream(client: reqwest::Client, router: String, prompt_tokens: usize) -> (usize, bool) {
+    let body = serde_json::json!({"model": "llama2-70b", "prompt": vec![7; prompt_tokens], "max_tokens": 20, "ignore_eos": true, "stream": true});
+    let resp = client.post(&router).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let tokens = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter(|v| v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()))
+        .count();
+    (tokens, text.trim_end().ends_with("data: [DONE]"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_moves_unstarted_streams_to_another_pool() {
+    let (svc, instances, _dir) = service("requests").await;
 
     // Twenty long prompts, streamed, all of one class: they queue on the engines of its pool.
     let router = format!("http://{}/v1/completions", svc.router_addr.unwrap());
     let client = reqwest::Client::new();
     let mut clients = Vec::new();
     for _ in 0..20 {
-        let (client, router) = (client.clone(), router.clone());
-        clients.push(tokio::spawn(async move {
-            let body = serde_json::json!({"model": "llama2-70b", "prompt": vec![7; 4000], "max_tokens": 20, "ignore_eos": true, "stream": true});
-            let resp = client.post(&router).json(&body).send().await.unwrap();
-            assert_eq!(resp.status(), 200);
-            let text = resp.text().await.unwrap();
-            let tokens = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-                .filter(|v| v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()))
-                .count();
-            (tokens, text.trim_end().ends_with("data: [DONE]"))
-        }));
+        clients.push(tokio::spawn(stream(client.clone(), router.clone(), 4000)));
     }
     // Once every request has reached an engine, take the one with most still unstarted.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -184,4 +195,44 @@ url = "{cm}"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     svc.stop().await.unwrap();
+}
+
+/// With `balance = "prompt-tokens"` the router sends prompts past an engine
+/// busy with a long prompt that has no first token yet, however few requests
+/// it holds; by request count they alternate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_token_balance_sends_prompts_past_a_long_queued_one() {
+    for (balance, long_engine_tokens) in [("prompt-tokens", 7000.0), ("requests", 7000.0 + 1100.0)] {
+        let (svc, instances, _dir) = service(balance).await;
+        let router = format!("http://{}/v1/completions", svc.router_addr.unwrap());
+        let client = reqwest::Client::new();
+        let long = tokio::spawn(stream(client.clone(), router.clone(), 7000));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while svc.shared.router_stats.lock().unwrap().in_flight < 1 {
+            assert!(Instant::now() < deadline, "the long prompt never went out");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Three more, one after the other, while the long one has no first token yet.
+        let mut rest = Vec::new();
+        for k in 0..3 {
+            rest.push(tokio::spawn(stream(client.clone(), router.clone(), 1100)));
+            while svc.shared.router_stats.lock().unwrap().in_flight < k + 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(long.await.unwrap(), (20, true));
+        for r in rest {
+            assert_eq!(r.await.unwrap(), (20, true));
+        }
+        // Where the prompt tokens went: the long prompt's engine, and the other engine of its pool.
+        let mut received = Vec::new();
+        for i in &instances {
+            received.push(counter(&i.2, "vllm:prompt_tokens_total").await);
+        }
+        assert!(
+            received.contains(&long_engine_tokens),
+            "{balance}: the long prompt's engine got {received:?} prompt tokens, not {long_engine_tokens}"
+        );
+        svc.stop().await.unwrap();
+    }
 }

@@ -151,6 +151,21 @@ fn scalar(s: &Scrape, name: &str) -> f64 {
     hits[0]
 }
 
+/// The one sample of `name` whose label `key` is `value`.
+fn scalar_where(s: &Scrape, name: &str, key: &str, value: &str) -> f64 {
+    let hits: Vec<f64> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == name && x.labels.get(key) == Some(value))
+        .map(|x| match x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => panic!("{name} is not a scalar"),
+        })
+        .collect();
+    assert_eq!(hits.len(), 1, "{name}{{{key}={value:?}}}: {hits:?}");
+    hits[0]
+}
+
 fn histogram<'a>(s: &'a Scrape, name: &str) -> &'a [prometheus_parse::HistogramCount] {
     match s.samples.iter().find(|x| x.metric == name).map(|x| &x.value) {
         Some(Value::Histogram(h)) => h,
@@ -193,7 +208,8 @@ fn holds_256_concurrent_streams_and_its_histograms_agree_with_the_clients() {
     assert_eq!(scalar(&s, "vllm_e2e_request_latency_seconds_count"), n);
     assert_eq!(scalar(&s, "vllm_generation_tokens_total"), n * f64::from(OUT));
     assert_eq!(scalar(&s, "vllm_prompt_tokens_total"), n * f64::from(PROMPT));
-    assert_eq!(scalar(&s, "vllm_request_success_total"), n);
+    assert_eq!(scalar_where(&s, "vllm_request_success_total", "finished_reason", "length"), n);
+    assert_eq!(scalar_where(&s, "vllm_request_success_total", "finished_reason", "abort"), 0.0);
     assert_eq!(scalar(&s, "vllm_num_requests_running"), 0.0);
     assert_eq!(scalar(&s, "vllm_num_requests_waiting"), 0.0);
     // Means: the server's histogram sums against what the clients timed.
@@ -335,7 +351,8 @@ fn openai_answers_and_errors() {
     });
     // The failures were never counted as requests.
     let s = metrics(&server);
-    assert_eq!(scalar(&s, "vllm_request_success_total"), 3.0);
+    assert_eq!(scalar_where(&s, "vllm_request_success_total", "finished_reason", "length"), 3.0);
+    assert_eq!(scalar_where(&s, "vllm_request_success_total", "finished_reason", "abort"), 0.0);
     assert_eq!(scalar(&s, "vllm_generation_tokens_total"), 14.0);
 }
 

@@ -351,15 +351,20 @@ impl<'p> Cluster<'p> {
         self.schedule(inst, next);
     }
 
-    /// The serving instance of a pool (other than `except`) with the fewest outstanding requests.
+    /// The serving instance of a pool (other than `except`) the router's
+    /// balance picks: the fewest requests outstanding, or the fewest prompt
+    /// tokens queued ahead of a new request and then the fewest requests.
     fn least_loaded(&self, pool: usize, req: &EngineRequest, except: Option<usize>) -> Option<usize> {
-        let mut best: Option<(usize, usize)> = None;
+        let mut best: Option<(usize, (u64, usize))> = None;
         for &m in &self.pools[pool].members {
             let i = &self.instances[m];
             if i.state != Lifecycle::Serving || !i.fits(req) || Some(m) == except {
                 continue;
             }
-            let load = i.outstanding();
+            let load = match self.physics.router.balance {
+                crate::physics::Balance::Requests => (0, i.outstanding()),
+                crate::physics::Balance::PromptTokens => (i.queued_prompt_tokens(), i.outstanding()),
+            };
             if best.is_none_or(|(_, b)| load < b) {
                 best = Some((m, load));
             }

@@ -296,6 +296,12 @@ impl Instance {
         self.waiting.len() + self.prefilling.len() + self.decoding.len()
     }
 
+    /// Prompt tokens not yet prefilled: admitted prompts' remainders (as of
+    /// the last phase boundary) and the prompts waiting for admission.
+    pub fn queued_prompt_tokens(&self) -> u64 {
+        self.prefill_left + self.waiting.iter().map(|r| u64::from(r.input_tokens)).sum::<u64>()
+    }
+
     /// Requests running (prefilling or decoding).
     pub fn running(&self) -> usize {
         self.prefilling.len() + self.decoding.len()

@@ -14,7 +14,7 @@ pub mod timeline;
 
 pub use cluster::{Cluster, ClusterSpec, InstanceSpec, PoolSpec, RunTotals};
 pub use engine::{EngineEvent, EngineRequest, Instance, Lifecycle, Next};
-pub use physics::{Physics, PhysicsError, StepCost, StepShape};
+pub use physics::{Balance, Physics, PhysicsError, StepCost, StepShape};
 pub use stats::{ClassSlo, LatencySummary, RejectReason, Stats};
 pub use timeline::{PoolInterval, Timeline, TimelinePoint};
 pub mod anchors;

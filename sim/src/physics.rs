@@ -194,6 +194,50 @@ pub struct Physics {
     pub power: PowerParams,
     /// Reconfiguration delays.
     pub lifecycle: LifecycleParams,
+    /// The cluster's request router (how a pool's requests spread over its instances).
+    #[serde(default)]
+    pub router: RouterParams,
+}
+
+/// How a router picks the instance of a pool for a new request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// The serving instance with the fewest requests outstanding (least-loaded by count).
+    #[default]
+    Requests,
+    /// The one with the fewest prompt tokens queued ahead of the request (not yet
+    /// prefilled), then the fewest requests: a long prompt delays the first token
+    /// of every prompt behind it.
+    PromptTokens,
+}
+
+impl Balance {
+    /// The name used in configuration and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Requests => "requests",
+            Balance::PromptTokens => "prompt-tokens",
+        }
+    }
+
+    /// Parse a name (`requests` or `prompt-tokens`).
+    pub fn parse(s: &str) -> Result<Balance, String> {
+        match s {
+            "requests" => Ok(Balance::Requests),
+            "prompt-tokens" => Ok(Balance::PromptTokens),
+            other => Err(format!("unknown balance `{other}`; valid: requests, prompt-tokens")),
+        }
+    }
+}
+
+/// The twin's request router.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterParams {
+    /// How requests spread over a pool's instances.
+    #[serde(default)]
+    pub balance: Balance,
 }
 
 /// The default physics file, embedded so the binary runs with no files around it.

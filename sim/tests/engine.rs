@@ -257,3 +257,34 @@ fn rejections_are_counted_per_class_with_their_reason() {
     assert_eq!(by(6, RejectReason::TooLarge), 1);
     assert_eq!(c.stats.classes.iter().map(|s| s.rejected).sum::<u64>(), 3);
 }
+
+/// The router's balance: by request count a short prompt joins the instance
+/// holding one long prompt (it has fewer requests); by prompt tokens it goes
+/// to the one holding two short prompts, whose queue of prompt tokens is short.
+#[test]
+fn prompt_token_balance_keeps_short_prompts_from_queueing_behind_long_ones() {
+    let placement = |balance: sim::Balance| {
+        let mut p = Physics::default_h100_llama70b();
+        p.router.balance = balance;
+        let spec = ClusterSpec {
+            pools: vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }],
+            instances: vec![InstanceSpec { pool: 0, tp: 8, clock_mhz: 1980 }; 2],
+        };
+        let mut c = Cluster::new(&p, &spec, ClassBoundaries::default(), NO_SLO);
+        // Instance 0 gets two short prompts, instance 1 one long one, under either balance.
+        c.arrive(&Request { arrival_s: 0.0, input_tokens: 100, output_tokens: 200 });
+        c.arrive(&Request { arrival_s: 0.0, input_tokens: 7000, output_tokens: 10 });
+        c.arrive(&Request { arrival_s: 0.0, input_tokens: 100, output_tokens: 200 });
+        let before: Vec<usize> = c.instances.iter().map(|i| i.outstanding()).collect();
+        assert_eq!(before, vec![2, 1], "{balance:?}");
+        assert_eq!(c.instances[1].queued_prompt_tokens(), 7000);
+        // The next short prompt is the test.
+        c.arrive(&Request { arrival_s: 0.001, input_tokens: 100, output_tokens: 10 });
+        let after: Vec<usize> = c.instances.iter().map(|i| i.outstanding()).collect();
+        c.advance_to(30.0);
+        assert_eq!(c.stats.classes.iter().map(|k| k.completed).sum::<u64>(), 4, "{balance:?}");
+        after
+    };
+    assert_eq!(placement(sim::Balance::Requests), vec![2, 2], "by request count it joins the long prompt");
+    assert_eq!(placement(sim::Balance::PromptTokens), vec![3, 1], "by prompt tokens it avoids the long prompt");
+}

@@ -78,6 +78,11 @@ pub struct SimArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// How the twin's router spreads a pool's requests over its instances, for every policy:
+    /// `requests` (fewest outstanding) or `prompt-tokens` (fewest prompt tokens queued, then
+    /// fewest requests). Default: the physics file's `[router] balance` (requests).
+    #[arg(long, value_name = "BALANCE", value_parser = |s: &str| sim::Balance::parse(s))]
+    pub balance: Option<sim::Balance>,
     #[command(flatten)]
     pub physics: PhysicsArgs,
 }
@@ -216,7 +221,10 @@ pub fn parse_compare(text: &str) -> Result<Vec<Policy>> {
 
 /// Run `dynamollm sim`.
 pub fn run(args: &SimArgs) -> Result<()> {
-    let physics = args.physics.load()?;
+    let mut physics = args.physics.load()?;
+    if let Some(b) = args.balance {
+        physics.router.balance = b;
+    }
     let mut workload = Workload::from_options(
         args.trace.as_deref(),
         args.rates.as_deref(),

@@ -177,11 +177,15 @@ pub struct RouterSection {
     pub listen: Option<String>,
     /// Hold a request this long (service seconds) for its pool to get a serving instance, then 503.
     pub hold_s: f64,
+    /// How a pool's requests spread over its instances: `requests` (fewest in
+    /// flight) or `prompt-tokens` (fewest prompt tokens sent and not yet
+    /// answered, then fewest in flight). The in-process twin routes the same way.
+    pub balance: sim::Balance,
 }
 
 impl Default for RouterSection {
     fn default() -> Self {
-        RouterSection { listen: None, hold_s: 60.0 }
+        RouterSection { listen: None, hold_s: 60.0, balance: sim::Balance::Requests }
     }
 }
 

@@ -89,6 +89,8 @@ pub struct Shared {
     pub unstarted: Arc<router::Unstarted>,
     /// How long the router holds a request for a pool with no serving instance (service seconds).
     pub router_hold_s: f64,
+    /// How the router spreads a pool's requests over its instances.
+    pub router_balance: sim::Balance,
     /// Where telemetry goes: the embedded store (`[telemetry.store]`), when enabled.
     pub store: Option<telemetry::ingest::StoreWriter>,
     /// Wall time (ms since the Unix epoch) of service time zero: samples are stamped from it.
@@ -267,10 +269,11 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     let mut scrape_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, Duration)> = None;
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let (dispatcher, twin_events) = if twin {
-        let physics = match &cfg.cluster.physics {
+        let mut physics = match &cfg.cluster.physics {
             Some(p) => sim::Physics::load(p)?,
             None => sim::Physics::default_h100_llama70b(),
         };
+        physics.router.balance = cfg.router.balance;
         let c = &cfg.cluster;
         let workload = Workload::from_options(
             c.trace.as_deref(),
@@ -339,6 +342,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         router_stats: Mutex::new(router::RouterStats::default()),
         unstarted,
         router_hold_s: cfg.router.hold_s,
+        router_balance: cfg.router.balance,
         store: store.map(|s| {
             telemetry::ingest::StoreWriter::spawn(
                 s,

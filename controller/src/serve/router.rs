@@ -4,7 +4,9 @@
 //! `max_tokens` and what completed requests taught it), sends it to its
 //! class's pool as the controller routes it — switching a class to a new pool
 //! only once that pool serves (make before break) — and within the pool to the
-//! serving instance with the fewest requests in flight. It counts per-class
+//! serving instance with the fewest requests in flight, or (`[router] balance =
+//! "prompt-tokens"`) the fewest prompt tokens sent and not yet answered (a
+//! long prompt delays the first token of every prompt behind it). It counts per-class
 //! arrivals for the forecaster and streams the engine's answer back untouched.
 //!
 //! It also carries out the backlog guard's `move-queued` for engines that
@@ -166,6 +168,8 @@ pub struct RouterState {
     predictor: Mutex<OutputPredictor>,
     boundaries: ClassBoundaries,
     in_flight: Mutex<HashMap<String, u32>>,
+    /// Per endpoint, the prompt tokens of requests sent with no first token (or answer) yet.
+    queued_tokens: Mutex<HashMap<String, u64>>,
     current: Mutex<[Option<u32>; CLASS_COUNT]>,
 }
 
@@ -182,6 +186,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         predictor: Mutex::new(OutputPredictor::new(ClassBoundaries::default())),
         boundaries: ClassBoundaries::default(),
         in_flight: Mutex::new(HashMap::new()),
+        queued_tokens: Mutex::new(HashMap::new()),
         current: Mutex::new([None; CLASS_COUNT]),
     });
     Router::new()
@@ -258,14 +263,33 @@ impl RouterState {
         }
     }
 
-    /// The serving instance of a pool with the fewest requests in flight (its endpoint).
+    /// The serving instance of a pool the balance picks (its endpoint): the
+    /// fewest requests in flight, or the fewest prompt tokens waiting for a
+    /// first token and then the fewest in flight.
     fn pick(&self, pool: u32) -> Option<String> {
         let core = self.shared.core.lock().ok()?;
         let flights = self.in_flight.lock().ok()?;
+        let queued = self.queued_tokens.lock().ok()?;
         core.instances()
             .filter(|r| r.pool == pool && r.state == InstanceState::Serving)
             .filter_map(|r| r.placement.as_ref().and_then(|p| p.endpoint.clone()))
-            .min_by_key(|e| flights.get(e).copied().unwrap_or(0))
+            .min_by_key(|e| {
+                let tokens = match self.shared.router_balance {
+                    sim::Balance::Requests => 0,
+                    sim::Balance::PromptTokens => queued.get(e).copied().unwrap_or(0),
+                };
+                (tokens, flights.get(e).copied().unwrap_or(0))
+            })
+    }
+
+    fn add_queued(&self, endpoint: &str, tokens: i64) {
+        if let Ok(mut q) = self.queued_tokens.lock() {
+            let n = q.entry(endpoint.to_string()).or_default();
+            *n = n.saturating_add_signed(tokens);
+            if *n == 0 {
+                q.remove(endpoint);
+            }
+        }
     }
 }
 
@@ -280,6 +304,33 @@ impl RouterState {
         }
         flight.endpoint = to;
         self.shared.router_stats.lock().map(|mut r| r.moved += 1).ok();
+    }
+}
+
+/// A request's prompt tokens, counted in its engine's queue until its first token (or answer) comes.
+struct Queued {
+    st: Arc<RouterState>,
+    endpoint: String,
+    tokens: i64,
+}
+
+impl Queued {
+    fn new(st: Arc<RouterState>, endpoint: String, tokens: u32) -> Queued {
+        let tokens = i64::from(tokens);
+        st.add_queued(&endpoint, tokens);
+        Queued { st, endpoint, tokens }
+    }
+
+    fn move_to(&mut self, to: String) {
+        self.st.add_queued(&self.endpoint, -self.tokens);
+        self.st.add_queued(&to, self.tokens);
+        self.endpoint = to;
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.st.add_queued(&self.endpoint, -self.tokens);
     }
 }
 
@@ -373,6 +424,7 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
     // A streaming request may be moved until its first token comes; an answer
     // that is not streamed shows nothing before it is whole, so it is not moved.
     let movable = v["stream"].as_bool().unwrap_or(false);
+    let mut queued = Some(Queued::new(st.clone(), endpoint.clone(), input));
     let mut endpoint = endpoint;
     let (resp, first) = loop {
         let url = format!("{}{path}", endpoint.trim_end_matches('/'));
@@ -395,6 +447,9 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
                     match st.pick(to_pool).or_else(|| st.pick(pool)) {
                         Some(next) => {
                             st.moved(&mut flight, next.clone());
+                            if let Some(q) = queued.as_mut() {
+                                q.move_to(next.clone());
+                            }
                             endpoint = next;
                         }
                         None => st.moved(&mut flight, endpoint.clone()),
@@ -406,7 +461,11 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
             attempt.await
         };
         match result {
-            Ok(r) => break r,
+            Ok(r) => {
+                // Answered: its prompt is no longer queued there.
+                queued.take();
+                break r;
+            }
             Err(e) => {
                 st.shared.router_stats.lock().map(|mut r| r.errors += 1).ok();
                 return error(StatusCode::BAD_GATEWAY, format!("{url}: {e}"));
