@@ -115,3 +115,36 @@ fn without_in_place_resharding_the_missing_instance_is_spawned() {
     assert!(reshards(&out).is_empty(), "{out:#?}");
     assert_eq!(spawns(&out).iter().map(|s| s.1).collect::<Vec<_>>(), vec![8], "{out:#?}");
 }
+
+/// scale-shard (no scale loop) keeps the GPUs of its first plan: when load
+/// falls it reshapes within them, once, instead of adding small instances
+/// on every shard period.
+#[test]
+fn scale_shard_reshapes_within_its_first_budget() {
+    let cfg = ControllerConfig::new(Loops { scale: false, shard: true, clock: false, pools: true }, TOP_MHZ);
+    let mut c = Controller::new(cfg, ProfileTable::bundled());
+    let first = spawns(&c.step(0.0, &obs(0.0, vec![], 5.0)));
+    let budget: u32 = first.iter().map(|s| s.1).sum();
+    assert!(budget > 0);
+    let mut fleet: Vec<InstanceObs> = first.iter().map(|&(id, tp)| inst(id, tp)).collect();
+    let mut later = Vec::new();
+    for k in 1..=6 {
+        let t = 300.0 * f64::from(k);
+        let out = c.step(t, &obs(t, fleet.clone(), 1.0));
+        for (id, tp) in spawns(&out) {
+            later.push((k, id, tp));
+            fleet.push(inst(id, tp));
+        }
+        let retired: Vec<u32> = out
+            .iter()
+            .filter_map(|d| match d.action {
+                Action::Retire { instance } => Some(instance.0),
+                _ => None,
+            })
+            .collect();
+        fleet.retain(|i| !retired.contains(&i.id.0));
+    }
+    assert!(later.iter().all(|&(k, ..)| k == 1), "spawned again after the first reshape: {later:?}");
+    let held: u32 = fleet.iter().map(|i| i.tp).sum();
+    assert!(held <= budget, "holds {held} GPUs, its first plan {budget}: {fleet:?}");
+}

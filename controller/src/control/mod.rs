@@ -786,9 +786,10 @@ impl Controller {
         for p in &mix.parts {
             *target.entry(p.tp).or_default() += p.count;
         }
-        // scale-shard alone keeps the GPUs it has: reshape within them.
+        // scale-shard alone keeps the GPUs its first plan gave the pool: reshape within them. (Not the
+        // GPUs its instances hold now: those include the ones this fill spawned, which grew without end.)
         if !self.cfg.loops.scale && self.started && self.cfg.loops.shard {
-            let held: u32 = members.iter().map(|i| i.tp).sum();
+            let held = budget;
             let used: u32 = target.iter().map(|(tp, n)| tp * n).sum();
             if used < held {
                 // Fill the rest with the smallest degree the profile has (idle capacity, as a static cluster holds).
