@@ -1,7 +1,10 @@
-//! In-place resharding by the shard loop: a surplus instance of a smaller TP
-//! degree grows to the wanted larger one (`reshard`, path `in-place`) instead
-//! of a new instance being spawned; a larger one is never shrunk in place
-//! (spawn first, retire after). Driven through `Controller::step` alone.
+//! How the shard loop changes the fleet between scale periods. In-place
+//! resharding: a surplus instance of a smaller TP degree grows to the wanted
+//! larger one (`reshard`, path `in-place`) instead of a new instance being
+//! spawned; a larger one is never shrunk in place (spawn first, retire
+//! after). Scale-out: load seen above what the pool's GPU budget carries
+//! grows the budget at the next shard period, not the next scale period.
+//! Driven through `Controller::step` alone.
 
 use actuators::{Action, InstanceId, PoolId, ReshardPath};
 use dynamollm::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Loops, Observations};
@@ -147,4 +150,24 @@ fn scale_shard_reshapes_within_its_first_budget() {
     assert!(later.iter().all(|&(k, ..)| k == 1), "spawned again after the first reshape: {later:?}");
     let held: u32 = fleet.iter().map(|i| i.tp).sum();
     assert!(held <= budget, "holds {held} GPUs, its first plan {budget}: {fleet:?}");
+}
+
+/// A rise the forecast missed: the observed load needs more GPUs than the
+/// budget the scale loop set; the next shard period (not the next scale
+/// period, 30 min on) scales out.
+#[test]
+fn observed_load_above_the_budget_scales_out_at_the_next_shard_period() {
+    let mut c = controller(true);
+    let first = spawns(&c.step(0.0, &obs(0.0, vec![], 1.0)));
+    assert_eq!(first.len(), 1, "{first:?}");
+    let mut fleet: Vec<InstanceObs> = first.iter().map(|&(id, tp)| inst(id, tp)).collect();
+    // Load as planned: nothing changes at the shard period.
+    assert!(spawns(&c.step(300.0, &obs(300.0, fleet.clone(), 1.0))).is_empty());
+    // Five times the load: the next shard period adds instances, long before the scale period at 1800 s.
+    let out = c.step(600.0, &obs(600.0, fleet.clone(), 5.0));
+    let more = spawns(&out);
+    assert!(!more.is_empty(), "no scale-out at the shard period: {out:#?}");
+    fleet.extend(more.iter().map(|&(id, tp)| inst(id, tp)));
+    let gpus: u32 = fleet.iter().map(|i| i.tp).sum();
+    assert!(gpus >= 16, "{gpus} GPUs for 5 req/s of long/long, which the plan gives two TP8");
 }

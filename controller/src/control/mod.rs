@@ -575,6 +575,23 @@ impl Controller {
         }
         if shard_due || !guard.is_empty() {
             self.last_shard_s = now_s;
+            if self.cfg.loops.scale && self.started {
+                // Scale out at once, between scale periods too, when the load seen now (with its
+                // margin) needs more GPUs than the pool's budget: the forecast missed a rise.
+                for pool in 0..self.plans.len() {
+                    let d = self.pool_demand(pool, &recent);
+                    let total: f64 = d.iter().sum();
+                    if total <= 0.0 {
+                        continue;
+                    }
+                    if let Some(m) = self.planner(pool, &d).best_mix(total, self.cfg.gpu_budget, 1) {
+                        if m.gpus > self.plans[pool].budget_gpus {
+                            self.plans[pool].budget_gpus = m.gpus;
+                            self.low_since[pool] = None;
+                        }
+                    }
+                }
+            }
             for pool in 0..self.plans.len() {
                 self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
             }
