@@ -91,6 +91,8 @@ struct Engine {
     streams: HashMap<u64, Stream>,
     next_id: u64,
     t0: Instant,
+    /// When abandoned requests were last looked for (wall).
+    swept: Instant,
     speed: f64,
     default_clock_mhz: u32,
     boundaries: ClassBoundaries,
@@ -272,6 +274,12 @@ impl Engine {
     /// as vLLM aborts a request whose connection closes (the router closes it
     /// when it moves the request to another instance).
     fn drop_abandoned(&mut self, now: f64) {
+        // Looked for at most every 20 ms of wall time: a step can be far shorter, and the
+        // look at every stream must not delay the tokens of the streams still served.
+        if self.swept.elapsed() < std::time::Duration::from_millis(20) {
+            return;
+        }
+        self.swept = Instant::now();
         let gone: Vec<u64> = self
             .streams
             .iter()
@@ -646,6 +654,7 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         streams: HashMap::new(),
         next_id: 0,
         t0: Instant::now(),
+        swept: Instant::now(),
         speed: cfg.speed,
         default_clock_mhz: cfg.clock_mhz,
         boundaries: ClassBoundaries::default(),
