@@ -6,8 +6,6 @@
 //! client still gets one complete answer.
 
 use actuators::{Action, Command, InstanceId, Outcome, PoolId};
-use axum::routing::post;
-use axum::{Json, Router};
 use dynamollm::control::InstanceState;
 use dynamollm::serve::config::ServiceConfig;
 use dynamollm::serve::core::Mode;
@@ -40,22 +38,7 @@ async fn finished(url: &str, reason: &str) -> u64 {
 /// instances (id, pool, endpoint).
 async fn service(balance: &str) -> (dynamollm::serve::RunningService, Vec<(u32, u32, String)>, tempfile::TempDir) {
     // The cluster manager: a spawn starts an engine and answers with its endpoint.
-    let app = Router::new().route(
-        "/actions",
-        post(|Json(cmd): Json<serde_json::Value>| async move {
-            let a = &cmd["action"];
-            match a["kind"].as_str() {
-                Some("spawn") => {
-                    let url = twin_engine::start(a["tp"].as_u64().unwrap() as u32, 0.5, "llama2-70b").await;
-                    Json(serde_json::json!({"placement": {"node": format!("dc1/node{}", a["instance"]), "endpoint": url}}))
-                }
-                _ => Json(serde_json::json!({})),
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cm = format!("http://{}/actions", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cm = twin_engine::cluster_manager(0.5).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServiceConfig::parse(
         &format!(

@@ -2,36 +2,14 @@
 //! `/metrics` page itself (vLLM names, here from `twin serve` routers on
 //! loopback) and learns from it that the instances serve and what they hold.
 
-use axum::routing::post;
-use axum::{Json, Router};
 use dynamollm::serve::config::ServiceConfig;
 mod twin_engine;
 use std::time::{Duration, Instant};
 
-async fn engine(tp: u32) -> String {
-    twin_engine::start(tp, 10.0, "llama2-70b").await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_scrapes_the_engines_it_placed() {
     // The cluster manager: a spawn starts an engine and answers with its endpoint.
-    let app = Router::new().route(
-        "/actions",
-        post(|Json(cmd): Json<serde_json::Value>| async move {
-            let a = &cmd["action"];
-            match a["kind"].as_str() {
-                Some("spawn") => {
-                    let url = engine(a["tp"].as_u64().unwrap() as u32).await;
-                    let node = format!("dc1/node{}", a["instance"]);
-                    Json(serde_json::json!({"placement": {"node": node, "endpoint": url}}))
-                }
-                _ => Json(serde_json::json!({})),
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cm = format!("http://{}/actions", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cm = twin_engine::cluster_manager(10.0).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServiceConfig::parse(
         &format!(

@@ -138,31 +138,25 @@ fn scrape(text: &str) -> Scrape {
 }
 
 fn scalar(s: &Scrape, name: &str) -> f64 {
+    one_scalar(s, name, |_| true)
+}
+
+/// The one sample of `name` whose label `key` is `value`.
+fn scalar_where(s: &Scrape, name: &str, key: &str, value: &str) -> f64 {
+    one_scalar(s, name, |x| x.labels.get(key) == Some(value))
+}
+
+fn one_scalar(s: &Scrape, name: &str, keep: impl Fn(&prometheus_parse::Sample) -> bool) -> f64 {
     let hits: Vec<f64> = s
         .samples
         .iter()
-        .filter(|x| x.metric == name)
+        .filter(|x| x.metric == name && keep(x))
         .map(|x| match x.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
             _ => panic!("{name} is not a scalar"),
         })
         .collect();
     assert_eq!(hits.len(), 1, "{name}: {hits:?}");
-    hits[0]
-}
-
-/// The one sample of `name` whose label `key` is `value`.
-fn scalar_where(s: &Scrape, name: &str, key: &str, value: &str) -> f64 {
-    let hits: Vec<f64> = s
-        .samples
-        .iter()
-        .filter(|x| x.metric == name && x.labels.get(key) == Some(value))
-        .map(|x| match x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            _ => panic!("{name} is not a scalar"),
-        })
-        .collect();
-    assert_eq!(hits.len(), 1, "{name}{{{key}={value:?}}}: {hits:?}");
     hits[0]
 }
 

@@ -213,14 +213,6 @@ pub enum Balance {
 }
 
 impl Balance {
-    /// The name used in configuration and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Balance::Requests => "requests",
-            Balance::PromptTokens => "prompt-tokens",
-        }
-    }
-
     /// Parse a name (`requests` or `prompt-tokens`).
     pub fn parse(s: &str) -> Result<Balance, String> {
         match s {

@@ -455,6 +455,23 @@ impl Controller {
         p
     }
 
+    /// Raise a pool's GPU budget to what its best mix for `plan` needs, if that
+    /// is more (with the pool's learnt capacity). Returns whether it grew.
+    fn grow_budget(&mut self, pool: usize, plan: &Demand) -> bool {
+        let d = self.pool_demand(pool, plan);
+        let total: f64 = d.iter().sum();
+        if total <= 0.0 {
+            return false;
+        }
+        match self.planner(pool, &d).best_mix(total, self.cfg.gpu_budget, 1) {
+            Some(m) if m.gpus > self.plans[pool].budget_gpus => {
+                self.plans[pool].budget_gpus = m.gpus;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Power of the best mix for a demand vector (W), or ∞ when none fits.
     fn mix_power(&mut self, d: &Demand) -> f64 {
         let total: f64 = d.iter().sum();
@@ -579,16 +596,8 @@ impl Controller {
                 // Scale out at once, between scale periods too, when the load seen now (with its
                 // margin) needs more GPUs than the pool's budget: the forecast missed a rise.
                 for pool in 0..self.plans.len() {
-                    let d = self.pool_demand(pool, &recent);
-                    let total: f64 = d.iter().sum();
-                    if total <= 0.0 {
-                        continue;
-                    }
-                    if let Some(m) = self.planner(pool, &d).best_mix(total, self.cfg.gpu_budget, 1) {
-                        if m.gpus > self.plans[pool].budget_gpus {
-                            self.plans[pool].budget_gpus = m.gpus;
-                            self.low_since[pool] = None;
-                        }
+                    if self.grow_budget(pool, &recent) {
+                        self.low_since[pool] = None;
                     }
                 }
             }
@@ -598,11 +607,7 @@ impl Controller {
         } else if self.cfg.loops.scale {
             // A pool missing its SLO is re-planned now with its learnt capacity (its budget may grow at once).
             for &pool in &short {
-                let d = self.pool_demand(pool, &plan_scale);
-                let total: f64 = d.iter().sum();
-                if let Some(m) = self.planner(pool, &d).best_mix(total, self.cfg.gpu_budget, u32::from(total > 0.0)) {
-                    self.plans[pool].budget_gpus = self.plans[pool].budget_gpus.max(m.gpus);
-                }
+                self.grow_budget(pool, &plan_scale);
                 self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
             }
         }
@@ -826,8 +831,6 @@ impl Controller {
                 .filter(|i| i.tp == tp && states.contains(&i.state) && !self.retiring.contains_key(&i.id))
                 .count() as u32
         };
-        let current_rps: f64 =
-            self.pool_demand(pool, &obs.class_rps_smoothed).iter().sum::<f64>() * self.cfg.observed_margin;
         // Serving instances of a degree beyond its target, fewest requests first: in-place reshard candidates.
         // Only to a larger degree, which adds capacity: a smaller one would take capacity away with no new
         // instance covering the gap, where spawning first and retiring after (make before break) keeps it
@@ -913,6 +916,8 @@ impl Controller {
         if !all_target_serving {
             return;
         }
+        let current_rps: f64 =
+            self.pool_demand(pool, &obs.class_rps_smoothed).iter().sum::<f64>() * self.cfg.observed_margin;
         for (tp, extra) in members
             .iter()
             .map(|i| i.tp)

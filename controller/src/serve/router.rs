@@ -291,17 +291,17 @@ impl RouterState {
             }
         }
     }
-}
 
-impl RouterState {
-    /// A request taken back from its engine goes to `to` (counted in flight there instead).
-    fn moved(&self, flight: &mut Flight, to: String) {
+    /// A request taken back from its engine goes to `to`: counted in flight,
+    /// and its prompt counted queued, there instead.
+    fn moved(&self, flight: &mut Flight, queued: &mut Queued, to: String) {
         if let Ok(mut f) = self.in_flight.lock() {
             if let Some(n) = f.get_mut(&flight.endpoint) {
                 *n = n.saturating_sub(1);
             }
             *f.entry(to.clone()).or_default() += 1;
         }
+        queued.move_to(to.clone());
         flight.endpoint = to;
         self.shared.router_stats.lock().map(|mut r| r.moved += 1).ok();
     }
@@ -424,7 +424,7 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
     // A streaming request may be moved until its first token comes; an answer
     // that is not streamed shows nothing before it is whole, so it is not moved.
     let movable = v["stream"].as_bool().unwrap_or(false);
-    let mut queued = Some(Queued::new(st.clone(), endpoint.clone(), input));
+    let mut queued = Queued::new(st.clone(), endpoint.clone(), input);
     let mut endpoint = endpoint;
     let (resp, first) = loop {
         let url = format!("{}{path}", endpoint.trim_end_matches('/'));
@@ -444,16 +444,9 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
                 }
                 Ok(to_pool) = moved => {
                     // Dropping the attempt closes the upstream connection: the engine aborts it.
-                    match st.pick(to_pool).or_else(|| st.pick(pool)) {
-                        Some(next) => {
-                            st.moved(&mut flight, next.clone());
-                            if let Some(q) = queued.as_mut() {
-                                q.move_to(next.clone());
-                            }
-                            endpoint = next;
-                        }
-                        None => st.moved(&mut flight, endpoint.clone()),
-                    }
+                    // With no instance serving either pool, it goes again where it was.
+                    endpoint = st.pick(to_pool).or_else(|| st.pick(pool)).unwrap_or(endpoint);
+                    st.moved(&mut flight, &mut queued, endpoint.clone());
                     continue;
                 }
             }
@@ -463,7 +456,7 @@ async fn forward(State(st): State<Arc<RouterState>>, body: Bytes, path: &'static
         match result {
             Ok(r) => {
                 // Answered: its prompt is no longer queued there.
-                queued.take();
+                drop(queued);
                 break r;
             }
             Err(e) => {
