@@ -348,6 +348,12 @@ fn estimates_reproduce_rows_and_interpolate_linearly_in_load_and_clock() {
     let e = t.estimate(SS, 8, 1980, last.load * 1.5).unwrap();
     assert!(e.beyond_profile && !e.meets_slo, "{e:?}");
     assert_eq!(e.ttft_p99_s, last.t99);
+    // Power goes on rising with the work (a pool may carry more per instance than one instance
+    // alone): the curve's mean marginal power from its first to its last point, not the last power.
+    let slope = (last.power - top[0].power) / (last.load - top[0].load);
+    assert_close("power beyond", e.power_per_gpu_w, last.power + slope * 0.5 * last.load, 1e-12);
+    assert_close("energy beyond", e.energy_per_req_j, 8.0 * e.power_per_gpu_w / (1.5 * last.load), 1e-12);
+    assert!(e.energy_per_req_j < 8.0 * last.power / last.load, "more work shares the idle power: {e:?}");
     let mut generous = t.clone();
     generous.set_slos([ClassSlo { ttft_s: 100.0, tbt_s: 100.0 }; CLASS_COUNT]);
     let at_last = generous.estimate(SS, 8, 1980, last.load).unwrap();

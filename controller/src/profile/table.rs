@@ -177,7 +177,8 @@ pub struct Estimate {
     pub tbt_p99_s: f64,
     /// Both P99s within the class's SLO, inside the profiled load range.
     pub meets_slo: bool,
-    /// The load is beyond the highest profiled for this clock (figures are the last point's).
+    /// The load is beyond the highest profiled for this clock: latencies are the last
+    /// point's; power goes on rising at the curve's mean marginal power per request/s.
     pub beyond_profile: bool,
 }
 
@@ -216,15 +217,23 @@ impl Curve {
         let max = *self.loads.last().expect("curves are never empty");
         let beyond = load_c > max * (1.0 + 1e-9);
         let l = load_c.min(max);
-        let power = if l < self.loads[0] && self.loads.len() >= 2 {
+        let n = self.loads.len();
+        let power = if l < self.loads[0] && n >= 2 {
             // Below the lowest point: extend the first segment, never below half the first power.
             let slope = (self.power[1] - self.power[0]) / (self.loads[1] - self.loads[0]).max(1e-12);
             (self.power[0] - slope * (self.loads[0] - l)).max(0.5 * self.power[0])
+        } else if beyond && n >= 2 {
+            // Beyond the last point (a pool whose learnt capacity exceeds one instance's): power
+            // keeps rising with the work, at the curve's mean marginal power from first to last point.
+            let slope = ((self.power[n - 1] - self.power[0]) / (max - self.loads[0]).max(1e-12)).max(0.0);
+            self.power[n - 1] + slope * (load_c - max)
         } else {
             lerp(&self.loads, &self.power, l)
         };
         let energy_per_req_j = if l < self.loads[0] {
             power * f64::from(tp) / l.max(1e-9)
+        } else if beyond && n >= 2 {
+            power * f64::from(tp) / load_c
         } else {
             lerp(&self.loads, &self.energy_rate, l) / l.max(1e-9)
         };
