@@ -24,7 +24,8 @@ pub enum Policy {
     MultiPool,
     /// One pool; instance count follows the forecast (TP8, top clock).
     ScaleInst,
-    /// A pool per class; TP degrees change within the GPUs of the peak (no scale-in, top clock).
+    /// A pool per class; TP degrees change within a fixed cluster's GPUs (`sim` gives it
+    /// single-pool's, sized for the peak), shared among the pools by need; no scale-in, top clock.
     ScaleShard,
     /// The single-pool layout; clocks follow the load.
     ScaleFreq,

@@ -171,3 +171,39 @@ fn observed_load_above_the_budget_scales_out_at_the_next_shard_period() {
     let gpus: u32 = fleet.iter().map(|i| i.tp).sum();
     assert!(gpus >= 16, "{gpus} GPUs for 5 req/s of long/long, which the plan gives two TP8");
 }
+
+/// scale-shard on a fixed cluster (`sim` gives it single-pool's GPUs): every
+/// pool's share of the GPUs is in proportion to what its plan needs, all of
+/// them are held from the first step, and when one pool's load rises it takes
+/// GPUs from the others instead of growing the cluster.
+#[test]
+fn scale_shard_on_a_fixed_cluster_holds_and_shares_its_gpus() {
+    const TOTAL: u32 = 64;
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: true, clock: false, pools: true }, TOP_MHZ);
+    cfg.fixed_gpus = Some(TOTAL);
+    let mut c = Controller::new(cfg, ProfileTable::bundled());
+    // Long/long at 0.5 req/s and short/short at 2 req/s.
+    let two = |now_s: f64, fleet: Vec<InstanceObs>, ll: f64, ss: f64| {
+        let mut o = obs(now_s, fleet, ll);
+        o.class_rps_recent[0] = ss;
+        o.class_rps_smoothed[0] = ss;
+        o
+    };
+    let planned =
+        |c: &Controller| -> u32 { c.plans().iter().map(|p| p.target.iter().map(|(tp, n)| tp * n).sum::<u32>()).sum() };
+    let budgets = |c: &Controller| -> Vec<u32> { c.plans().iter().map(|p| p.budget_gpus).collect() };
+    let first = spawns(&c.step(0.0, &two(0.0, vec![], 0.5, 2.0)));
+    let held: u32 = first.iter().map(|s| s.1).sum();
+    assert!(held <= TOTAL && held + 8 > TOTAL, "the first step holds {held} of the cluster's {TOTAL} GPUs: {first:?}");
+    assert_eq!(planned(&c), held);
+    let before = budgets(&c);
+    assert!(before.iter().sum::<u32>() <= TOTAL, "{before:?}");
+    // Long/long load rises 24-fold: its pool's share grows, another's shrinks, the total stays.
+    c.step(300.0, &two(300.0, vec![], 12.0, 2.0));
+    let after = budgets(&c);
+    assert!(after.iter().sum::<u32>() <= TOTAL, "{after:?}");
+    assert!(after[LL] > before[LL], "long/long's share did not grow: {before:?} -> {after:?}");
+    assert!((0..after.len()).any(|p| after[p] < before[p]), "no pool gave GPUs up: {before:?} -> {after:?}");
+    let p = planned(&c);
+    assert!(p <= TOTAL && p + 16 > TOTAL, "plans {p} of {TOTAL} GPUs");
+}

@@ -158,7 +158,7 @@ pub fn describe_counts(policy: Policy, counts: &[u32]) -> String {
 pub struct ControlledRun<'a> {
     /// The profile to plan with.
     pub profile: &'a ProfileTable,
-    /// Single-pool's instance count (scale-freq keeps that layout).
+    /// Single-pool's instance count (scale-freq keeps that layout, scale-shard its GPUs; 0: unknown).
     pub single_pool_instances: u32,
     /// Spawn warm.
     pub warm_spawn: bool,
@@ -188,6 +188,10 @@ pub fn run_controlled_policy(
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
         cfg.fixed_instances = Some(run.single_pool_instances);
+    }
+    if !loops.scale && loops.shard && run.single_pool_instances > 0 {
+        // scale-shard: the static cluster's GPUs, reshaped (the paper's ScaleShard keeps them all).
+        cfg.fixed_gpus = Some(8 * run.single_pool_instances);
     }
     let future = match (policy, run.future) {
         (Policy::Oracle, Some(f)) => Some(f),
@@ -343,9 +347,10 @@ pub fn run_policies(
     let mut single_counts: Option<Vec<u32>> = None;
     let mut reports: Vec<SimReport> = Vec::new();
     let static_first: Vec<Policy> = {
-        // Static baselines run first: scale-freq reuses single-pool's layout.
+        // Static baselines run first: scale-freq reuses single-pool's layout, scale-shard its GPUs.
         let mut v: Vec<Policy> = policies.iter().copied().filter(|p| p.loops().is_none()).collect();
-        if !v.contains(&Policy::SinglePool) && policies.contains(&Policy::ScaleFreq) && opts.instances.is_none() {
+        let reuses_single = policies.contains(&Policy::ScaleFreq) || policies.contains(&Policy::ScaleShard);
+        if !v.contains(&Policy::SinglePool) && reuses_single && opts.instances.is_none() {
             v.push(Policy::SinglePool);
         }
         v.extend(policies.iter().copied().filter(|p| p.loops().is_some()));

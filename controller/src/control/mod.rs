@@ -88,6 +88,11 @@ pub struct ControllerConfig {
     pub reshard_in_place: bool,
     /// Without the scale and shard loops: hold exactly this many TP8 instances.
     pub fixed_instances: Option<u32>,
+    /// With the shard loop but no scale loop (`scale-shard`): the cluster's
+    /// GPUs (a static cluster's, sized for the peak). Every shard period
+    /// shares them among the pools by what each pool's plan needs, and every
+    /// pool holds its share. Without it, each pool keeps its first plan's GPUs.
+    pub fixed_gpus: Option<u32>,
     /// The window SLO attainment is observed over (s); capacity is re-learnt at most once per window.
     pub attainment_window_s: f64,
 }
@@ -115,6 +120,7 @@ impl ControllerConfig {
             move_queued: true,
             reshard_in_place: true,
             fixed_instances: None,
+            fixed_gpus: None,
             attainment_window_s: 300.0,
         }
     }
@@ -472,6 +478,42 @@ impl Controller {
         }
     }
 
+    /// A fixed cluster's GPUs shared among the pools: each pool's share of
+    /// `total_gpus` is in proportion to the GPUs its best mix for `plan`
+    /// needs (pools with no class get none), so a pool that needs more takes
+    /// GPUs from the others and the cluster holds all of them.
+    fn share_fixed_gpus(&mut self, total_gpus: u32, plan: &Demand) {
+        let need: Vec<u32> = (0..self.plans.len())
+            .map(|pool| {
+                if !self.routing.pool_of.iter().any(|&p| p as usize == pool) {
+                    return 0;
+                }
+                let d = self.pool_demand(pool, plan);
+                let total: f64 = d.iter().sum();
+                if total <= 0.0 {
+                    return 0;
+                }
+                self.planner(pool, &d).best_mix(total, total_gpus, 1).map_or(total_gpus, |m| m.gpus)
+            })
+            .collect();
+        let sum: u32 = need.iter().sum();
+        if sum == 0 {
+            return;
+        }
+        // Largest remainders: the shares add up to the cluster exactly.
+        let exact: Vec<f64> = need.iter().map(|&n| f64::from(n) * f64::from(total_gpus) / f64::from(sum)).collect();
+        let mut share: Vec<u32> = exact.iter().map(|x| x.floor() as u32).collect();
+        let mut order: Vec<usize> = (0..share.len()).filter(|&p| need[p] > 0).collect();
+        order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+        let left = total_gpus.saturating_sub(share.iter().sum());
+        for &p in order.iter().cycle().take(left as usize) {
+            share[p] += 1;
+        }
+        for (plan, s) in self.plans.iter_mut().zip(share) {
+            plan.budget_gpus = s;
+        }
+    }
+
     /// Power of the best mix for a demand vector (W), or ∞ when none fits.
     fn mix_power(&mut self, d: &Demand) -> f64 {
         let total: f64 = d.iter().sum();
@@ -599,6 +641,11 @@ impl Controller {
                     if self.grow_budget(pool, &recent) {
                         self.low_since[pool] = None;
                     }
+                }
+            }
+            if !self.cfg.loops.scale {
+                if let Some(total) = self.cfg.fixed_gpus {
+                    self.share_fixed_gpus(total, &plan_shard);
                 }
             }
             for pool in 0..self.plans.len() {
@@ -808,15 +855,24 @@ impl Controller {
         for p in &mix.parts {
             *target.entry(p.tp).or_default() += p.count;
         }
-        // scale-shard alone keeps the GPUs its first plan gave the pool: reshape within them. (Not the
-        // GPUs its instances hold now: those include the ones this fill spawned, which grew without end.)
-        if !self.cfg.loops.scale && self.started && self.cfg.loops.shard {
-            let held = budget;
+        // scale-shard alone holds its budget (a fixed cluster's share, else its first plan's GPUs): the
+        // mix is topped up to it. (Not the GPUs its instances hold now: those include the ones this fill
+        // spawned, which grew without end.)
+        if !self.cfg.loops.scale && self.cfg.loops.shard && (self.started || self.cfg.fixed_gpus.is_some()) {
             let used: u32 = target.iter().map(|(tp, n)| tp * n).sum();
-            if used < held {
-                // Fill the rest with the smallest degree the profile has (idle capacity, as a static cluster holds).
-                let small = planner.options.iter().map(|o| o.tp).min().unwrap_or(8);
-                *target.entry(small).or_default() += (held - used) / small;
+            let mut spare = budget.saturating_sub(used);
+            // Top up with the mix's own degrees, largest first: spare capacity the router may use
+            // (a smaller degree could not hold the pool's SLO), then smaller ones for what is left.
+            let smallest_in_mix = target.keys().copied().min().unwrap_or(u32::MAX);
+            let mut degrees: Vec<u32> = target.keys().copied().collect();
+            degrees.extend(planner.options.iter().map(|o| o.tp).filter(|&tp| tp < smallest_in_mix));
+            degrees.sort_unstable_by(|a, b| b.cmp(a));
+            degrees.dedup();
+            for tp in degrees {
+                if tp > 0 && spare >= tp {
+                    *target.entry(tp).or_default() += spare / tp;
+                    spare %= tp;
+                }
             }
         }
         let predicted_w = mix.power_w;
