@@ -222,23 +222,26 @@ async fn kill_9_mid_replan_then_restart_repeats_nothing_and_recovers_the_plan() 
         }
     })
     .await;
-    // ...and the break half of make-before-break: an instance of the first fleet is retired.
+    // ...and the break half of make-before-break: an instance that served before the kill is retired
+    // (which one depends on the mix the shard loop settles on: the first fleet's, or a surplus one of
+    // the re-plan's), and only after a new instance of its pool was up.
     let retired = wait_for("an old instance retired", Duration::from_secs(20), || async {
         let a = api.actions().await;
         a.iter()
             .find(|r| {
-                kind(r) == "retire" && r["state"] == "applied" && fleet(&first).contains_key(&instance(r).unwrap())
+                kind(r) == "retire" && r["state"] == "applied" && fleet(&before).contains_key(&instance(r).unwrap())
             })
             .cloned()
             .ok_or_else(|| format!("{:?}", a.iter().map(|r| (&r["id"], kind(r), instance(r))).collect::<Vec<_>>()))
     })
     .await;
     let old = instance(&retired).unwrap();
-    let pool = fleet(&first)[&old].0;
+    let pool = fleet(&before)[&old].0;
     let a = api.actions().await;
     let made = a.iter().find(|r| {
         kind(r) == "spawn"
             && r["action"]["pool"] == pool
+            && instance(r) != Some(old)
             && !fleet(&first).contains_key(&instance(r).unwrap())
             && r["finished_at_ms"].as_u64() <= retired["issued_at_ms"].as_u64()
     });
