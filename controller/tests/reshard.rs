@@ -4,6 +4,8 @@
 //! spawned; a larger one is never shrunk in place (spawn first, retire
 //! after). Scale-out: load seen above what the pool's GPU budget carries
 //! grows the budget at the next shard period, not the next scale period.
+//! scale-shard: on a fixed cluster it shares the cluster's GPUs among the
+//! pools; without one it reshapes within its first plan's GPUs.
 //! Driven through `Controller::step` alone.
 
 use actuators::{Action, InstanceId, PoolId, ReshardPath};
