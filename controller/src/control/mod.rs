@@ -464,18 +464,22 @@ impl Controller {
     /// Raise a pool's GPU budget to what its best mix for `plan` needs, if that
     /// is more (with the pool's learnt capacity). Returns whether it grew.
     fn grow_budget(&mut self, pool: usize, plan: &Demand) -> bool {
-        let d = self.pool_demand(pool, plan);
-        let total: f64 = d.iter().sum();
-        if total <= 0.0 {
-            return false;
-        }
-        match self.planner(pool, &d).best_mix(total, self.cfg.gpu_budget, 1) {
-            Some(m) if m.gpus > self.plans[pool].budget_gpus => {
-                self.plans[pool].budget_gpus = m.gpus;
+        match self.needed_gpus(pool, plan, self.cfg.gpu_budget) {
+            Some(Some(gpus)) if gpus > self.plans[pool].budget_gpus => {
+                self.plans[pool].budget_gpus = gpus;
                 true
             }
             _ => false,
         }
+    }
+
+    /// The GPUs of a pool's least-power mix for its share of `plan` within
+    /// `gpu_budget`: `None` when the pool has no demand, `Some(None)` when no
+    /// mix within the budget carries it.
+    fn needed_gpus(&mut self, pool: usize, plan: &Demand, gpu_budget: u32) -> Option<Option<u32>> {
+        let d = self.pool_demand(pool, plan);
+        let total: f64 = d.iter().sum();
+        (total > 0.0).then(|| self.planner(pool, &d).best_mix(total, gpu_budget, 1).map(|m| m.gpus))
     }
 
     /// A fixed cluster's GPUs shared among the pools: each pool's share of
@@ -485,15 +489,8 @@ impl Controller {
     fn share_fixed_gpus(&mut self, total_gpus: u32, plan: &Demand) {
         let need: Vec<u32> = (0..self.plans.len())
             .map(|pool| {
-                if !self.routing.pool_of.iter().any(|&p| p as usize == pool) {
-                    return 0;
-                }
-                let d = self.pool_demand(pool, plan);
-                let total: f64 = d.iter().sum();
-                if total <= 0.0 {
-                    return 0;
-                }
-                self.planner(pool, &d).best_mix(total, total_gpus, 1).map_or(total_gpus, |m| m.gpus)
+                // A pool serving no class has no demand; one whose demand no mix carries asks for everything.
+                self.needed_gpus(pool, plan, total_gpus).map_or(0, |g| g.unwrap_or(total_gpus))
             })
             .collect();
         let sum: u32 = need.iter().sum();
