@@ -270,9 +270,10 @@ impl Engine {
         t.is_finite().then(|| self.wall(t))
     }
 
-    /// A request whose client went away before its first token is dropped,
-    /// as vLLM aborts a request whose connection closes (the router closes it
-    /// when it moves the request to another instance).
+    /// A request whose client went away is aborted, as vLLM aborts a request
+    /// whose connection closes (the router closes it when it moves the
+    /// request to another instance, a client when it stops reading): at once
+    /// while it waits, at the end of the step in progress once admitted.
     fn drop_abandoned(&mut self, now: f64) {
         // Looked for at most every 20 ms of wall time: a step can be far shorter, and the
         // look at every stream must not delay the tokens of the streams still served.
@@ -280,17 +281,12 @@ impl Engine {
             return;
         }
         self.swept = Instant::now();
-        let gone: Vec<u64> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.first_step.is_none() && s.tx.is_closed())
-            .map(|(&id, _)| id)
-            .collect();
+        let gone: Vec<u64> = self.streams.iter().filter(|(_, s)| s.tx.is_closed()).map(|(&id, _)| id).collect();
         for id in gone {
             // Not admitted yet: its arrival event finds nothing and passes.
             let dropped = if self.pending_req.remove(&id).is_some() {
                 true
-            } else if let Some(n) = self.inst.abort_unstarted(id, now) {
+            } else if let Some(n) = self.inst.abort(id, now) {
                 self.schedule(n);
                 true
             } else {

@@ -554,3 +554,49 @@ fn the_engine_scrape_reads_twin_serve() {
         timings.iter().flat_map(|t| t.gaps.iter().map(Duration::as_secs_f64)).sum::<f64>() / (n * f64::from(OUT - 1));
     assert!((tbt.sum_s / tbt.count / client_gap_mean - 1.0).abs() < 0.05);
 }
+
+/// A client that goes away mid-stream gets its request aborted, as vLLM
+/// aborts a request whose connection closes: it stops running (its KV and
+/// its share of the step are free again), it counts as `abort`, no more of
+/// its tokens are made, and the engine serves the next request to its end.
+#[test]
+fn a_stream_whose_client_leaves_is_aborted_while_decoding() {
+    let server = Server::start(&[]);
+    let model = model_of(&server);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let body = serde_json::json!({
+            "model": model, "stream": true, "max_tokens": 4000, "prompt": "tell me a very long story",
+        });
+        let resp = client.post(server.url("/v1/completions")).json(&body).send().await.unwrap();
+        assert!(resp.status().is_success());
+        let mut events = resp.bytes_stream().eventsource();
+        for _ in 0..5 {
+            events.next().await.expect("a token event").expect("a well-formed event");
+        }
+        drop(events);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            let s = scrape(&client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap());
+            if scalar(&s, "vllm_num_requests_running") == 0.0 {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the abandoned stream still runs after 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(scalar_where(&s, "vllm_request_success_total", "finished_reason", "abort"), 1.0);
+        assert_eq!(scalar_where(&s, "vllm_request_success_total", "finished_reason", "length"), 0.0);
+        let made = scalar(&s, "vllm_generation_tokens_total");
+        // At about 12 ms a token, 4000 tokens take 48 s: the abort came long before.
+        assert!((5.0..2000.0).contains(&made), "{made} tokens made for the abandoned stream");
+        // The engine goes on: the next request is served whole, and no more of the first one's tokens come.
+        let body = serde_json::json!({ "model": model, "max_tokens": 8, "prompt": "and a short one" });
+        let answer: serde_json::Value =
+            client.post(server.url("/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+        assert_eq!(answer["usage"]["completion_tokens"], 8, "{answer}");
+        let s = scrape(&client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap());
+        assert_eq!(scalar(&s, "vllm_generation_tokens_total"), made + 8.0);
+        assert_eq!(scalar_where(&s, "vllm_request_success_total", "finished_reason", "length"), 1.0);
+    });
+}

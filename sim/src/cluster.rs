@@ -416,6 +416,19 @@ impl<'p> Cluster<'p> {
         }
     }
 
+    /// Abort request `id` on instance `inst` (its client went away; see
+    /// [`Instance::abort`]). Returns whether the instance held it.
+    pub fn abort(&mut self, inst: usize, id: u64) -> bool {
+        let Some(i) = self.instances.get_mut(inst) else { return false };
+        match i.abort(id, self.now_s) {
+            Some(next) => {
+                self.schedule(inst, next);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Move up to `max` requests that `from` has not started (see
     /// [`Instance::take_unstarted`]) to the least-loaded serving instances of
     /// `to_pool` other than `from`; each keeps its arrival time. A request no

@@ -167,6 +167,8 @@ pub struct Instance {
     pub version: u64,
     paused_until_s: f64,
     pending_clock_mhz: Option<u32>,
+    /// Running requests whose client went away: dropped at the next step boundary.
+    aborting: Vec<u64>,
     /// Energy spent by all its GPUs so far (J).
     pub energy_j: f64,
     accounted_s: f64,
@@ -208,6 +210,7 @@ impl Instance {
             version: 0,
             paused_until_s: f64::NEG_INFINITY,
             pending_clock_mhz: None,
+            aborting: Vec::new(),
             energy_j: 0.0,
             accounted_s: now_s,
             completed: 0,
@@ -391,29 +394,64 @@ impl Instance {
         (out, next)
     }
 
-    /// Drop the request `id` if it has not started (its client went away):
-    /// from the admission queue, or from the prefill queue when its prefill
-    /// has not begun and it is behind the two prompts the running phase may
-    /// be chunking (the rule of [`Instance::take_unstarted`]). Its KV
-    /// reservation is released. `None` when it is not there or has started;
-    /// else when the cluster must call back.
-    pub fn abort_unstarted(&mut self, id: u64, now_s: f64) -> Option<Next> {
+    /// Drop the request `id` (its client went away), as vLLM aborts a
+    /// request whose connection closes. One waiting for admission goes at
+    /// once. One admitted (in its prefill or decoding) goes at the end of the
+    /// step in progress, as an engine applies aborts between steps: the
+    /// running phase ends after that step, and the request's KV reservation
+    /// is free again from then. A request that finishes within that step
+    /// finishes. `None` when the instance does not hold it (or it is already
+    /// going); else when the cluster must call back.
+    pub fn abort(&mut self, id: u64, now_s: f64) -> Option<Next> {
         if let Some(k) = self.waiting.iter().position(|r| r.id == id) {
             self.waiting.remove(k);
             return Some(self.current_next());
         }
-        let k = self.prefilling.iter().position(|p| p.req.id == id)?;
-        let p = self.prefilling[k];
-        if k < 2 || p.left != p.req.input_tokens {
+        let held =
+            self.prefilling.iter().any(|p| p.req.id == id) || self.decoding.iter().any(|&Reverse((.., d))| d == id);
+        if !held || self.aborting.contains(&id) {
             return None;
         }
-        self.prefilling.remove(k);
-        self.kv_reserved -= p.req.kv_tokens();
-        self.prefill_left -= u64::from(p.req.input_tokens);
+        self.aborting.push(id);
         Some(match self.phase {
             Some(mut ph) => self.cut_after_current_step(&mut ph, now_s),
-            None => self.current_next(),
+            None => {
+                self.apply_aborts();
+                self.current_next()
+            }
         })
+    }
+
+    /// Drop the requests [`Instance::abort`] marked (between steps only).
+    fn apply_aborts(&mut self) {
+        if self.aborting.is_empty() {
+            return;
+        }
+        let gone = std::mem::take(&mut self.aborting);
+        let mut freed_kv = 0;
+        let mut freed_prefill = 0;
+        self.prefilling.retain(|p| {
+            let keep = !gone.contains(&p.req.id);
+            if !keep {
+                freed_kv += p.req.kv_tokens();
+                freed_prefill += u64::from(p.left);
+            }
+            keep
+        });
+        let mut freed_offset = 0;
+        let by_class = &mut self.decoding_by_class;
+        self.decoding.retain(|&Reverse((_, offset, kv, class, id))| {
+            let keep = !gone.contains(&id);
+            if !keep {
+                freed_kv += kv;
+                freed_offset += offset;
+                by_class[usize::from(class)] -= 1;
+            }
+            keep
+        });
+        self.kv_reserved -= freed_kv;
+        self.prefill_left -= freed_prefill;
+        self.ctx_offset_sum -= freed_offset;
     }
 
     /// Lock a new clock: the change takes effect after the running step, and no
@@ -485,6 +523,7 @@ impl Instance {
             self.finish_phase(physics, stats, p);
             self.accounted_s = p.end_s();
         }
+        self.apply_aborts();
         self.apply_pending_clock(physics, now_s);
         self.start_if_ready(physics, now_s)
     }

@@ -201,34 +201,58 @@ fn taking_unstarted_prompts_frees_their_kv_and_keeps_the_running_ones() {
     assert!((kv_after - kv_before / 3.0).abs() < 1e-9, "KV usage {kv_after} of {kv_before} after taking 4 of 6");
 }
 
-/// A request whose client went away is dropped if it has not started, and its
-/// KV is free again; the prompts the running phase may be chunking stay.
+/// A request whose client went away is dropped, as vLLM aborts it: one
+/// waiting for admission at once, an admitted one (in prefill or decoding)
+/// at the end of the step in progress; its KV is free again and the
+/// instance carries on with the rest.
 #[test]
-fn aborting_an_unstarted_request_drops_only_it() {
+fn aborting_a_request_drops_it_at_the_step_boundary_and_the_rest_finish() {
     let p = Physics::default_h100_llama70b();
     let mut c = Cluster::new(&p, &one(8, 1980), ClassBoundaries::default(), NO_SLO);
+    c.instances[0].events = Some(Vec::new());
     for _ in 0..6 {
-        c.arrive(&Request { arrival_s: 0.0, input_tokens: 4000, output_tokens: 10 });
+        c.arrive(&Request { arrival_s: 0.0, input_tokens: 4000, output_tokens: 40 });
     }
     c.advance_to(0.1);
     let now = c.now_s();
     let kv_before = c.instances[0].kv_usage();
-    // The ids of the four not started, read from a copy.
+    assert_eq!(c.instances[0].running(), 6);
+    // The ids, read from a copy: the four not started, and the two the running phase chunks.
     let mut probe = c.instances[0].clone();
     let mut ids: Vec<u64> = probe.take_unstarted(10, now).0.iter().map(|r| r.id).collect();
     ids.sort_unstable();
-    assert_eq!(ids.len(), 4, "four of six have not started");
     let head = ids[0] - 2;
-    assert!(c.instances[0].abort_unstarted(head, now).is_none(), "the prompt in prefill was dropped");
-    assert!(c.instances[0].abort_unstarted(ids[1], now).is_some());
-    assert!(c.instances[0].abort_unstarted(ids[1], now).is_none(), "dropped twice");
-    assert!(c.instances[0].abort_unstarted(9_999, now).is_none(), "an unknown id was dropped");
-    assert_eq!(c.instances[0].running(), 5);
+    assert!(c.abort(0, head), "the prompt in prefill was not aborted");
+    assert!(c.abort(0, ids[1]), "an admitted prompt was not aborted");
+    assert!(!c.abort(0, ids[1]), "aborted twice");
+    assert!(!c.abort(0, 9_999), "an unknown id was aborted");
+    // Both still hold their KV until the step in progress ends.
+    assert_eq!(c.instances[0].running(), 6);
+    let boundary = c.instances[0].next_step_end_s(now).expect("a step is running");
+    c.advance_to(boundary);
+    assert_eq!(c.instances[0].running(), 4);
     let kv_after = c.instances[0].kv_usage();
-    assert!(
-        (kv_after - kv_before * 5.0 / 6.0).abs() < 1e-9,
-        "KV usage {kv_after} of {kv_before} after dropping 1 of 6"
-    );
+    assert!((kv_after - kv_before * 4.0 / 6.0).abs() < 1e-9, "KV usage {kv_after} of {kv_before} after 2 of 6 left");
+    // Run until one is decoding, abort it mid-stream, and the other three still finish.
+    let mut t = boundary;
+    let decoding = loop {
+        t += 0.05;
+        c.advance_to(t);
+        let log = std::mem::take(c.instances[0].events.as_mut().expect("events are on"));
+        let first = log.into_iter().find_map(|e| match e {
+            sim::engine::EngineEvent::FirstToken { id, .. } => Some(id),
+            _ => None,
+        });
+        if let Some(id) = first {
+            break id;
+        }
+        assert!(t < 30.0, "no first token in 30 s");
+    };
+    assert!(c.abort(0, decoding), "a decoding request was not aborted");
+    c.advance_to(t + 120.0);
+    assert_eq!(c.instances[0].completed, 3, "the three left did not all finish");
+    assert!(c.instances[0].is_empty(), "the aborted requests left something behind");
+    assert_eq!(c.instances[0].kv_usage(), 0.0);
 }
 
 /// Each turned-away request is counted with its reason.
