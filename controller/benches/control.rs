@@ -2,7 +2,7 @@
 //! cluster with 9 pools, and one clock decision per instance.
 
 use actuators::{InstanceId, PoolId};
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use dynamollm::control::plan::Planner;
 use dynamollm::control::{Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations};
 use dynamollm::profile::ProfileTable;
@@ -32,6 +32,7 @@ fn big_cluster(profile: &ProfileTable) -> (Observations, ControllerConfig) {
                 state: InstanceState::Serving,
                 outstanding: 10,
                 waiting: 0,
+                power_w: None,
             });
         }
     }
@@ -58,6 +59,21 @@ fn plan(c: &mut Criterion) {
             let mut ctl = Controller::new(cfg.clone(), profile.clone());
             black_box(ctl.step(0.0, black_box(&obs)))
         })
+    });
+    // A re-plan of the running cluster: the shard loop's mix, checked against the least-power
+    // part of the fleet there is (the transition check), for every pool.
+    let mut later = obs.clone();
+    later.now_s = 300.0;
+    g.bench_function("shard re-plan of the running 1250 servers, 9 pools (transition check)", |b| {
+        b.iter_batched(
+            || {
+                let mut ctl = Controller::new(cfg.clone(), profile.clone());
+                ctl.step(0.0, &obs);
+                ctl
+            },
+            |mut ctl| black_box(ctl.step(300.0, black_box(&later))),
+            BatchSize::LargeInput,
+        )
     });
     // Clock decisions: a warmed controller whose scale and shard loops are not due.
     let mut clock_cfg = cfg.clone();

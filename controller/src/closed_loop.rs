@@ -246,6 +246,8 @@ pub fn run_controlled(
                 state,
                 outstanding: i.outstanding() as u32,
                 waiting: i.waiting() as u32,
+                // What the fake NVML device would read: the GPUs' power now.
+                power_w: Some(i.power_per_gpu_w_at(&phys, now) * f64::from(i.gpus_held())),
             });
         }
         instances.sort_by_key(|i| i.id);

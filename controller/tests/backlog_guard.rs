@@ -34,6 +34,7 @@ fn inst(id: u32, pool: usize, clock_mhz: u32, waiting: u32) -> InstanceObs {
         state: InstanceState::Serving,
         outstanding: waiting + 4,
         waiting,
+        power_w: None,
     }
 }
 

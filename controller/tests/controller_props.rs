@@ -46,7 +46,8 @@ impl Model {
         match *action {
             Action::Spawn { instance, pool, tp, clock_mhz, .. } => {
                 let state = if first { InstanceState::Serving } else { InstanceState::Starting };
-                let o = InstanceObs { id: instance, pool, tp, clock_mhz, state, outstanding: 0, waiting: 0 };
+                let o =
+                    InstanceObs { id: instance, pool, tp, clock_mhz, state, outstanding: 0, waiting: 0, power_w: None };
                 self.instances.insert(instance, (o, now + LEAD_S));
             }
             Action::Retire { instance } => {

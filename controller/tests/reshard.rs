@@ -5,7 +5,10 @@
 //! after). Scale-out: load seen above what the pool's GPU budget carries
 //! grows the budget at the next shard period, not the next scale period.
 //! scale-shard: on a fixed cluster it shares the cluster's GPUs among the
-//! pools; without one it reshapes within its first plan's GPUs.
+//! pools; without one it reshapes within its first plan's GPUs. The
+//! transition check: a new mix that needs a spawn goes ahead only when its
+//! gain over the coming period pays for the spawn (learnt spawn time and
+//! starting power); else the fleet there is keeps what carries the load.
 //! Driven through `Controller::step` alone.
 
 use actuators::{Action, InstanceId, PoolId, ReshardPath};
@@ -45,6 +48,7 @@ fn inst(id: u32, tp: u32) -> InstanceObs {
         state: InstanceState::Serving,
         outstanding: 1,
         waiting: 0,
+        power_w: None,
     }
 }
 
@@ -208,4 +212,61 @@ fn scale_shard_on_a_fixed_cluster_holds_and_shares_its_gpus() {
     assert!((0..after.len()).any(|p| after[p] < before[p]), "no pool gave GPUs up: {before:?} -> {after:?}");
     let p = planned(&c);
     assert!(p <= TOTAL && p + 16 > TOTAL, "plans {p} of {TOTAL} GPUs");
+}
+
+fn retires(out: &[Decision]) -> Vec<u32> {
+    out.iter()
+        .filter_map(|d| match d.action {
+            Action::Retire { instance } => Some(instance.0),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two TP8 serve 5 req/s of long/long; the load falls to 0.2 req/s, which
+/// one TP4 carries for the least power. With warm spawns (30 s) the TP4 is
+/// spawned (and the TP8s retired once it serves). With cold spawns learnt
+/// (7 min: longer than the 5 min period, so no gain before the next plan)
+/// no instance is spawned and one TP8, the least-power part of the fleet
+/// that carries 0.2 req/s, stays: the other is retired at once. With warm
+/// spawns but starting instances seen drawing 10 kW per GPU, the spawn does
+/// not pay either. A fleet that cannot carry the load grows regardless.
+#[test]
+fn a_mix_change_that_does_not_pay_for_its_spawn_is_held() {
+    let fleet = vec![inst(0, 8), inst(1, 8)];
+    // Warm spawns: the better mix goes ahead.
+    let mut warm = planned_for_two_tp8(false);
+    let out = warm.step(300.0, &obs(300.0, fleet.clone(), 0.2));
+    assert_eq!(spawns(&out).iter().map(|s| s.1).collect::<Vec<_>>(), vec![4], "{out:#?}");
+    assert!(retires(&out).is_empty(), "retired before the TP4 serves: {out:#?}");
+
+    // Cold spawns, learnt from what the instances took to come up.
+    let mut cold = planned_for_two_tp8(false);
+    let mut o = obs(300.0, fleet.clone(), 0.2);
+    o.observed_spawn_s = vec![420.0; 16];
+    let out = cold.step(300.0, &o);
+    assert!(spawns(&out).is_empty(), "spawned a TP4 that cannot pay for its 7 min start: {out:#?}");
+    assert_eq!(retires(&out).len(), 1, "the second TP8 is not needed: {out:#?}");
+    // The kept TP8 carries 0.2 req/s: the next periods change nothing while the load holds.
+    let kept: Vec<InstanceObs> = fleet.iter().copied().filter(|i| !retires(&out).contains(&i.id.0)).collect();
+    for k in 2..=4 {
+        let t = 300.0 * f64::from(k);
+        let again = cold.step(t, &obs(t, kept.clone(), 0.2));
+        assert!(spawns(&again).is_empty() && retires(&again).is_empty(), "at {t} s: {again:#?}");
+    }
+    // Cold, and the load rises past what one TP8 carries: it grows although spawns are slow.
+    let out = cold.step(1500.0, &obs(1500.0, kept.clone(), 5.0));
+    assert!(!spawns(&out).is_empty(), "the pool did not grow for a load its fleet cannot carry: {out:#?}");
+
+    // Warm spawns, but starting instances draw 10 kW per GPU: the spawn costs 8 × 10 kW × 30 s = 2.4 MJ.
+    let mut hot = planned_for_two_tp8(false);
+    let mut starting = inst(5, 8);
+    starting.state = InstanceState::Starting;
+    starting.power_w = Some(80_000.0);
+    for k in 0..40 {
+        let t = 5.0 * f64::from(k) + 100.0;
+        hot.step(t, &obs(t, vec![inst(0, 8), inst(1, 8), starting], 5.0));
+    }
+    let out = hot.step(300.0, &obs(300.0, fleet.clone(), 0.2));
+    assert!(spawns(&out).is_empty(), "spawned although starting power makes it cost more than it saves: {out:#?}");
 }

@@ -155,6 +155,8 @@ pub struct InstanceObs {
     pub outstanding: u32,
     /// Requests waiting for KV room.
     pub waiting: u32,
+    /// Power its GPUs draw together (W), where telemetry gives it.
+    pub power_w: Option<f64>,
 }
 
 /// What the controller is told at each step.
@@ -309,6 +311,10 @@ pub struct Controller {
     planners: std::collections::HashMap<[u16; CLASS_COUNT], std::sync::Arc<Planner>>,
     /// When the backlog guard last moved requests off each instance.
     moved_at: BTreeMap<InstanceId, f64>,
+    /// The overhead table's power of a starting instance, per GPU (W): from
+    /// the profile's least-loaded top-clock rows at first, then learnt from
+    /// the power of instances seen starting.
+    starting_w_per_gpu: f64,
 }
 
 /// Attainment below which a pool's planning capacity shrinks.
@@ -327,6 +333,17 @@ impl Controller {
     pub fn new(cfg: ControllerConfig, profile: ProfileTable) -> Controller {
         let pools = if cfg.loops.pools { CLASS_COUNT } else { 1 };
         let pool_of = std::array::from_fn(|c| if cfg.loops.pools { c as u32 } else { 0 });
+        // A starting instance holds its GPUs at about the power of a lightly loaded one at the top
+        // clock (its clock until the clock loop sees it): the least such power the profile has.
+        let least = |top_only: bool| {
+            profile
+                .rows
+                .iter()
+                .filter(|r| !top_only || r.clock_mhz == cfg.max_clock_mhz)
+                .map(|r| r.power_per_gpu_w)
+                .fold(f64::INFINITY, f64::min)
+        };
+        let starting_w_per_gpu = [least(true), least(false), 0.0].into_iter().find(|w| w.is_finite()).unwrap_or(0.0);
         Controller {
             cfg,
             profile,
@@ -347,6 +364,7 @@ impl Controller {
             learnt_at: vec![f64::NEG_INFINITY; pools],
             planners: std::collections::HashMap::new(),
             moved_at: BTreeMap::new(),
+            starting_w_per_gpu,
         }
     }
 
@@ -559,6 +577,12 @@ impl Controller {
         for &s in &obs.observed_spawn_s {
             // The overhead table learns the spawn time (EWMA).
             self.cfg.spawn_lead_s = 0.7 * self.cfg.spawn_lead_s + 0.3 * s;
+        }
+        // …and the power of an instance coming up, from the instances seen starting.
+        for i in obs.instances.iter().filter(|i| i.state == InstanceState::Starting && i.tp > 0) {
+            if let Some(w) = i.power_w.filter(|w| w.is_finite() && *w >= 0.0) {
+                self.starting_w_per_gpu = 0.9 * self.starting_w_per_gpu + 0.1 * w / f64::from(i.tp);
+            }
         }
         let short = if self.cfg.loops.scale || self.cfg.loops.shard || self.cfg.loops.clock {
             self.learn_capacity(obs)
@@ -810,6 +834,48 @@ impl Controller {
         }
     }
 
+    /// The transition check of the shard loop: a change of mix that needs new
+    /// instances is applied only when its predicted gain over the coming
+    /// period exceeds its cost from the overhead table (each new instance
+    /// holds its GPUs at the learnt starting power for the learnt spawn
+    /// lead before it serves, while the old fleet keeps serving). The gain
+    /// is counted against the best that needs no new instance: the
+    /// least-power part of the fleet there is (with its spawns under way)
+    /// that carries the plan. Returns that part and its predicted power when
+    /// the change does not pay; `None` when the change goes ahead: it needs
+    /// no new instance, or the fleet cannot carry the plan, or it pays.
+    fn held_fleet(
+        &self,
+        pool: usize,
+        members: &[&InstanceObs],
+        planner: &Planner,
+        target: &BTreeMap<u32, u32>,
+        demand_rps: f64,
+        target_w: f64,
+    ) -> Option<(BTreeMap<u32, u32>, f64)> {
+        let mut current: BTreeMap<u32, u32> = BTreeMap::new();
+        for i in members {
+            if matches!(i.state, InstanceState::Serving | InstanceState::Starting) && !self.retiring.contains_key(&i.id)
+            {
+                *current.entry(i.tp).or_default() += 1;
+            }
+        }
+        for &(p, tp, _) in self.spawning.values() {
+            if p == pool {
+                *current.entry(tp).or_default() += 1;
+            }
+        }
+        let new_gpus: u32 =
+            target.iter().map(|(&tp, &n)| tp * n.saturating_sub(current.get(&tp).copied().unwrap_or(0))).sum();
+        if new_gpus == 0 {
+            return None;
+        }
+        let (kept, kept_w) = planner.best_sub_fleet(&current, demand_rps)?;
+        let gain_j = (kept_w - target_w) * (self.cfg.shard_period_s - self.cfg.spawn_lead_s).max(0.0);
+        let cost_j = f64::from(new_gpus) * self.starting_w_per_gpu * self.cfg.spawn_lead_s;
+        (gain_j <= cost_j).then_some((kept, kept_w))
+    }
+
     fn shard_pool(
         &mut self,
         now_s: f64,
@@ -852,6 +918,13 @@ impl Controller {
         for p in &mix.parts {
             *target.entry(p.tp).or_default() += p.count;
         }
+        let mut predicted_w = mix.power_w;
+        if self.cfg.loops.scale && self.cfg.loops.shard && self.started {
+            if let Some((current, w)) = self.held_fleet(pool, &members, &planner, &target, total, mix.power_w) {
+                target = current;
+                predicted_w = w;
+            }
+        }
         // scale-shard alone holds its budget (a fixed cluster's share, else its first plan's GPUs): the
         // mix is topped up to it. (Not the GPUs its instances hold now: those include the ones this fill
         // spawned, which grew without end.)
@@ -872,7 +945,6 @@ impl Controller {
                 }
             }
         }
-        let predicted_w = mix.power_w;
         let mix_margin = (mix.util > 0.0).then(|| 1.0 - mix.util / planner.max_util);
         let old_w = self.plans[pool].power_w;
         self.plans[pool] =

@@ -334,6 +334,53 @@ impl Planner {
         best.and_then(|(_, c)| self.evaluate(&opts, &c, demand_rps))
     }
 
+    /// Pool power (W) of a given fleet, `count` instances per TP degree, at
+    /// the demand: `None` when it cannot carry it (or has a degree the
+    /// planner has no profile for).
+    pub fn power_of_fleet(&self, counts: &std::collections::BTreeMap<u32, u32>, demand_rps: f64) -> Option<f64> {
+        let mut opts: Vec<&TpOption> = Vec::new();
+        let mut n: Vec<u32> = Vec::new();
+        for (&tp, &c) in counts.iter().filter(|(_, &c)| c > 0) {
+            opts.push(self.option(tp)?);
+            n.push(c);
+        }
+        if opts.is_empty() {
+            return None;
+        }
+        self.power_of(&opts, &n, demand_rps)
+    }
+
+    /// The least-power part of a given fleet that carries the demand, and
+    /// its power (W): instances are dropped one at a time, each time the one
+    /// whose going saves the most, while the rest carry it. `None` when the
+    /// whole fleet cannot carry it.
+    pub fn best_sub_fleet(
+        &self,
+        fleet: &std::collections::BTreeMap<u32, u32>,
+        demand_rps: f64,
+    ) -> Option<(std::collections::BTreeMap<u32, u32>, f64)> {
+        let mut kept = fleet.clone();
+        kept.retain(|_, n| *n > 0);
+        let mut w = self.power_of_fleet(&kept, demand_rps)?;
+        loop {
+            let mut best: Option<(u32, f64)> = None;
+            for &tp in kept.keys() {
+                let mut fewer = kept.clone();
+                *fewer.get_mut(&tp).expect("a key of kept") -= 1;
+                if let Some(x) = self.power_of_fleet(&fewer, demand_rps) {
+                    if x < w - 1e-9 && best.is_none_or(|(_, b)| x < b) {
+                        best = Some((tp, x));
+                    }
+                }
+            }
+            let Some((tp, x)) = best else { break };
+            *kept.get_mut(&tp).expect("a key of kept") -= 1;
+            kept.retain(|_, n| *n > 0);
+            w = x;
+        }
+        Some((kept, w))
+    }
+
     /// The utilisation every instance of a mix runs at, `None` when the mix cannot carry the demand.
     fn utilisation(&self, opts: &[&TpOption], counts: &[u32], demand_rps: f64) -> Option<f64> {
         let total_cap: f64 = opts.iter().zip(counts).map(|(o, &n)| f64::from(n) * o.top_cap_rps).sum();

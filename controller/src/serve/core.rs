@@ -590,6 +590,7 @@ impl ServiceCore {
                     state: r.state,
                     outstanding: r.outstanding,
                     waiting: r.waiting,
+                    power_w: (r.last_report_s.is_some() || !r.gpus.is_empty()).then_some(r.power_w),
                 })
                 .collect(),
             class_rps_recent: recent,
