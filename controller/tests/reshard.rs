@@ -8,7 +8,8 @@
 //! pools; without one it reshapes within its first plan's GPUs. The
 //! transition check: a new mix that needs a spawn goes ahead only when its
 //! gain over the coming period pays for the spawn (learnt spawn time and
-//! starting power); else the fleet there is keeps what carries the load.
+//! starting power; an instance that grows in place is no spawn); else the
+//! fleet there is keeps what carries the load.
 //! Driven through `Controller::step` alone.
 
 use actuators::{Action, InstanceId, PoolId, ReshardPath};
@@ -269,4 +270,34 @@ fn a_mix_change_that_does_not_pay_for_its_spawn_is_held() {
     }
     let out = hot.step(300.0, &obs(300.0, fleet.clone(), 0.2));
     assert!(spawns(&out).is_empty(), "spawned although starting power makes it cost more than it saves: {out:#?}");
+}
+
+/// The transition check counts an instance that grows in place as no
+/// spawn. Four TP4 serve 1 req/s of long/long, for which one TP8 is the
+/// least power; spawns are learnt cold (7 min). Without in-place resharding
+/// the TP8 would be a spawn that cannot pay, so the TP4s stay; with it, one
+/// TP4 grows to TP8 (nothing spawned) and the other three retire once it
+/// serves.
+#[test]
+fn a_mix_change_an_in_place_reshard_supplies_is_not_charged_a_spawn() {
+    let run = |in_place: bool| {
+        let mut c = controller(in_place);
+        assert_eq!(spawns(&c.step(0.0, &obs(0.0, vec![], 0.2))), vec![(0, 4)], "the bundled profile's plan changed");
+        let fleet: Vec<InstanceObs> = [0, 21, 22, 23].into_iter().map(|id| inst(id, 4)).collect();
+        let mut o = obs(300.0, fleet, 1.0);
+        o.observed_spawn_s = vec![420.0; 16];
+        (c.step(300.0, &o), c)
+    };
+    let (held, _) = run(false);
+    assert!(spawns(&held).is_empty() && retires(&held).is_empty(), "{held:#?}");
+    let (out, mut c) = run(true);
+    assert!(spawns(&out).is_empty(), "{out:#?}");
+    assert_eq!(reshards(&out), vec![(0, 8)], "{out:#?}");
+    assert!(retires(&out).is_empty(), "retired before the TP8 serves: {out:#?}");
+    let fleet: Vec<InstanceObs> = vec![inst(0, 8), inst(21, 4), inst(22, 4), inst(23, 4)];
+    let done = c.step(600.0, &obs(600.0, fleet, 1.0));
+    let mut gone = retires(&done);
+    gone.sort_unstable();
+    assert_eq!(gone, vec![21, 22, 23], "{done:#?}");
+    assert!(spawns(&done).is_empty() && reshards(&done).is_empty(), "{done:#?}");
 }

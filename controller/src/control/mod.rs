@@ -841,9 +841,11 @@ impl Controller {
     /// lead before it serves, while the old fleet keeps serving). The gain
     /// is counted against the best that needs no new instance: the
     /// least-power part of the fleet there is (with its spawns under way)
-    /// that carries the plan. Returns that part and its predicted power when
-    /// the change does not pay; `None` when the change goes ahead: it needs
-    /// no new instance, or the fleet cannot carry the plan, or it pays.
+    /// that carries the plan. An instance that grows in place to a wanted
+    /// degree is not counted as new. Returns that part and its predicted
+    /// power when the change does not pay; `None` when the change goes
+    /// ahead: it needs no new instance, or the fleet cannot carry the plan,
+    /// or it pays.
     fn held_fleet(
         &self,
         pool: usize,
@@ -865,8 +867,21 @@ impl Controller {
                 *current.entry(tp).or_default() += 1;
             }
         }
-        let new_gpus: u32 =
-            target.iter().map(|(&tp, &n)| tp * n.saturating_sub(current.get(&tp).copied().unwrap_or(0))).sum();
+        // What an in-place reshard supplies costs no spawn: the instance is out only while its
+        // weights move (~0.1 s). The rest of what is missing is spawned.
+        let mut growable: Vec<u32> =
+            self.in_place_surplus(members.iter().copied(), target).iter().map(|i| i.tp).collect();
+        let mut new_gpus = 0;
+        for (&tp, &n) in target {
+            for _ in current.get(&tp).copied().unwrap_or(0)..n {
+                match growable.iter().position(|&k| k < tp) {
+                    Some(k) => {
+                        growable.remove(k);
+                    }
+                    None => new_gpus += tp,
+                }
+            }
+        }
         if new_gpus == 0 {
             return None;
         }
@@ -874,6 +889,34 @@ impl Controller {
         let gain_j = (kept_w - target_w) * (self.cfg.shard_period_s - self.cfg.spawn_lead_s).max(0.0);
         let cost_j = f64::from(new_gpus) * self.starting_w_per_gpu * self.cfg.spawn_lead_s;
         (gain_j <= cost_j).then_some((kept, kept_w))
+    }
+
+    /// Serving instances of a degree beyond its target, fewest requests
+    /// first: the candidates to grow in place to a larger wanted degree.
+    /// Empty unless in-place resharding is on and the controller has started.
+    fn in_place_surplus<'a>(
+        &self,
+        members: impl Iterator<Item = &'a InstanceObs> + Clone,
+        target: &BTreeMap<u32, u32>,
+    ) -> Vec<&'a InstanceObs> {
+        let mut surplus: Vec<&InstanceObs> = Vec::new();
+        if !(self.cfg.reshard_in_place && self.cfg.loops.shard && self.started) {
+            return surplus;
+        }
+        let live = members.filter(|i| !self.retiring.contains_key(&i.id));
+        for tp in live.clone().map(|i| i.tp).collect::<std::collections::BTreeSet<_>>() {
+            let of_tp = live.clone().filter(|i| i.tp == tp);
+            let extra = of_tp
+                .clone()
+                .filter(|i| matches!(i.state, InstanceState::Serving | InstanceState::Starting))
+                .count()
+                .saturating_sub(*target.get(&tp).unwrap_or(&0) as usize);
+            let mut c: Vec<&InstanceObs> = of_tp.filter(|i| i.state == InstanceState::Serving).collect();
+            c.sort_by_key(|i| i.outstanding);
+            surplus.extend(c.into_iter().take(extra));
+        }
+        surplus.sort_by_key(|i| i.outstanding);
+        surplus
     }
 
     fn shard_pool(
@@ -960,21 +1003,7 @@ impl Controller {
         // Only to a larger degree, which adds capacity: a smaller one would take capacity away with no new
         // instance covering the gap, where spawning first and retiring after (make before break) keeps it
         // (measured on the week-long Coding run: shrinking in place too cost 0.7–1.8% more energy).
-        let mut surplus: Vec<&InstanceObs> = Vec::new();
-        if self.cfg.reshard_in_place && self.cfg.loops.shard && self.started {
-            for tp in members.iter().map(|i| i.tp).collect::<std::collections::BTreeSet<_>>() {
-                let extra = by_tp(tp, &[InstanceState::Serving, InstanceState::Starting])
-                    .saturating_sub(*target.get(&tp).unwrap_or(&0));
-                let mut c: Vec<&InstanceObs> = members
-                    .iter()
-                    .copied()
-                    .filter(|i| i.tp == tp && i.state == InstanceState::Serving && !self.retiring.contains_key(&i.id))
-                    .collect();
-                c.sort_by_key(|i| i.outstanding);
-                surplus.extend(c.into_iter().take(extra as usize));
-            }
-            surplus.sort_by_key(|i| i.outstanding);
-        }
+        let mut surplus = self.in_place_surplus(members.iter().copied(), &target);
         let mut all_target_serving = true;
         for (&tp, &n) in &target {
             let pending = self.spawning.values().filter(|(p, t, _)| *p == pool && *t == tp).count() as u32;
