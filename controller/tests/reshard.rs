@@ -301,3 +301,50 @@ fn a_mix_change_an_in_place_reshard_supplies_is_not_charged_a_spawn() {
     assert_eq!(gone, vec![21, 22, 23], "{done:#?}");
     assert!(spawns(&done).is_empty() && reshards(&done).is_empty(), "{done:#?}");
 }
+
+/// scale-shard on a fixed cluster that its first plan fills (two TP8 on 16
+/// GPUs for 5 req/s of long/long): when the load falls to 0.2 req/s and
+/// four TP4 become the mix, the cluster has no GPUs for them, so a TP8 goes
+/// first (the other carries the load), the TP4s come up on the GPUs it
+/// freed as soon as it has stopped (not a shard period later), and so on
+/// until the new mix serves. The cluster never holds more than its GPUs and
+/// some instance always serves.
+#[test]
+fn scale_shard_on_a_full_fixed_cluster_breaks_before_it_makes() {
+    const TOTAL: u32 = 16;
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: true, clock: false, pools: true }, TOP_MHZ);
+    cfg.fixed_gpus = Some(TOTAL);
+    let mut c = Controller::new(cfg, ProfileTable::bundled());
+    assert_eq!(
+        spawns(&c.step(0.0, &obs(0.0, vec![], 5.0))),
+        vec![(0, 8), (1, 8)],
+        "the bundled profile's plan changed"
+    );
+    let mut fleet = vec![inst(0, 8), inst(1, 8)];
+    let mut first_tp4_at = None;
+    for k in 0..=60 {
+        let t = 300.0 + 5.0 * f64::from(k);
+        // What was starting serves now; what was draining has stopped.
+        fleet.retain(|i| i.state != InstanceState::Draining);
+        for i in &mut fleet {
+            i.state = InstanceState::Serving;
+        }
+        let out = c.step(t, &obs(t, fleet.clone(), 0.2));
+        for id in retires(&out) {
+            fleet.iter_mut().find(|i| i.id.0 == id).expect("retired an instance it has").state =
+                InstanceState::Draining;
+        }
+        for (id, tp) in spawns(&out) {
+            assert_eq!(tp, 4, "{out:#?}");
+            first_tp4_at.get_or_insert(t);
+            fleet.push(InstanceObs { state: InstanceState::Starting, ..inst(id, tp) });
+        }
+        let held: u32 = fleet.iter().map(|i| i.tp).sum();
+        assert!(held <= TOTAL, "at {t} s the cluster holds {held} of its {TOTAL} GPUs: {fleet:?}");
+        assert!(fleet.iter().any(|i| i.state == InstanceState::Serving), "at {t} s nothing serves: {fleet:?}");
+    }
+    assert_eq!(first_tp4_at, Some(305.0), "the TP4s did not come up as soon as the TP8's GPUs were free");
+    let mut end: Vec<u32> = fleet.iter().map(|i| i.tp).collect();
+    end.sort_unstable();
+    assert_eq!(end, vec![4, 4, 4, 4], "{fleet:?}");
+}

@@ -315,6 +315,13 @@ pub struct Controller {
     /// the profile's least-loaded top-clock rows at first, then learnt from
     /// the power of instances seen starting.
     starting_w_per_gpu: f64,
+    /// On a fixed cluster without the scale loop: the GPUs no instance holds
+    /// this step (spawns and in-place growth take from them; none may exceed
+    /// the cluster). `None` where the cluster may grow.
+    free_gpus: Option<u32>,
+    /// Pools with spawns waiting for a full fixed cluster's GPUs: re-planned
+    /// every step until the GPUs freed for them are taken.
+    short_of_gpus: std::collections::BTreeSet<usize>,
 }
 
 /// Attainment below which a pool's planning capacity shrinks.
@@ -365,6 +372,8 @@ impl Controller {
             planners: std::collections::HashMap::new(),
             moved_at: BTreeMap::new(),
             starting_w_per_gpu,
+            free_gpus: None,
+            short_of_gpus: std::collections::BTreeSet::new(),
         }
     }
 
@@ -607,6 +616,16 @@ impl Controller {
             })
             .collect();
         let live: Vec<&InstanceObs> = seen.iter().filter(|i| i.state != InstanceState::Draining).collect();
+        // A fixed cluster holds no more than its GPUs: what every instance holds (draining ones and
+        // in-place growth included) and what the spawns under way will hold.
+        self.free_gpus = match (self.cfg.loops.scale, self.cfg.fixed_gpus) {
+            (false, Some(total)) if self.started => {
+                let held: u32 =
+                    seen.iter().map(|i| i.tp).sum::<u32>() + self.spawning.values().map(|&(_, tp, _)| tp).sum::<u32>();
+                Some(total.saturating_sub(held))
+            }
+            _ => None,
+        };
         let scale_due = now_s - self.last_scale_s >= self.cfg.scale_period_s - 1e-9;
         let shard_due = !self.started || now_s - self.last_shard_s >= self.cfg.shard_period_s - 1e-9;
         let clock_due = now_s - self.last_clock_s >= self.cfg.clock_period_s - 1e-9;
@@ -676,6 +695,11 @@ impl Controller {
             // A pool missing its SLO is re-planned now with its learnt capacity (its budget may grow at once).
             for &pool in &short {
                 self.grow_budget(pool, &plan_scale);
+                self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
+            }
+        } else {
+            // A fixed cluster's pool whose new mix waits for GPUs takes them as soon as they are freed.
+            for pool in self.short_of_gpus.clone() {
                 self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
             }
         }
@@ -1005,6 +1029,8 @@ impl Controller {
         // (measured on the week-long Coding run: shrinking in place too cost 0.7–1.8% more energy).
         let mut surplus = self.in_place_surplus(members.iter().copied(), &target);
         let mut all_target_serving = true;
+        // GPUs the spawns that found the fixed cluster full wanted.
+        let mut short_gpus: u32 = 0;
         for (&tp, &n) in &target {
             let pending = self.spawning.values().filter(|(p, t, _)| *p == pool && *t == tp).count() as u32;
             let mut have = by_tp(tp, &[InstanceState::Serving, InstanceState::Starting]) + pending;
@@ -1015,7 +1041,8 @@ impl Controller {
             // the moment the weights move (DynamoLLM's in-place path: ~80 ms, its requests wait), where
             // a new instance would take the spawn lead time (30 s warm) to add anything.
             while have < n {
-                let Some(k) = surplus.iter().position(|i| i.tp < tp) else {
+                let Some(k) = surplus.iter().position(|i| i.tp < tp && take_gpus(&mut self.free_gpus, tp - i.tp))
+                else {
                     break;
                 };
                 let i = surplus.remove(k);
@@ -1039,6 +1066,11 @@ impl Controller {
                 });
             }
             for _ in have..n {
+                if !take_gpus(&mut self.free_gpus, tp) {
+                    // The fixed cluster is full: what is beyond the target goes first (below).
+                    short_gpus += tp;
+                    continue;
+                }
                 let id = InstanceId(self.next_id);
                 self.next_id += 1;
                 self.spawning.insert(id, (pool, tp, now_s));
@@ -1067,9 +1099,27 @@ impl Controller {
             }
         }
         // Break: retire extras only when the target mix is serving and the rest carries the current load.
-        if !all_target_serving {
+        // On a full fixed cluster the extras go first (while the rest carries the current load), as
+        // the new mix has no GPUs to come up on until they are freed.
+        if short_gpus > 0 {
+            self.short_of_gpus.insert(pool);
+        } else {
+            self.short_of_gpus.remove(&pool);
+        }
+        if !all_target_serving && short_gpus == 0 {
             return;
         }
+        // On a full cluster, no more than the spawns waiting need (GPUs free or being freed count).
+        let freeing: u32 = obs
+            .instances
+            .iter()
+            .filter(|i| {
+                i.pool.0 as usize == pool && (i.state == InstanceState::Draining || self.retiring.contains_key(&i.id))
+            })
+            .map(|i| i.tp)
+            .sum();
+        let mut to_free: Option<u32> =
+            (!all_target_serving).then(|| short_gpus.saturating_sub(self.free_gpus.unwrap_or(0) + freeing));
         let current_rps: f64 =
             self.pool_demand(pool, &obs.class_rps_smoothed).iter().sum::<f64>() * self.cfg.observed_margin;
         for (tp, extra) in members
@@ -1095,6 +1145,9 @@ impl Controller {
                 .collect();
             cands.sort_by_key(|i| (i.state == InstanceState::Serving, i.outstanding));
             for i in cands.into_iter().take(extra as usize) {
+                if to_free == Some(0) {
+                    break;
+                }
                 // Capacity left after this one goes must carry the current load.
                 let left: f64 = members
                     .iter()
@@ -1105,12 +1158,19 @@ impl Controller {
                     continue;
                 }
                 self.retiring.insert(i.id, now_s);
+                let why = match to_free {
+                    Some(f) => {
+                        to_free = Some(f.saturating_sub(tp));
+                        format!(", retired before the new mix serves: the fixed cluster has no GPUs for {short_gpus} it wants")
+                    }
+                    None => String::new(),
+                };
                 out.push(Decision {
                     at_s: now_s,
                     source: if self.cfg.loops.scale { "scale-loop" } else { "shard-loop" },
                     action: Action::Retire { instance: i.id },
                     reason: format!(
-                        "pool {} target is {:?} for {total:.2} req/s; TP{tp} instance not needed (remaining capacity {left:.2} req/s ≥ current {current_rps:.2})",
+                        "pool {} target is {:?} for {total:.2} req/s; TP{tp} instance not needed (remaining capacity {left:.2} req/s ≥ current {current_rps:.2}){why}",
                         pool_name(pool, self.cfg.loops.pools),
                         target
                     ),
@@ -1238,5 +1298,18 @@ fn pool_name(pool: usize, per_class: bool) -> String {
         RequestClass::from_index(pool).to_string()
     } else {
         "all".into()
+    }
+}
+
+/// Takes `gpus` from a fixed cluster's free GPUs; false (taking none) when
+/// too few are free. Always true where the cluster may grow (`None`).
+fn take_gpus(free_gpus: &mut Option<u32>, gpus: u32) -> bool {
+    match free_gpus {
+        None => true,
+        Some(free) if *free >= gpus => {
+            *free -= gpus;
+            true
+        }
+        Some(_) => false,
     }
 }
