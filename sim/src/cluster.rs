@@ -339,7 +339,7 @@ impl<'p> Cluster<'p> {
         let physics = self.physics;
         let now = self.now_s;
         let i = &mut self.instances[inst];
-        i.set_state(physics, Lifecycle::Resharding { ready_s, tp }, now);
+        i.set_state(physics, Lifecycle::Resharding { ready_s, tp, in_place }, now);
         self.seq += 1;
         self.events.push(Reverse((Time(ready_s), self.seq, inst, EventKind::Ready)));
         self.regpu();
@@ -354,11 +354,31 @@ impl<'p> Cluster<'p> {
     /// The serving instance of a pool (other than `except`) the router's
     /// balance picks: the fewest requests outstanding, or the fewest prompt
     /// tokens queued ahead of a new request and then the fewest requests.
+    /// With no serving instance that fits, an instance resharding in place
+    /// (its API server is up) takes the request into its queue if it fits
+    /// the new degree's KV cache; it is served from the reshard's end.
     fn least_loaded(&self, pool: usize, req: &EngineRequest, except: Option<usize>) -> Option<usize> {
+        self.least_loaded_in(pool, req, except, false).or_else(|| self.least_loaded_in(pool, req, except, true))
+    }
+
+    fn least_loaded_in(
+        &self,
+        pool: usize,
+        req: &EngineRequest,
+        except: Option<usize>,
+        resharding: bool,
+    ) -> Option<usize> {
         let mut best: Option<(usize, (u64, usize))> = None;
         for &m in &self.pools[pool].members {
             let i = &self.instances[m];
-            if i.state != Lifecycle::Serving || !i.fits(req) || Some(m) == except {
+            let takes = match i.state {
+                Lifecycle::Serving => !resharding && i.fits(req),
+                Lifecycle::Resharding { tp, in_place: true, .. } => {
+                    resharding && req.kv_tokens() <= self.physics.kv_capacity_tokens(tp)
+                }
+                _ => false,
+            };
+            if !takes || Some(m) == except {
                 continue;
             }
             let load = match self.physics.router.balance {

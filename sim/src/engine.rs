@@ -54,7 +54,7 @@ pub enum EngineEvent {
 }
 
 impl EngineRequest {
-    fn kv_tokens(&self) -> u64 {
+    pub(crate) fn kv_tokens(&self) -> u64 {
         u64::from(self.input_tokens) + u64::from(self.output_tokens.max(1))
     }
 }
@@ -79,6 +79,11 @@ pub enum Lifecycle {
         ready_s: f64,
         /// The new degree.
         tp: u32,
+        /// Weights move over NVLink inside the running engine (DynamoLLM's
+        /// in-place reshard): its API server stays up, so the router may
+        /// still hand it requests, which wait until `ready_s`. A restart
+        /// reshard takes the server down with the engine.
+        in_place: bool,
     },
     /// GPUs released.
     Stopped,

@@ -312,3 +312,40 @@ fn prompt_token_balance_keeps_short_prompts_from_queueing_behind_long_ones() {
     assert_eq!(placement(sim::Balance::Requests), vec![2, 2], "by request count it joins the long prompt");
     assert_eq!(placement(sim::Balance::PromptTokens), vec![3, 1], "by prompt tokens it avoids the long prompt");
 }
+
+/// An instance resharding in place keeps its API server up: a request that
+/// arrives meanwhile waits in its queue, is served at the new degree once the
+/// weights have moved, and its TTFT counts the wait. A restart reshard takes
+/// the server down: with no other instance the request is turned away.
+#[test]
+fn a_request_during_an_in_place_reshard_waits_for_it_and_one_during_a_restart_is_turned_away() {
+    use sim::{Lifecycle, RejectReason};
+    let p = Physics::default_h100_llama70b();
+    let spec = ClusterSpec {
+        pools: vec![PoolSpec { name: "a".into(), classes: RequestClass::ALL.to_vec() }],
+        instances: vec![],
+    };
+    let (input, output) = (500u32, 20u32);
+    let arrival_s = 0.01;
+    for in_place in [true, false] {
+        let mut c = Cluster::new(&p, &spec, ClassBoundaries::default(), NO_SLO);
+        let i = c.add_instance(0, 4, 1980, Lifecycle::Serving);
+        c.reshard(i, 8, in_place);
+        c.arrive(&Request { arrival_s, input_tokens: input, output_tokens: output });
+        c.drain();
+        let class = ClassBoundaries::default().classify(input, output).index();
+        let s = &c.stats.classes[class];
+        if in_place {
+            assert_eq!((s.rejected, s.completed), (0, 1), "in place: the request must wait and finish");
+            assert_eq!(c.instances[i].tp, 8);
+            // Served from the reshard's end at TP8: the wait plus TP8's TTFT alone.
+            let wait_s = p.lifecycle.reshard_in_place_s - arrival_s;
+            let ttft_s = s.ttft.max() as f64 / 1e6;
+            let alone_s = unloaded(&p, 8, 1980, input, output).ttft_s;
+            assert!((ttft_s - (wait_s + alone_s)).abs() < 2e-3 * (wait_s + alone_s), "TTFT {ttft_s} s");
+        } else {
+            assert_eq!(s.rejected_for(RejectReason::NoServingInstance), 1, "a restart reshard serves nothing");
+            assert_eq!(s.completed, 0);
+        }
+    }
+}
