@@ -179,6 +179,35 @@ fn observed_load_above_the_budget_scales_out_at_the_next_shard_period() {
     assert!(gpus >= 16, "{gpus} GPUs for 5 req/s of long/long, which the plan gives two TP8");
 }
 
+/// A rise the plan did not expect, between shard periods: when the load seen
+/// now (smoothed, with its margin) passes `rise_replan` times what the pool
+/// was planned for, the pool is re-planned at that step, not at the next
+/// shard period minutes on. Below that multiple nothing happens; the same
+/// observations twice add nothing.
+#[test]
+fn a_rise_past_the_plan_is_re_planned_at_once_between_shard_periods() {
+    let mut c = controller(true);
+    let margin = c.config().observed_margin;
+    let rise = c.config().rise_replan;
+    assert!(rise > 1.0 && c.config().shard_period_s >= 60.0);
+    let first = spawns(&c.step(0.0, &obs(0.0, vec![], 1.0)));
+    assert_eq!(first.len(), 1, "{first:?}");
+    let fleet: Vec<InstanceObs> = first.iter().map(|&(id, tp)| inst(id, tp)).collect();
+    // Planned for 1 req/s with its margin: a load just under `rise_replan` times that changes nothing.
+    let under = 0.98 * rise;
+    assert!(spawns(&c.step(5.0, &obs(5.0, fleet.clone(), under))).is_empty(), "re-planned at {under} req/s");
+    // Five times the load 10 s in: instances are spawned at once, the shard period being 300 s.
+    let out = c.step(10.0, &obs(10.0, fleet.clone(), 5.0));
+    let more = spawns(&out);
+    assert!(!more.is_empty(), "no re-plan on the rise: {out:#?}");
+    let gpus: u32 = fleet.iter().map(|i| i.tp).sum::<u32>() + more.iter().map(|&(_, tp)| tp).sum::<u32>();
+    assert!(gpus >= 16, "{gpus} GPUs for 5 req/s of long/long, which the plan gives two TP8");
+    let planned = c.plans()[LL].planned_rps;
+    assert!(planned >= 5.0 * margin - 1e-9, "planned for {planned} req/s");
+    // The same observations again: the plan covers them, nothing new.
+    assert!(spawns(&c.step(10.0, &obs(10.0, fleet, 5.0))).is_empty());
+}
+
 /// scale-shard on a fixed cluster (`sim` gives it single-pool's GPUs): every
 /// pool's share of the GPUs is in proportion to what its plan needs, all of
 /// them are held from the first step, and when one pool's load rises it takes

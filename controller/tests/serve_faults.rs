@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use telemetry::RequestClass;
 
 async fn start(opts: &Opts, cluster: &FakeCluster) -> (dynamollm::serve::RunningService, Api) {
     let cfg = dynamollm::serve::config::ServiceConfig::parse(&config_text(opts, cluster), "faults.toml").unwrap();
@@ -101,16 +102,25 @@ async fn exec_timeout_is_recorded_forgotten_and_planned_again() {
         }
     })
     .await;
-    // ...and planned again: a new spawn, new id, new instance, same pool, applied and serving.
-    let again = wait_for("a replacement spawn in the same pool", Duration::from_secs(20), || async {
+    // ...and planned again: a new spawn, new id, new instance, applied and serving, in the pool
+    // that serves the lost one's class now (its own, or the one it merged into meanwhile: a pool
+    // per class at first, so pool N is class N's).
+    let class = RequestClass::from_index(pool as usize).to_string();
+    let again = wait_for("a replacement spawn for the lost pool's class", Duration::from_secs(20), || async {
         let a = api.actions().await;
         let s = api.try_status().await?;
         let inst = instances(&s);
+        let host = s["pools"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["classes"].as_array().is_some_and(|c| c.iter().any(|x| *x == *class))))
+            .map(|p| p["id"].clone())
+            .ok_or_else(|| format!("no pool serves {class}: {}", s["pools"]))?;
         a.iter()
             .find(|r| {
                 kind(r) == "spawn"
                     && r["id"].as_str().unwrap() > id.as_str()
-                    && r["action"]["pool"] == pool
+                    && r["action"]["pool"] == host
+                    && r["issued_at_ms"].as_u64() >= hung["finished_at_ms"].as_u64()
                     && r["state"] == "applied"
                     && inst.get(&instance(r).unwrap()).is_some_and(|i| i.3 == "serving")
             })
@@ -202,11 +212,24 @@ async fn webhook_service(
 async fn webhook_500_then_200_is_retried_with_the_same_key_and_applied() {
     let started = Instant::now();
     let (svc, api, h, _dir, _feed) = webhook_service(false).await;
-    let s = fleet_serving(&api, true).await;
-    let a = api.actions().await;
-    let clocks: Vec<&Value> = a.iter().filter(|r| kind(r) == "set-clock").collect();
-    assert!(!clocks.is_empty(), "light load lowers clocks through the webhook: {a:?}");
-    let seen = h.seen.lock().unwrap().clone();
+    fleet_serving(&api, true).await;
+    // One consistent view while the service keeps running: the actions, what the webhook saw, the
+    // status and /metrics, taken while no clock command was issued or settled (the same set-clock
+    // records before and after).
+    let clock_records = |a: &[Value]| -> Vec<Value> { a.iter().filter(|r| kind(r) == "set-clock").cloned().collect() };
+    let (clocks, seen, s, m) = wait_for("a settled view of the clock commands", Duration::from_secs(20), || async {
+        let before = clock_records(&api.actions().await);
+        let seen = h.seen.lock().unwrap().clone();
+        let s = api.try_status().await?;
+        let m = api.metrics().await;
+        let after = clock_records(&api.actions().await);
+        if before.is_empty() || before != after || before.iter().any(|r| r["state"] != "applied") {
+            return Err(format!("clock commands moving or none yet: {after:?}"));
+        }
+        Ok((after, seen, s, m))
+    })
+    .await;
+    let inst = instances(&s);
     for r in &clocks {
         let id = r["id"].as_str().unwrap();
         assert_eq!(r["state"], "applied", "{r}");
@@ -216,14 +239,15 @@ async fn webhook_500_then_200_is_retried_with_the_same_key_and_applied() {
         assert_eq!(reqs.len(), 2, "{id}: one 500 then one 200, same key: {seen:?}");
         assert!(reqs.iter().all(|(_, body_id)| body_id == id), "the body carries the same id: {reqs:?}");
         assert!(r["detail"].as_str().unwrap().contains("after 2 attempt"), "{r}");
-        // The status shows the clock that was set.
-        let inst = instances(&s);
-        let want = r["action"]["clock_mhz"].as_u64().unwrap();
+        // The status shows the clock that was set last on each instance still listed.
         let i = instance(r).unwrap();
-        assert_eq!(inst[&i].2, want, "instance {i} clock in the status: {inst:?}");
+        let last = clocks.iter().rev().find(|x| instance(x) == Some(i)).unwrap();
+        if std::ptr::eq(last, r) && inst.contains_key(&i) {
+            let want = r["action"]["clock_mhz"].as_u64().unwrap();
+            assert_eq!(inst[&i].2, want, "instance {i} clock in the status: {inst:?}");
+        }
     }
     assert!(seen.iter().all(|(k, _)| clocks.iter().any(|r| r["id"] == *k)), "only set-clock goes to the webhook");
-    let m = api.metrics().await;
     assert_eq!(
         metric(&m, "dynamollm_actions_total{kind=\"set-clock\",outcome=\"applied\"}"),
         clocks.len() as f64,
