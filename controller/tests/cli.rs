@@ -44,6 +44,14 @@ fn an_unknown_policy_lists_the_valid_ones() {
     );
 }
 
+#[test]
+fn a_negative_minimum_instance_age_is_refused_with_its_flag_named() {
+    let out = dynamollm(&["sim", "--policy", "dynamollm", "--retire-min-age-s=-5", "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--retire-min-age-s") && err.contains("-5"), "{err}");
+}
+
 const FIELDS: [&str; 20] = [
     "policy",
     "trace",

@@ -33,4 +33,18 @@ fn a_misspelt_key_is_named() {
     assert!(e.contains("ack_timeout"), "{e}");
     let e = ServiceConfig::parse("[service]\nmode = \"sideways\"\n", "x.toml").unwrap_err().to_string();
     assert!(e.contains("x.toml") && e.contains("service.mode") && e.contains("dry-run"), "{e}");
+    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+        .unwrap()
+        .replace("retire_min_age_s = 0.0", "retire_min_age_s = -60.0");
+    let e = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap_err().to_string();
+    assert!(
+        e.contains("deploy/dynamollm.toml") && e.contains("controller.retire_min_age_s") && e.contains("-60"),
+        "{e}"
+    );
+    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+        .unwrap()
+        .replace("retire_min_age_s = 0.0", "retire_min_age_s = 600.0");
+    let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
+    let profile = dynamollm::profile::ProfileTable::bundled();
+    assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().retire_min_age_s, 600.0);
 }

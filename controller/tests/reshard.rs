@@ -377,3 +377,44 @@ fn scale_shard_on_a_full_fixed_cluster_breaks_before_it_makes() {
     end.sort_unstable();
     assert_eq!(end, vec![4, 4, 4, 4], "{fleet:?}");
 }
+
+/// `retire_min_age_s`: two TP8 carry 5 req/s of long/long (TP8 only, so the
+/// smaller load's mix is one of them); the load falls to 0.5 req/s at the
+/// first shard period. Without a minimum age one TP8 is retired at once; with
+/// 900 s neither goes before it is 900 s past the step that first saw it
+/// (5 s): not at the shard periods at 300, 600 and 900 s, but at 1200 s. The
+/// age survives a snapshot and restore (a controller that forgot it would
+/// count the instances as new at the restore and keep them).
+#[test]
+fn an_instance_younger_than_the_minimum_age_is_not_retired() {
+    let run = |min_age_s: f64| {
+        let mut cfg = ControllerConfig::new(Loops { scale: true, shard: true, clock: false, pools: true }, TOP_MHZ);
+        cfg.tps = vec![8];
+        cfg.retire_min_age_s = min_age_s;
+        let mut c = Controller::new(cfg, ProfileTable::bundled());
+        assert_eq!(spawns(&c.step(0.0, &obs(0.0, vec![], 5.0))), vec![(0, 8), (1, 8)]);
+        let fleet = vec![inst(0, 8), inst(1, 8)];
+        // First seen serving at 5 s.
+        assert!(retires(&c.step(5.0, &obs(5.0, fleet.clone(), 5.0))).is_empty());
+        (c, fleet)
+    };
+    let (mut free, fleet) = run(0.0);
+    let now = retires(&free.step(300.0, &obs(300.0, fleet.clone(), 0.5)));
+    assert_eq!(now.len(), 1, "without a minimum age one TP8 goes at once: {now:?}");
+
+    let (mut held, _) = run(900.0);
+    for t in [300.0, 600.0, 900.0] {
+        let out = held.step(t, &obs(t, fleet.clone(), 0.5));
+        assert!(retires(&out).is_empty(), "retired at {t} s, younger than 900 s: {out:#?}");
+        assert!(spawns(&out).is_empty(), "{out:#?}");
+    }
+    let saved = serde_json::to_string(&held.snapshot()).unwrap();
+    let mut cfg = held.config().clone();
+    cfg.retire_min_age_s = 900.0;
+    let mut restored =
+        Controller::restore(cfg, ProfileTable::bundled(), serde_json::from_str(&saved).unwrap()).unwrap();
+    let out = restored.step(1200.0, &obs(1200.0, fleet.clone(), 0.5));
+    assert_eq!(retires(&out).len(), 1, "at the first shard period past 900 s of age one TP8 goes: {out:#?}");
+    let d = out.iter().find(|d| matches!(d.action, Action::Retire { .. })).unwrap();
+    assert!(d.reason.contains("not needed"), "{}", d.reason);
+}

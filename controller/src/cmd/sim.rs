@@ -32,6 +32,10 @@ pub struct SimArgs {
     /// Spawn new instances cold (weights download, 7 min) instead of from warm standby.
     #[arg(long)]
     pub cold_spawn: bool,
+    /// Keep every instance the controller finds or spawns at least this long (s) before it may
+    /// retire it as surplus: damps spawn/retire churn at some energy cost (0: no minimum).
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
+    pub retire_min_age_s: f64,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0)]
@@ -162,6 +166,8 @@ pub struct ControlledRun<'a> {
     pub single_pool_instances: u32,
     /// Spawn warm.
     pub warm_spawn: bool,
+    /// `ControllerConfig::retire_min_age_s` (s).
+    pub retire_min_age_s: f64,
     /// Where decisions go.
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
@@ -185,6 +191,7 @@ pub fn run_controlled_policy(
         run.profile.clocks(telemetry::RequestClass::ALL[8], 8).into_iter().max().unwrap_or(1980),
     );
     cfg.warm_spawn = run.warm_spawn;
+    cfg.retire_min_age_s = run.retire_min_age_s;
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
         cfg.fixed_instances = Some(run.single_pool_instances);
@@ -241,6 +248,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
         bail!("--predictor-accuracy must be between 0 and 1, got {}", args.predictor_accuracy);
     }
     workload.predictor_accuracy = args.predictor_accuracy;
+    if !(args.retire_min_age_s.is_finite() && args.retire_min_age_s >= 0.0) {
+        bail!("--retire-min-age-s must be a number of seconds ≥ 0, got {}", args.retire_min_age_s);
+    }
     let policies = match &args.compare {
         Some(list) => parse_compare(list)?,
         None => vec![Policy::parse(&args.policy)?],
@@ -276,6 +286,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         instances: args.instances.clone(),
         slo_multiplier: args.slo_multiplier,
         warm_spawn: !args.cold_spawn,
+        retire_min_age_s: args.retire_min_age_s,
         quiet: args.quiet,
     };
     let reports = run_policies(
@@ -328,6 +339,8 @@ pub struct RunOptions {
     pub slo_multiplier: f64,
     /// Spawn from warm standby.
     pub warm_spawn: bool,
+    /// `ControllerConfig::retire_min_age_s` (s).
+    pub retire_min_age_s: f64,
     /// No progress bars.
     pub quiet: bool,
 }
@@ -395,6 +408,7 @@ pub fn run_policies(
                         profile,
                         single_pool_instances: single,
                         warm_spawn: opts.warm_spawn,
+                        retire_min_age_s: opts.retire_min_age_s,
                         decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                         future: future.as_ref(),
                     },

@@ -65,6 +65,14 @@ pub struct ControllerConfig {
     /// when the load seen now (smoothed, times `observed_margin`) passes this
     /// multiple of the demand it was planned for.
     pub rise_replan: f64,
+    /// An instance is not retired as surplus (by the scale or shard loop, or
+    /// when its pool merges away) before it has been seen up this long (s),
+    /// counted from the first step that observes it; 0: no minimum. It damps
+    /// the spawn/retire churn of a pool whose target hovers between two sizes,
+    /// for operators whose spawns can fail or cost more than the twin's, at an
+    /// energy cost. A full fixed cluster freeing GPUs for its new mix is not
+    /// held by it.
+    pub retire_min_age_s: f64,
     /// TP degrees the shard loop may use.
     pub tps: Vec<u32>,
     /// The top clock.
@@ -117,6 +125,7 @@ impl ControllerConfig {
             // Conversation hour's energy down 1–6% (×2 to ×16); on the week-long Coding curve 1.05 and
             // 1.1 save 0.2%, 1.0, 1.15 and 1.25 cost 0.1–0.2% (more spawns).
             rise_replan: 1.1,
+            retire_min_age_s: 0.0,
             tps: if loops.shard { vec![2, 4, 8] } else { vec![8] },
             max_clock_mhz,
             gpu_budget: u32::MAX,
@@ -279,6 +288,9 @@ pub struct ControllerState {
     /// In-place reshards asked for and not yet observed done: id → (new TP, when).
     #[serde(default)]
     pub resharding: BTreeMap<InstanceId, (u32, f64)>,
+    /// When each instance was first observed (s), for `retire_min_age_s`.
+    #[serde(default)]
+    pub first_seen: BTreeMap<InstanceId, f64>,
     /// Whether the first step has run.
     pub started: bool,
     /// Per pool, since when its load has been low (s).
@@ -311,6 +323,8 @@ pub struct Controller {
     spawning: BTreeMap<InstanceId, (usize, u32, f64)>,
     /// In-place reshards asked for and not yet observed done: id → (new TP, when).
     resharding: BTreeMap<InstanceId, (u32, f64)>,
+    /// When each instance was first observed (s).
+    first_seen: BTreeMap<InstanceId, f64>,
     started: bool,
     low_since: Vec<Option<f64>>,
     /// Per pool, the multiple of the profile's capacity that live telemetry shows it really has.
@@ -373,6 +387,7 @@ impl Controller {
             retiring: BTreeMap::new(),
             spawning: BTreeMap::new(),
             resharding: BTreeMap::new(),
+            first_seen: BTreeMap::new(),
             started: false,
             low_since: vec![None; pools],
             util_scale: vec![1.0; pools],
@@ -397,6 +412,7 @@ impl Controller {
             retiring: self.retiring.clone(),
             spawning: self.spawning.clone(),
             resharding: self.resharding.clone(),
+            first_seen: self.first_seen.clone(),
             started: self.started,
             low_since: self.low_since.clone(),
             util_scale: self.util_scale.clone(),
@@ -427,6 +443,7 @@ impl Controller {
         c.retiring = st.retiring;
         c.spawning = st.spawning;
         c.resharding = st.resharding;
+        c.first_seen = st.first_seen;
         c.started = st.started;
         c.low_since = st.low_since;
         c.util_scale = st.util_scale;
@@ -607,6 +624,10 @@ impl Controller {
             Vec::new()
         };
         self.retiring.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
+        self.first_seen.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
+        for i in &obs.instances {
+            self.first_seen.entry(i.id).or_insert(now_s);
+        }
         // A spawn counts as starting until the instance shows up (or clearly failed).
         let give_up_s = 2.0 * self.cfg.spawn_lead_s + 60.0;
         self.spawning.retain(|id, (_, _, at)| !obs.instances.iter().any(|i| i.id == *id) && now_s - *at < give_up_s);
@@ -1164,6 +1185,10 @@ impl Controller {
                 .iter()
                 .filter(|i| i.tp == tp && !self.retiring.contains_key(&i.id) && i.state != InstanceState::Draining)
                 .collect();
+            if to_free.is_none() {
+                // Instances younger than `retire_min_age_s` stay (an older one of the degree may go).
+                cands.retain(|i| !self.too_young(now_s, i.id));
+            }
             cands.sort_by_key(|i| (i.state == InstanceState::Serving, i.outstanding));
             for i in cands.into_iter().take(extra as usize) {
                 if to_free == Some(0) {
@@ -1223,7 +1248,7 @@ impl Controller {
             return;
         }
         for i in members {
-            if self.retiring.contains_key(&i.id) {
+            if self.retiring.contains_key(&i.id) || self.too_young(now_s, i.id) {
                 continue;
             }
             self.retiring.insert(i.id, now_s);
@@ -1238,6 +1263,12 @@ impl Controller {
                 slo_margin: None,
             });
         }
+    }
+
+    /// Whether an instance has been up less than `retire_min_age_s`.
+    fn too_young(&self, now_s: f64, id: InstanceId) -> bool {
+        self.cfg.retire_min_age_s > 0.0
+            && self.first_seen.get(&id).is_some_and(|&t| now_s - t < self.cfg.retire_min_age_s - 1e-9)
     }
 
     fn plans_have_traffic(&self, pool: usize) -> bool {

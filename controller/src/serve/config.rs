@@ -92,6 +92,10 @@ pub struct ControllerSection {
     /// Hold a new clock at least this long (s) unless the SLO forces a change
     /// (each change pauses the engine for tens of milliseconds).
     pub clock_hold_s: f64,
+    /// Keep every instance at least this long (s) from when the controller
+    /// first sees it before retiring it as surplus (0: no minimum): damps
+    /// spawn/retire churn where spawns are slow or can fail, at an energy cost.
+    pub retire_min_age_s: f64,
     /// TP degrees the shard loop may use (default 2, 4 and 8).
     pub tps: Option<Vec<u32>>,
     /// Whether the backlog guard hands a backed-up instance's unstarted
@@ -120,6 +124,7 @@ impl Default for ControllerSection {
             gpu_budget: None,
             fixed_instances: None,
             clock_hold_s: 30.0,
+            retire_min_age_s: 0.0,
             tps: None,
             move_queued: None,
             reshard_in_place: None,
@@ -272,6 +277,10 @@ impl ServiceConfig {
             if !(v.is_finite() && v > 0.0) {
                 bail!("{origin}: {key} must be a positive number, got {v}");
             }
+        }
+        let age = self.controller.retire_min_age_s;
+        if !(age.is_finite() && age >= 0.0) {
+            bail!("{origin}: controller.retire_min_age_s must be a number of seconds ≥ 0, got {age}");
         }
         if let Some(m) = &s.initial_class_rps {
             for (k, v) in m {
