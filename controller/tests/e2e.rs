@@ -402,8 +402,7 @@ ack_timeout_ms = 3000
 
     // single-pool on the same trace and seed, in the twin.
     let physics = sim::Physics::default_h100_llama70b();
-    let opts =
-        RunOptions { instances: None, slo_multiplier: 5.0, warm_spawn: true, retire_min_age_s: 0.0, quiet: true };
+    let opts = RunOptions::sized_by_replay(5.0, true);
     let base = run_policies(&physics, &workload, &[Policy::SinglePool], &ProfileTable::bundled(), &opts, None).unwrap();
     let base_kwh = base[0].energy_kwh;
     let kwh = energy_j / 3.6e6;

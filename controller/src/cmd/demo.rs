@@ -136,13 +136,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let closed = SimReport::new("dynamollm", &workload.name, args.seed, &totals, 0.0);
     print!("{}", closed.table());
     println!("Replaying single-pool (sized by replay) on the same trace and seed for comparison…");
-    let opts = RunOptions {
-        instances: None,
-        slo_multiplier: SLO_MULTIPLIER,
-        warm_spawn: true,
-        retire_min_age_s: 0.0,
-        quiet: args.quiet,
-    };
+    let opts = RunOptions::sized_by_replay(SLO_MULTIPLIER, args.quiet);
     let base = run_policies(&physics, &workload, &[Policy::SinglePool], &ProfileTable::bundled(), &opts, None)?;
     let mut rows = base;
     rows.push(closed);
@@ -207,13 +201,7 @@ fn compare(args: &DemoArgs) -> Result<()> {
          median request alone on TP8 at max clock), the controlled policies planning from the bundled profile.\n",
         workload.name
     );
-    let opts = RunOptions {
-        instances: None,
-        slo_multiplier: SLO_MULTIPLIER,
-        warm_spawn: true,
-        retire_min_age_s: 0.0,
-        quiet: args.quiet,
-    };
+    let opts = RunOptions::sized_by_replay(SLO_MULTIPLIER, args.quiet);
     let rows = run_policies(&physics, &workload, &Policy::ALL, &ProfileTable::bundled(), &opts, None)?;
     print!("{}", compare_table(&rows));
     let holds: Vec<&str> = rows.iter().filter(|r| !r.all_classes_hold()).map(|r| r.policy.as_str()).collect();

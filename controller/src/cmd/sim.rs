@@ -345,6 +345,13 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
+impl RunOptions {
+    /// Static baselines sized by replay, warm spawns, no minimum instance age.
+    pub fn sized_by_replay(slo_multiplier: f64, quiet: bool) -> RunOptions {
+        RunOptions { instances: None, slo_multiplier, warm_spawn: true, retire_min_age_s: 0.0, quiet }
+    }
+}
+
 /// Run policies on one workload and seed, printing each one's table; returns
 /// their reports in the order given (with `oracle_gap` when the oracle ran).
 pub fn run_policies(
