@@ -229,3 +229,71 @@ fn a_class_without_traffic_does_not_stall_scale_in() {
         "three hours at a tenth of the load: {end} GPUs against {gpus_at_peak} at the peak"
     );
 }
+
+/// The clock loop sets a clock for the load seen now. In a pool of one
+/// prompt band it adds no planning margin (that covers the spawn lead; a
+/// clock follows the load within 5 s); in a pool mixing prompt bands (here
+/// the single pool of scale-freq and scale-inst) it keeps the margin, as
+/// short prompts there wait behind long prefills the profile does not see.
+/// The same long/long load on the same TP8 instance therefore gets the
+/// clock the profile gives that load in the first case and the clock it
+/// gives the load times the margin in the second.
+#[test]
+fn the_clock_follows_the_load_seen_now_with_the_margin_only_where_prompt_bands_mix() {
+    const LL: usize = 8;
+    let profile = ProfileTable::bundled();
+    let cfg = |pools: bool| {
+        let mut c = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools }, 1980);
+        c.fixed_instances = Some(1);
+        c
+    };
+    let margin = cfg(true).observed_margin;
+    assert!(margin > 1.0);
+    let mut shares = [0.0; CLASS_COUNT];
+    shares[LL] = 1.0;
+    let planner = Planner::new(&profile, &cfg(true).tps, &shares, cfg(true).max_util);
+    // A load whose clock differs with and without the margin, both below the top clock.
+    let cap = planner.capacity(8) * planner.max_util;
+    let (load, bare, padded) = (1..200)
+        .map(|k| cap * f64::from(k) / 200.0)
+        .find_map(|l| {
+            let a = planner.clock_for(8, l)?;
+            let b = planner.clock_for(8, l * margin)?;
+            (a < b && b < 1980).then_some((l, a, b))
+        })
+        .expect("the bundled profile has a load whose clock the margin raises");
+    let clock_set = |pools: bool| {
+        let mut ctl = Controller::new(cfg(pools), profile.clone());
+        let pool = PoolId(if pools { LL as u32 } else { 0 });
+        let mut d = [0.0; CLASS_COUNT];
+        d[LL] = load;
+        let mut model = Model::new();
+        model.instances.insert(
+            InstanceId(1000),
+            (
+                InstanceObs {
+                    id: InstanceId(1000),
+                    pool,
+                    tp: 8,
+                    clock_mhz: 1980,
+                    state: InstanceState::Serving,
+                    outstanding: 1,
+                    waiting: 0,
+                    power_w: None,
+                },
+                0.0,
+            ),
+        );
+        let mut obs = model.observe(0.0, &d);
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        ctl.step(0.0, &obs)
+            .into_iter()
+            .find_map(|dec| match dec.action {
+                Action::SetClock { instance: InstanceId(1000), clock_mhz } => Some(clock_mhz),
+                _ => None,
+            })
+            .expect("the clock loop lowers the top clock")
+    };
+    assert_eq!(clock_set(true), bare, "long/long's own pool at {load:.3} req/s");
+    assert_eq!(clock_set(false), padded, "the single pool at {load:.3} req/s");
+}

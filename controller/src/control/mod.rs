@@ -747,7 +747,12 @@ impl Controller {
         }
         if self.cfg.loops.clock && clock_due {
             self.last_clock_s = now_s;
-            self.clock_loop(now_s, obs, &recent, &guard, &mut out);
+            // The load seen now, without the planning margin (except in a pool mixing prompt bands, see
+            // `clock_loop`): that covers what may come before new capacity is up (the spawn lead); a clock
+            // follows the load within a period (5 s), and the backlog guard takes an instance to the top
+            // clock at once.
+            let load_now: Demand = std::array::from_fn(|c| obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]));
+            self.clock_loop(now_s, obs, &load_now, &guard, &mut out);
         }
         self.started = true;
         out
@@ -1285,7 +1290,15 @@ impl Controller {
     ) {
         for pool in 0..self.plans.len() {
             let d = self.pool_demand(pool, recent);
-            let total: f64 = d.iter().sum();
+            // A pool serving several prompt bands keeps the margin: its short prompts wait behind other
+            // classes' long prefills, which the profile's single-class rows do not measure (without it,
+            // scale-freq's single pool missed the MS class's P99 TTFT at --scale 2 and 2.25).
+            let bands: std::collections::BTreeSet<telemetry::LengthBand> = (0..CLASS_COUNT)
+                .filter(|&c| self.routing.pool_of[c] as usize == pool)
+                .map(|c| RequestClass::from_index(c).input)
+                .collect();
+            let margin = if bands.len() > 1 { self.cfg.observed_margin } else { 1.0 };
+            let total: f64 = d.iter().sum::<f64>() * margin;
             let planner = self.planner(pool, &d);
             let serving: Vec<&InstanceObs> = obs
                 .instances
