@@ -158,3 +158,44 @@ fn single_pool_sizing_is_the_smallest_count_that_holds_every_class() {
     let fewer = run(Some(&(n - 1).to_string()));
     assert!(!holds(&fewer), "{} instances would also hold: sizing is not minimal", n - 1);
 }
+
+/// `--compare` with the oracle: every run carries `oracle_gap` (its energy
+/// over the oracle's, minus one), and the oracle, knowing the future and
+/// reconfiguring for free, uses less energy than `dynamollm` on the same
+/// trace and seed while holding every class's P99 SLOs.
+#[test]
+fn the_oracle_is_below_dynamollm_and_every_run_reports_its_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("cmp.json");
+    let out = dynamollm(&[
+        "sim",
+        "--compare",
+        "dynamollm,oracle",
+        "--hours",
+        "0.25",
+        "--scale",
+        "2",
+        "--instances",
+        "4",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let by = |p: &str| runs.iter().find(|r| r["policy"] == p).unwrap_or_else(|| panic!("no {p} run"));
+    let (dyn_kwh, oracle_kwh) =
+        (by("dynamollm")["energy_kwh"].as_f64().unwrap(), by("oracle")["energy_kwh"].as_f64().unwrap());
+    assert!(oracle_kwh < dyn_kwh, "oracle {oracle_kwh} kWh, dynamollm {dyn_kwh} kWh");
+    for r in runs {
+        let gap = r["oracle_gap"].as_f64().unwrap();
+        let want = r["energy_kwh"].as_f64().unwrap() / oracle_kwh - 1.0;
+        assert!((gap - want).abs() < 1e-9, "{}: oracle_gap {gap}, energy says {want}", r["policy"]);
+    }
+    for (class, c) in by("oracle")["classes"].as_object().unwrap() {
+        if c["requests"].as_u64().unwrap() > 0 {
+            assert!(c["slo_attainment"].as_f64().unwrap() >= 0.99, "oracle misses {class}: {c}");
+        }
+    }
+}
