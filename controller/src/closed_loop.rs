@@ -3,7 +3,8 @@
 //! per-class minute series to the forecaster, calls `Controller::step`, and
 //! carries out the actions on the twin. The oracle variant sees the true
 //! future per-minute class rates and reconfigures for free (no start,
-//! reshard or clock-change delays): the lower bound. It also drops the
+//! reshard or clock-change delays): the reference below dynamollm (not a
+//! proven bound: it runs the same heuristic loops). It also drops the
 //! caution free reconfiguration makes moot ([`oracle_config`]).
 
 use crate::control::plan::Demand;

@@ -31,7 +31,7 @@ pub enum Policy {
     ScaleFreq,
     /// A pool per class; all three loops.
     DynamoLlm,
-    /// DynamoLLM knowing the future and reconfiguring for free: the lower bound.
+    /// DynamoLLM knowing the future and reconfiguring for free: the reference below it.
     Oracle,
 }
 

@@ -624,9 +624,14 @@ impl Controller {
             Vec::new()
         };
         self.retiring.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
-        self.first_seen.retain(|id, _| obs.instances.iter().any(|i| i.id == *id));
-        for i in &obs.instances {
-            self.first_seen.entry(i.id).or_insert(now_s);
+        if self.cfg.retire_min_age_s > 0.0 {
+            let present: std::collections::HashSet<InstanceId> = obs.instances.iter().map(|i| i.id).collect();
+            self.first_seen.retain(|id, _| present.contains(id));
+            for i in &obs.instances {
+                self.first_seen.entry(i.id).or_insert(now_s);
+            }
+        } else {
+            self.first_seen.clear();
         }
         // A spawn counts as starting until the instance shows up (or clearly failed).
         let give_up_s = 2.0 * self.cfg.spawn_lead_s + 60.0;
