@@ -152,13 +152,15 @@ impl ClassForecasts {
 /// instant), and its scale loop runs every shard period (the long period and
 /// its scale-in hysteresis avoid paying for churn, which costs it nothing).
 /// Everything else (margins, utilisation limit, capacity learning) is the
-/// controller's. With the clock loop of 2026-12-05 these took its energy on
-/// the week-long Coding curve from 4,147.4 kWh (scale period 30 min) to
-/// 4,145.3, on the Conversation hour at `--scale 8` from 33.17 to 31.63 kWh.
-/// Also dropping the margin on the rate it sees (it knows the true one) went
-/// lower on the hour (30.05 kWh at ×8) but higher on the week-long curve
-/// (4,279.4 kWh: fewer instances at higher clocks), and re-planning every
-/// minute cost 2% more on the week-long curve: neither is taken.
+/// controller's. Against the controller's own settings (with the clock loop
+/// of 2026-12-05) they take the oracle on the Conversation hour from 9.92 to
+/// 9.28 kWh at `--scale 2` (dynamollm: 9.80, so the old oracle was above it),
+/// 33.52 to 31.63 at 8 and 63.01 to 61.35 at 16, and on the week-long Coding
+/// curve from 4,136.4 to 4,145.3 kWh (+0.2%; dynamollm: 4,185.8). Also
+/// dropping the margin on the rate it sees (it knows the true one) went lower
+/// on the hour (30.05 kWh at ×8) but higher on the week-long curve (4,279.4
+/// kWh: fewer instances at higher clocks), and re-planning every minute cost
+/// 2% more on the week-long curve: neither is taken.
 pub fn oracle_config(mut cfg: ControllerConfig) -> ControllerConfig {
     cfg.spawn_lead_s = 0.0;
     cfg.scale_period_s = cfg.shard_period_s;
