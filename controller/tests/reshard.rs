@@ -409,10 +409,9 @@ fn an_instance_younger_than_the_minimum_age_is_not_retired() {
         assert!(spawns(&out).is_empty(), "{out:#?}");
     }
     let saved = serde_json::to_string(&held.snapshot()).unwrap();
-    let mut cfg = held.config().clone();
-    cfg.retire_min_age_s = 900.0;
     let mut restored =
-        Controller::restore(cfg, ProfileTable::bundled(), serde_json::from_str(&saved).unwrap()).unwrap();
+        Controller::restore(held.config().clone(), ProfileTable::bundled(), serde_json::from_str(&saved).unwrap())
+            .unwrap();
     let out = restored.step(1200.0, &obs(1200.0, fleet.clone(), 0.5));
     assert_eq!(retires(&out).len(), 1, "at the first shard period past 900 s of age one TP8 goes: {out:#?}");
     let d = out.iter().find(|d| matches!(d.action, Action::Retire { .. })).unwrap();
