@@ -4,11 +4,13 @@ use sim::measure::unloaded;
 use sim::{ClassSlo, Cluster, ClusterSpec, InstanceSpec, Physics, PoolSpec, StepShape};
 use telemetry::{ClassBoundaries, Request, RequestClass, CLASS_COUNT};
 
+/// One pool serving every class, with these instances.
+fn all_classes(instances: Vec<InstanceSpec>) -> ClusterSpec {
+    ClusterSpec { pools: vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }], instances }
+}
+
 fn one(tp: u32, clock_mhz: u32) -> ClusterSpec {
-    ClusterSpec {
-        pools: vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }],
-        instances: vec![InstanceSpec { pool: 0, tp, clock_mhz }],
-    }
+    all_classes(vec![InstanceSpec { pool: 0, tp, clock_mhz }])
 }
 
 const NO_SLO: [ClassSlo; CLASS_COUNT] = [ClassSlo { ttft_s: f64::INFINITY, tbt_s: f64::INFINITY }; CLASS_COUNT];
@@ -260,10 +262,7 @@ fn aborting_a_request_drops_it_at_the_step_boundary_and_the_rest_finish() {
 fn rejections_are_counted_per_class_with_their_reason() {
     use sim::RejectReason;
     let p = Physics::default_h100_llama70b();
-    let spec = ClusterSpec {
-        pools: vec![PoolSpec { name: "a".into(), classes: RequestClass::ALL.to_vec() }],
-        instances: vec![],
-    };
+    let spec = all_classes(vec![]);
     let mut c = Cluster::new(&p, &spec, ClassBoundaries::default(), NO_SLO);
     let ss = Request { arrival_s: 0.0, input_tokens: 100, output_tokens: 50 };
     // A pool with no instance at all.
@@ -290,10 +289,7 @@ fn prompt_token_balance_keeps_short_prompts_from_queueing_behind_long_ones() {
     let placement = |balance: sim::Balance| {
         let mut p = Physics::default_h100_llama70b();
         p.router.balance = balance;
-        let spec = ClusterSpec {
-            pools: vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }],
-            instances: vec![InstanceSpec { pool: 0, tp: 8, clock_mhz: 1980 }; 2],
-        };
+        let spec = all_classes(vec![InstanceSpec { pool: 0, tp: 8, clock_mhz: 1980 }; 2]);
         let mut c = Cluster::new(&p, &spec, ClassBoundaries::default(), NO_SLO);
         // Instance 0 gets two short prompts, instance 1 one long one, under either balance.
         c.arrive(&Request { arrival_s: 0.0, input_tokens: 100, output_tokens: 200 });
@@ -321,10 +317,7 @@ fn prompt_token_balance_keeps_short_prompts_from_queueing_behind_long_ones() {
 fn a_request_during_an_in_place_reshard_waits_for_it_and_one_during_a_restart_is_turned_away() {
     use sim::{Lifecycle, RejectReason};
     let p = Physics::default_h100_llama70b();
-    let spec = ClusterSpec {
-        pools: vec![PoolSpec { name: "a".into(), classes: RequestClass::ALL.to_vec() }],
-        instances: vec![],
-    };
+    let spec = all_classes(vec![]);
     let (input, output) = (500u32, 20u32);
     let arrival_s = 0.01;
     for in_place in [true, false] {
