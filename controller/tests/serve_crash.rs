@@ -223,8 +223,8 @@ async fn kill_9_mid_replan_then_restart_repeats_nothing_and_recovers_the_plan() 
     })
     .await;
     // ...and the break half of make-before-break: an instance that served before the kill is retired
-    // (which one depends on the mix the shard loop settles on: the first fleet's, or a surplus one of
-    // the re-plan's), and only after a new instance of its pool was up.
+    // (which one depends on the mix the shard loop settles on: one of the first fleet, a surplus one
+    // of the re-plan's, or the last one of a pool whose classes moved to another pool).
     let retired = wait_for("an old instance retired", Duration::from_secs(20), || async {
         let a = api.actions().await;
         a.iter()
@@ -237,15 +237,62 @@ async fn kill_9_mid_replan_then_restart_repeats_nothing_and_recovers_the_plan() 
     .await;
     let old = instance(&retired).unwrap();
     let pool = fleet(&before)[&old].0;
+    // Checked against the cluster's own log: when the retire started, every class its pool had served
+    // was routed (that route done) to a pool with another instance up (its spawn done, not retired).
     let a = api.actions().await;
-    let made = a.iter().find(|r| {
-        kind(r) == "spawn"
-            && r["action"]["pool"] == pool
-            && instance(r) != Some(old)
-            && !fleet(&first).contains_key(&instance(r).unwrap())
-            && r["finished_at_ms"].as_u64() <= retired["issued_at_ms"].as_u64()
-    });
-    assert!(made.is_some(), "instance {old} of pool {pool} was retired before any replacement was up: {a:?}");
+    let log = cluster.log();
+    let at = |id: &Value, what: &str| log.iter().position(|l| Some(l[0].as_str()) == id.as_str() && l[3] == what);
+    let retire_start = at(&retired["id"], "start").expect("the retire ran through the exec script");
+    let pool_of: BTreeMap<u64, u64> = a
+        .iter()
+        .filter(|r| kind(r) == "spawn")
+        .map(|r| (instance(r).unwrap(), r["action"]["pool"].as_u64().unwrap()))
+        .collect();
+    let routing = |s: &Value| -> BTreeMap<String, u64> {
+        s["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["class"].as_str().unwrap().to_string(), c["pool"].as_u64().unwrap()))
+            .collect()
+    };
+    let mut route = routing(&first);
+    let mut routes_done: Vec<(usize, &Value)> = a
+        .iter()
+        .filter(|r| kind(r) == "route")
+        .filter_map(|r| at(&r["id"], "done").filter(|&p| p < retire_start).map(|p| (p, r)))
+        .collect();
+    routes_done.sort_by_key(|(p, _)| *p);
+    let mut served: BTreeSet<String> = [routing(&first), routing(&before)]
+        .iter()
+        .flat_map(|m| m.iter().filter(|(_, &p)| p == pool).map(|(c, _)| c.clone()))
+        .collect();
+    for (_, r) in routes_done {
+        let class = r["action"]["class"].as_str().unwrap().to_string();
+        let to = r["action"]["pool"].as_u64().unwrap();
+        if to == pool {
+            served.insert(class.clone());
+        }
+        route.insert(class, to);
+    }
+    let up = |j: u64| {
+        let spawned = a.iter().any(|r| {
+            kind(r) == "spawn" && instance(r) == Some(j) && at(&r["id"], "done").is_some_and(|p| p < retire_start)
+        });
+        let retiring = a.iter().any(|r| {
+            kind(r) == "retire" && instance(r) == Some(j) && at(&r["id"], "start").is_some_and(|p| p < retire_start)
+        });
+        spawned && !retiring
+    };
+    assert!(!served.is_empty(), "pool {pool} of the retired instance {old} never served a class: {route:?}");
+    for class in &served {
+        let to = route[class];
+        assert!(
+            pool_of.iter().any(|(&j, &p)| p == to && j != old && up(j)),
+            "instance {old} of pool {pool} was retired while class {class} (routed to pool {to}) had no other \
+             instance up: routing {route:?}, exec log {log:?}"
+        );
+    }
     assert!(!cluster.nodes().contains_key(&(old as u32)), "the retired node {old} still runs");
     svc.kill9();
     eprintln!(
