@@ -3,7 +3,7 @@
 //! [`AuditLog`] before and after (see [`crate::audit`] for the contract).
 
 use crate::audit::{AuditError, AuditLog, AuditRecord, AuditState};
-use crate::{ActionId, Actuator, Command, Outcome};
+use crate::{Action, ActionId, Actuator, Command, Outcome};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,6 +88,11 @@ impl Dispatcher {
     /// The backends' names, in order.
     pub fn backend_names(&self) -> Vec<String> {
         self.backends.iter().map(|b| b.actuator.name().to_string()).collect()
+    }
+
+    /// Whether a backend carries out actions of `action`'s kind.
+    pub fn carries(&self, action: &Action) -> bool {
+        self.backends.iter().any(|b| b.actuator.supports(action))
     }
 
     /// The audit log.

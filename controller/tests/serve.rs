@@ -1,13 +1,15 @@
 //! `dynamollm serve` against the in-process twin, over real loopback sockets:
 //! the bearer token on every endpoint but health, the status document, the
 //! modes, the service's own metrics, secrets kept out of logs; and the core's
-//! failsafe when telemetry goes stale (virtual time, no sleeps).
+//! failsafe when telemetry goes stale and its make-before-break toward an
+//! external router (virtual time, no sleeps).
 
 use actuators::{Action, Outcome, Placement};
 use dynamollm::control::{ControllerConfig, Loops};
 use dynamollm::profile::ProfileTable;
 use dynamollm::serve::config::{Secret, ServiceConfig};
 use dynamollm::serve::core::{CoreConfig, Mode, ServiceCore};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -217,8 +219,16 @@ fn core() -> ServiceCore {
 }
 
 fn samples(core: &mut ServiceCore, now: f64) {
-    let nodes: Vec<(String, u32)> =
-        core.instances().filter_map(|r| r.placement.as_ref().map(|p| (p.node.clone(), r.tp))).collect();
+    samples_of(core, now, |_| true)
+}
+
+/// Telemetry of the placed instances whose node `up` says answers.
+fn samples_of(core: &mut ServiceCore, now: f64, up: impl Fn(&str) -> bool) {
+    let nodes: Vec<(String, u32)> = core
+        .instances()
+        .filter_map(|r| r.placement.as_ref().map(|p| (p.node.clone(), r.tp)))
+        .filter(|(node, _)| up(node))
+        .collect();
     for (node, tp) in nodes {
         let (site, n) = node.split_once('/').unwrap();
         let tags = Tags::node(site, n);
@@ -359,6 +369,8 @@ fn saved_state_restores_the_plan() {
     )
     .unwrap();
     assert_eq!(a.routing(), b.routing());
+    assert_eq!(a.routed(), b.routed(), "the router's acknowledged table");
+    assert_eq!(a.held_retires().collect::<Vec<_>>(), b.held_retires().collect::<Vec<_>>());
     assert_eq!(a.instances().count(), b.instances().count());
     let ids_a: Vec<_> = a.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
     let ids_b: Vec<_> = b.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
@@ -410,4 +422,178 @@ fn a_failed_clock_command_keeps_the_old_clock() {
         t += 5.0;
     }
     assert!(failed > 0 && applied > 0, "both cases ran: {failed} failed, {applied} applied");
+}
+
+/// Make-before-break with an external router told by `route` commands, in
+/// virtual time: a spawn serves 60 s after it is acknowledged; the first
+/// route of each class fails (retryable), and so does every route for the
+/// 15 minutes after the load drops from heavy to light, when pools merge.
+/// Every route is sent only once its new pool serves (or its old one does
+/// not); every class that moves is routed, the ones riding along with a
+/// merge included; a failed route is sent again; no retire leaves a class
+/// the router sends to its pool without another serving instance (retires
+/// wait); and at the end the router's table is the controller's. The split
+/// case is `a_split_class_is_routed_once_its_new_pool_serves`.
+#[test]
+fn routes_reach_an_external_router_make_before_break() {
+    let mut core = core();
+    core.prime_rates([12.0; 9]);
+    // The router's table, as the routes it applied leave it (the service starts from the same one).
+    let mut table = core.routed();
+    assert_eq!(table, core.routing());
+    let mut pool_of: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut up_at: BTreeMap<u32, f64> = BTreeMap::new();
+    let mut failed_once: BTreeSet<String> = BTreeSet::new();
+    let (mut routes, mut applied, mut retires, mut held) = (0, 0, 0, 0);
+    // Every (class, pool) the controller's own route decisions named; a route outside it rode along.
+    let mut named: BTreeSet<(String, u32)> = BTreeSet::new();
+    let mut rode_along = 0;
+    let mut t = 0.0;
+    while t <= 5400.0 {
+        let per_tick = if t < 1200.0 { [60; 9] } else { [1; 9] };
+        let serving = |i: &u32, up_at: &BTreeMap<u32, f64>| up_at.get(i).is_some_and(|&u| u <= t);
+        let cmds = core.tick(t, 0);
+        named.extend(core.decisions().filter(|d| d.decision.at_s == t && d.decision.source != "routing").filter_map(
+            |d| match &d.decision.action {
+                Action::Route { class, pool } => Some((class.clone(), pool.0)),
+                _ => None,
+            },
+        ));
+        for c in cmds {
+            let outcome = match &c.action {
+                Action::Spawn { instance, pool, .. } => {
+                    pool_of.insert(instance.0, pool.0);
+                    up_at.insert(instance.0, t + 60.0);
+                    let node = format!("site/n{}", instance.0);
+                    Outcome::Applied {
+                        placement: Some(Placement { node, gpus: vec![], endpoint: None }),
+                        detail: String::new(),
+                    }
+                }
+                Action::Route { class, pool } => {
+                    let idx = telemetry::RequestClass::parse(class).unwrap().index();
+                    let to_serves = pool_of.iter().any(|(i, &p)| p == pool.0 && serving(i, &up_at));
+                    let from_serves = pool_of.iter().any(|(i, &p)| p == table[idx] && serving(i, &up_at));
+                    assert!(
+                        to_serves || !from_serves,
+                        "at {t} s: {class} routed to pool {} before it serves (from pool {}, which serves)",
+                        pool.0,
+                        table[idx]
+                    );
+                    routes += 1;
+                    let router_down = (1200.0..2100.0).contains(&t);
+                    if failed_once.insert(class.clone()) || router_down {
+                        Outcome::Failed { reason: "router busy".into(), retryable: true }
+                    } else {
+                        applied += 1;
+                        table[idx] = pool.0;
+                        rode_along += usize::from(!named.contains(&(class.clone(), pool.0)));
+                        Outcome::Applied { placement: None, detail: String::new() }
+                    }
+                }
+                Action::Retire { instance } => {
+                    let pool = pool_of[&instance.0];
+                    for (k, &p) in table.iter().enumerate() {
+                        if p == pool {
+                            assert!(
+                                pool_of.iter().any(|(i, &q)| q == pool && *i != instance.0 && serving(i, &up_at)),
+                                "at {t} s: instance {} retired while the router sends class {k} to its pool {pool}, \
+                                 which has no other serving instance",
+                                instance.0
+                            );
+                        }
+                    }
+                    pool_of.remove(&instance.0);
+                    up_at.remove(&instance.0);
+                    retires += 1;
+                    Outcome::Applied { placement: None, detail: String::new() }
+                }
+                _ => Outcome::Applied { placement: None, detail: String::new() },
+            };
+            core.on_outcome(&c.id, &outcome);
+        }
+        held = held.max(core.held_retires().count());
+        core.observe_arrivals(t, &per_tick);
+        let up: BTreeSet<String> = up_at.iter().filter(|(_, &u)| u <= t).map(|(i, _)| format!("site/n{i}")).collect();
+        samples_of(&mut core, t, |node| up.contains(node));
+        t += 5.0;
+    }
+    assert_eq!(table, core.routing(), "the router's table is the controller's at the end");
+    assert_eq!(core.routed(), core.routing());
+    assert!(applied > 0 && routes > applied, "routes sent: {routes}, applied (each after a failure): {applied}");
+    assert!(rode_along > 0, "no class rode along with a merge: the test lost its point");
+    assert!(retires > 0 && held > 0, "retires: {retires}; the most held at once: {held}");
+    eprintln!("routes {routes} ({applied} applied, {rode_along} rode along), retires {retires}, held at most {held}");
+}
+
+/// A class split off to a pool of its own (the controller's table) reaches
+/// an external router only once that pool has a serving instance: until
+/// then its requests stay on the merged pool that serves them.
+#[test]
+fn a_split_class_is_routed_once_its_new_pool_serves() {
+    use dynamollm::control::InstanceState;
+    use dynamollm::serve::core::InstanceRecord;
+    let mut profile = ProfileTable::bundled();
+    profile.set_slo_multiplier(5.0);
+    // No loop changes the fleet or the table: the test sets both.
+    let cfg = CoreConfig {
+        controller: ControllerConfig::new(Loops { scale: false, shard: false, clock: false, pools: true }, 1980),
+        stale_after_s: 60.0,
+        pool_names: (0..9).map(|p| format!("p{p}")).collect(),
+        retire_ack_means_stopped: true,
+    };
+    let mut saved = ServiceCore::new(cfg.clone(), profile.clone(), 0.0).save(0.0);
+    let record = |id: u32, pool: u32, state: InstanceState| InstanceRecord {
+        id: actuators::InstanceId(id),
+        pool,
+        tp: 8,
+        clock_mhz: 1980,
+        state,
+        placement: Some(Placement { node: format!("site/n{id}"), gpus: vec![], endpoint: None }),
+        outstanding: 0,
+        waiting: 0,
+        power_w: 0.0,
+        energy_j: 0.0,
+        spawned_at_s: 0.0,
+        last_report_s: None,
+        gpus: BTreeMap::new(),
+    };
+    saved.instances = vec![record(1, 1, InstanceState::Serving), record(2, 0, InstanceState::Starting)];
+    // The router sends SS to SM's pool 1; the controller has split it back to pool 0.
+    let mut routed: [u32; 9] = std::array::from_fn(|c| c as u32);
+    routed[0] = 1;
+    saved.routed = Some(routed);
+    saved.controller.started = true;
+    // Every loop ran at 0 s: none is due again within the test.
+    saved.controller.last_run_s = [Some(0.0); 3];
+    let mut core = ServiceCore::restore(cfg, profile, saved, 0.0).unwrap();
+    let load = [5, 5, 0, 0, 0, 0, 0, 0, 0];
+    core.prime_rates(load.map(|n| f64::from(n) / 5.0));
+    assert_eq!(core.routing()[0], 0);
+    let routes = |cmds: &[actuators::Command]| -> Vec<(String, u32)> {
+        cmds.iter()
+            .filter_map(|c| match &c.action {
+                Action::Route { class, pool } => Some((class.clone(), pool.0)),
+                _ => None,
+            })
+            .collect()
+    };
+    for t in [5.0, 10.0, 15.0] {
+        samples_of(&mut core, t, |n| n == "site/n1");
+        core.observe_arrivals(t, &load);
+        let cmds = core.tick(t, 0);
+        assert!(routes(&cmds).is_empty(), "at {t} s, pool 0 does not serve yet: {cmds:?}");
+        assert_eq!(core.routed()[0], 1);
+    }
+    // Instance 2 answers: SS moves to pool 0, once.
+    samples(&mut core, 20.0);
+    core.observe_arrivals(20.0, &load);
+    let cmds = core.tick(20.0, 0);
+    assert_eq!(routes(&cmds), [("SS".to_string(), 0)], "{cmds:?}");
+    assert!(routes(&core.tick(25.0, 0)).is_empty(), "one route in flight per class");
+    core.on_outcome(
+        &cmds.iter().find(|c| c.action.kind() == "route").unwrap().id,
+        &Outcome::Applied { placement: None, detail: String::new() },
+    );
+    assert_eq!(core.routed()[0], 0);
 }

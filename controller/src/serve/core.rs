@@ -119,6 +119,8 @@ pub struct InstanceRecord {
 }
 
 /// A decision as the service keeps it (the controller's, plus the command id and what the mode did).
+/// A route decision changes the controller's table and is never sent itself: the records of the
+/// `routing` source carry the table to the backends, and send the retires held until they have.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionRecord {
     /// The command's id (none when the mode kept it from acting).
@@ -187,6 +189,25 @@ pub struct SavedState {
     pub baseline_energy_j: f64,
     /// Per-class minute history for the forecaster (the last days).
     pub minutes: Vec<[f64; CLASS_COUNT]>,
+    /// The routing table the backends have acknowledged (class → pool);
+    /// absent in older saves (then the controller's table).
+    #[serde(default)]
+    pub routed: Option<[u32; CLASS_COUNT]>,
+    /// Retires decided and held until the backends route no class to the
+    /// instance's pool without another serving instance.
+    #[serde(default)]
+    pub held_retires: Vec<HeldRetire>,
+}
+
+/// A retire the controller decided that waits for the routes away from its pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldRetire {
+    /// The instance.
+    pub instance: InstanceId,
+    /// Held since (s).
+    pub since_s: f64,
+    /// The controller's reason for the retire.
+    pub reason: String,
 }
 
 /// The version of [`SavedState`].
@@ -250,9 +271,25 @@ pub struct ServiceCore {
     last_tick_s: Option<f64>,
     observed_spawn_s: Vec<f64>,
     baseline: Baseline,
+    /// A backend carries out `route` (an external router told by command):
+    /// the service then sends each class's route once its new pool serves,
+    /// sends again a route that failed, and holds a retire until no class
+    /// the backends route to its pool is left without a serving instance.
+    /// Without one (the built-in router follows the table itself), no
+    /// route is sent.
+    routes_to_backends: bool,
+    /// The routing table the backends have acknowledged (class → pool).
+    routed: [u32; CLASS_COUNT],
+    /// Per class: failed routes in a row, and when the last one was sent (s).
+    route_failures: [(u32, f64); CLASS_COUNT],
+    /// Retires held for make-before-break.
+    held_retires: BTreeMap<InstanceId, HeldRetire>,
     /// Counters for `/metrics`.
     pub counters: CoreCounters,
 }
+
+/// The longest wait before a failed route is sent again (s).
+const ROUTE_RETRY_MAX_S: f64 = 300.0;
 
 /// The `single-pool` baseline estimated from the profile: TP8 at the top
 /// clock, sized for the highest load seen so far, its power at the observed load.
@@ -295,6 +332,7 @@ impl ServiceCore {
         let max_clock = cfg.controller.max_clock_mhz;
         let baseline = Baseline::new(&profile, max_clock);
         let ctl = Controller::new(cfg.controller.clone(), profile);
+        let routed = ctl.routing().pool_of;
         ServiceCore {
             cfg,
             ctl,
@@ -319,6 +357,10 @@ impl ServiceCore {
             last_tick_s: None,
             observed_spawn_s: Vec::new(),
             baseline,
+            routes_to_backends: true,
+            routed,
+            route_failures: [(0, f64::NEG_INFINITY); CLASS_COUNT],
+            held_retires: BTreeMap::new(),
             counters: CoreCounters::default(),
         }
     }
@@ -344,6 +386,8 @@ impl ServiceCore {
         for m in saved.minutes {
             core.forecasts.push_minute(m);
         }
+        core.routed = saved.routed.unwrap_or(core.ctl.routing().pool_of);
+        core.held_retires = saved.held_retires.into_iter().map(|h| (h.instance, h)).collect();
         Ok(core)
     }
 
@@ -361,6 +405,8 @@ impl ServiceCore {
             retired_energy_j: self.retired_energy_j,
             baseline_energy_j: self.baseline.energy_j,
             minutes: h[h.len().saturating_sub(MINUTES_SAVED)..].to_vec(),
+            routed: Some(self.routed),
+            held_retires: self.held_retires.values().cloned().collect(),
         }
     }
 
@@ -397,6 +443,17 @@ impl ServiceCore {
     /// The controller's routing: class index → pool id.
     pub fn routing(&self) -> [u32; CLASS_COUNT] {
         self.ctl.routing().pool_of
+    }
+
+    /// The routing table the backends have acknowledged (class → pool): the
+    /// controller's table once every route it changed is applied.
+    pub fn routed(&self) -> [u32; CLASS_COUNT] {
+        self.routed
+    }
+
+    /// The retires held until the routes away from their pools are applied.
+    pub fn held_retires(&self) -> impl Iterator<Item = &HeldRetire> {
+        self.held_retires.values()
     }
 
     /// The inventory.
@@ -622,13 +679,43 @@ impl ServiceCore {
                     | Action::MoveQueued { .. } => self.stale.is_none(),
                 },
             };
-            let id = acts.then(|| {
+            // A route changes the controller's table and is not sent itself: `follow_routing` carries
+            // the table to the backends. A retire that would leave a class the backends route without
+            // a serving instance waits in `held_retires` (make before break).
+            let mut d = d;
+            let deferred = acts
+                && match d.action {
+                    Action::Route { .. } => true,
+                    Action::Retire { instance } if self.routes_to_backends => match self.retire_blocked(instance) {
+                        Some(why) => {
+                            let reason = d.reason.clone();
+                            self.held_retires.insert(instance, HeldRetire { instance, since_s: now_s, reason });
+                            d.reason = format!("{}; held: {why}", d.reason);
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                };
+            let sent = acts && !deferred;
+            let id = sent.then(|| {
                 let cmd = self.issue(&d.action, now_s, wall_ms);
                 let id = cmd.id.clone();
                 out.push(cmd);
                 id
             });
-            self.push_decision(DecisionRecord { id, mode, acted: acts, decision: d });
+            self.push_decision(DecisionRecord { id, mode, acted: sent, decision: d });
+        }
+        let routes_act = match mode {
+            Mode::Auto => true,
+            Mode::DryRun => false,
+            Mode::Failsafe => self.stale.is_none(),
+        };
+        if routes_act {
+            out.extend(self.follow_routing(now_s, wall_ms));
+        }
+        if mode == Mode::Auto {
+            out.extend(self.release_retires(now_s, wall_ms));
         }
         if mode == Mode::Failsafe {
             // Every instance to the top clock, once (a draining one finishes as it is).
@@ -655,6 +742,115 @@ impl ServiceCore {
         out
     }
 
+    /// Carry the controller's routing table to the backends, class by class:
+    /// a class goes to its new pool once that pool has a serving instance
+    /// (or at once when its old pool has none); one route per class in
+    /// flight; a route that failed is sent again after a wait that doubles
+    /// up to [`ROUTE_RETRY_MAX_S`]. Without a backend that routes, the
+    /// table is the backends' table (the built-in router follows it itself).
+    fn follow_routing(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
+        let table = self.ctl.routing().pool_of;
+        if !self.routes_to_backends {
+            self.routed = table;
+            return Vec::new();
+        }
+        let in_flight: Vec<String> = self
+            .pending
+            .values()
+            .filter_map(|c| match &c.action {
+                Action::Route { class, .. } => Some(class.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut out = Vec::new();
+        for class in RequestClass::ALL {
+            let c = class.index();
+            let (want, from) = (table[c], self.routed[c]);
+            let name = class.to_string();
+            if want == from || in_flight.contains(&name) {
+                continue;
+            }
+            let (failures, last_s) = self.route_failures[c];
+            let wait_s = if failures == 0 {
+                0.0
+            } else {
+                (self.cfg.controller.clock_period_s * 2f64.powi(failures.min(30) as i32 - 1)).min(ROUTE_RETRY_MAX_S)
+            };
+            if now_s - last_s < wait_s - 1e-9 {
+                continue;
+            }
+            let (new_serves, old_serves) = (self.pool_serves(want, None), self.pool_serves(from, None));
+            if !new_serves && old_serves {
+                continue;
+            }
+            self.route_failures[c].1 = now_s;
+            let action = Action::Route { class: name, pool: PoolId(want) };
+            let again = if failures > 0 { format!(" (again, after {failures} failed)") } else { String::new() };
+            let reason = if new_serves {
+                format!("{class} from pool {from} to pool {want}, which serves{again}")
+            } else {
+                format!("{class} from pool {from} to pool {want}: neither serves yet{again}")
+            };
+            out.push(self.issue_own(action, now_s, wall_ms, "routing", reason, Some(want)));
+        }
+        out
+    }
+
+    /// Whether a pool has a serving instance other than `except`, not itself held for retiring.
+    fn pool_serves(&self, pool: u32, except: Option<InstanceId>) -> bool {
+        self.instances.values().any(|r| {
+            r.pool == pool
+                && r.state == InstanceState::Serving
+                && Some(r.id) != except
+                && !(except.is_some() && self.held_retires.contains_key(&r.id))
+        })
+    }
+
+    /// Why retiring `instance` now would break make-before-break: the classes
+    /// the backends still route to its pool, which has no other serving
+    /// instance. `None` when it may go.
+    fn retire_blocked(&self, instance: InstanceId) -> Option<String> {
+        let pool = self.instances.get(&instance)?.pool;
+        let classes: Vec<String> =
+            RequestClass::ALL.iter().filter(|c| self.routed[c.index()] == pool).map(|c| c.to_string()).collect();
+        if classes.is_empty() || self.pool_serves(pool, Some(instance)) {
+            return None;
+        }
+        Some(format!(
+            "the backends still route {} to pool {pool}, which has no other serving instance",
+            classes.join(", ")
+        ))
+    }
+
+    /// Send the held retires that may go now; forget those of instances gone.
+    fn release_retires(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
+        let held: Vec<InstanceId> = self.held_retires.keys().copied().collect();
+        let mut out = Vec::new();
+        for instance in held {
+            let Some(pool) = self.instances.get(&instance).map(|r| r.pool) else {
+                self.held_retires.remove(&instance);
+                continue;
+            };
+            if self.retire_blocked(instance).is_some() {
+                continue;
+            }
+            let Some(h) = self.held_retires.remove(&instance) else { continue };
+            let reason = format!(
+                "{}; held {:.0} s until the backends routed its classes away from pool {pool}",
+                h.reason,
+                now_s - h.since_s
+            );
+            out.push(self.issue_own(Action::Retire { instance }, now_s, wall_ms, "routing", reason, Some(pool)));
+        }
+        out
+    }
+
+    /// Whether a backend carries out `route` commands (an external router):
+    /// see the field's doc. On by default.
+    pub fn set_routes_to_backends(&mut self, yes: bool) {
+        self.routes_to_backends = yes;
+    }
+
     fn remember_clock(&mut self, id: &ActionId, action: &Action) {
         if let Action::SetClock { instance, .. } = action {
             if let Some(r) = self.instances.get(instance) {
@@ -679,6 +875,35 @@ impl ServiceCore {
         cmd
     }
 
+    /// Issue a command the service decides itself (not the controller), recorded as a decision of `source`.
+    fn issue_own(
+        &mut self,
+        action: Action,
+        now_s: f64,
+        wall_ms: u64,
+        source: &'static str,
+        reason: String,
+        pool: Option<u32>,
+    ) -> Command {
+        let cmd = self.issue(&action, now_s, wall_ms);
+        self.push_decision(DecisionRecord {
+            id: Some(cmd.id.clone()),
+            mode: self.mode(),
+            acted: true,
+            decision: Decision {
+                at_s: now_s,
+                source,
+                action,
+                reason,
+                pool,
+                planned_rps: None,
+                predicted_delta_w: None,
+                slo_margin: None,
+            },
+        });
+        cmd
+    }
+
     /// Every instance below the top clock back to it, each command recorded as a decision of `source`.
     fn top_clocks(
         &mut self,
@@ -698,23 +923,7 @@ impl ServiceCore {
         let mut out = Vec::with_capacity(low.len());
         for instance in low {
             let action = Action::SetClock { instance, clock_mhz: max_clock };
-            let cmd = self.issue(&action, now_s, wall_ms);
-            self.push_decision(DecisionRecord {
-                id: Some(cmd.id.clone()),
-                mode: self.mode(),
-                acted: true,
-                decision: Decision {
-                    at_s: now_s,
-                    source,
-                    action,
-                    reason: reason.to_string(),
-                    pool: None,
-                    planned_rps: None,
-                    predicted_delta_w: None,
-                    slo_margin: None,
-                },
-            });
-            out.push(cmd);
+            out.push(self.issue_own(action, now_s, wall_ms, source, reason.to_string(), None));
         }
         out
     }
@@ -828,6 +1037,24 @@ impl ServiceCore {
             (Action::Retire { instance }, Outcome::Applied { .. }) if self.cfg.retire_ack_means_stopped => {
                 self.forget(*instance);
             }
+            (Action::Route { class, pool }, outcome) => {
+                if let Ok(c) = RequestClass::parse(class) {
+                    let c = c.index();
+                    match outcome {
+                        Outcome::Applied { .. } => {
+                            self.routed[c] = pool.0;
+                            self.route_failures[c].0 = 0;
+                        }
+                        // Sending it again will not help: counted as routed, so no retire waits for it for ever.
+                        Outcome::Failed { reason, retryable: false } => {
+                            tracing::error!(id = %id, class, pool = pool.0, %reason, "the route cannot be carried out; counted as routed");
+                            self.routed[c] = pool.0;
+                            self.route_failures[c].0 = 0;
+                        }
+                        _ => self.route_failures[c].0 += 1,
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -909,6 +1136,7 @@ impl ServiceCore {
                 serde_json::json!({
                     "class": c.to_string(),
                     "pool": routing[c.index()],
+                    "routed_pool": self.routed[c.index()],
                     "actual_rps": self.last_recent[c.index()],
                     "smoothed_rps": self.smoothed[c.index()],
                     "forecast_rps": forecast[c.index()],
@@ -926,6 +1154,7 @@ impl ServiceCore {
             "instances": instances,
             "classes": classes,
             "pending_actions": self.pending.len(),
+            "held_retires": self.held_retires.values().collect::<Vec<_>>(),
             "totals": self.totals(),
             "history": self.history,
         })

@@ -333,6 +333,10 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         samples_rx = Some(rx);
         (d, None)
     };
+    // An external router told by `route` commands gets each class's route once its new pool serves,
+    // and retires wait for it; the built-in router and the twin follow the controller's table themselves.
+    let probe = actuators::Action::Route { class: RequestClass::from_index(0).to_string(), pool: actuators::PoolId(0) };
+    core.set_routes_to_backends(!twin && cfg.router.listen.is_none() && dispatcher.carries(&probe));
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
         clock,
