@@ -597,3 +597,51 @@ fn a_split_class_is_routed_once_its_new_pool_serves() {
     );
     assert_eq!(core.routed()[0], 0);
 }
+
+/// A retire that fails leaves the instance serving in the service's view,
+/// and the controller decides again: the surplus instance is retired at a
+/// later plan instead of running, counted as draining, for ever.
+#[test]
+fn a_failed_retire_is_decided_again() {
+    use dynamollm::control::InstanceState;
+    let mut core = core();
+    core.prime_rates([12.0; 9]);
+    let mut failed: Option<(actuators::InstanceId, f64)> = None;
+    let mut retried_at = None;
+    let mut t = 0.0;
+    while t <= 5400.0 && retried_at.is_none() {
+        let per_tick = if t < 1200.0 { [60; 9] } else { [1; 9] };
+        for c in core.tick(t, 0) {
+            let outcome = match c.action {
+                Action::Spawn { instance, .. } => Outcome::Applied {
+                    placement: Some(Placement { node: format!("site/n{}", instance.0), gpus: vec![], endpoint: None }),
+                    detail: String::new(),
+                },
+                Action::Retire { instance } if failed.is_none() => {
+                    failed = Some((instance, t));
+                    Outcome::Failed { reason: "exec: exit status 1".into(), retryable: true }
+                }
+                Action::Retire { instance } if failed.is_some_and(|(i, _)| i == instance) => {
+                    retried_at = Some(t);
+                    Outcome::Applied { placement: None, detail: String::new() }
+                }
+                _ => Outcome::Applied { placement: None, detail: String::new() },
+            };
+            core.on_outcome(&c.id, &outcome);
+            if let (Some((i, at)), Action::Retire { instance }) = (failed, &c.action) {
+                if at == t && i == *instance {
+                    let state = core.instances().find(|r| r.id == i).map(|r| r.state);
+                    assert_eq!(state, Some(InstanceState::Serving), "instance {} after its retire failed", i.0);
+                }
+            }
+        }
+        core.observe_arrivals(t, &per_tick);
+        samples(&mut core, t);
+        t += 5.0;
+    }
+    let (instance, at) = failed.expect("no retire in the test");
+    let again = retried_at.unwrap_or_else(|| panic!("instance {} was not retired again after {at} s", instance.0));
+    assert!(again > at, "retired again at {again} s, failed at {at} s");
+    assert!(core.instances().all(|r| r.id != instance), "the retired instance is gone");
+    eprintln!("retire of instance {} failed at {at} s, decided again at {again} s", instance.0);
+}

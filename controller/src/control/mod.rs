@@ -456,6 +456,12 @@ impl Controller {
         &self.cfg
     }
 
+    /// A retire it decided did not happen: the instance counts as live again,
+    /// and the next plan decides about it afresh.
+    pub fn forget_retiring(&mut self, id: InstanceId) {
+        self.retiring.remove(&id);
+    }
+
     /// Number of pools.
     pub fn pool_count(&self) -> usize {
         self.plans.len()

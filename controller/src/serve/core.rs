@@ -257,6 +257,8 @@ pub struct ServiceCore {
     pending: BTreeMap<ActionId, Command>,
     /// For each clock command in flight, the clock the instance had before it.
     clock_before: BTreeMap<ActionId, u32>,
+    /// For each retire in flight, the state the instance had before it.
+    state_before: BTreeMap<ActionId, InstanceState>,
     window_counts: [u32; CLASS_COUNT],
     minute_counts: [u32; CLASS_COUNT],
     minute: usize,
@@ -343,6 +345,7 @@ impl ServiceCore {
             seq: 0,
             pending: BTreeMap::new(),
             clock_before: BTreeMap::new(),
+            state_before: BTreeMap::new(),
             window_counts: [0; CLASS_COUNT],
             minute_counts: [0; CLASS_COUNT],
             minute: (now_s / 60.0).floor().max(0.0) as usize,
@@ -851,11 +854,20 @@ impl ServiceCore {
         self.routes_to_backends = yes;
     }
 
-    fn remember_clock(&mut self, id: &ActionId, action: &Action) {
-        if let Action::SetClock { instance, .. } = action {
-            if let Some(r) = self.instances.get(instance) {
-                self.clock_before.insert(id.clone(), r.clock_mhz);
+    /// What a clock or retire command changes in the inventory, kept to undo it if it fails.
+    fn remember_before(&mut self, id: &ActionId, action: &Action) {
+        match action {
+            Action::SetClock { instance, .. } => {
+                if let Some(r) = self.instances.get(instance) {
+                    self.clock_before.insert(id.clone(), r.clock_mhz);
+                }
             }
+            Action::Retire { instance } => {
+                if let Some(r) = self.instances.get(instance) {
+                    self.state_before.insert(id.clone(), r.state);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -863,7 +875,7 @@ impl ServiceCore {
     /// until its outcome comes back.
     fn issue(&mut self, action: &Action, now_s: f64, wall_ms: u64) -> Command {
         let id = self.next_id();
-        self.remember_clock(&id, action);
+        self.remember_before(&id, action);
         self.apply_to_inventory(action, now_s);
         let cmd = Command {
             id: id.clone(),
@@ -1007,6 +1019,7 @@ impl ServiceCore {
     pub fn on_outcome(&mut self, id: &ActionId, outcome: &Outcome) {
         let Some(cmd) = self.pending.remove(id) else { return };
         let before = self.clock_before.remove(id);
+        let state_before = self.state_before.remove(id);
         let kind = cmd.action.kind().to_string();
         let tag = match outcome {
             Outcome::Applied { .. } => "applied",
@@ -1036,6 +1049,16 @@ impl ServiceCore {
             }
             (Action::Retire { instance }, Outcome::Applied { .. }) if self.cfg.retire_ack_means_stopped => {
                 self.forget(*instance);
+            }
+            // A retire that did not happen: the instance serves as before, and the controller decides
+            // again (else it would run, counted as draining, for ever).
+            (Action::Retire { instance }, Outcome::Failed { .. } | Outcome::TimedOut { .. }) => {
+                if let (Some(r), Some(b)) = (self.instances.get_mut(instance), state_before) {
+                    if r.state == InstanceState::Draining {
+                        r.state = b;
+                    }
+                }
+                self.ctl.forget_retiring(*instance);
             }
             (Action::Route { class, pool }, outcome) => {
                 if let Ok(c) = RequestClass::parse(class) {
