@@ -416,6 +416,7 @@ async fn run_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(ActionId, Outcome)>();
     let mut twin_over = false;
+    let mut gpu_counters = twin::GpuCounters::default();
     // Commands left in flight by a previous run go out again, same ids.
     let resend: Vec<Command> = shared.core.lock().map(|c| c.pending().cloned().collect()).unwrap_or_default();
     if !resend.is_empty() {
@@ -460,7 +461,7 @@ async fn run_loop(
             Some(ev) = async { match twin_events.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 match ev {
                     twin::TwinEvent::Report { now_s, instances, arrivals, attainment } => {
-                        let tps: Vec<(u32, u32)> = if let Ok(mut core) = shared.core.lock() {
+                        let pools: Vec<(u32, u32)> = if let Ok(mut core) = shared.core.lock() {
                             core.observe_arrivals(now_s, &arrivals);
                             core.observe_attainment(*attainment);
                             for r in &instances {
@@ -472,7 +473,7 @@ async fn run_loop(
                         };
                         if let Some(w) = &shared.store {
                             let ts_ms = shared.epoch_ms + (now_s * 1000.0) as i64;
-                            w.write(twin::samples(ts_ms, &instances, &tps, &arrivals)).await;
+                            w.write(gpu_counters.samples(ts_ms, &instances, &pools, &arrivals)).await;
                         }
                     }
                     twin::TwinEvent::Finished(totals) => {
