@@ -417,3 +417,30 @@ fn an_instance_younger_than_the_minimum_age_is_not_retired() {
     let d = out.iter().find(|d| matches!(d.action, Action::Retire { .. })).unwrap();
     assert!(d.reason.contains("not needed"), "{}", d.reason);
 }
+
+/// An action reported failed is not counted as under way: a failed spawn
+/// is no longer capacity coming, a failed reshard no longer an instance
+/// coming up at its new degree (the next plan starts from what serves).
+#[test]
+fn a_failed_spawn_or_reshard_is_not_counted_as_under_way() {
+    let mut c = planned_for_two_tp8(false);
+    let failed = Action::Spawn {
+        instance: InstanceId(1),
+        pool: PoolId(LL as u32),
+        tp: 8,
+        clock_mhz: TOP_MHZ,
+        from: actuators::SpawnFrom::WarmStandby,
+    };
+    let still = c.step(5.0, &obs(5.0, vec![inst(0, 8)], 5.0));
+    assert!(spawns(&still).is_empty(), "instance 1 is still on its way: {still:#?}");
+    c.action_failed(&failed);
+    assert!(!c.snapshot().spawning.contains_key(&InstanceId(1)));
+
+    let mut c = planned_for_two_tp8(true);
+    let o = obs(300.0, vec![inst(0, 8), inst(7, 4)], 5.0);
+    let out = c.step(300.0, &o);
+    assert_eq!(reshards(&out), vec![(7, 8)], "{out:#?}");
+    let d = out.iter().find(|d| matches!(d.action, Action::Reshard { .. })).unwrap();
+    c.action_failed(&d.action);
+    assert!(c.snapshot().resharding.is_empty(), "{:?}", c.snapshot().resharding);
+}

@@ -645,3 +645,43 @@ fn a_failed_retire_is_decided_again() {
     assert!(core.instances().all(|r| r.id != instance), "the retired instance is gone");
     eprintln!("retire of instance {} failed at {at} s, decided again at {again} s", instance.0);
 }
+
+/// A clock command that fails is sent again while the controller still
+/// wants that clock (it does not count the failed one as set).
+#[test]
+fn a_failed_clock_command_is_sent_again() {
+    let mut core = core();
+    core.prime_rates([0.5; 9]);
+    let mut failed: Option<(actuators::InstanceId, u32, f64)> = None;
+    let mut again_at = None;
+    let mut t = 0.0;
+    while t <= 900.0 && again_at.is_none() {
+        for c in core.tick(t, 0) {
+            let outcome = match c.action {
+                Action::Spawn { instance, .. } => Outcome::Applied {
+                    placement: Some(Placement { node: format!("site/n{}", instance.0), gpus: vec![], endpoint: None }),
+                    detail: String::new(),
+                },
+                Action::SetClock { instance, clock_mhz } if clock_mhz < 1980 && failed.is_none() => {
+                    failed = Some((instance, clock_mhz, t));
+                    Outcome::Failed { reason: "nvml: insufficient permissions".into(), retryable: true }
+                }
+                Action::SetClock { instance, .. } if failed.is_some_and(|(i, _, _)| i == instance) => {
+                    again_at = Some(t);
+                    Outcome::Applied { placement: None, detail: String::new() }
+                }
+                _ => Outcome::Applied { placement: None, detail: String::new() },
+            };
+            core.on_outcome(&c.id, &outcome);
+        }
+        core.observe_arrivals(t, &[2; 9]);
+        samples(&mut core, t);
+        t += 5.0;
+    }
+    let (instance, clock_mhz, at) = failed.expect("no clock was lowered");
+    let again = again_at.unwrap_or_else(|| {
+        panic!("instance {}'s clock ({clock_mhz} MHz, failed at {at} s) was not sent again", instance.0)
+    });
+    assert!(again - at <= 60.0, "sent again at {again} s, failed at {at} s");
+    eprintln!("clock {clock_mhz} MHz of instance {} failed at {at} s, sent again at {again} s", instance.0);
+}

@@ -456,10 +456,31 @@ impl Controller {
         &self.cfg
     }
 
-    /// A retire it decided did not happen: the instance counts as live again,
-    /// and the next plan decides about it afresh.
-    pub fn forget_retiring(&mut self, id: InstanceId) {
-        self.retiring.remove(&id);
+    /// An action it decided did not happen (failed or timed out): forget
+    /// that it is under way, so the next step decides from what is observed.
+    /// A spawn no longer counts as capacity coming, a retired instance as
+    /// going, a reshard as starting at its new degree, and a clock as set
+    /// (the clock loop sends it again while it still wants it).
+    pub fn action_failed(&mut self, action: &Action) {
+        match action {
+            Action::Spawn { instance, .. } => {
+                self.spawning.remove(instance);
+            }
+            Action::Retire { instance } => {
+                self.retiring.remove(instance);
+            }
+            Action::Reshard { instance, tp, .. } => {
+                if self.resharding.get(instance).is_some_and(|&(t, _)| t == *tp) {
+                    self.resharding.remove(instance);
+                }
+            }
+            Action::SetClock { instance, clock_mhz } => {
+                if self.pending_clock.get(instance) == Some(clock_mhz) {
+                    self.pending_clock.remove(instance);
+                }
+            }
+            Action::Route { .. } | Action::MoveQueued { .. } => {}
+        }
     }
 
     /// Number of pools.

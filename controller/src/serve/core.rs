@@ -255,10 +255,9 @@ pub struct ServiceCore {
     retired_energy_j: f64,
     seq: u64,
     pending: BTreeMap<ActionId, Command>,
-    /// For each clock command in flight, the clock the instance had before it.
-    clock_before: BTreeMap<ActionId, u32>,
-    /// For each retire in flight, the state the instance had before it.
-    state_before: BTreeMap<ActionId, InstanceState>,
+    /// For each clock, retire or reshard command in flight, the instance as it was before it
+    /// (to undo in the inventory what the command did not do).
+    before: BTreeMap<ActionId, InstanceRecord>,
     window_counts: [u32; CLASS_COUNT],
     minute_counts: [u32; CLASS_COUNT],
     minute: usize,
@@ -344,8 +343,7 @@ impl ServiceCore {
             retired_energy_j: 0.0,
             seq: 0,
             pending: BTreeMap::new(),
-            clock_before: BTreeMap::new(),
-            state_before: BTreeMap::new(),
+            before: BTreeMap::new(),
             window_counts: [0; CLASS_COUNT],
             minute_counts: [0; CLASS_COUNT],
             minute: (now_s / 60.0).floor().max(0.0) as usize,
@@ -854,20 +852,14 @@ impl ServiceCore {
         self.routes_to_backends = yes;
     }
 
-    /// What a clock or retire command changes in the inventory, kept to undo it if it fails.
+    /// The instance a clock, retire or reshard command changes, as it is before, to undo it if it fails.
     fn remember_before(&mut self, id: &ActionId, action: &Action) {
-        match action {
-            Action::SetClock { instance, .. } => {
-                if let Some(r) = self.instances.get(instance) {
-                    self.clock_before.insert(id.clone(), r.clock_mhz);
-                }
+        if let Action::SetClock { instance, .. } | Action::Retire { instance } | Action::Reshard { instance, .. } =
+            action
+        {
+            if let Some(r) = self.instances.get(instance) {
+                self.before.insert(id.clone(), r.clone());
             }
-            Action::Retire { instance } => {
-                if let Some(r) = self.instances.get(instance) {
-                    self.state_before.insert(id.clone(), r.state);
-                }
-            }
-            _ => {}
         }
     }
 
@@ -1018,8 +1010,7 @@ impl ServiceCore {
     /// What became of a command.
     pub fn on_outcome(&mut self, id: &ActionId, outcome: &Outcome) {
         let Some(cmd) = self.pending.remove(id) else { return };
-        let before = self.clock_before.remove(id);
-        let state_before = self.state_before.remove(id);
+        let before = self.before.remove(id);
         let kind = cmd.action.kind().to_string();
         let tag = match outcome {
             Outcome::Applied { .. } => "applied",
@@ -1036,16 +1027,18 @@ impl ServiceCore {
                 }
             }
             (Action::Spawn { instance, .. }, _) => {
-                // It never came up: forget it (the controller plans again).
+                // It never came up: forget it (the controller plans again, without counting it as coming).
                 self.instances.remove(instance);
+                self.ctl.action_failed(&cmd.action);
             }
             // A clock that was not set is still the old one (the controller decides again).
             (Action::SetClock { instance, clock_mhz }, Outcome::Failed { .. } | Outcome::TimedOut { .. }) => {
                 if let (Some(r), Some(b)) = (self.instances.get_mut(instance), before) {
                     if r.clock_mhz == *clock_mhz {
-                        r.clock_mhz = b;
+                        r.clock_mhz = b.clock_mhz;
                     }
                 }
+                self.ctl.action_failed(&cmd.action);
             }
             (Action::Retire { instance }, Outcome::Applied { .. }) if self.cfg.retire_ack_means_stopped => {
                 self.forget(*instance);
@@ -1053,12 +1046,23 @@ impl ServiceCore {
             // A retire that did not happen: the instance serves as before, and the controller decides
             // again (else it would run, counted as draining, for ever).
             (Action::Retire { instance }, Outcome::Failed { .. } | Outcome::TimedOut { .. }) => {
-                if let (Some(r), Some(b)) = (self.instances.get_mut(instance), state_before) {
+                if let (Some(r), Some(b)) = (self.instances.get_mut(instance), before) {
                     if r.state == InstanceState::Draining {
-                        r.state = b;
+                        r.state = b.state;
                     }
                 }
-                self.ctl.forget_retiring(*instance);
+                self.ctl.action_failed(&cmd.action);
+            }
+            // A reshard that did not happen (a make-before-break backend rolls it back): the old degree.
+            (Action::Reshard { instance, tp, .. }, Outcome::Failed { .. } | Outcome::TimedOut { .. }) => {
+                if let (Some(r), Some(b)) = (self.instances.get_mut(instance), before) {
+                    if r.tp == *tp {
+                        r.tp = b.tp;
+                        r.state = b.state;
+                        r.spawned_at_s = b.spawned_at_s;
+                    }
+                }
+                self.ctl.action_failed(&cmd.action);
             }
             (Action::Route { class, pool }, outcome) => {
                 if let Ok(c) = RequestClass::parse(class) {
