@@ -202,20 +202,23 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
     assert!(points.len() > 3 && points.windows(2).all(|w| w[1].1 >= w[0].1), "energy counters rise: {points:?}");
 }
 
-fn core() -> ServiceCore {
+fn bundled_profile() -> ProfileTable {
     let mut profile = ProfileTable::bundled();
     profile.set_slo_multiplier(5.0);
-    let cfg = ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980);
-    ServiceCore::new(
-        CoreConfig {
-            controller: cfg,
-            stale_after_s: 5.0,
-            pool_names: (0..9).map(|p| format!("p{p}")).collect(),
-            retire_ack_means_stopped: true,
-        },
-        profile,
-        0.0,
-    )
+    profile
+}
+
+fn core_config() -> CoreConfig {
+    CoreConfig {
+        controller: ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980),
+        stale_after_s: 5.0,
+        pool_names: (0..9).map(|p| format!("p{p}")).collect(),
+        retire_ack_means_stopped: true,
+    }
+}
+
+fn core() -> ServiceCore {
+    ServiceCore::new(core_config(), bundled_profile(), 0.0)
 }
 
 fn samples(core: &mut ServiceCore, now: f64) {
@@ -354,20 +357,7 @@ fn saved_state_restores_the_plan() {
     let saved = a.save(4.0);
     let text = serde_json::to_string(&saved).unwrap();
     let back: dynamollm::serve::core::SavedState = serde_json::from_str(&text).unwrap();
-    let mut profile = ProfileTable::bundled();
-    profile.set_slo_multiplier(5.0);
-    let mut b = ServiceCore::restore(
-        CoreConfig {
-            controller: ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980),
-            stale_after_s: 5.0,
-            pool_names: (0..9).map(|p| format!("p{p}")).collect(),
-            retire_ack_means_stopped: true,
-        },
-        profile,
-        back,
-        4.0,
-    )
-    .unwrap();
+    let mut b = ServiceCore::restore(core_config(), bundled_profile(), back, 4.0).unwrap();
     assert_eq!(a.routing(), b.routing());
     assert_eq!(a.routed(), b.routed(), "the router's acknowledged table");
     assert_eq!(a.held_retires().collect::<Vec<_>>(), b.held_retires().collect::<Vec<_>>());
@@ -512,7 +502,16 @@ fn routes_reach_an_external_router_make_before_break() {
             };
             core.on_outcome(&c.id, &outcome);
         }
-        held = held.max(core.held_retires().count());
+        let now_held = core.held_retires().count();
+        if now_held > held {
+            // What is held, and what the router has acknowledged, survive a restart.
+            let text = serde_json::to_string(&core.save(t)).unwrap();
+            let back = ServiceCore::restore(core_config(), bundled_profile(), serde_json::from_str(&text).unwrap(), t);
+            let back = back.unwrap();
+            assert_eq!(back.held_retires().collect::<Vec<_>>(), core.held_retires().collect::<Vec<_>>());
+            assert_eq!(back.routed(), core.routed());
+        }
+        held = held.max(now_held);
         core.observe_arrivals(t, &per_tick);
         let up: BTreeSet<String> = up_at.iter().filter(|(_, &u)| u <= t).map(|(i, _)| format!("site/n{i}")).collect();
         samples_of(&mut core, t, |node| up.contains(node));
@@ -533,14 +532,12 @@ fn routes_reach_an_external_router_make_before_break() {
 fn a_split_class_is_routed_once_its_new_pool_serves() {
     use dynamollm::control::InstanceState;
     use dynamollm::serve::core::InstanceRecord;
-    let mut profile = ProfileTable::bundled();
-    profile.set_slo_multiplier(5.0);
+    let profile = bundled_profile();
     // No loop changes the fleet or the table: the test sets both.
     let cfg = CoreConfig {
         controller: ControllerConfig::new(Loops { scale: false, shard: false, clock: false, pools: true }, 1980),
         stale_after_s: 60.0,
-        pool_names: (0..9).map(|p| format!("p{p}")).collect(),
-        retire_ack_means_stopped: true,
+        ..core_config()
     };
     let mut saved = ServiceCore::new(cfg.clone(), profile.clone(), 0.0).save(0.0);
     let record = |id: u32, pool: u32, state: InstanceState| InstanceRecord {
