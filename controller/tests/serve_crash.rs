@@ -294,6 +294,31 @@ async fn kill_9_mid_replan_then_restart_repeats_nothing_and_recovers_the_plan() 
         );
     }
     assert!(!cluster.nodes().contains_key(&(old as u32)), "the retired node {old} still runs");
+    // The router's table catches up with the controller's, and nothing stays held.
+    wait_for("the router's table to be the controller's", Duration::from_secs(20), || async {
+        let s = api.try_status().await?;
+        let behind: Vec<&Value> =
+            s["classes"].as_array().unwrap().iter().filter(|c| c["routed_pool"] != c["pool"]).collect();
+        let m = api.metrics().await;
+        let gauge = |q: &str| {
+            let name = format!("dynamollm_service{{quantity=\"{q}\"}} ");
+            m.lines().find_map(|l| l.strip_prefix(name.as_str())).and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        if behind.is_empty()
+            && s["held_retires"].as_array().is_some_and(|h| h.is_empty())
+            && gauge("classes_unrouted") == Some(0.0)
+            && gauge("held_retires") == Some(0.0)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "behind {behind:?}, held {}, gauges {:?}",
+                s["held_retires"],
+                (gauge("classes_unrouted"), gauge("held_retires"))
+            ))
+        }
+    })
+    .await;
     svc.kill9();
     eprintln!(
         "crash test: {:?} wall; killed during {id} (instance {inst}); {} commands pending at the kill, {} in flight; fleet {} → {}; instance {old} retired after the restart",

@@ -205,6 +205,9 @@ async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         g.with_label_values(&["baseline_energy_joules"]).set(t.baseline_energy_j);
         g.with_label_values(&["instances"]).set(c.instances().count() as f64);
         g.with_label_values(&["pending_actions"]).set(c.pending().count() as f64);
+        let behind = c.routing().iter().zip(c.routed()).filter(|(want, got)| **want != *got).count();
+        g.with_label_values(&["classes_unrouted"]).set(behind as f64);
+        g.with_label_values(&["held_retires"]).set(c.held_retires().count() as f64);
         g.with_label_values(&["failsafe"]).set(if c.mode() == Mode::Failsafe { 1.0 } else { 0.0 });
         g.with_label_values(&["time_seconds"]).set(now);
     }
