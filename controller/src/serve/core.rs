@@ -712,9 +712,7 @@ impl ServiceCore {
             Mode::DryRun => false,
             Mode::Failsafe => self.stale.is_none(),
         };
-        if routes_act {
-            out.extend(self.follow_routing(now_s, wall_ms));
-        }
+        out.extend(self.follow_routing(now_s, wall_ms, routes_act));
         if mode == Mode::Auto {
             out.extend(self.release_retires(now_s, wall_ms));
         }
@@ -747,12 +745,16 @@ impl ServiceCore {
     /// a class goes to its new pool once that pool has a serving instance
     /// (or at once when its old pool has none); one route per class in
     /// flight; a route that failed is sent again after a wait that doubles
-    /// up to [`ROUTE_RETRY_MAX_S`]. Without a backend that routes, the
-    /// table is the backends' table (the built-in router follows it itself).
-    fn follow_routing(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
+    /// up to [`ROUTE_RETRY_MAX_S`]; nothing is sent unless `act`. Without
+    /// a backend that routes, the table is the backends' table (the built-in
+    /// router follows it itself).
+    fn follow_routing(&mut self, now_s: f64, wall_ms: u64, act: bool) -> Vec<Command> {
         let table = self.ctl.routing().pool_of;
         if !self.routes_to_backends {
             self.routed = table;
+            return Vec::new();
+        }
+        if !act {
             return Vec::new();
         }
         let in_flight: Vec<String> = self
