@@ -146,8 +146,16 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
         "an action was sent in dry-run: {actions_after} outcomes, {actions_before} before and {in_flight} in flight"
     );
 
+    // The twin follows the controller's table itself: nothing is waiting for a router, in dry-run too.
+    let st: serde_json::Value = get(&c, &format!("{base}/api/v1/status"), Some(TOKEN)).await.json().await.unwrap();
+    for class in st["classes"].as_array().unwrap() {
+        assert_eq!(class["routed_pool"], class["pool"], "{class}");
+    }
+    assert_eq!(st["held_retires"], serde_json::json!([]));
+
     let m = get(&c, &format!("{base}/metrics"), Some(TOKEN)).await.text().await.unwrap();
     assert!(m.contains("dynamollm_loop_duration_seconds_count{loop=\"tick\"}"), "{m}");
+    assert!(m.contains("dynamollm_service{quantity=\"classes_unrouted\"} 0\n"), "{m}");
     assert!(m.contains("dynamollm_actions_total{kind=\"spawn\",outcome=\"applied\"}"), "{m}");
     assert!(m.contains("dynamollm_service{quantity=\"telemetry_lag_seconds\"}"), "{m}");
 
