@@ -122,6 +122,8 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
     let r = c.post(format!("{base}/api/v1/mode")).bearer_auth(TOKEN).body("{not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
     let before = svc.shared.core.lock().unwrap().decisions().count();
+    let routed_at_dry_run: Vec<serde_json::Value> =
+        svc.shared.core.lock().unwrap().routed().iter().map(|&p| serde_json::json!(p)).collect();
     // Commands sent in auto mode may still come back in dry-run (an ack after the switch): the
     // outcomes may grow by those, and by nothing sent since.
     let (actions_before, in_flight) = {
@@ -146,16 +148,18 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
         "an action was sent in dry-run: {actions_after} outcomes, {actions_before} before and {in_flight} in flight"
     );
 
-    // The twin follows the controller's table itself: nothing is waiting for a router, in dry-run too.
+    // The twin follows the table in effect itself, which dry-run does not move: nothing is held,
+    // and the classes counted unrouted are those whose planned pool differs from it.
     let st: serde_json::Value = get(&c, &format!("{base}/api/v1/status"), Some(TOKEN)).await.json().await.unwrap();
-    for class in st["classes"].as_array().unwrap() {
-        assert_eq!(class["routed_pool"], class["pool"], "{class}");
-    }
+    let unrouted = st["classes"].as_array().unwrap().iter().filter(|c| c["routed_pool"] != c["pool"]).count();
     assert_eq!(st["held_retires"], serde_json::json!([]));
+    let in_effect: Vec<serde_json::Value> =
+        st["classes"].as_array().unwrap().iter().map(|c| c["routed_pool"].clone()).collect();
+    assert_eq!(in_effect, routed_at_dry_run, "the table in effect moved in dry-run");
 
     let m = get(&c, &format!("{base}/metrics"), Some(TOKEN)).await.text().await.unwrap();
     assert!(m.contains("dynamollm_loop_duration_seconds_count{loop=\"tick\"}"), "{m}");
-    assert!(m.contains("dynamollm_service{quantity=\"classes_unrouted\"} 0\n"), "{m}");
+    assert!(m.contains(&format!("dynamollm_service{{quantity=\"classes_unrouted\"}} {unrouted}\n")), "{m}");
     assert!(m.contains("dynamollm_actions_total{kind=\"spawn\",outcome=\"applied\"}"), "{m}");
     assert!(m.contains("dynamollm_service{quantity=\"telemetry_lag_seconds\"}"), "{m}");
 
@@ -538,6 +542,71 @@ fn routes_reach_an_external_router_make_before_break() {
 /// then its requests stay on the merged pool that serves them.
 #[test]
 fn a_split_class_is_routed_once_its_new_pool_serves() {
+    let mut core = ss_split_back();
+    let load = [5, 5, 0, 0, 0, 0, 0, 0, 0];
+    let routes = |cmds: &[actuators::Command]| -> Vec<(String, u32)> {
+        cmds.iter()
+            .filter_map(|c| match &c.action {
+                Action::Route { class, pool } => Some((class.clone(), pool.0)),
+                _ => None,
+            })
+            .collect()
+    };
+    for t in [5.0, 10.0, 15.0] {
+        samples_of(&mut core, t, |n| n == "site/n1");
+        core.observe_arrivals(t, &load);
+        let cmds = core.tick(t, 0);
+        assert!(routes(&cmds).is_empty(), "at {t} s, pool 0 does not serve yet: {cmds:?}");
+        assert_eq!(core.routed()[0], 1);
+    }
+    // Instance 2 answers: SS moves to pool 0, once.
+    samples(&mut core, 20.0);
+    core.observe_arrivals(20.0, &load);
+    let cmds = core.tick(20.0, 0);
+    assert_eq!(routes(&cmds), [("SS".to_string(), 0)], "{cmds:?}");
+    assert!(routes(&core.tick(25.0, 0)).is_empty(), "one route in flight per class");
+    core.on_outcome(
+        &cmds.iter().find(|c| c.action.kind() == "route").unwrap().id,
+        &Outcome::Applied { placement: None, detail: String::new() },
+    );
+    assert_eq!(core.routed()[0], 0);
+}
+
+/// With the built-in router (no backend routes), the table in effect is the
+/// controller's in auto mode and does not move in dry-run, nor in failsafe
+/// while telemetry is stale: the router moves no class the operator only
+/// wanted to watch being planned.
+#[test]
+fn dry_run_moves_no_class_with_the_built_in_router() {
+    let mut core = ss_split_back();
+    core.set_routes_to_backends(false);
+    let load = [5, 5, 0, 0, 0, 0, 0, 0, 0];
+    core.set_mode(Mode::DryRun);
+    for t in [5.0, 10.0, 15.0] {
+        samples(&mut core, t);
+        core.observe_arrivals(t, &load);
+        assert!(core.tick(t, 0).is_empty(), "dry-run sends nothing");
+        assert_eq!((core.routing()[0], core.routed()[0]), (0, 1), "at {t} s in dry-run");
+    }
+    // Blind: failsafe holds the table too.
+    core.set_mode(Mode::Auto);
+    core.tick(100.0, 0);
+    assert_eq!(core.mode(), Mode::Failsafe);
+    assert_eq!(core.routed()[0], 1, "failsafe while blind moved SS");
+    // Telemetry again, auto: the table in effect is the controller's at once (the router makes before breaking).
+    samples(&mut core, 105.0);
+    core.observe_arrivals(105.0, &load);
+    assert!(core.tick(105.0, 0).iter().all(|c| c.action.kind() != "route"), "the built-in router is sent no route");
+    assert_eq!(core.mode(), Mode::Auto);
+    assert_eq!(core.routed(), core.routing());
+    assert_eq!(core.routed()[0], 0);
+}
+
+/// A core restored with SS split back to its own pool 0 (the controller's
+/// table) while the backends still route it to SM's pool 1: instance 1 serves
+/// pool 1, instance 2 of pool 0 is starting, and no loop changes the fleet
+/// or the table (the tests set both).
+fn ss_split_back() -> ServiceCore {
     use dynamollm::control::InstanceState;
     use dynamollm::serve::core::InstanceRecord;
     let profile = bundled_profile();
@@ -572,35 +641,9 @@ fn a_split_class_is_routed_once_its_new_pool_serves() {
     // Every loop ran at 0 s: none is due again within the test.
     saved.controller.last_run_s = [Some(0.0); 3];
     let mut core = ServiceCore::restore(cfg, profile, saved, 0.0).unwrap();
-    let load = [5, 5, 0, 0, 0, 0, 0, 0, 0];
-    core.prime_rates(load.map(|n| f64::from(n) / 5.0));
-    assert_eq!(core.routing()[0], 0);
-    let routes = |cmds: &[actuators::Command]| -> Vec<(String, u32)> {
-        cmds.iter()
-            .filter_map(|c| match &c.action {
-                Action::Route { class, pool } => Some((class.clone(), pool.0)),
-                _ => None,
-            })
-            .collect()
-    };
-    for t in [5.0, 10.0, 15.0] {
-        samples_of(&mut core, t, |n| n == "site/n1");
-        core.observe_arrivals(t, &load);
-        let cmds = core.tick(t, 0);
-        assert!(routes(&cmds).is_empty(), "at {t} s, pool 0 does not serve yet: {cmds:?}");
-        assert_eq!(core.routed()[0], 1);
-    }
-    // Instance 2 answers: SS moves to pool 0, once.
-    samples(&mut core, 20.0);
-    core.observe_arrivals(20.0, &load);
-    let cmds = core.tick(20.0, 0);
-    assert_eq!(routes(&cmds), [("SS".to_string(), 0)], "{cmds:?}");
-    assert!(routes(&core.tick(25.0, 0)).is_empty(), "one route in flight per class");
-    core.on_outcome(
-        &cmds.iter().find(|c| c.action.kind() == "route").unwrap().id,
-        &Outcome::Applied { placement: None, detail: String::new() },
-    );
-    assert_eq!(core.routed()[0], 0);
+    core.prime_rates([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    assert_eq!((core.routing()[0], core.routed()[0]), (0, 1));
+    core
 }
 
 /// A retire that fails leaves the instance serving in the service's view,

@@ -446,8 +446,10 @@ impl ServiceCore {
         self.ctl.routing().pool_of
     }
 
-    /// The routing table the backends have acknowledged (class → pool): the
-    /// controller's table once every route it changed is applied.
+    /// The routing table in effect (class → pool): with an external router,
+    /// the routes it has acknowledged; with the built-in router (or the
+    /// twin's), the table it follows. The controller's table once every route
+    /// it changed is applied; in dry-run it stays where it was.
     pub fn routed(&self) -> [u32; CLASS_COUNT] {
         self.routed
     }
@@ -746,12 +748,16 @@ impl ServiceCore {
     /// (or at once when its old pool has none); one route per class in
     /// flight; a route that failed is sent again after a wait that doubles
     /// up to [`ROUTE_RETRY_MAX_S`]; nothing is sent unless `act`. Without
-    /// a backend that routes, the table is the backends' table (the built-in
-    /// router follows it itself).
+    /// a backend that routes, the built-in router (or the twin's) follows
+    /// [`ServiceCore::routed`] itself, making before breaking: the table
+    /// becomes it at once when `act`, and not at all otherwise (dry-run, or
+    /// failsafe while blind, moves no class).
     fn follow_routing(&mut self, now_s: f64, wall_ms: u64, act: bool) -> Vec<Command> {
         let table = self.ctl.routing().pool_of;
         if !self.routes_to_backends {
-            self.routed = table;
+            if act {
+                self.routed = table;
+            }
             return Vec::new();
         }
         if !act {

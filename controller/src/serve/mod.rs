@@ -251,7 +251,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             core.prime_rates(d);
         }
     }
-    let (routing_tx, routing_rx) = watch::channel(core.routing());
+    let (routing_tx, routing_rx) = watch::channel(core.routed());
     let timeout = Duration::from_secs_f64(cfg.service.action_timeout_s / cfg.service.speed.max(1.0))
         .max(Duration::from_millis(50));
     // The embedded store (default under state_dir): telemetry, and the audit log of a real cluster.
@@ -433,7 +433,7 @@ async fn run_loop(
                 let (cmds, saved, routing) = {
                     let mut core = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                     let cmds = core.tick(now, wall_ms());
-                    (cmds, core.save(now), core.routing())
+                    (cmds, core.save(now), core.routed())
                 };
                 // Write-ahead: the plan and the commands are on disk before anything acts.
                 if let Err(e) = save_state(&dir, &saved) {

@@ -233,12 +233,13 @@ fn input_tokens(v: &serde_json::Value) -> Result<u32, String> {
 }
 
 impl RouterState {
-    /// The pool a class goes to now: the controller's choice once it serves;
+    /// The pool a class goes to now: the table in effect (the controller's,
+    /// except in dry-run: [`super::core::ServiceCore::routed`]) once that pool serves;
     /// until then where it went before, or — when that does not serve either —
     /// the pool of the next-larger class of the same prompt band that serves
     /// (where a merged class would go).
     fn pool_for(&self, class: usize, serving: &dyn Fn(u32) -> bool) -> u32 {
-        let table = self.shared.core.lock().map(|c| c.routing()).unwrap_or([0; CLASS_COUNT]);
+        let table = self.shared.core.lock().map(|c| c.routed()).unwrap_or([0; CLASS_COUNT]);
         let want = table[class];
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if serving(want) {
