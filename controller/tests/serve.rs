@@ -450,6 +450,7 @@ fn routes_reach_an_external_router_make_before_break() {
     // Every (class, pool) the controller's own route decisions named; a route outside it rode along.
     let mut named: BTreeSet<(String, u32)> = BTreeSet::new();
     let mut rode_along = 0;
+    let mut oldest_held_s: f64 = 0.0;
     let mut t = 0.0;
     while t <= 5400.0 {
         let per_tick = if t < 1200.0 { [60; 9] } else { [1; 9] };
@@ -524,6 +525,11 @@ fn routes_reach_an_external_router_make_before_break() {
             assert_eq!(back.routed(), core.routed());
         }
         held = held.max(now_held);
+        let oldest = core.held_retire_oldest_s(t);
+        if now_held == 0 {
+            assert_eq!(oldest, 0.0, "at {t} s nothing is held");
+        }
+        oldest_held_s = oldest_held_s.max(oldest);
         core.observe_arrivals(t, &per_tick);
         let up: BTreeSet<String> = up_at.iter().filter(|(_, &u)| u <= t).map(|(i, _)| format!("site/n{i}")).collect();
         samples_of(&mut core, t, |node| up.contains(node));
@@ -534,7 +540,10 @@ fn routes_reach_an_external_router_make_before_break() {
     assert!(applied > 0 && routes > applied, "routes sent: {routes}, applied (each after a failure): {applied}");
     assert!(rode_along > 0, "no class rode along with a merge: the test lost its point");
     assert!(retires > 0 && held > 0, "retires: {retires}; the most held at once: {held}");
-    eprintln!("routes {routes} ({applied} applied, {rode_along} rode along), retires {retires}, held at most {held}");
+    // The router was down for 15 minutes while pools merged: a retire waited most of that.
+    assert!((300.0..=900.0).contains(&oldest_held_s), "the longest hold: {oldest_held_s} s");
+    assert_eq!(core.held_retire_oldest_s(t), 0.0, "a retire is still held at the end");
+    eprintln!("routes {routes} ({applied} applied, {rode_along} rode along), retires {retires}, held at most {held}, the longest {oldest_held_s} s");
 }
 
 /// A class split off to a pool of its own (the controller's table) reaches

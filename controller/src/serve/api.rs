@@ -208,6 +208,7 @@ async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         let behind = c.routing().iter().zip(c.routed()).filter(|(want, got)| **want != *got).count();
         g.with_label_values(&["classes_unrouted"]).set(behind as f64);
         g.with_label_values(&["held_retires"]).set(c.held_retires().count() as f64);
+        g.with_label_values(&["held_retire_oldest_seconds"]).set(c.held_retire_oldest_s(now));
         g.with_label_values(&["failsafe"]).set(if c.mode() == Mode::Failsafe { 1.0 } else { 0.0 });
         g.with_label_values(&["time_seconds"]).set(now);
     }

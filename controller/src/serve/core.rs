@@ -13,7 +13,7 @@ use crate::control::{
 use crate::profile::ProfileTable;
 use actuators::{Action, ActionId, Command, InstanceId, Outcome, Placement, PoolId};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use telemetry::{RequestClass, CLASS_COUNT};
 
 /// How the service acts.
@@ -285,6 +285,8 @@ pub struct ServiceCore {
     route_failures: [(u32, f64); CLASS_COUNT],
     /// Retires held for make-before-break.
     held_retires: BTreeMap<InstanceId, HeldRetire>,
+    /// Held retires already warned about (once each, past [`ROUTE_RETRY_MAX_S`]).
+    held_warned: BTreeSet<InstanceId>,
     /// Counters for `/metrics`.
     pub counters: CoreCounters,
 }
@@ -362,6 +364,7 @@ impl ServiceCore {
             routed,
             route_failures: [(0, f64::NEG_INFINITY); CLASS_COUNT],
             held_retires: BTreeMap::new(),
+            held_warned: BTreeSet::new(),
             counters: CoreCounters::default(),
         }
     }
@@ -457,6 +460,13 @@ impl ServiceCore {
     /// The retires held until the routes away from their pools are applied.
     pub fn held_retires(&self) -> impl Iterator<Item = &HeldRetire> {
         self.held_retires.values()
+    }
+
+    /// How long the oldest held retire has waited for its routes (s; 0 when none
+    /// is held): a router that never acknowledges keeps an instance up for ever,
+    /// so this is the figure to alert on.
+    pub fn held_retire_oldest_s(&self, now_s: f64) -> f64 {
+        self.held_retires.values().map(|h| (now_s - h.since_s).max(0.0)).fold(0.0, f64::max)
     }
 
     /// The inventory.
@@ -838,11 +848,17 @@ impl ServiceCore {
         for instance in held {
             let Some(pool) = self.instances.get(&instance).map(|r| r.pool) else {
                 self.held_retires.remove(&instance);
+                self.held_warned.remove(&instance);
                 continue;
             };
-            if self.retire_blocked(instance).is_some() {
+            if let Some(why) = self.retire_blocked(instance) {
+                let waited_s = self.held_retires.get(&instance).map_or(0.0, |h| now_s - h.since_s);
+                if waited_s > ROUTE_RETRY_MAX_S && self.held_warned.insert(instance) {
+                    tracing::warn!(instance = instance.0, pool, waited_s, "a retire is still held: {why}");
+                }
                 continue;
             }
+            self.held_warned.remove(&instance);
             let Some(h) = self.held_retires.remove(&instance) else { continue };
             let reason = format!(
                 "{}; held {:.0} s until the backends routed its classes away from pool {pool}",
