@@ -377,6 +377,17 @@ fn saved_state_restores_the_plan() {
     let ids_a: Vec<_> = a.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
     let ids_b: Vec<_> = b.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
     assert_eq!(ids_a, ids_b, "the restored core continues with the same ids and actions");
+    // A table in effect that differs from the controller's survives too.
+    let split = ss_split_back();
+    let back = ServiceCore::restore(
+        split_config(),
+        bundled_profile(),
+        serde_json::from_str(&serde_json::to_string(&split.save(0.0)).unwrap()).unwrap(),
+        0.0,
+    )
+    .unwrap();
+    assert_ne!(split.routed(), split.routing());
+    assert_eq!((back.routed(), back.routing()), (split.routed(), split.routing()));
     assert!(!dynamollm::serve::config::token_matches(&Secret::new(""), ""), "an empty token matches nothing");
 }
 
@@ -611,6 +622,15 @@ fn dry_run_moves_no_class_with_the_built_in_router() {
     assert_eq!(core.routed()[0], 0);
 }
 
+/// No loop changes the fleet or the table: the tests set both.
+fn split_config() -> CoreConfig {
+    CoreConfig {
+        controller: ControllerConfig::new(Loops { scale: false, shard: false, clock: false, pools: true }, 1980),
+        stale_after_s: 60.0,
+        ..core_config()
+    }
+}
+
 /// A core restored with SS split back to its own pool 0 (the controller's
 /// table) while the backends still route it to SM's pool 1: instance 1 serves
 /// pool 1, instance 2 of pool 0 is starting, and no loop changes the fleet
@@ -619,12 +639,7 @@ fn ss_split_back() -> ServiceCore {
     use dynamollm::control::InstanceState;
     use dynamollm::serve::core::InstanceRecord;
     let profile = bundled_profile();
-    // No loop changes the fleet or the table: the test sets both.
-    let cfg = CoreConfig {
-        controller: ControllerConfig::new(Loops { scale: false, shard: false, clock: false, pools: true }, 1980),
-        stale_after_s: 60.0,
-        ..core_config()
-    };
+    let cfg = split_config();
     let mut saved = ServiceCore::new(cfg.clone(), profile.clone(), 0.0).save(0.0);
     let record = |id: u32, pool: u32, state: InstanceState| InstanceRecord {
         id: actuators::InstanceId(id),
