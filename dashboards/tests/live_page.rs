@@ -14,9 +14,11 @@ const STATUS: &str = r#"{"mode":"auto","time_s":86400.0,"telemetry_lag_s":1.5,
          {"id":1,"name":"LL","classes":["LL"],"instances":1,"gpus":8,"power_w":4100.0,"planned_rps":0.75}],
 "instances":[{"id":11,"pool":0,"tp":2,"clock_mhz":1410,"state":"serving","power_w":800.0},
              {"id":12,"pool":0,"tp":4,"clock_mhz":1755,"state":"starting","power_w":1545.6},
-             {"id":13,"pool":1,"tp":8,"clock_mhz":1980,"state":"draining","power_w":4100.0}],
-"classes":[{"class":"SS","actual_rps":2.5,"forecast_rps":2.75,"attainment":0.9987},
-           {"class":"LL","actual_rps":0.5,"forecast_rps":0.625,"attainment":null}],
+             {"id":13,"pool":1,"tp":8,"clock_mhz":1980,"state":"draining","power_w":4100.0},
+             {"id":14,"pool":1,"tp":8,"clock_mhz":1980,"state":"serving","power_w":900.0}],
+"classes":[{"class":"SS","pool":0,"routed_pool":0,"actual_rps":2.5,"forecast_rps":2.75,"attainment":0.9987},
+           {"class":"LL","pool":0,"routed_pool":1,"actual_rps":0.5,"forecast_rps":0.625,"attainment":null}],
+"held_retires":[{"instance":14,"since_s":86085.0,"reason":"pool LL serves no class any more (merged)"}],
 "totals":{"energy_j":36000000.0,"baseline_energy_j":72000000.0,"power_w":6445.6,"gpus":14,"savings_ratio":0.5},
 "history":[{"time_s":86280.0,"power_w":6000.0,"gpus":14,"actual_rps":2.8,"forecast_rps":3.0},
            {"time_s":86340.0,"power_w":6300.0,"gpus":14,"actual_rps":3.0,"forecast_rps":3.1},
@@ -73,6 +75,7 @@ fn the_live_page_renders_the_status_without_errors() {
     assert_eq!(text_of(d, "baseline-energy-kwh"), "20.00 kWh");
     assert_eq!(text_of(d, "savings-pct"), "50.0%");
     assert_eq!(text_of(d, "telemetry-lag-s"), "1.5");
+    assert_eq!(text_of(d, "held-retires"), "1 (oldest 315 s)");
     for cell in [
         "<td>SS SM</td>",
         "<td>2346</td>",
@@ -83,6 +86,8 @@ fn the_live_page_renders_the_status_without_errors() {
         "<td>2.75</td>",
         "<td>99.87%</td>",
         "<td>0.63</td>",
+        "<td>serving, retire held</td>",
+        "<td>LL (not yet moved)</td>",
     ] {
         assert!(d.contains(cell), "{cell} in the DOM");
     }
