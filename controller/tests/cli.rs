@@ -159,6 +159,38 @@ fn single_pool_sizing_is_the_smallest_count_that_holds_every_class() {
     assert!(!holds(&fewer), "{} instances would also hold: sizing is not minimal", n - 1);
 }
 
+/// `scale-inst` turns the static cluster's instances on and off: it never
+/// holds more GPUs than `single-pool` (here an undersized 6 instances, which
+/// the load would have it outgrow) and uses less energy on the same trace.
+#[test]
+fn scale_inst_stays_within_the_static_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("cmp.json");
+    let out = dynamollm(&[
+        "sim",
+        "--compare",
+        "scale-inst",
+        "--hours",
+        "0.5",
+        "--scale",
+        "2.25",
+        "--instances",
+        "6",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let by = |p: &str| runs.iter().find(|r| r["policy"] == p).unwrap_or_else(|| panic!("no {p} run"));
+    let (single, inst) = (by("single-pool"), by("scale-inst"));
+    assert_eq!(single["peak_gpus"], 48);
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    assert!(f(inst, "peak_gpus") <= 48.0, "scale-inst outgrew the cluster: {}", inst["peak_gpus"]);
+    assert!(f(inst, "avg_gpus") < 48.0 && f(inst, "energy_kwh") < f(single, "energy_kwh"), "{inst}");
+}
+
 /// `--compare` with the oracle: every run carries `oracle_gap` (its energy
 /// over the oracle's, minus one), and the oracle, knowing the future and
 /// reconfiguring for free, uses less energy than `dynamollm` on the same

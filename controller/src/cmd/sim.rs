@@ -196,6 +196,9 @@ pub fn run_controlled_policy(
     if !loops.scale && !loops.shard {
         cfg.fixed_instances = Some(run.single_pool_instances);
     }
+    if loops.scale && !loops.shard && run.single_pool_instances > 0 {
+        cfg.gpu_budget = 8 * run.single_pool_instances;
+    }
     if !loops.scale && loops.shard && run.single_pool_instances > 0 {
         // scale-shard: the static cluster's GPUs, reshaped (the paper's ScaleShard keeps them all).
         cfg.fixed_gpus = Some(8 * run.single_pool_instances);

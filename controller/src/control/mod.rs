@@ -1045,10 +1045,11 @@ impl Controller {
         let mix = if self.cfg.loops.shard {
             planner.best_mix(total, budget.max(planner.options.iter().map(|o| o.tp).min().unwrap_or(8)), min_instances)
         } else {
-            // TP8 only: as many as the budget (scale loop) allows, at least what the demand needs.
+            // TP8 only: with the scale loop what the demand needs, within the cluster (`gpu_budget`);
+            // without it the fixed count, or the budget's and at least what the demand needs.
             let need = (total / (planner.capacity(8) * planner.max_util).max(1e-9)).ceil() as u32;
             let n = match (self.cfg.loops.scale, self.cfg.fixed_instances) {
-                (true, _) => need.max(min_instances),
+                (true, _) => need.max(min_instances).min((self.cfg.gpu_budget / 8).max(min_instances)),
                 (false, Some(n)) => n,
                 (false, None) => (budget / 8).max(need),
             };
