@@ -189,6 +189,38 @@ fn scale_inst_stays_within_the_static_cluster() {
     let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
     assert!(f(inst, "peak_gpus") <= 48.0, "scale-inst outgrew the cluster: {}", inst["peak_gpus"]);
     assert!(f(inst, "avg_gpus") < 48.0 && f(inst, "energy_kwh") < f(single, "energy_kwh"), "{inst}");
+    // Alone, it runs within the cluster single-pool sizing finds.
+    let alone = |policy: &str| -> serde_json::Value {
+        let json = dir.path().join(format!("{policy}.json"));
+        let args = ["sim", "--policy", policy, "--hours", "0.5", "--scale", "2.25", "--quiet", "--json"];
+        let out = dynamollm(&[&args[..], &[json.to_str().unwrap()]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+    };
+    let (single, inst) = (alone("single-pool"), alone("scale-inst"));
+    assert!(
+        f(&inst, "peak_gpus") <= f(&single, "peak_gpus"),
+        "scale-inst alone outgrew single-pool's cluster: {} GPUs, single-pool {}",
+        inst["peak_gpus"],
+        single["peak_gpus"]
+    );
+}
+
+/// One `--instances` number gives every multi-pool pool that many (9 pools ×
+/// N): the run says so beside multi-pool's table, and not when the counts are per class.
+#[test]
+fn one_instances_number_for_multi_pool_is_pointed_out() {
+    let run = |instances: &str| {
+        let how = if instances.contains('=') { "--policy" } else { "--compare" };
+        let out = dynamollm(&["sim", how, "multi-pool", "--hours", "0.1", "--instances", instances, "--quiet"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let one = run("2");
+    assert!(one.contains("instances: SS=2 SM=2"), "{one}");
+    assert!(one.contains("one --instances number gives every pool that many"), "{one}");
+    let per_class = run("SS=1,SM=1,SL=1,MS=1,MM=1,ML=1,LS=2,LM=1,LL=1");
+    assert!(per_class.contains("instances: SS=1 SM=1") && !per_class.contains("one --instances"), "{per_class}");
 }
 
 /// `--compare` with the oracle: every run carries `oracle_gap` (its energy

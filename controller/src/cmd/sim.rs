@@ -370,9 +370,11 @@ pub fn run_policies(
     let mut single_counts: Option<Vec<u32>> = None;
     let mut reports: Vec<SimReport> = Vec::new();
     let static_first: Vec<Policy> = {
-        // Static baselines run first: scale-freq reuses single-pool's layout, scale-shard its GPUs.
+        // Static baselines run first: scale-freq reuses single-pool's layout, scale-shard and
+        // scale-inst its cluster.
         let mut v: Vec<Policy> = policies.iter().copied().filter(|p| p.loops().is_none()).collect();
-        let reuses_single = policies.contains(&Policy::ScaleFreq) || policies.contains(&Policy::ScaleShard);
+        let reuses_single =
+            [Policy::ScaleFreq, Policy::ScaleShard, Policy::ScaleInst].iter().any(|p| policies.contains(p));
         if !v.contains(&Policy::SinglePool) && reuses_single && opts.instances.is_none() {
             v.push(Policy::SinglePool);
         }
@@ -397,6 +399,13 @@ pub fn run_policies(
                             "--instances"
                         }
                     );
+                    if policy == Policy::MultiPool && opts.instances.as_deref().is_some_and(|t| !t.contains('=')) {
+                        println!(
+                            "  (one --instances number gives every pool that many: leave it out to size \
+                             multi-pool by replay, or give per-class counts to `--policy multi-pool`, \
+                             e.g. SS=2,LS=5)"
+                        );
+                    }
                 }
                 if policy == Policy::SinglePool {
                     single_counts = Some(counts);
