@@ -297,3 +297,105 @@ fn the_clock_follows_the_load_seen_now_with_the_margin_only_where_prompt_bands_m
     assert_eq!(clock_set(true), bare, "long/long's own pool at {load:.3} req/s");
     assert_eq!(clock_set(false), padded, "the single pool at {load:.3} req/s");
 }
+
+/// A pool of one prompt band whose attainment dips while its clocks run
+/// below the top first raises the clock loop's margin on its load (×1.05 a
+/// window, up to the planning margin), which costs power, before its
+/// capacity shrinks, which costs GPUs; comfortable windows take the margin
+/// back down (×0.93, to 1) as the capacity grows. The clock follows: it
+/// always carries the load times the margin, so it ends above the clock the
+/// bare load got. The margin survives a restart from a snapshot.
+#[test]
+fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
+    const LL: usize = 8;
+    let profile = ProfileTable::bundled();
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
+    cfg.fixed_instances = Some(1);
+    let (step, decay, ceiling, window) =
+        (cfg.clock_margin_step, cfg.clock_margin_decay, cfg.observed_margin, cfg.attainment_window_s);
+    let mut shares = [0.0; CLASS_COUNT];
+    shares[LL] = 1.0;
+    let planner = Planner::new(&profile, &cfg.tps, &shares, cfg.max_util);
+    // A load whose bare clock cannot carry it with the whole margin, which a clock below the top can.
+    let cap = planner.capacity(8) * planner.max_util;
+    let load = (1..200)
+        .map(|k| cap * f64::from(k) / 200.0)
+        .find(|&l| match (planner.clock_for(8, l), planner.clock_for(8, l * ceiling)) {
+            (Some(a), Some(c)) => !planner.carries(8, a, l * ceiling) && c < 1980,
+            _ => false,
+        })
+        .expect("the bundled profile has such a load");
+    let bare = planner.clock_for(8, load).unwrap();
+    let mut d = [0.0; CLASS_COUNT];
+    d[LL] = load;
+    let mut ctl = Controller::new(cfg.clone(), profile.clone());
+    let mut model = Model::new();
+    let id = InstanceId(1000);
+    let o = InstanceObs {
+        id,
+        pool: PoolId(LL as u32),
+        tp: 8,
+        clock_mhz: 1980,
+        state: InstanceState::Serving,
+        outstanding: 1,
+        waiting: 0,
+        power_w: None,
+    };
+    model.instances.insert(id, (o, 0.0));
+    let run = |ctl: &mut Controller, model: &mut Model, t: f64, attainment: Option<f64>| -> u32 {
+        let mut obs = model.observe(t, &d);
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        obs.class_attainment_recent[LL] = attainment;
+        for dec in ctl.step(t, &obs) {
+            model.apply(t, &dec.action, false);
+        }
+        model.instances[&id].0.clock_mhz
+    };
+    let mut t = 0.0;
+    assert_eq!(run(&mut ctl, &mut model, t, None), bare, "the bare load's clock at first");
+    let state = |ctl: &Controller| (ctl.snapshot().clock_margin[LL], ctl.snapshot().util_scale[LL]);
+    assert_eq!(state(&ctl), (1.0, 1.0));
+    // Dips: the margin rises a step a window while the clock is below the top; the capacity holds.
+    let mut want = 1.0_f64;
+    while want < ceiling - 1e-9 {
+        t += window;
+        let clock = run(&mut ctl, &mut model, t, Some(0.98));
+        want = (want * step).min(ceiling);
+        let (m, s) = state(&ctl);
+        assert!((m - want).abs() < 1e-9 && s == 1.0, "at {t} s: margin {m}, capacity scale {s}, want {want}");
+        assert!(clock < 1980 && planner.carries(8, clock, load * m), "at {t} s: {clock} MHz for {load} × {m}");
+    }
+    assert!(model.instances[&id].0.clock_mhz > bare, "the margin raised the clock");
+    // At the ceiling, a dip shrinks the capacity.
+    t += window;
+    run(&mut ctl, &mut model, t, Some(0.98));
+    assert_eq!(state(&ctl), (ceiling, 0.85));
+    // A restart keeps what was learnt.
+    let back = Controller::restore(cfg, profile.clone(), ctl.snapshot()).unwrap();
+    assert_eq!(state(&back), state(&ctl));
+    // Comfortable windows: the margin comes back down as the capacity grows.
+    t += window;
+    run(&mut ctl, &mut model, t, Some(1.0));
+    let (m, s) = state(&ctl);
+    assert!((m - ceiling * decay).abs() < 1e-9 && (s - 0.85 * 1.05).abs() < 1e-9, "margin {m}, capacity scale {s}");
+    for _ in 0..40 {
+        t += window;
+        run(&mut ctl, &mut model, t, Some(1.0));
+    }
+    assert_eq!(state(&ctl).0, 1.0, "the margin is back to 1");
+
+    // A pool mixing prompt bands (scale-freq's single pool) keeps the planning margin on its
+    // clocks, so a dip there shrinks its capacity at once (which raises its clocks).
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: false }, 1980);
+    cfg.fixed_instances = Some(1);
+    let mut ctl = Controller::new(cfg, profile);
+    let mut obs = Model::new().observe(0.0, &[0.05; CLASS_COUNT]);
+    obs.class_attainment_recent = [None; CLASS_COUNT];
+    ctl.step(0.0, &obs);
+    obs.instances = vec![InstanceObs { pool: PoolId(0), clock_mhz: 1200, ..o }];
+    obs.now_s = window;
+    obs.class_attainment_recent = [Some(0.98); CLASS_COUNT];
+    ctl.step(window, &obs);
+    let st = ctl.snapshot();
+    assert_eq!((st.clock_margin[0], st.util_scale[0]), (1.0, 0.85), "the mixed pool's dip");
+}
