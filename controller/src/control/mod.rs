@@ -641,14 +641,6 @@ impl Controller {
         let (step, decay, ceiling) =
             (self.cfg.clock_margin_step, self.cfg.clock_margin_decay, self.cfg.observed_margin.max(1.0));
         for pool in 0..self.plans.len() {
-            // Clocks below the top in a pool whose clock margin is learnt (one prompt band): the
-            // clock loop may have cut too close.
-            let lowered = !self.mixes_bands(pool)
-                && obs.instances.iter().any(|i| {
-                    i.pool.0 as usize == pool
-                        && i.state == InstanceState::Serving
-                        && i.clock_mhz < self.cfg.max_clock_mhz
-                });
             let worst = (0..CLASS_COUNT)
                 .filter(|&c| self.routing.pool_of[c] as usize == pool)
                 .filter_map(|c| obs.class_attainment_recent[c])
@@ -657,10 +649,20 @@ impl Controller {
             if obs.now_s - self.learnt_at[pool] < self.cfg.attainment_window_s - 1e-9 {
                 continue;
             }
+            // On a dip, clocks below the top in a pool whose clock margin is learnt (one prompt
+            // band): the clock loop may have cut too close.
+            let lowered = worst.is_some_and(|a| a < ATTAINMENT_TARGET)
+                && !self.mixes_bands(pool)
+                && obs.instances.iter().any(|i| {
+                    i.pool.0 as usize == pool
+                        && i.state == InstanceState::Serving
+                        && i.clock_mhz < self.cfg.max_clock_mhz
+                });
             let s = &mut self.util_scale[pool];
             let margin = &mut self.clock_margin[pool];
             match worst {
-                // Higher clocks first: they cost power, fewer GPUs held do not.
+                // Higher clocks first: they cost some power, where a smaller capacity costs whole
+                // instances (their GPUs and idle power).
                 Some(a) if a < ATTAINMENT_TARGET && lowered && *margin < ceiling - 1e-9 => {
                     *margin = (*margin * step).min(ceiling);
                     self.learnt_at[pool] = obs.now_s;
