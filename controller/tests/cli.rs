@@ -159,30 +159,25 @@ fn single_pool_sizing_is_the_smallest_count_that_holds_every_class() {
     assert!(!holds(&fewer), "{} instances would also hold: sizing is not minimal", n - 1);
 }
 
+/// `sim --compare LIST ARGS… --quiet --json F`: the runs of F.
+fn compare_runs(dir: &std::path::Path, list_and_args: &[&str]) -> Vec<serde_json::Value> {
+    let json = dir.join("cmp.json");
+    let mut args = vec!["sim", "--compare"];
+    args.extend_from_slice(list_and_args);
+    args.extend(["--quiet", "--json", json.to_str().unwrap()]);
+    let out = dynamollm(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    v["runs"].as_array().unwrap().clone()
+}
+
 /// `scale-inst` turns the static cluster's instances on and off: it never
 /// holds more GPUs than `single-pool` (here an undersized 6 instances, which
 /// the load would have it outgrow) and uses less energy on the same trace.
 #[test]
 fn scale_inst_stays_within_the_static_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("cmp.json");
-    let out = dynamollm(&[
-        "sim",
-        "--compare",
-        "scale-inst",
-        "--hours",
-        "0.5",
-        "--scale",
-        "2.25",
-        "--instances",
-        "6",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    let runs = v["runs"].as_array().unwrap();
+    let runs = compare_runs(dir.path(), &["scale-inst", "--hours", "0.5", "--scale", "2.25", "--instances", "6"]);
     let by = |p: &str| runs.iter().find(|r| r["policy"] == p).unwrap_or_else(|| panic!("no {p} run"));
     let (single, inst) = (by("single-pool"), by("scale-inst"));
     assert_eq!(single["peak_gpus"], 48);
@@ -230,29 +225,12 @@ fn one_instances_number_for_multi_pool_is_pointed_out() {
 #[test]
 fn the_oracle_is_below_dynamollm_and_every_run_reports_its_gap() {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("cmp.json");
-    let out = dynamollm(&[
-        "sim",
-        "--compare",
-        "dynamollm,oracle",
-        "--hours",
-        "0.25",
-        "--scale",
-        "2",
-        "--instances",
-        "4",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    let runs = v["runs"].as_array().unwrap();
+    let runs = compare_runs(dir.path(), &["dynamollm,oracle", "--hours", "0.25", "--scale", "2", "--instances", "4"]);
     let by = |p: &str| runs.iter().find(|r| r["policy"] == p).unwrap_or_else(|| panic!("no {p} run"));
     let (dyn_kwh, oracle_kwh) =
         (by("dynamollm")["energy_kwh"].as_f64().unwrap(), by("oracle")["energy_kwh"].as_f64().unwrap());
     assert!(oracle_kwh < dyn_kwh, "oracle {oracle_kwh} kWh, dynamollm {dyn_kwh} kWh");
-    for r in runs {
+    for r in &runs {
         let gap = r["oracle_gap"].as_f64().unwrap();
         let want = r["energy_kwh"].as_f64().unwrap() / oracle_kwh - 1.0;
         assert!((gap - want).abs() < 1e-9, "{}: oracle_gap {gap}, energy says {want}", r["policy"]);

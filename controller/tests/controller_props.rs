@@ -67,6 +67,20 @@ impl Model {
     }
 }
 
+/// A TP8 instance serving one request at the top clock.
+fn serving_tp8(id: InstanceId, pool: PoolId) -> InstanceObs {
+    InstanceObs {
+        id,
+        pool,
+        tp: 8,
+        clock_mhz: 1980,
+        state: InstanceState::Serving,
+        outstanding: 1,
+        waiting: 0,
+        power_w: None,
+    }
+}
+
 fn config() -> ControllerConfig {
     let mut cfg = ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980);
     cfg.spawn_lead_s = LEAD_S;
@@ -268,22 +282,7 @@ fn the_clock_follows_the_load_seen_now_with_the_margin_only_where_prompt_bands_m
         let mut d = [0.0; CLASS_COUNT];
         d[LL] = load;
         let mut model = Model::new();
-        model.instances.insert(
-            InstanceId(1000),
-            (
-                InstanceObs {
-                    id: InstanceId(1000),
-                    pool,
-                    tp: 8,
-                    clock_mhz: 1980,
-                    state: InstanceState::Serving,
-                    outstanding: 1,
-                    waiting: 0,
-                    power_w: None,
-                },
-                0.0,
-            ),
-        );
+        model.instances.insert(InstanceId(1000), (serving_tp8(InstanceId(1000), pool), 0.0));
         let mut obs = model.observe(0.0, &d);
         obs.class_attainment_recent = [None; CLASS_COUNT];
         ctl.step(0.0, &obs)
@@ -331,16 +330,7 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     let mut ctl = Controller::new(cfg.clone(), profile.clone());
     let mut model = Model::new();
     let id = InstanceId(1000);
-    let o = InstanceObs {
-        id,
-        pool: PoolId(LL as u32),
-        tp: 8,
-        clock_mhz: 1980,
-        state: InstanceState::Serving,
-        outstanding: 1,
-        waiting: 0,
-        power_w: None,
-    };
+    let o = serving_tp8(id, PoolId(LL as u32));
     model.instances.insert(id, (o, 0.0));
     let run = |ctl: &mut Controller, model: &mut Model, t: f64, attainment: Option<f64>| -> u32 {
         let mut obs = model.observe(t, &d);
