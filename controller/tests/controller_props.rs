@@ -332,12 +332,16 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     let id = InstanceId(1000);
     let o = serving_tp8(id, PoolId(LL as u32));
     model.instances.insert(id, (o, 0.0));
+    let reasons = std::cell::RefCell::new(Vec::<String>::new());
     let run = |ctl: &mut Controller, model: &mut Model, t: f64, attainment: Option<f64>| -> u32 {
         let mut obs = model.observe(t, &d);
         obs.class_attainment_recent = [None; CLASS_COUNT];
         obs.class_attainment_recent[LL] = attainment;
         for dec in ctl.step(t, &obs) {
             model.apply(t, &dec.action, false);
+            if matches!(dec.action, Action::SetClock { instance, .. } if instance == id) {
+                reasons.borrow_mut().push(dec.reason);
+            }
         }
         model.instances[&id].0.clock_mhz
     };
@@ -356,6 +360,11 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
         assert!(clock < 1980 && planner.carries(8, clock, load * m), "at {t} s: {clock} MHz for {load} × {m}");
     }
     assert!(model.instances[&id].0.clock_mhz > bare, "the margin raised the clock");
+    let reasons = reasons.borrow().clone();
+    let raised = reasons.last().unwrap();
+    assert!(raised.contains(&format!("× {ceiling:.3}, the margin learnt from attainment")), "{raised}");
+    assert!(!reasons[0].contains("margin"), "the first clock had none: {}", reasons[0]);
+    assert_eq!(ctl.learnt(LL), Some((1.0, ceiling)));
     // At the ceiling, a dip shrinks the capacity.
     t += window;
     run(&mut ctl, &mut model, t, Some(0.98));
@@ -388,4 +397,5 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     ctl.step(window, &obs);
     let st = ctl.snapshot();
     assert_eq!((st.clock_margin[0], st.util_scale[0]), (1.0, 0.85), "the mixed pool's dip");
+    assert_eq!(ctl.learnt(0), Some((0.85, ceiling)), "a mixed pool's clocks carry the planning margin");
 }

@@ -10,7 +10,8 @@ use dashboards::browser::{check_page, chromium_from_env, png_colours};
 use dashboards::live::{check_live, PAGE_HTML};
 
 const STATUS: &str = r#"{"mode":"auto","time_s":86400.0,"telemetry_lag_s":1.5,
-"pools":[{"id":0,"name":"SS","classes":["SS","SM"],"instances":2,"gpus":6,"power_w":2345.6,"planned_rps":3.25},
+"pools":[{"id":0,"name":"SS","classes":["SS","SM"],"instances":2,"gpus":6,"power_w":2345.6,"planned_rps":3.25,
+          "capacity_scale":1.4775,"clock_margin":1.1025},
          {"id":1,"name":"LL","classes":["LL"],"instances":1,"gpus":8,"power_w":4100.0,"planned_rps":0.75}],
 "instances":[{"id":11,"pool":0,"tp":2,"clock_mhz":1410,"state":"serving","power_w":800.0},
              {"id":12,"pool":0,"tp":4,"clock_mhz":1755,"state":"starting","power_w":1545.6},
@@ -87,6 +88,8 @@ fn the_live_page_renders_the_status_without_errors() {
         "<td>99.87%</td>",
         "<td>0.63</td>",
         "<td>serving, retire held</td>",
+        "<td>1.48</td>",
+        "<td>1.103</td>",
         "<td>LL (not yet moved)</td>",
     ] {
         assert!(d.contains(cell), "{cell} in the DOM");

@@ -524,6 +524,14 @@ impl Controller {
         &self.plans
     }
 
+    /// What live telemetry has taught the controller about a pool: the
+    /// multiple of the profile's capacity it plans with, and the clock loop's
+    /// margin on its load (the planning margin in a pool mixing prompt bands).
+    pub fn learnt(&self, pool: usize) -> Option<(f64, f64)> {
+        let margin = if self.mixes_bands(pool) { self.cfg.observed_margin } else { *self.clock_margin.get(pool)? };
+        Some((*self.util_scale.get(pool)?, margin))
+    }
+
     /// The profile in use.
     pub fn profile(&self) -> &ProfileTable {
         &self.profile
@@ -1380,8 +1388,14 @@ impl Controller {
             // classes' long prefills, which the profile's single-class rows do not measure (without it,
             // scale-freq's single pool missed the MS class's P99 TTFT at --scale 2 and 2.25).
             // A pool serving one band: the margin learnt from its attainment (`learn_capacity`).
-            let margin = if self.mixes_bands(pool) { self.cfg.observed_margin } else { self.clock_margin[pool] };
+            let mixed = self.mixes_bands(pool);
+            let margin = if mixed { self.cfg.observed_margin } else { self.clock_margin[pool] };
             let total: f64 = d.iter().sum::<f64>() * margin;
+            let why_load = match (margin > 1.0 + 1e-9, mixed) {
+                (false, _) => String::new(),
+                (true, true) => format!(" (the load seen × {margin:.2}, the planning margin: prompt bands mix here)"),
+                (true, false) => format!(" (the load seen × {margin:.3}, the margin learnt from attainment)"),
+            };
             let planner = self.planner(pool, &d);
             let serving: Vec<&InstanceObs> = obs
                 .instances
@@ -1406,7 +1420,7 @@ impl Controller {
                         if !cur_ok {
                             (
                                 f.max(current),
-                                format!("TP{} at {current} MHz would miss the SLO at {load:.2} req/s", i.tp),
+                                format!("TP{} at {current} MHz would miss the SLO at {load:.2} req/s{why_load}", i.tp),
                             )
                         } else if f == current || now_s - since < self.cfg.clock_hold_s {
                             continue;
@@ -1415,7 +1429,7 @@ impl Controller {
                             if cur_w - w < self.cfg.clock_hysteresis * cur_w {
                                 continue;
                             }
-                            (f, format!("least power meeting the SLO at {load:.2} req/s: {w:.0} W vs {cur_w:.0} W at {current} MHz"))
+                            (f, format!("least power meeting the SLO at {load:.2} req/s{why_load}: {w:.0} W vs {cur_w:.0} W at {current} MHz"))
                         }
                     }
                 };

@@ -1151,6 +1151,8 @@ impl ServiceCore {
                     "gpus": members.iter().map(|r| r.tp).sum::<u32>(),
                     "power_w": members.iter().map(|r| r.power_w).sum::<f64>(),
                     "planned_rps": plans.get(p).map_or(0.0, |x| x.planned_rps),
+                    "capacity_scale": self.ctl.learnt(p).map(|l| l.0),
+                    "clock_margin": self.ctl.learnt(p).map(|l| l.1),
                     "target": plans.get(p).map(|x| x.target.clone()).unwrap_or_default(),
                 })
             })
