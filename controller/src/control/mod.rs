@@ -528,8 +528,18 @@ impl Controller {
     /// multiple of the profile's capacity it plans with, and the clock loop's
     /// margin on its load (the planning margin in a pool mixing prompt bands).
     pub fn learnt(&self, pool: usize) -> Option<(f64, f64)> {
-        let margin = if self.mixes_bands(pool) { self.cfg.observed_margin } else { *self.clock_margin.get(pool)? };
-        Some((*self.util_scale.get(pool)?, margin))
+        (pool < self.plans.len()).then(|| (self.util_scale[pool], self.clock_margin_of(pool)))
+    }
+
+    /// The clock loop's margin on a pool's load: the planning margin where prompt bands mix (short
+    /// prompts there wait behind long prefills the single-class profile rows do not see), else the
+    /// one learnt from its attainment (`learn_capacity`).
+    fn clock_margin_of(&self, pool: usize) -> f64 {
+        if self.mixes_bands(pool) {
+            self.cfg.observed_margin
+        } else {
+            self.clock_margin[pool]
+        }
     }
 
     /// The profile in use.
@@ -1384,12 +1394,10 @@ impl Controller {
     ) {
         for pool in 0..self.plans.len() {
             let d = self.pool_demand(pool, recent);
-            // A pool serving several prompt bands keeps the margin: its short prompts wait behind other
-            // classes' long prefills, which the profile's single-class rows do not measure (without it,
-            // scale-freq's single pool missed the MS class's P99 TTFT at --scale 2 and 2.25).
-            // A pool serving one band: the margin learnt from its attainment (`learn_capacity`).
+            // Without the planning margin where prompt bands mix, scale-freq's single pool missed the
+            // MS class's P99 TTFT at --scale 2 and 2.25.
             let mixed = self.mixes_bands(pool);
-            let margin = if mixed { self.cfg.observed_margin } else { self.clock_margin[pool] };
+            let margin = self.clock_margin_of(pool);
             let total: f64 = d.iter().sum::<f64>() * margin;
             let why_load = match (margin > 1.0 + 1e-9, mixed) {
                 (false, _) => String::new(),

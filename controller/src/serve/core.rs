@@ -672,6 +672,12 @@ impl ServiceCore {
         };
         let decisions = self.ctl.step(now_s, &obs);
         let mode = self.mode();
+        // Whether the fleet and the routes may change: not in dry-run, nor in failsafe while blind.
+        let may_change = match mode {
+            Mode::Auto => true,
+            Mode::DryRun => false,
+            Mode::Failsafe => self.stale.is_none(),
+        };
         let mut out = Vec::new();
         let max_clock = self.cfg.controller.max_clock_mhz;
         for d in decisions {
@@ -689,7 +695,7 @@ impl ServiceCore {
                     Action::Spawn { .. }
                     | Action::Reshard { .. }
                     | Action::Route { .. }
-                    | Action::MoveQueued { .. } => self.stale.is_none(),
+                    | Action::MoveQueued { .. } => may_change,
                 },
             };
             // A route changes the controller's table and is not sent itself: `follow_routing` carries
@@ -719,12 +725,7 @@ impl ServiceCore {
             });
             self.push_decision(DecisionRecord { id, mode, acted: sent, decision: d });
         }
-        let routes_act = match mode {
-            Mode::Auto => true,
-            Mode::DryRun => false,
-            Mode::Failsafe => self.stale.is_none(),
-        };
-        out.extend(self.follow_routing(now_s, wall_ms, routes_act));
+        out.extend(self.follow_routing(now_s, wall_ms, may_change));
         if mode == Mode::Auto {
             out.extend(self.release_retires(now_s, wall_ms));
         }

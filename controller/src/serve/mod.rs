@@ -334,7 +334,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         (d, None)
     };
     // An external router told by `route` commands gets each class's route once its new pool serves,
-    // and retires wait for it; the built-in router and the twin follow the controller's table themselves.
+    // and retires wait for it; the built-in router and the twin follow the table in effect themselves.
     let probe = actuators::Action::Route { class: RequestClass::from_index(0).to_string(), pool: actuators::PoolId(0) };
     core.set_routes_to_backends(!twin && cfg.router.listen.is_none() && dispatcher.carries(&probe));
     let shared = Arc::new(Shared {
