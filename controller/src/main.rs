@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Replay a workload through the digital twin under a policy.
     Sim(cmd::sim::SimArgs),
+    /// A hindsight reference for a workload: each window, each class's least-energy static pool, found by replay.
+    Bound(cmd::bound::BoundArgs),
     /// The digital twin's own commands.
     #[command(subcommand)]
     Twin(cmd::twin::TwinCommand),
@@ -46,6 +48,7 @@ enum ForecastCommand {
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Sim(a) => cmd::sim::run(&a).map(|_| true),
+        Command::Bound(a) => cmd::bound::run(&a).map(|_| true),
         Command::Twin(t) => cmd::twin::run(&t),
         Command::Demo(a) => cmd::demo::run(&a).map(|_| true),
         Command::Serve(a) => cmd::serve::run(&a).map(|_| true),

@@ -241,3 +241,47 @@ fn the_oracle_is_below_dynamollm_and_every_run_reports_its_gap() {
         }
     }
 }
+
+#[test]
+fn bound_holds_every_class_in_its_window_and_its_totals_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bound.json");
+    let args = ["bound", "--hours", "0.5", "--tp", "8", "--min-clock-mhz", "1800", "--baseline-kwh", "10", "--quiet"];
+    let out = dynamollm(&[&args[..], &["--json", json.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vs the baseline's energy"));
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let classes = b["classes"].as_object().unwrap();
+    assert!(classes.len() >= 6, "the Conversation half hour has most classes: {classes:?}");
+    let (mut energy_kwh, mut requests) = (0.0, 0);
+    for (name, c) in classes {
+        // One 30-minute window: one rate searched, the window's own.
+        let points = c["points"].as_array().unwrap();
+        assert_eq!(points.len(), 1, "{name}");
+        let n = c["requests"].as_u64().unwrap();
+        assert!((points[0]["rate_rps"].as_f64().unwrap() - n as f64 / 1800.0).abs() < 1e-9, "{name}");
+        let pool = &points[0]["pool"];
+        assert!(pool["attainment"].as_f64().unwrap() >= 0.995, "{name}: {pool}");
+        assert_eq!(pool["tp"], 8, "{name}");
+        assert!(pool["clock_mhz"].as_u64().unwrap() >= 1800, "{name}: {pool}");
+        let e = c["energy_kwh"].as_f64().unwrap();
+        let want = n as f64 * pool["energy_per_req_j"].as_f64().unwrap() / 3.6e6;
+        assert!((e - want).abs() <= 1e-9 * want.max(1.0), "{name}: {e} vs {want}");
+        energy_kwh += e;
+        requests += n;
+    }
+    assert!((b["energy_kwh"].as_f64().unwrap() - energy_kwh).abs() < 1e-9);
+    assert_eq!(b["requests"].as_u64().unwrap(), requests);
+    assert!((b["ratio_to_baseline"].as_f64().unwrap() - energy_kwh / 10.0).abs() < 1e-12);
+    assert_eq!(b["min_clock_mhz"], 1800);
+}
+
+#[test]
+fn bound_names_the_flag_of_a_bad_option() {
+    for (flag, value) in [("--attainment", "1.5"), ("--tp", "3"), ("--grid-ratio", "1"), ("--window-min", "0")] {
+        let out = dynamollm(&["bound", "--hours", "0.1", flag, value, "--quiet"]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains(value), "{flag} {value}: {err}");
+    }
+}

@@ -18,4 +18,5 @@ pub use physics::{Balance, Physics, PhysicsError, StepCost, StepShape};
 pub use stats::{ClassSlo, LatencySummary, RejectReason, Stats};
 pub use timeline::{PoolInterval, Timeline, TimelinePoint};
 pub mod anchors;
+pub mod bound;
 pub mod measure;

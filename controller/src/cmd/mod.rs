@@ -1,6 +1,7 @@
 //! The commands of the `dynamollm` binary, one module each.
 
 pub mod agent;
+pub mod bound;
 pub mod demo;
 pub mod forecast;
 pub mod predictor;
@@ -31,6 +32,44 @@ impl PhysicsArgs {
             Some(p) => Ok(Physics::load(p)?),
             None => Ok(Physics::default_h100_llama70b()),
         }
+    }
+}
+
+/// The workload options of the replaying commands (`sim`, `bound`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkloadArgs {
+    /// An Azure trace (TIMESTAMP,ContextTokens,GeneratedTokens) replayed at its own timestamps
+    /// (default: the bundled Conversation hour).
+    #[arg(long, value_name = "FILE", conflicts_with = "rates")]
+    pub trace: Option<PathBuf>,
+    /// A rate curve (minute,rate_lo,rate_mid,rate_hi) turned into Poisson arrivals.
+    #[arg(long, value_name = "FILE", requires = "lengths")]
+    pub rates: Option<PathBuf>,
+    /// An Azure trace whose token lengths the Poisson arrivals draw from.
+    #[arg(long, value_name = "FILE")]
+    pub lengths: Option<PathBuf>,
+    /// Multiply the load.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Replay only the first H hours.
+    #[arg(long, value_name = "H")]
+    pub hours: Option<f64>,
+    /// Seed: the same seed gives the same numbers.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl WorkloadArgs {
+    /// Build the workload these options describe.
+    pub fn load(&self) -> Result<crate::workload::Workload> {
+        crate::workload::Workload::from_options(
+            self.trace.as_deref(),
+            self.rates.as_deref(),
+            self.lengths.as_deref(),
+            self.scale,
+            self.hours,
+            self.seed,
+        )
     }
 }
 

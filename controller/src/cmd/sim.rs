@@ -1,6 +1,6 @@
 //! `dynamollm sim`: replay a workload through the twin under a policy.
 
-use super::{progress_bar, write_json, PhysicsArgs};
+use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
 use crate::closed_loop::{run_controlled, ControlSummary, MinuteCounts};
 use crate::control::ControllerConfig;
 use crate::policy::{self, Policy};
@@ -40,25 +40,8 @@ pub struct SimArgs {
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0)]
     pub predictor_accuracy: f64,
-    /// An Azure trace (TIMESTAMP,ContextTokens,GeneratedTokens) replayed at its own timestamps
-    /// (default: the bundled Conversation hour).
-    #[arg(long, value_name = "FILE", conflicts_with = "rates")]
-    pub trace: Option<PathBuf>,
-    /// A rate curve (minute,rate_lo,rate_mid,rate_hi) turned into Poisson arrivals.
-    #[arg(long, value_name = "FILE", requires = "lengths")]
-    pub rates: Option<PathBuf>,
-    /// An Azure trace whose token lengths the Poisson arrivals draw from.
-    #[arg(long, value_name = "FILE")]
-    pub lengths: Option<PathBuf>,
-    /// Multiply the load.
-    #[arg(long, default_value_t = 1.0)]
-    pub scale: f64,
-    /// Replay only the first H hours.
-    #[arg(long, value_name = "H")]
-    pub hours: Option<f64>,
-    /// Seed: the same seed gives the same numbers.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
     /// Instances per pool instead of sizing by replay: one number for every pool,
     /// or per class for multi-pool (e.g. `SS=2,LS=5`).
     #[arg(long, value_name = "N")]
@@ -239,14 +222,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
     if let Some(b) = args.balance {
         physics.router.balance = b;
     }
-    let mut workload = Workload::from_options(
-        args.trace.as_deref(),
-        args.rates.as_deref(),
-        args.lengths.as_deref(),
-        args.scale,
-        args.hours,
-        args.seed,
-    )?;
+    let mut workload = args.workload.load()?;
     if !(0.0..=1.0).contains(&args.predictor_accuracy) {
         bail!("--predictor-accuracy must be between 0 and 1, got {}", args.predictor_accuracy);
     }

@@ -1,0 +1,389 @@
+//! `dynamollm bound`: a hindsight reference for a workload. Every window
+//! (30 min by default) each class gets its least-energy static pool (one TP
+//! degree, one clock, the fewest instances holding the attainment asked for)
+//! at the window's mean rate, found by replay in the twin and reconfigured for
+//! free. What the controller could reach with perfect knowledge of each
+//! window's load and none of the costs of changing; not a proven lower bound
+//! (mixed pools, merged classes or clocks changed within a window could do
+//! better, and a window's bursts are averaged away).
+
+use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
+use crate::closed_loop::MinuteCounts;
+use crate::profile::ClassLengths;
+use anyhow::{bail, Result};
+use serde::Serialize;
+use sim::bound::{best_static, SearchSpec, StaticPool};
+use sim::measure::{class_slos, SloRule};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use telemetry::{ClassBoundaries, LengthSamples, RequestClass, CLASS_COUNT};
+
+/// `dynamollm bound` options.
+#[derive(Debug, clap::Args)]
+pub struct BoundArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Share of each class's requests (and of its token gaps) that must meet its SLOs in every window.
+    #[arg(long, default_value_t = 0.995)]
+    pub attainment: f64,
+    /// Window length (minutes): each window gets its own pools, sized for its mean rate.
+    #[arg(long, value_name = "MIN", default_value_t = 30)]
+    pub window_min: u32,
+    /// Leave out clocks below this: low clocks save energy with many more instances (GPU-hours).
+    #[arg(long, value_name = "MHZ")]
+    pub min_clock_mhz: Option<u32>,
+    /// TP degrees searched.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    pub tp: Vec<u32>,
+    /// Rates searched per class: a geometric grid from the quietest to the busiest window with
+    /// this ratio between neighbours; energy per request is interpolated between them.
+    #[arg(long, default_value_t = 1.5)]
+    pub grid_ratio: f64,
+    /// Most GPUs one class's pool may hold.
+    #[arg(long, default_value_t = 1024)]
+    pub max_gpus: u32,
+    /// SLO multiplier: P99 TTFT and TBT within this multiple of the class's median request alone on TP8 at max clock.
+    #[arg(long, default_value_t = 5.0)]
+    pub slo_multiplier: f64,
+    /// Energy (kWh) of a run to compare with, e.g. `single-pool`'s from `dynamollm sim`.
+    #[arg(long, value_name = "KWH")]
+    pub baseline_kwh: Option<f64>,
+    /// Write the estimate as one JSON object.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub physics: PhysicsArgs,
+}
+
+/// One searched rate of a class.
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundPoint {
+    /// Steady load searched (requests/s).
+    pub rate_rps: f64,
+    /// Its least-energy pool; absent when none within `--max-gpus` holds the attainment.
+    pub pool: Option<StaticPool>,
+}
+
+/// One class's estimate.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassBound {
+    /// Requests of the class in the workload.
+    pub requests: u64,
+    /// Energy over every window (absent when some window's rate cannot be held).
+    pub energy_kwh: Option<f64>,
+    /// Energy per request.
+    pub energy_per_req_j: Option<f64>,
+    /// GPUs held × time: each window holds the pool of the nearest searched rate at or above its own.
+    pub gpu_hours: Option<f64>,
+    /// The busiest window's mean rate (requests/s).
+    pub peak_rate_rps: f64,
+    /// The searched rates and their pools, ascending.
+    pub points: Vec<BoundPoint>,
+}
+
+/// The whole estimate (the `--json` output).
+#[derive(Debug, Clone, Serialize)]
+pub struct Bound {
+    /// Workload name.
+    pub trace: String,
+    /// Seed of the workload and of the searches.
+    pub seed: u64,
+    /// The attainment each window holds.
+    pub attainment: f64,
+    /// Window length (minutes).
+    pub window_min: u32,
+    /// Lowest clock searched (MHz).
+    pub min_clock_mhz: u32,
+    /// TP degrees searched.
+    pub tp: Vec<u32>,
+    /// Requests in the workload.
+    pub requests: u64,
+    /// Energy of every class (absent when a class cannot be held).
+    pub energy_kwh: Option<f64>,
+    /// GPU-hours of every class.
+    pub gpu_hours: Option<f64>,
+    /// Most GPUs held at once (window by window, summed over classes).
+    pub peak_gpus: Option<u32>,
+    /// `energy_kwh` over `--baseline-kwh`.
+    pub ratio_to_baseline: Option<f64>,
+    /// Per class (only classes with requests).
+    pub classes: BTreeMap<String, ClassBound>,
+}
+
+/// Each window's length (s; the last one may be shorter) and requests per class.
+fn window_counts(minutes: &MinuteCounts, window_min: usize) -> Vec<(f64, [u64; CLASS_COUNT])> {
+    minutes
+        .0
+        .chunks(window_min)
+        .map(|w| (w.len() as f64 * 60.0, std::array::from_fn(|c| w.iter().map(|m| u64::from(m[c])).sum())))
+        .collect()
+}
+
+/// Rates from `lo` to `hi` (both included), each `ratio` times the one before.
+pub fn rate_grid(lo: f64, hi: f64, ratio: f64) -> Vec<f64> {
+    let mut v = vec![lo];
+    let mut r = lo;
+    while r * ratio < hi * (1.0 - 1e-9) {
+        r *= ratio;
+        v.push(r);
+    }
+    if hi > lo * (1.0 + 1e-9) {
+        v.push(hi);
+    }
+    v
+}
+
+/// Energy per request at `rate`, interpolated between searched points (ascending rates, all held).
+fn energy_per_req_at(points: &[(f64, StaticPool)], rate: f64) -> f64 {
+    let i = points.partition_point(|(r, _)| *r < rate);
+    if i == 0 {
+        return points[0].1.energy_per_req_j;
+    }
+    if i >= points.len() {
+        return points[points.len() - 1].1.energy_per_req_j;
+    }
+    let ((r0, a), (r1, b)) = (&points[i - 1], &points[i]);
+    let t = (rate - r0) / (r1 - r0).max(1e-12);
+    a.energy_per_req_j + t * (b.energy_per_req_j - a.energy_per_req_j)
+}
+
+/// GPUs of the pool searched at the nearest rate at or above `rate`.
+fn gpus_at(points: &[(f64, StaticPool)], rate: f64) -> u32 {
+    let i = points.partition_point(|(r, _)| *r < rate * (1.0 - 1e-9));
+    points[i.min(points.len() - 1)].1.gpus
+}
+
+/// Run `dynamollm bound`.
+pub fn run(args: &BoundArgs) -> Result<()> {
+    if !(args.attainment > 0.0 && args.attainment < 1.0) {
+        bail!("--attainment must be between 0 and 1 (exclusive), got {}", args.attainment);
+    }
+    if args.window_min == 0 {
+        bail!("--window-min must be at least 1 (minutes), got {}", args.window_min);
+    }
+    if !(args.grid_ratio.is_finite() && args.grid_ratio > 1.0) {
+        bail!("--grid-ratio must be a number above 1, got {}", args.grid_ratio);
+    }
+    if let Some(&bad) = args.tp.iter().find(|&&t| !matches!(t, 1 | 2 | 4 | 8)) {
+        bail!("--tp: {bad} is not a TP degree of one server (1, 2, 4 or 8)");
+    }
+    if let Some(b) = args.baseline_kwh {
+        if !(b.is_finite() && b > 0.0) {
+            bail!("--baseline-kwh must be a positive number, got {b}");
+        }
+    }
+    let physics = args.physics.load()?;
+    let workload = args.workload.load()?;
+    let boundaries = ClassBoundaries::default();
+    let slo = class_slos(&physics, &workload.slo_pairs, &boundaries, SloRule::Multiplier(args.slo_multiplier));
+    let lengths = ClassLengths::split(&LengthSamples::from_pairs(workload.name.clone(), workload.slo_pairs.clone()));
+    let windows = window_counts(&MinuteCounts::of(&workload)?, args.window_min as usize);
+    let min_clock = args.min_clock_mhz.unwrap_or(0);
+    let clocks: Vec<u32> = physics.gpu.clocks_mhz.iter().copied().filter(|&f| f >= min_clock).collect();
+    if clocks.is_empty() {
+        bail!("--min-clock-mhz {min_clock}: the physics has no clock that high");
+    }
+
+    // The rates to search: per class, a grid over its windows' mean rates.
+    let mut jobs: Vec<(usize, f64)> = Vec::new();
+    for c in 0..CLASS_COUNT {
+        let rates: Vec<f64> = windows.iter().map(|(s, w)| w[c] as f64 / s).filter(|&r| r > 0.0).collect();
+        if let (Some(lo), Some(hi)) = (rates.iter().copied().reduce(f64::min), rates.iter().copied().reduce(f64::max)) {
+            jobs.extend(rate_grid(lo, hi, args.grid_ratio).into_iter().map(|r| (c, r)));
+        }
+    }
+    let bar = progress_bar(jobs.len() as u64, args.quiet, "{bar:40} {pos}/{len} rates searched [{elapsed} < {eta}]");
+    let results: Mutex<Vec<Option<StaticPool>>> = Mutex::new(vec![None; jobs.len()]);
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let j = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(c, rate)) = jobs.get(j) else { break };
+                let spec = SearchSpec {
+                    slo: slo[c],
+                    attainment: args.attainment,
+                    max_gpus: args.max_gpus,
+                    seed: workload.seed,
+                };
+                let class = RequestClass::from_index(c);
+                let best = best_static(&physics, lengths.of(class), &spec, rate, &args.tp, &clocks);
+                results.lock().expect("no worker panics holding the lock")[j] = best;
+                bar.inc(1);
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let results = results.into_inner().expect("no worker panics holding the lock");
+
+    let mut classes = BTreeMap::new();
+    let mut gpus_by_window = vec![Some(0u32); windows.len()];
+    for c in 0..CLASS_COUNT {
+        let requests: u64 = windows.iter().map(|(_, w)| w[c]).sum();
+        if requests == 0 {
+            continue;
+        }
+        let points: Vec<BoundPoint> = jobs
+            .iter()
+            .zip(&results)
+            .filter(|((jc, _), _)| *jc == c)
+            .map(|((_, r), p)| BoundPoint { rate_rps: *r, pool: *p })
+            .collect();
+        let held: Option<Vec<(f64, StaticPool)>> = points.iter().map(|p| p.pool.map(|q| (p.rate_rps, q))).collect();
+        let (mut energy_j, mut gpu_s) = (0.0, 0.0);
+        for (wi, (window_s, w)) in windows.iter().enumerate() {
+            let n = w[c];
+            let Some(h) = held.as_ref() else {
+                gpus_by_window[wi] = None;
+                continue;
+            };
+            if n == 0 {
+                continue;
+            }
+            let rate = n as f64 / window_s;
+            energy_j += n as f64 * energy_per_req_at(h, rate);
+            let g = gpus_at(h, rate);
+            gpu_s += f64::from(g) * window_s;
+            if let Some(t) = gpus_by_window[wi].as_mut() {
+                *t += g;
+            }
+        }
+        let peak_rate_rps = windows.iter().map(|(s, w)| w[c] as f64 / s).fold(0.0, f64::max);
+        classes.insert(
+            RequestClass::from_index(c).to_string(),
+            ClassBound {
+                requests,
+                energy_kwh: held.as_ref().map(|_| energy_j / 3.6e6),
+                energy_per_req_j: held.as_ref().map(|_| energy_j / requests as f64),
+                gpu_hours: held.as_ref().map(|_| gpu_s / 3600.0),
+                peak_rate_rps,
+                points,
+            },
+        );
+    }
+    let sum = |f: fn(&ClassBound) -> Option<f64>| classes.values().map(f).sum::<Option<f64>>();
+    let energy_kwh = sum(|c| c.energy_kwh);
+    let bound = Bound {
+        trace: workload.name.clone(),
+        seed: workload.seed,
+        attainment: args.attainment,
+        window_min: args.window_min,
+        min_clock_mhz: clocks[0],
+        tp: args.tp.clone(),
+        requests: classes.values().map(|c| c.requests).sum(),
+        energy_kwh,
+        gpu_hours: sum(|c| c.gpu_hours),
+        peak_gpus: gpus_by_window
+            .iter()
+            .copied()
+            .collect::<Option<Vec<u32>>>()
+            .map(|v| v.into_iter().max().unwrap_or(0)),
+        ratio_to_baseline: energy_kwh.zip(args.baseline_kwh).map(|(e, b)| e / b),
+        classes,
+    };
+    print!("{}", table(&bound));
+    if let Some(path) = &args.json {
+        write_json(path, &bound)?;
+    }
+    Ok(())
+}
+
+/// The printed table.
+pub fn table(b: &Bound) -> String {
+    use std::fmt::Write;
+    let mut s = format!(
+        "bound: every {} min window, each class its least-energy static pool (one TP degree, one clock ≥ {} MHz) \
+         holding {:.2}% of its requests within SLO at the window's mean rate, reconfigured for free\n",
+        b.window_min,
+        b.min_clock_mhz,
+        100.0 * b.attainment
+    );
+    let _ = writeln!(s, "class   requests  energy kWh    J/req  GPU-hours  busiest window");
+    let opt = |x: Option<f64>, w: usize, p: usize| x.map_or(format!("{:>w$}", "-"), |v| format!("{v:>w$.p$}"));
+    for (name, c) in &b.classes {
+        let busiest = match c.points.last() {
+            Some(BoundPoint { rate_rps, pool: Some(p) }) => format!(
+                "{}×TP{} @ {} MHz for {rate_rps:.2} req/s ({} GPUs, {:.2}% held)",
+                p.instances,
+                p.tp,
+                p.clock_mhz,
+                p.gpus,
+                100.0 * p.attainment
+            ),
+            Some(BoundPoint { rate_rps, pool: None }) => format!("no pool holds {rate_rps:.2} req/s"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "{name:<5} {:>10}  {}  {}  {}  {busiest}",
+            c.requests,
+            opt(c.energy_kwh, 10, 2),
+            opt(c.energy_per_req_j, 7, 0),
+            opt(c.gpu_hours, 9, 1),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "all   {:>10}  {}           {}  peak {} GPUs",
+        b.requests,
+        opt(b.energy_kwh, 10, 2),
+        opt(b.gpu_hours, 9, 1),
+        b.peak_gpus.map_or("-".to_string(), |g| g.to_string())
+    );
+    if let Some(r) = b.ratio_to_baseline {
+        let _ = writeln!(s, "vs the baseline's energy: {r:.3}×");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(gpus: u32, energy_per_req_j: f64) -> StaticPool {
+        StaticPool {
+            tp: 8,
+            clock_mhz: 1600,
+            instances: gpus / 8,
+            gpus,
+            energy_per_req_j,
+            power_w: 0.0,
+            attainment: 0.999,
+            too_large_share: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_grid_spans_quietest_to_busiest_window_geometrically() {
+        assert_eq!(rate_grid(1.0, 10.0, 2.0), vec![1.0, 2.0, 4.0, 8.0, 10.0]);
+        assert_eq!(rate_grid(1.0, 8.0, 2.0), vec![1.0, 2.0, 4.0, 8.0]);
+        assert_eq!(rate_grid(3.0, 3.0, 1.5), vec![3.0]);
+    }
+
+    #[test]
+    fn windows_between_searched_rates_interpolate_energy_and_hold_the_larger_pool() {
+        let pts = [(1.0, pool(8, 2000.0)), (3.0, pool(16, 1000.0))];
+        assert!((energy_per_req_at(&pts, 2.0) - 1500.0).abs() < 1e-9);
+        assert_eq!(energy_per_req_at(&pts, 1.0), 2000.0);
+        assert_eq!(energy_per_req_at(&pts, 3.0), 1000.0);
+        assert_eq!(gpus_at(&pts, 1.0), 8);
+        assert_eq!(gpus_at(&pts, 1.5), 16, "a window between two rates holds the pool of the busier one");
+        assert_eq!(gpus_at(&pts, 3.0), 16);
+    }
+
+    #[test]
+    fn minutes_add_up_into_windows_with_a_shorter_last_one() {
+        let m = MinuteCounts((0..5u32).map(|i| std::array::from_fn(|c| i + c as u32)).collect());
+        let w = window_counts(&m, 2);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0], (120.0, std::array::from_fn(|c| 1 + 2 * c as u64)));
+        assert_eq!(w[1].1[2], 2 + 2 + 3 + 2);
+        assert_eq!(w[2], (60.0, std::array::from_fn(|c| 4 + c as u64)));
+    }
+}
