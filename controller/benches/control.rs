@@ -45,6 +45,7 @@ fn big_cluster(profile: &ProfileTable) -> (Observations, ControllerConfig) {
         class_peak_shard: Some(demand),
         observed_spawn_s: vec![],
         class_attainment_recent: [Some(1.0); CLASS_COUNT],
+        class_attainment_window: [None; CLASS_COUNT],
     };
     (obs, cfg)
 }

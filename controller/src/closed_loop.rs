@@ -8,7 +8,9 @@
 //! caution free reconfiguration makes moot ([`oracle_config`]).
 
 use crate::control::plan::Demand;
-use crate::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Observations};
+use crate::control::{
+    AttainmentHistory, Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Observations,
+};
 use crate::profile::ProfileTable;
 use crate::workload::Workload;
 use actuators::{Action, InstanceId, PoolId, SpawnFrom};
@@ -219,7 +221,7 @@ pub fn run_controlled(
     let mut forecasts = ClassForecasts::new();
     let mut minute = 0usize;
     let mut next_tick = 0.0f64;
-    let mut att_hist: std::collections::VecDeque<[[u64; 4]; CLASS_COUNT]> = std::collections::VecDeque::new();
+    let mut att_hist = AttainmentHistory::default();
     // A warm start: the controller has watched the first minutes before the replay begins.
     if let Some(f) = future {
         smoothed = f.peak(0, 1);
@@ -227,7 +229,7 @@ pub fn run_controlled(
         smoothed = first.peak(0, 5);
     }
     let mut tick = |cluster: &mut Cluster,
-                    att_hist: &mut std::collections::VecDeque<[[u64; 4]; CLASS_COUNT]>,
+                    att_hist: &mut AttainmentHistory,
                     ctl: &mut Controller,
                     now: f64,
                     window: &mut [u32; CLASS_COUNT],
@@ -289,15 +291,11 @@ pub fn run_controlled(
             let k = &cluster.stats.classes[c];
             [k.ttft_ok, k.ttft_n, k.gaps_ok, k.gaps_n]
         });
-        att_hist.push_back(totals_now);
-        if att_hist.len() > (ctl.config().attainment_window_s / period).ceil() as usize + 1 {
-            att_hist.pop_front();
-        }
-        let oldest = att_hist.front().copied().unwrap_or(totals_now);
-        let class_attainment_recent = crate::control::window_attainment(&totals_now, &oldest);
+        let class_attainment_recent = att_hist.push(now, totals_now, ctl.config());
         let obs = Observations {
             now_s: now,
             class_attainment_recent,
+            class_attainment_window: att_hist.plain_window(),
             instances,
             class_rps_recent: recent_obs,
             class_rps_smoothed: smoothed_obs,

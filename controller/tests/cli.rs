@@ -50,6 +50,10 @@ fn a_negative_minimum_instance_age_is_refused_with_its_flag_named() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--retire-min-age-s") && err.contains("-5"), "{err}");
+    let out = dynamollm(&["sim", "--policy", "dynamollm", "--clock-margin-floor", "1.2", "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--clock-margin-floor") && err.contains("1.2"), "{err}");
 }
 
 const FIELDS: [&str; 20] = [

@@ -5,7 +5,8 @@
 use actuators::{Action, InstanceId, PoolId};
 use dynamollm::control::plan::{Demand, Planner};
 use dynamollm::control::{
-    Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations, MAX_CAPACITY_SCALE,
+    AttainmentHistory, Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations,
+    MAX_CAPACITY_SCALE,
 };
 use dynamollm::profile::ProfileTable;
 use proptest::prelude::*;
@@ -39,6 +40,7 @@ impl Model {
             class_peak_shard: Some(*demand),
             observed_spawn_s: vec![],
             class_attainment_recent: [Some(1.0); CLASS_COUNT],
+            class_attainment_window: [None; CLASS_COUNT],
         }
     }
 
@@ -167,9 +169,10 @@ fn a_second_step_on_the_same_observations_asks_for_nothing_new() {
     assert!(checked > 5, "the trajectory should make the controller act several times, it acted {checked} times");
 }
 
-/// Under constant load an instance's clock may settle (and follow the capacity the
-/// controller learns, which only moves one way when every window meets the SLO),
-/// but once pools stop changing shape it never goes back and forth.
+/// Under constant load an instance's clock may settle (and follow the capacity and
+/// clock margin the controller learns, which only move one way when every window
+/// meets the SLO), but once pools and what is learnt stop changing it never goes
+/// back and forth.
 #[test]
 fn constant_load_does_not_make_clocks_thrash() {
     let profile = ProfileTable::bundled();
@@ -201,9 +204,14 @@ fn constant_load_does_not_make_clocks_thrash() {
         last_route_s <= settled_s,
         "pools should stop changing once the capacity is learnt ({settled_s} s) under constant load; last change at {last_route_s} s"
     );
+    // While the capacity grows the power each clock is predicted to draw at a load changes (it is
+    // read at the load's share of the learnt capacity), and a clock may follow it down and back
+    // up; with the clock margin learnt below 1 that happened before the capacity reached its cap.
+    // Once both the pools and what is learnt hold still, no clock goes back and forth.
+    let still_s = last_route_s.max(learning_s);
     let mut clocks: BTreeMap<InstanceId, Vec<u32>> = BTreeMap::new();
     for &(t, id, c) in &sets {
-        if t > last_route_s {
+        if t > still_s {
             clocks.entry(id).or_default().push(c);
         }
     }
@@ -310,8 +318,13 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     let profile = ProfileTable::bundled();
     let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
     cfg.fixed_instances = Some(1);
-    let (step, decay, ceiling, window) =
-        (cfg.clock_margin_step, cfg.clock_margin_decay, cfg.observed_margin, cfg.attainment_window_s);
+    let (step, decay, ceiling, window, floor) = (
+        cfg.clock_margin_step,
+        cfg.clock_margin_decay,
+        cfg.observed_margin,
+        cfg.attainment_window_s,
+        cfg.clock_margin_floor,
+    );
     let mut shares = [0.0; CLASS_COUNT];
     shares[LL] = 1.0;
     let planner = Planner::new(&profile, &cfg.tps, &shares, cfg.max_util);
@@ -360,10 +373,10 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
         assert!(clock < 1980 && planner.carries(8, clock, load * m), "at {t} s: {clock} MHz for {load} × {m}");
     }
     assert!(model.instances[&id].0.clock_mhz > bare, "the margin raised the clock");
-    let reasons = reasons.borrow().clone();
-    let raised = reasons.last().unwrap();
+    let early = reasons.borrow().clone();
+    let raised = early.last().unwrap();
     assert!(raised.contains(&format!("× {ceiling:.3}, the margin learnt from attainment")), "{raised}");
-    assert!(!reasons[0].contains("margin"), "the first clock had none: {}", reasons[0]);
+    assert!(!early[0].contains("margin"), "the first clock had none: {}", early[0]);
     assert_eq!(ctl.learnt(LL), Some((1.0, ceiling)));
     // At the ceiling, a dip shrinks the capacity.
     t += window;
@@ -377,11 +390,17 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     run(&mut ctl, &mut model, t, Some(1.0));
     let (m, s) = state(&ctl);
     assert!((m - ceiling * decay).abs() < 1e-9 && (s - 0.85 * 1.05).abs() < 1e-9, "margin {m}, capacity scale {s}");
+    let mut margins = vec![];
     for _ in 0..40 {
         t += window;
         run(&mut ctl, &mut model, t, Some(1.0));
+        margins.push(state(&ctl).0);
     }
-    assert_eq!(state(&ctl).0, 1.0, "the margin is back to 1");
+    // Past 1 and on down to the floor (what that does to the clock: the next test).
+    assert!(floor < 1.0, "the default floor lets the margin below 1");
+    assert!(margins.iter().any(|m| *m < 1.0 && *m > floor), "{margins:?}");
+    assert_eq!(*margins.last().unwrap(), floor, "the margin settles at the floor");
+    assert!(margins.windows(2).all(|w| w[1] <= w[0] + 1e-12), "it only falls: {margins:?}");
 
     // A pool mixing prompt bands (scale-freq's single pool) keeps the planning margin on its
     // clocks, so a dip there shrinks its capacity at once (which raises its clocks).
@@ -398,4 +417,140 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     let st = ctl.snapshot();
     assert_eq!((st.clock_margin[0], st.util_scale[0]), (1.0, 0.85), "the mixed pool's dip");
     assert_eq!(ctl.learnt(0), Some((0.85, ceiling)), "a mixed pool's clocks carry the planning margin");
+}
+
+/// Comfortable windows take a one-band pool's clock margin below 1, down to the floor: the pool
+/// keeps its SLOs with room to spare, so its clock goes under what the profile's one instance
+/// needs for the load seen, and the decision's reason names the margin.
+#[test]
+fn comfort_takes_the_clock_margin_below_one_and_the_clock_below_the_bare_loads() {
+    const LL: usize = 8;
+    let profile = ProfileTable::bundled();
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
+    cfg.fixed_instances = Some(1);
+    let floor = cfg.clock_margin_floor;
+    assert!(floor < 1.0);
+    let mut shares = [0.0; CLASS_COUNT];
+    shares[LL] = 1.0;
+    let planner = Planner::new(&profile, &cfg.tps, &shares, cfg.max_util);
+    let cap = planner.capacity(8) * planner.max_util;
+    let power = |f: u32, l: f64| planner.power_at(8, f, l).unwrap_or(f64::INFINITY);
+    // A load whose floor-lightened share runs a lower clock, saving more than the hysteresis asks.
+    let load = (1..200)
+        .map(|k| cap * f64::from(k) / 200.0)
+        .find(|&l| match (planner.clock_for(8, l), planner.clock_for(8, l * floor)) {
+            (Some(a), Some(b)) => {
+                b < a && power(a, l * floor) - power(b, l * floor) > cfg.clock_hysteresis * power(a, l * floor)
+            }
+            _ => false,
+        })
+        .expect("the bundled profile has such a load");
+    let bare = planner.clock_for(8, load).unwrap();
+    let mut d = [0.0; CLASS_COUNT];
+    d[LL] = load;
+    let mut ctl = Controller::new(cfg.clone(), profile);
+    let mut model = Model::new();
+    let id = InstanceId(1000);
+    model.instances.insert(id, (serving_tp8(id, PoolId(LL as u32)), 0.0));
+    let mut reason = String::new();
+    for w in 0..=40 {
+        let t = f64::from(w) * cfg.attainment_window_s;
+        let mut obs = model.observe(t, &d);
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        obs.class_attainment_recent[LL] = (w > 0).then_some(1.0);
+        for dec in ctl.step(t, &obs) {
+            model.apply(t, &dec.action, false);
+            if matches!(dec.action, Action::SetClock { instance, .. } if instance == id) {
+                reason = dec.reason;
+            }
+        }
+        if w == 0 {
+            assert_eq!(model.instances[&id].0.clock_mhz, bare, "the bare load's clock at first");
+        }
+    }
+    assert_eq!(ctl.snapshot().clock_margin[LL], floor, "the margin settles at the floor");
+    let clock = model.instances[&id].0.clock_mhz;
+    assert!(clock < bare && planner.carries(8, clock, load * floor), "{clock} MHz (bare {bare})");
+    assert!(reason.contains("the margin learnt from attainment") && reason.contains("(the load seen × 0."), "{reason}");
+}
+
+/// A class's attainment window reaches back until it holds `attainment_min_requests` requests
+/// (a big class's is just the window), and never past `attainment_lookback_s`.
+#[test]
+fn a_small_class_is_judged_over_enough_requests_and_no_further_back_than_the_lookback() {
+    let cfg = ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980);
+    let (window, min, lookback) = (cfg.attainment_window_s, cfg.attainment_min_requests, cfg.attainment_lookback_s);
+    let step = 5.0;
+    let (big, small) = (0usize, 1usize);
+    let mut hist = AttainmentHistory::default();
+    let mut k = [[0u64; 4]; CLASS_COUNT];
+    let mut t = 0.0;
+    assert_eq!(hist.push(t, k, &cfg), [None; CLASS_COUNT], "no requests yet");
+    let advance = |hist: &mut AttainmentHistory,
+                   k: &mut [[u64; 4]; CLASS_COUNT],
+                   t: &mut f64,
+                   miss_big: bool,
+                   miss_small: bool| {
+        *t += step;
+        // The big class: 100 requests a step; the small one: 1.
+        k[big] = [k[big][0] + if miss_big { 0 } else { 100 }, k[big][1] + 100, 0, 0];
+        k[small] = [k[small][0] + u64::from(!miss_small), k[small][1] + 1, 0, 0];
+        hist.push(*t, *k, &cfg)
+    };
+    // An early step where both classes miss everything, then a while of clean steps.
+    let mut last = advance(&mut hist, &mut k, &mut t, true, true);
+    assert_eq!((last[big], last[small]), (Some(0.0), Some(0.0)));
+    while t < window + 2.0 * step {
+        last = advance(&mut hist, &mut k, &mut t, false, false);
+    }
+    assert_eq!(last[big], Some(1.0), "the big class's window is just the last {window} s");
+    assert_eq!(hist.plain_window()[small], Some(1.0), "the small class's plain window holds no miss");
+    let n = (t / step) as u64;
+    assert!(n < min);
+    let want = (n - 1) as f64 / n as f64;
+    assert!((last[small].unwrap() - want).abs() < 1e-12, "the small class reaches back to its miss: {last:?}");
+    // Far enough on, the small class has its requests within the lookback and the miss is gone.
+    while t < lookback + window {
+        last = advance(&mut hist, &mut k, &mut t, false, false);
+    }
+    assert_eq!(last[small], Some(1.0));
+    // A new miss of the small class counts in its window at once, and stays while it is among
+    // the last `min` requests.
+    last = advance(&mut hist, &mut k, &mut t, false, true);
+    let got = last[small].unwrap();
+    assert!(got < 1.0 && got >= 1.0 - 1.0 / min as f64 - 1e-12, "{got}");
+    assert!(hist.plain_window()[small].unwrap() < 1.0, "the new miss is in the plain window too");
+    assert_eq!(hist.latest().unwrap(), k);
+}
+
+/// A dip over a small class's longer window counts only while its plain window holds a miss of
+/// its own: one old miss is not counted again each window while it stays in view.
+#[test]
+fn a_dip_without_a_new_miss_teaches_nothing() {
+    const LL: usize = 8;
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
+    cfg.fixed_instances = Some(1);
+    let window = cfg.attainment_window_s;
+    let learnt = |plain: Option<f64>| {
+        let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
+        let mut model = Model::new();
+        let id = InstanceId(7);
+        model.instances.insert(id, (InstanceObs { clock_mhz: 1400, ..serving_tp8(id, PoolId(LL as u32)) }, 0.0));
+        let mut d = [0.0; CLASS_COUNT];
+        d[LL] = 0.2;
+        for t in [0.0, window] {
+            let mut obs = model.observe(t, &d);
+            obs.class_attainment_recent = [None; CLASS_COUNT];
+            obs.class_attainment_recent[LL] = (t > 0.0).then_some(0.98);
+            obs.class_attainment_window[LL] = plain.filter(|_| t > 0.0);
+            for dec in ctl.step(t, &obs) {
+                model.apply(t, &dec.action, false);
+            }
+        }
+        let st = ctl.snapshot();
+        (st.clock_margin[LL], st.util_scale[LL])
+    };
+    assert_eq!(learnt(Some(1.0)), (1.0, 1.0), "no miss in the plain window: nothing learnt");
+    assert_ne!(learnt(Some(0.99)), (1.0, 1.0), "a miss of its own: the dip counts");
+    assert_ne!(learnt(None), (1.0, 1.0), "no plain window given: the dip counts");
 }

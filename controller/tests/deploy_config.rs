@@ -47,4 +47,16 @@ fn a_misspelt_key_is_named() {
     let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
     let profile = dynamollm::profile::ProfileTable::bundled();
     assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().retire_min_age_s, 600.0);
+    let with_floor = |v: &str| {
+        let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+            .unwrap()
+            .replace("clock_margin_floor = 0.85", &format!("clock_margin_floor = {v}"));
+        ServiceConfig::parse(&text, "deploy/dynamollm.toml")
+    };
+    for bad in ["1.5", "0.0"] {
+        let e = with_floor(bad).unwrap_err().to_string();
+        assert!(e.contains("controller.clock_margin_floor") && e.contains(bad.trim_end_matches(".0")), "{e}");
+    }
+    let cfg = with_floor("1.0").unwrap();
+    assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().clock_margin_floor, 1.0);
 }

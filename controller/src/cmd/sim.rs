@@ -36,6 +36,11 @@ pub struct SimArgs {
     /// retire it as surplus: damps spawn/retire churn at some energy cost (0: no minimum).
     #[arg(long, value_name = "S", default_value_t = 0.0)]
     pub retire_min_age_s: f64,
+    /// The lowest the clock loop's learnt margin on a pool's load may fall (0–1; default 0.85):
+    /// below 1 a pool that keeps its SLOs with room to spare runs lower clocks than the profile's
+    /// one instance allows, which saves energy and holds more GPU-hours. 1 favours GPU-hours.
+    #[arg(long, value_name = "F")]
+    pub clock_margin_floor: Option<f64>,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0)]
@@ -151,6 +156,8 @@ pub struct ControlledRun<'a> {
     pub warm_spawn: bool,
     /// `ControllerConfig::retire_min_age_s` (s).
     pub retire_min_age_s: f64,
+    /// `ControllerConfig::clock_margin_floor` (default: the config's).
+    pub clock_margin_floor: Option<f64>,
     /// Where decisions go.
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
@@ -175,6 +182,9 @@ pub fn run_controlled_policy(
     );
     cfg.warm_spawn = run.warm_spawn;
     cfg.retire_min_age_s = run.retire_min_age_s;
+    if let Some(f) = run.clock_margin_floor {
+        cfg.clock_margin_floor = f;
+    }
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
         cfg.fixed_instances = Some(run.single_pool_instances);
@@ -230,6 +240,11 @@ pub fn run(args: &SimArgs) -> Result<()> {
     if !(args.retire_min_age_s.is_finite() && args.retire_min_age_s >= 0.0) {
         bail!("--retire-min-age-s must be a number of seconds ≥ 0, got {}", args.retire_min_age_s);
     }
+    if let Some(f) = args.clock_margin_floor {
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("--clock-margin-floor must be above 0 and at most 1, got {f}");
+        }
+    }
     let policies = match &args.compare {
         Some(list) => parse_compare(list)?,
         None => vec![Policy::parse(&args.policy)?],
@@ -266,6 +281,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         slo_multiplier: args.slo_multiplier,
         warm_spawn: !args.cold_spawn,
         retire_min_age_s: args.retire_min_age_s,
+        clock_margin_floor: args.clock_margin_floor,
         quiet: args.quiet,
     };
     let reports = run_policies(
@@ -320,6 +336,8 @@ pub struct RunOptions {
     pub warm_spawn: bool,
     /// `ControllerConfig::retire_min_age_s` (s).
     pub retire_min_age_s: f64,
+    /// `ControllerConfig::clock_margin_floor` (default: the config's).
+    pub clock_margin_floor: Option<f64>,
     /// No progress bars.
     pub quiet: bool,
 }
@@ -327,7 +345,14 @@ pub struct RunOptions {
 impl RunOptions {
     /// Static baselines sized by replay, warm spawns, no minimum instance age.
     pub fn sized_by_replay(slo_multiplier: f64, quiet: bool) -> RunOptions {
-        RunOptions { instances: None, slo_multiplier, warm_spawn: true, retire_min_age_s: 0.0, quiet }
+        RunOptions {
+            instances: None,
+            slo_multiplier,
+            warm_spawn: true,
+            retire_min_age_s: 0.0,
+            clock_margin_floor: None,
+            quiet,
+        }
     }
 }
 
@@ -404,6 +429,7 @@ pub fn run_policies(
                         single_pool_instances: single,
                         warm_spawn: opts.warm_spawn,
                         retire_min_age_s: opts.retire_min_age_s,
+                        clock_margin_floor: opts.clock_margin_floor,
                         decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                         future: future.as_ref(),
                     },

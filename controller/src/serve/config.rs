@@ -96,6 +96,10 @@ pub struct ControllerSection {
     /// first sees it before retiring it as surplus (0: no minimum): damps
     /// spawn/retire churn where spawns are slow or can fail, at an energy cost.
     pub retire_min_age_s: f64,
+    /// The lowest the clock loop's learnt margin on a pool's load may fall (0–1): below 1 a pool
+    /// keeping its SLOs with room to spare runs lower clocks than the profile's one instance
+    /// allows, saving energy at more GPU-hours; 1 favours GPU-hours.
+    pub clock_margin_floor: f64,
     /// TP degrees the shard loop may use (default 2, 4 and 8).
     pub tps: Option<Vec<u32>>,
     /// Whether the backlog guard hands a backed-up instance's unstarted
@@ -125,6 +129,7 @@ impl Default for ControllerSection {
             fixed_instances: None,
             clock_hold_s: 30.0,
             retire_min_age_s: 0.0,
+            clock_margin_floor: 0.85,
             tps: None,
             move_queued: None,
             reshard_in_place: None,
@@ -281,6 +286,10 @@ impl ServiceConfig {
         let age = self.controller.retire_min_age_s;
         if !(age.is_finite() && age >= 0.0) {
             bail!("{origin}: controller.retire_min_age_s must be a number of seconds ≥ 0, got {age}");
+        }
+        let floor = self.controller.clock_margin_floor;
+        if !(floor > 0.0 && floor <= 1.0) {
+            bail!("{origin}: controller.clock_margin_floor must be above 0 and at most 1, got {floor}");
         }
         if let Some(m) = &s.initial_class_rps {
             for (k, v) in m {

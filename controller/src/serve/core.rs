@@ -265,7 +265,7 @@ pub struct ServiceCore {
     last_recent: Demand,
     forecasts: ClassForecasts,
     att_totals: [[u64; 4]; CLASS_COUNT],
-    att_hist: VecDeque<[[u64; 4]; CLASS_COUNT]>,
+    att_hist: crate::control::AttainmentHistory,
     decisions: VecDeque<DecisionRecord>,
     history: VecDeque<HistoryPoint>,
     last_telemetry_s: f64,
@@ -353,7 +353,7 @@ impl ServiceCore {
             last_recent: [0.0; CLASS_COUNT],
             forecasts: ClassForecasts::new(),
             att_totals: [[0; 4]; CLASS_COUNT],
-            att_hist: VecDeque::new(),
+            att_hist: crate::control::AttainmentHistory::default(),
             decisions: VecDeque::new(),
             history: VecDeque::new(),
             last_telemetry_s: now_s,
@@ -641,12 +641,7 @@ impl ServiceCore {
         let peak_scale = self.forecasts.peak(scale_min);
         let peak_shard = self.forecasts.peak(shard_min);
 
-        self.att_hist.push_back(self.att_totals);
-        if self.att_hist.len() > (c.attainment_window_s / period).ceil() as usize + 1 {
-            self.att_hist.pop_front();
-        }
-        let oldest = self.att_hist.front().copied().unwrap_or(self.att_totals);
-        let class_attainment_recent = crate::control::window_attainment(&self.att_totals, &oldest);
+        let class_attainment_recent = self.att_hist.push(now_s, self.att_totals, c);
         let obs = Observations {
             now_s,
             instances: self
@@ -669,6 +664,7 @@ impl ServiceCore {
             class_peak_shard: Some(peak_shard),
             observed_spawn_s: std::mem::take(&mut self.observed_spawn_s),
             class_attainment_recent,
+            class_attainment_window: self.att_hist.plain_window(),
         };
         let decisions = self.ctl.step(now_s, &obs);
         let mode = self.mode();
@@ -1182,7 +1178,7 @@ impl ServiceCore {
         let shard_min =
             ((self.cfg.controller.shard_period_s + self.cfg.controller.spawn_lead_s) / 60.0).ceil().max(1.0) as usize;
         let forecast = self.forecasts.peak(shard_min);
-        let last = self.att_hist.back().copied().unwrap_or(self.att_totals);
+        let last = self.att_hist.latest().unwrap_or(self.att_totals);
         let classes: Vec<serde_json::Value> = RequestClass::ALL
             .iter()
             .map(|c| {
