@@ -99,7 +99,8 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
     assert_eq!(s["pools"].as_array().unwrap().len(), 9, "one pool per class under dynamollm");
     for p in s["pools"].as_array().unwrap() {
         let (scale, margin) = (p["capacity_scale"].as_f64().unwrap(), p["clock_margin"].as_f64().unwrap());
-        assert!(scale > 0.0 && (1.0..=1.15).contains(&margin), "what the controller learnt: {p}");
+        // The clock margin lies between its floor (`clock_margin_floor`, 0.85) and the planning margin.
+        assert!(scale > 0.0 && (0.85..=1.15).contains(&margin), "what the controller learnt: {p}");
     }
     assert!(!s["instances"].as_array().unwrap().is_empty(), "the first tick spawned the fleet: {s}");
     assert!(s["totals"]["power_w"].as_f64().unwrap() > 0.0, "the twin reports power: {s}");
