@@ -237,7 +237,9 @@ pub struct Observations {
     pub class_peak_shard: Option<Demand>,
     /// Seconds from spawn to serving of the instances that came up since the last step.
     pub observed_spawn_s: Vec<f64>,
-    /// Per class, the share of requests and token gaps within the SLO over the last minutes (None: no samples).
+    /// Per class, the share of requests and token gaps within the SLO over its recent window (None:
+    /// no samples): `attainment_window_s`, reaching further back for a class with few requests
+    /// ([`AttainmentHistory`]).
     pub class_attainment_recent: [Option<f64>; CLASS_COUNT],
     /// Each class's attainment over the plain window, where `class_attainment_recent` reaches
     /// further back for enough requests ([`AttainmentHistory`]); `None`: not given. A dip over the
