@@ -505,6 +505,7 @@ fn a_small_class_is_judged_over_enough_requests_and_no_further_back_than_the_loo
     }
     assert_eq!(last[big], Some(1.0), "the big class's window is just the last {window} s");
     assert_eq!(hist.plain_window()[small], Some(1.0), "the small class's plain window holds no miss");
+    assert_eq!((last[2], hist.plain_window()[2]), (None, Some(1.0)), "a class without requests: no miss either");
     let n = (t / step) as u64;
     assert!(n < min);
     let want = (n - 1) as f64 / n as f64;
