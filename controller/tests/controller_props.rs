@@ -535,7 +535,7 @@ fn a_dip_without_a_new_miss_teaches_nothing() {
     let learnt = |plain: Option<f64>| {
         let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
         let mut model = Model::new();
-        let id = InstanceId(7);
+        let id = InstanceId(1000);
         model.instances.insert(id, (InstanceObs { clock_mhz: 1400, ..serving_tp8(id, PoolId(LL as u32)) }, 0.0));
         let mut d = [0.0; CLASS_COUNT];
         d[LL] = 0.2;
@@ -554,4 +554,40 @@ fn a_dip_without_a_new_miss_teaches_nothing() {
     assert_eq!(learnt(Some(1.0)), (1.0, 1.0), "no miss in the plain window: nothing learnt");
     assert_ne!(learnt(Some(0.99)), (1.0, 1.0), "a miss of its own: the dip counts");
     assert_ne!(learnt(None), (1.0, 1.0), "no plain window given: the dip counts");
+}
+
+/// A dip is sharp when a class's plain window falls below `sharp_dip_attainment`: the pool's
+/// capacity shrinks at once (its clock margin rises too), where a mild dip in a pool running below
+/// the top clock raises the margin alone. A plain window above the threshold but with a miss is
+/// mild; the sharp rule needs the longer window below target as well.
+#[test]
+fn a_sharp_dip_shrinks_the_capacity_at_once() {
+    const LL: usize = 8;
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
+    cfg.fixed_instances = Some(1);
+    let (window, step, sharp) = (cfg.attainment_window_s, cfg.clock_margin_step, cfg.sharp_dip_attainment);
+    assert!(sharp > 0.9 && sharp < 0.99, "{sharp}");
+    let learnt = |recent: f64, plain: f64| {
+        let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
+        let mut model = Model::new();
+        let id = InstanceId(1000);
+        model.instances.insert(id, (InstanceObs { clock_mhz: 1400, ..serving_tp8(id, PoolId(LL as u32)) }, 0.0));
+        let mut d = [0.0; CLASS_COUNT];
+        d[LL] = 0.02;
+        for t in [0.0, window] {
+            let mut obs = model.observe(t, &d);
+            obs.class_attainment_recent = [None; CLASS_COUNT];
+            obs.class_attainment_recent[LL] = (t > 0.0).then_some(recent);
+            obs.class_attainment_window[LL] = (t > 0.0).then_some(plain);
+            for dec in ctl.step(t, &obs) {
+                model.apply(t, &dec.action, false);
+            }
+        }
+        assert!(model.instances[&id].0.clock_mhz < 1980, "the clock runs below the top");
+        let st = ctl.snapshot();
+        (st.clock_margin[LL], st.util_scale[LL])
+    };
+    assert_eq!(learnt(0.985, sharp + 0.005), (step, 1.0), "a mild dip: the clock margin first");
+    assert_eq!(learnt(0.985, sharp - 0.005), (step, 0.85), "a sharp dip: the capacity too");
+    assert_eq!(learnt(0.995, sharp - 0.005), (1.0, 1.0), "the longer window holds the target: nothing");
 }
