@@ -126,13 +126,22 @@ impl SimReport {
         );
         let _ = writeln!(
             s,
-            "  {:<5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
-            "class", "requests", "TTFT p50", "TTFT p99", "TBT p50", "TBT p99", "TTFT ok", "TBT ok", "SLO ok"
+            "  {:<5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>10}",
+            "class",
+            "requests",
+            "TTFT p50",
+            "TTFT p99",
+            "TBT p50",
+            "TBT p99",
+            "TTFT ok",
+            "TBT ok",
+            "SLO ok",
+            "worst hour"
         );
         let mut row = |name: &str, requests: u64, c: &LatencySummary| {
             let _ = writeln!(
                 s,
-                "  {:<5} {:>8} {:>8.3}s {:>8.3}s {:>7.1}ms {:>7.1}ms {:>6.2}% {:>6.2}% {:>6.2}%{}",
+                "  {:<5} {:>8} {:>8.3}s {:>8.3}s {:>7.1}ms {:>7.1}ms {:>6.2}% {:>6.2}% {:>6.2}% {:>10}{}",
                 name,
                 requests,
                 c.ttft_p50_s,
@@ -142,6 +151,7 @@ impl SimReport {
                 c.ttft_attainment * 100.0,
                 c.tbt_attainment * 100.0,
                 c.slo_attainment * 100.0,
+                c.worst_hour_attainment.map_or("-".to_string(), |w| format!("{:.2}%", w * 100.0)),
                 if c.slo_attainment >= crate::policy::P99_ATTAINMENT { "" } else { "  MISSES P99 SLO" }
             );
         };

@@ -414,7 +414,7 @@ impl<'p> Cluster<'p> {
             Ok(inst) => self.place(inst, req),
             Err(why) => {
                 self.requests_rejected += 1;
-                self.stats.rejected(class, why);
+                self.stats.rejected(class, why, r.arrival_s);
             }
         }
     }

@@ -600,7 +600,7 @@ impl Instance {
         // Token gaps of every decoding sequence, per class.
         for (class, &count) in self.decoding_by_class.iter().enumerate() {
             if count > 0 {
-                stats.gaps(class, u64::from(count), n, p.cost.time_s, p.cost.time_growth_s);
+                stats.gaps(class, u64::from(count), n, p.cost.time_s, p.cost.time_growth_s, end_s);
             }
         }
         self.tokens_out += n * self.decoding.len() as u64;
@@ -631,7 +631,7 @@ impl Instance {
             consumed -= u64::from(head.left);
             let done = self.prefilling.pop_front().expect("checked").req;
             let class = usize::from(done.class);
-            stats.ttft(class, end_s - done.arrival_s + physics.perf.request_overhead_s);
+            stats.ttft(class, end_s - done.arrival_s + physics.perf.request_overhead_s, end_s);
             self.tokens_out += 1;
             if let Some(ev) = &mut self.events {
                 ev.push(EngineEvent::FirstToken { id: done.id, at_s: end_s, step: self.steps_done });

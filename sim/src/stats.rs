@@ -54,6 +54,33 @@ impl RejectReason {
     }
 }
 
+/// Length of the windows [`ClassStats::worst_hour_attainment`] looks at (s).
+pub const HOUR_S: f64 = 3600.0;
+/// A clock hour counts for [`ClassStats::worst_hour_attainment`] once it holds at least this
+/// many of the class's requests (TTFTs and rejections): below that one miss moves it by over 1%.
+pub const MIN_HOUR_REQUESTS: u64 = 100;
+
+/// Attainment counts of one class within one clock hour of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HourCounts {
+    /// Requests whose TTFT met the SLO.
+    pub ttft_ok: u64,
+    /// Requests with a TTFT recorded, plus those turned away.
+    pub ttft_n: u64,
+    /// Token gaps that met the SLO.
+    pub gaps_ok: u64,
+    /// Token gaps recorded.
+    pub gaps_n: u64,
+}
+
+impl HourCounts {
+    /// The smaller of the hour's TTFT and TBT attainments (1 where it has none).
+    pub fn attainment(&self) -> f64 {
+        let share = |ok: u64, n: u64| if n == 0 { 1.0 } else { ok as f64 / n as f64 };
+        share(self.ttft_ok, self.ttft_n).min(share(self.gaps_ok, self.gaps_n))
+    }
+}
+
 /// Everything measured for one class.
 #[derive(Debug, Clone)]
 pub struct ClassStats {
@@ -77,6 +104,9 @@ pub struct ClassStats {
     pub gaps_ok: u64,
     /// Token gaps recorded.
     pub gaps_n: u64,
+    /// The same counts per clock hour of the run (index: hours since it began), by when they were
+    /// recorded (a TTFT at its first token, a gap at the end of its step, a rejection on arrival).
+    pub hours: Vec<HourCounts>,
 }
 
 impl ClassStats {
@@ -92,7 +122,23 @@ impl ClassStats {
             ttft_n: 0,
             gaps_ok: 0,
             gaps_n: 0,
+            hours: Vec::new(),
         }
+    }
+
+    fn hour(&mut self, at_s: f64) -> &mut HourCounts {
+        let h = (at_s.max(0.0) / HOUR_S) as usize;
+        if self.hours.len() <= h {
+            self.hours.resize(h + 1, HourCounts::default());
+        }
+        &mut self.hours[h]
+    }
+
+    /// The lowest SLO attainment (the smaller of TTFT and TBT) of any clock hour holding at least
+    /// [`MIN_HOUR_REQUESTS`] of the class's requests; `None` when no hour does. A P99 SLO held over
+    /// a week can hide a daily peak hour that misses it.
+    pub fn worst_hour_attainment(&self) -> Option<f64> {
+        self.hours.iter().filter(|h| h.ttft_n >= MIN_HOUR_REQUESTS).map(HourCounts::attainment).reduce(f64::min)
     }
 
     /// Requests turned away for this reason.
@@ -148,9 +194,11 @@ impl Stats {
 
     /// A request was turned away, and why.
     #[inline]
-    pub fn rejected(&mut self, class: usize, why: RejectReason) {
-        self.classes[class].rejected += 1;
-        self.classes[class].rejected_by[why.index()] += 1;
+    pub fn rejected(&mut self, class: usize, why: RejectReason, at_s: f64) {
+        let c = &mut self.classes[class];
+        c.rejected += 1;
+        c.rejected_by[why.index()] += 1;
+        c.hour(at_s).ttft_n += 1;
     }
 
     /// A request finished.
@@ -159,21 +207,23 @@ impl Stats {
         self.classes[class].completed += 1;
     }
 
-    /// Record a request's TTFT.
+    /// Record a request's TTFT, its first token out at `at_s`.
     #[inline]
-    pub fn ttft(&mut self, class: usize, ttft_s: f64) {
+    pub fn ttft(&mut self, class: usize, ttft_s: f64, at_s: f64) {
         let slo = self.slo[class].ttft_s;
         let c = &mut self.classes[class];
+        let ok = u64::from(ttft_s <= slo);
         c.ttft_n += 1;
-        if ttft_s <= slo {
-            c.ttft_ok += 1;
-        }
+        c.ttft_ok += ok;
+        let h = c.hour(at_s);
+        h.ttft_n += 1;
+        h.ttft_ok += ok;
         c.ttft.saturating_record(to_us(ttft_s));
     }
 
     /// Record `count` sequences' gaps over `steps` consecutive steps whose
-    /// durations are `first_s`, `first_s + growth_s`, … (an arithmetic series).
-    pub fn gaps(&mut self, class: usize, count: u64, steps: u64, first_s: f64, growth_s: f64) {
+    /// durations are `first_s`, `first_s + growth_s`, … (an arithmetic series), ending at `at_s`.
+    pub fn gaps(&mut self, class: usize, count: u64, steps: u64, first_s: f64, growth_s: f64, at_s: f64) {
         if count == 0 || steps == 0 {
             return;
         }
@@ -189,6 +239,9 @@ impl Stats {
         };
         c.gaps_n += count * steps;
         c.gaps_ok += count * ok_steps;
+        let h = c.hour(at_s);
+        h.gaps_n += count * steps;
+        h.gaps_ok += count * ok_steps;
         // The histogram gets the series in at most four equal segments.
         let segments = steps.min(4);
         let base = steps / segments;
@@ -219,6 +272,11 @@ pub struct LatencySummary {
     pub tbt_attainment: f64,
     /// The smaller of the two.
     pub slo_attainment: f64,
+    /// The lowest SLO attainment of a clock hour holding at least [`MIN_HOUR_REQUESTS`] requests
+    /// of a class (over all classes: the lowest of the classes'); `None` when no hour does. Printed
+    /// in the tables; not in the JSON, whose fields are a fixed contract.
+    #[serde(skip)]
+    pub worst_hour_attainment: Option<f64>,
 }
 
 fn q(h: &Histogram<u64>, p: f64) -> f64 {
@@ -240,6 +298,7 @@ impl LatencySummary {
             ttft_attainment: c.ttft_attainment(),
             tbt_attainment: c.tbt_attainment(),
             slo_attainment: c.slo_attainment(),
+            worst_hour_attainment: c.worst_hour_attainment(),
         }
     }
 
@@ -266,6 +325,7 @@ impl LatencySummary {
             ttft_attainment,
             tbt_attainment,
             slo_attainment: ttft_attainment.min(tbt_attainment),
+            worst_hour_attainment: classes.iter().filter_map(ClassStats::worst_hour_attainment).reduce(f64::min),
         }
     }
 }
@@ -282,7 +342,7 @@ mod tests {
     fn gap_attainment_counts_an_arithmetic_series_exactly() {
         let mut s = Stats::new(slo(1.0, 0.050));
         // Steps of 40, 42, …, 58 ms: 40..=50 meet the SLO → 6 of 10 steps.
-        s.gaps(0, 3, 10, 0.040, 0.002);
+        s.gaps(0, 3, 10, 0.040, 0.002, 0.5);
         assert_eq!(s.classes[0].gaps_n, 30);
         assert_eq!(s.classes[0].gaps_ok, 18);
         assert!((s.classes[0].tbt_attainment() - 0.6).abs() < 1e-12);
@@ -291,12 +351,45 @@ mod tests {
     }
 
     #[test]
+    fn the_worst_hour_is_the_lowest_hour_with_enough_requests() {
+        let mut s = Stats::new(slo(0.1, 0.05));
+        // Hour 0: 200 requests, 4 miss TTFT (98%). Hour 1: 150 requests, none misses, but a tenth
+        // of the gaps miss (90%). Hour 2: 99 requests, half miss: too few to count.
+        for k in 0..200 {
+            s.ttft(0, if k < 4 { 0.2 } else { 0.05 }, 10.0 + f64::from(k));
+        }
+        for k in 0..150 {
+            s.ttft(0, 0.05, HOUR_S + f64::from(k));
+        }
+        s.gaps(0, 1, 9, 0.01, 0.0, HOUR_S + 200.0);
+        s.gaps(0, 1, 1, 0.06, 0.0, HOUR_S + 201.0);
+        for k in 0..99 {
+            s.ttft(0, if k % 2 == 0 { 0.2 } else { 0.05 }, 2.0 * HOUR_S + f64::from(k));
+        }
+        let c = &s.classes[0];
+        assert_eq!(c.hours.len(), 3);
+        assert!((c.hours[0].attainment() - 0.98).abs() < 1e-12);
+        assert!((c.hours[1].attainment() - 0.9).abs() < 1e-12);
+        assert!((c.worst_hour_attainment().unwrap() - 0.9).abs() < 1e-12, "hour 2 has too few requests");
+        // A rejection counts against its hour's TTFT attainment.
+        for k in 0..20 {
+            s.rejected(0, RejectReason::NoServingInstance, 5.0 + f64::from(k));
+        }
+        assert!((s.classes[0].hours[0].attainment() - 196.0 / 220.0).abs() < 1e-12);
+        assert!((s.classes[0].worst_hour_attainment().unwrap() - 196.0 / 220.0).abs() < 1e-12);
+        // Over all classes: the lowest class's worst hour; a class with no full hour has none.
+        assert_eq!(s.classes[1].worst_hour_attainment(), None);
+        let all = LatencySummary::of_all(&s.classes);
+        assert_eq!(all.worst_hour_attainment, s.classes[0].worst_hour_attainment());
+    }
+
+    #[test]
     fn rejected_requests_count_against_ttft_attainment() {
         let mut s = Stats::new(slo(0.1, 1.0));
-        s.ttft(2, 0.05);
-        s.ttft(2, 0.20);
-        s.rejected(2, RejectReason::NoServingInstance);
-        s.ttft(2, 0.01);
+        s.ttft(2, 0.05, 1.0);
+        s.ttft(2, 0.20, 2.0);
+        s.rejected(2, RejectReason::NoServingInstance, 3.0);
+        s.ttft(2, 0.01, 4.0);
         assert!((s.classes[2].ttft_attainment() - 0.5).abs() < 1e-12);
         assert_eq!(s.classes[0].slo_attainment(), 1.0);
     }
