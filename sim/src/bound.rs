@@ -123,8 +123,15 @@ pub fn fewest_instances(
     tp: u32,
     clock_mhz: u32,
 ) -> Option<StaticPool> {
-    let max_n = spec.max_gpus / tp.max(1);
-    let holds = |p: &StaticPool| p.attainment >= spec.attainment;
+    search_fewest(spec.max_gpus / tp.max(1), spec.attainment, |n| {
+        measure_pool(physics, lengths, spec, rate_rps, tp, clock_mhz, n)
+    })
+}
+
+/// The search behind [`fewest_instances`], over any measurement of an `n`-instance pool: the
+/// fewest instances (at most `max_n`) whose pool holds `attainment`.
+pub fn search_fewest(max_n: u32, attainment: f64, mut measure: impl FnMut(u32) -> StaticPool) -> Option<StaticPool> {
+    let holds = |p: &StaticPool| p.attainment >= attainment;
     let (mut lo, mut hi) = (0u32, 1u32);
     let mut last = f64::NEG_INFINITY;
     let mut best = loop {
@@ -133,20 +140,18 @@ pub fn fewest_instances(
             if lo >= max_n {
                 return None;
             }
-            let p = measure_pool(physics, lengths, spec, rate_rps, tp, clock_mhz, max_n);
+            let p = measure(max_n);
             if !holds(&p) {
                 return None;
             }
             hi = max_n;
             break p;
         }
-        let p = measure_pool(physics, lengths, spec, rate_rps, tp, clock_mhz, hi);
+        let p = measure(hi);
         if holds(&p) {
             break p;
         }
-        if p.too_large_share > 1.0 - spec.attainment
-            || (p.attainment >= PLATEAU_FLOOR && p.attainment <= last + PLATEAU)
-        {
+        if p.too_large_share > 1.0 - attainment || (p.attainment >= PLATEAU_FLOOR && p.attainment <= last + PLATEAU) {
             return None;
         }
         last = p.attainment;
@@ -155,7 +160,7 @@ pub fn fewest_instances(
     };
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        let p = measure_pool(physics, lengths, spec, rate_rps, tp, clock_mhz, mid);
+        let p = measure(mid);
         if holds(&p) {
             hi = mid;
             best = p;

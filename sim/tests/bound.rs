@@ -2,7 +2,7 @@
 //! hold the attainment, the least energy over TP degrees and clocks, and the
 //! early ends where more instances cannot help.
 
-use sim::bound::{best_static, fewest_instances, measure_pool, SearchSpec};
+use sim::bound::{best_static, fewest_instances, measure_pool, search_fewest, SearchSpec, StaticPool};
 use sim::measure::{class_slos, SloRule};
 use sim::Physics;
 use std::path::Path;
@@ -68,7 +68,42 @@ fn a_clock_whose_idle_latency_misses_the_slo_is_given_up_before_the_gpu_limit() 
     let (physics, lengths, spec) = class("LL", 0.999);
     let lone = measure_pool(&physics, &lengths, &spec, 0.05, 4, 800, 4);
     assert!(lone.attainment < 0.999, "the premise: 800 MHz misses even nearly idle: {lone:?}");
-    // Without the plateau rule the doubling would go on to 25,000 instances.
+    // Without the plateau rule the doubling would go on to 25,000 instances (16 pools measured,
+    // the largest for hours); with it the search stops after a few small ones.
     let spec = SearchSpec { max_gpus: 100_000, ..spec };
+    let mut sizes = Vec::new();
+    let found = search_fewest(spec.max_gpus / 4, spec.attainment, |n| {
+        assert!(sizes.len() < 8 && n <= 64, "the search goes on past a plateau: {sizes:?}, now {n}");
+        sizes.push(n);
+        measure_pool(&physics, &lengths, &spec, 0.05, 4, 800, n)
+    });
+    assert_eq!(found, None, "pools measured: {sizes:?}");
     assert_eq!(fewest_instances(&physics, &lengths, &spec, 0.05, 4, 800), None);
+}
+
+/// The search itself, on a made-up attainment curve: doubling to the first pool that holds, then
+/// bisection to the fewest; `None` where even the limit does not hold.
+#[test]
+fn the_search_doubles_then_bisects_to_the_fewest_instances() {
+    let pool = |n: u32, attainment: f64| StaticPool {
+        tp: 8,
+        clock_mhz: 1980,
+        instances: n,
+        gpus: 8 * n,
+        energy_per_req_j: 1.0,
+        power_w: 1.0,
+        attainment,
+        too_large_share: 0.0,
+    };
+    // Holds from 13 instances on; below that it rises steadily (no plateau).
+    let curve = |n: u32| pool(n, if n >= 13 { 0.995 } else { 0.5 + 0.03 * f64::from(n) });
+    let mut sizes = Vec::new();
+    let got = search_fewest(100, 0.99, |n| {
+        sizes.push(n);
+        curve(n)
+    });
+    assert_eq!(got.map(|p| p.instances), Some(13));
+    assert_eq!(sizes, vec![1, 2, 4, 8, 16, 12, 14, 13], "doubling to 16, then bisection");
+    assert_eq!(search_fewest(10, 0.99, curve), None, "10 instances at most: none holds");
+    assert_eq!(search_fewest(13, 0.99, curve).map(|p| p.instances), Some(13), "the limit itself holds");
 }
