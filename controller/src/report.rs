@@ -55,6 +55,10 @@ pub struct SimReport {
     /// The replay's per-minute timeline, for `--report` (not part of the JSON).
     #[serde(skip)]
     pub timeline: Option<std::sync::Arc<sim::Timeline>>,
+    /// Per clock hour, the lowest SLO attainment of a class with enough requests that hour, for
+    /// `--report` (not part of the JSON).
+    #[serde(skip)]
+    pub worst_class_by_hour: Vec<Option<f64>>,
     /// Requests turned away, per class and reason (class name, reason, count;
     /// printed under the table, not part of the JSON).
     #[serde(skip)]
@@ -91,6 +95,7 @@ impl SimReport {
             sim_requests_per_s: if wall_s > 0.0 { totals.requests_total as f64 / wall_s } else { 0.0 },
             oracle_gap: None,
             timeline: Some(std::sync::Arc::new(totals.timeline.clone())),
+            worst_class_by_hour: totals.stats.worst_class_by_hour(),
             rejections: RequestClass::ALL
                 .iter()
                 .flat_map(|c| {

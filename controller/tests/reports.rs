@@ -66,6 +66,12 @@ fn a_compare_runs_report_loads_clean_and_matches_its_json_and_csv() {
     }
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("<script src"), "self-contained");
+    // The hour-by-hour chart has a line per policy and the 99% line to read them against.
+    let hourly = &page[page.find("id=\"chart-slo-hourly\"").expect("the hourly SLO chart")..];
+    let hourly = &hourly[..hourly.find("</svg>").unwrap()];
+    for name in ["single-pool", "dynamollm", "P99 SLO (99%)"] {
+        assert!(hourly.contains(name), "{name} in the hourly chart");
+    }
     let png = dir.path().join("report.png");
     let c = check_page(&chromium, &format!("file://{}", html.display()), &png).unwrap();
     assert!(
@@ -81,6 +87,7 @@ fn a_compare_runs_report_loads_clean_and_matches_its_json_and_csv() {
         "chart-savings",
         "chart-class-energy",
         "chart-class-slo",
+        "chart-slo-hourly",
         "chart-power-dynamollm",
         "chart-clocks-single-pool",
     ] {
@@ -218,4 +225,5 @@ fn a_report_from_the_store_estimates_single_pool() {
     let c = check_page(&chromium_from_env(), &format!("file://{}", html.display()), &dir.path().join("r.png")).unwrap();
     assert!(c.console_errors.is_empty(), "{:?}", c.console_errors);
     assert!(figure(&c.dom, "energy-kwh-observed").is_some());
+    assert!(!c.dom.contains("chart-slo-hourly"), "the store has no SLO attainment to chart");
 }

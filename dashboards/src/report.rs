@@ -8,7 +8,7 @@
 use crate::accounting::{account, Account, RunTimeline, J_PER_KWH};
 use crate::config::AccountingConfig;
 use crate::intensity::{IntensitySeries, Signal};
-use crate::svg::{bar_chart, downsample, esc, line_chart, Line};
+use crate::svg::{bar_chart, downsample, esc, line_chart, line_chart_from, Line};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,6 +24,9 @@ pub struct RunInput {
     pub slo_attainment: Option<f64>,
     /// The same per class name.
     pub class_attainment: BTreeMap<String, f64>,
+    /// Per clock hour since the run began, the lowest SLO attainment of a class that hour (`None`:
+    /// no class had enough requests to tell); empty where not measured.
+    pub worst_class_by_hour: Vec<Option<f64>>,
     /// Requests turned away.
     pub requests_rejected: u64,
     /// Most GPUs held at once.
@@ -464,6 +467,33 @@ th:first-child,td:first-child{{text-align:left}} .charts{{display:flex;flex-wrap
             }
         };
         s.push_str(&line_chart("chart-clocks", "Mean GPU clock by policy", "hours", "MHz", &series(&clock)));
+        if let Some(hours) = self.inputs.iter().map(|r| r.worst_class_by_hour.len()).max().filter(|&h| h > 0) {
+            let mut lines: Vec<Line> = self
+                .inputs
+                .iter()
+                .filter(|r| !r.worst_class_by_hour.is_empty())
+                .map(|r| Line {
+                    name: r.name.clone(),
+                    points: r
+                        .worst_class_by_hour
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(h, a)| a.map(|a| (h as f64 + 0.5, a * 100.0)))
+                        .collect(),
+                })
+                .collect();
+            // The axis from a whole percent below the lowest hour (at most 98%) to 100%.
+            let lowest = lines.iter().flat_map(|l| l.points.iter()).map(|p| p.1).fold(98.0, f64::min);
+            lines.push(Line { name: "P99 SLO (99%)".into(), points: vec![(0.0, 99.0), (hours as f64, 99.0)] });
+            s.push_str(&line_chart_from(
+                "chart-slo-hourly",
+                "SLO attainment of the worst class, hour by hour",
+                "hours",
+                "%",
+                &lines,
+                (lowest - 0.5).floor().max(0.0),
+            ));
+        }
         if let Some(r) = self.inputs.first() {
             let pts: Vec<(f64, f64)> = r
                 .timeline

@@ -68,7 +68,7 @@ fn tick(v: f64) -> String {
     }
 }
 
-fn frame(s: &mut String, id: &str, title: &str, y_label: &str, y_max: f64) {
+fn frame(s: &mut String, id: &str, title: &str, y_label: &str, y_min: f64, y_max: f64) {
     let _ = write!(
         s,
         r##"<svg id="{id}" class="chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img"><title>{t}</title><rect x="0" y="0" width="{W}" height="{H}" fill="#fff"/><text x="{L}" y="20" font-size="14" font-weight="bold">{t}</text><text x="14" y="{ym}" font-size="11" transform="rotate(-90 14 {ym})" text-anchor="middle">{yl}</text>"##,
@@ -77,7 +77,7 @@ fn frame(s: &mut String, id: &str, title: &str, y_label: &str, y_max: f64) {
         ym = T + (H - T - B) / 2.0
     );
     for k in 0..=4 {
-        let v = y_max * f64::from(k) / 4.0;
+        let v = y_min + (y_max - y_min) * f64::from(k) / 4.0;
         let y = H - B - (H - T - B) * f64::from(k) / 4.0;
         let _ = write!(
             s,
@@ -104,16 +104,22 @@ fn legend(s: &mut String, title: &str, names: &[String]) {
     }
 }
 
-/// A line chart; x in the points' unit, labelled `x_label`.
+/// A line chart; x in the points' unit, labelled `x_label`; y from 0.
 pub fn line_chart(id: &str, title: &str, x_label: &str, y_label: &str, lines: &[Line]) -> String {
+    line_chart_from(id, title, x_label, y_label, lines, 0.0)
+}
+
+/// A line chart whose y axis starts at `y_min` (values below it sit on the axis).
+pub fn line_chart_from(id: &str, title: &str, x_label: &str, y_label: &str, lines: &[Line], y_min: f64) -> String {
     let mut s = String::new();
     let x_min = lines.iter().flat_map(|l| l.points.first()).map(|p| p.0).fold(f64::INFINITY, f64::min);
     let x_max = lines.iter().flat_map(|l| l.points.last()).map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
     let (x_min, x_max) = if x_min.is_finite() && x_max > x_min { (x_min, x_max) } else { (0.0, 1.0) };
-    let y_max = nice_max(lines.iter().flat_map(|l| l.points.iter()).map(|p| p.1).fold(0.0, f64::max));
-    frame(&mut s, id, title, y_label, y_max);
+    let top = lines.iter().flat_map(|l| l.points.iter()).map(|p| p.1).fold(y_min, f64::max);
+    let y_max = y_min + nice_max(top - y_min);
+    frame(&mut s, id, title, y_label, y_min, y_max);
     let px = |x: f64| L + (W - L - R) * (x - x_min) / (x_max - x_min);
-    let py = |y: f64| H - B - (H - T - B) * (y / y_max).clamp(0.0, 1.05);
+    let py = |y: f64| H - B - (H - T - B) * ((y - y_min) / (y_max - y_min)).clamp(0.0, 1.05);
     for k in 0..=5 {
         let x = x_min + (x_max - x_min) * f64::from(k) / 5.0;
         let _ = write!(
@@ -152,7 +158,7 @@ pub fn line_chart(id: &str, title: &str, x_label: &str, y_label: &str, lines: &[
 pub fn bar_chart(id: &str, title: &str, y_label: &str, categories: &[String], series: &[(String, Vec<f64>)]) -> String {
     let mut s = String::new();
     let y_max = nice_max(series.iter().flat_map(|x| x.1.iter()).copied().fold(0.0, f64::max));
-    frame(&mut s, id, title, y_label, y_max);
+    frame(&mut s, id, title, y_label, 0.0, y_max);
     let n = categories.len().max(1) as f64;
     let group_w = (W - L - R) / n;
     let bar_w = (group_w * 0.8) / series.len().max(1) as f64;
@@ -198,5 +204,20 @@ mod tests {
         let b = bar_chart("b", "E", "kWh", &["SS".into()], &[("x".into(), vec![2.0])]);
         assert!(b.contains("<rect") && b.contains("SS"));
         assert_eq!(downsample(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0), (3.0, 7.0)], 2), vec![(0.5, 2.0), (2.5, 6.0)]);
+    }
+
+    #[test]
+    fn a_chart_from_a_y_minimum_spans_it_to_the_top_and_puts_lower_values_on_the_axis() {
+        let line = Line { name: "a".into(), points: vec![(0.0, 97.0), (1.0, 100.0), (2.0, 90.0)] };
+        let c = line_chart_from("c", "t", "h", "%", &[line], 95.0);
+        // Ticks from 95 to 100 (a span of 5, the next nice size above the 5 the values need).
+        let y_tick = |v: &str| c.contains(&format!("text-anchor=\"end\">{v}</text>"));
+        assert!(y_tick("95.0") && y_tick("100") && !y_tick("0"), "{c}");
+        // The point at 100 sits on the top grid line (y = T), the one at 90 on the axis (y = H - B).
+        let pts = &c[c.find("points=\"").unwrap() + 8..];
+        let ys: Vec<f64> =
+            pts[..pts.find('"').unwrap()].split(' ').map(|p| p.split(',').nth(1).unwrap().parse().unwrap()).collect();
+        assert!((ys[1] - T).abs() < 0.06 && (ys[2] - (H - B)).abs() < 0.06, "{ys:?}");
+        assert!((ys[0] - (H - B - (H - T - B) * 0.4)).abs() < 0.06, "97 is 2/5 of the way up: {ys:?}");
     }
 }

@@ -186,6 +186,21 @@ impl Stats {
         Stats { classes: (0..CLASS_COUNT).map(|_| ClassStats::new()).collect(), slo }
     }
 
+    /// Per clock hour of the run, the lowest SLO attainment of the classes holding at least
+    /// [`MIN_HOUR_REQUESTS`] requests that hour (`None` where none does).
+    pub fn worst_class_by_hour(&self) -> Vec<Option<f64>> {
+        let hours = self.classes.iter().map(|c| c.hours.len()).max().unwrap_or(0);
+        (0..hours)
+            .map(|h| {
+                self.classes
+                    .iter()
+                    .filter_map(|c| c.hours.get(h).filter(|x| x.ttft_n >= MIN_HOUR_REQUESTS))
+                    .map(HourCounts::attainment)
+                    .reduce(f64::min)
+            })
+            .collect()
+    }
+
     /// A request arrived.
     #[inline]
     pub fn arrived(&mut self, class: usize) {
@@ -381,6 +396,15 @@ mod tests {
         assert_eq!(s.classes[1].worst_hour_attainment(), None);
         let all = LatencySummary::of_all(&s.classes);
         assert_eq!(all.worst_hour_attainment, s.classes[0].worst_hour_attainment());
+        // Hour by hour, the lowest class with enough requests: class 1's full hour 1 is lower.
+        for k in 0..100 {
+            s.ttft(1, if k < 20 { 0.2 } else { 0.05 }, HOUR_S + f64::from(k));
+        }
+        let by_hour = s.worst_class_by_hour();
+        assert_eq!(by_hour.len(), 3);
+        assert!((by_hour[0].unwrap() - 196.0 / 220.0).abs() < 1e-12);
+        assert!((by_hour[1].unwrap() - 0.8).abs() < 1e-12);
+        assert_eq!(by_hour[2], None, "no class has 100 requests in hour 2");
     }
 
     #[test]

@@ -122,6 +122,7 @@ pub fn run_input_of(r: &SimReport, start_unix_s: f64) -> Option<RunInput> {
         timeline: RunTimeline { start_unix_s, pool_names: tl.pool_names.clone(), intervals },
         slo_attainment: Some(r.latency.slo_attainment),
         class_attainment: r.classes.iter().map(|(k, c)| (k.clone(), c.latency.slo_attainment)).collect(),
+        worst_class_by_hour: r.worst_class_by_hour.clone(),
         requests_rejected: r.requests_rejected,
         peak_gpus: r.peak_gpus,
     })
@@ -296,6 +297,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         timeline: observed.clone(),
         slo_attainment: None,
         class_attainment: BTreeMap::new(),
+        worst_class_by_hour: Vec::new(),
         requests_rejected: 0,
         peak_gpus: peak,
     }];
@@ -322,6 +324,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             timeline: base,
             slo_attainment: None,
             class_attainment: BTreeMap::new(),
+            worst_class_by_hour: Vec::new(),
             requests_rejected: 0,
             peak_gpus: peak.div_ceil(8).max(1) * 8,
         });
