@@ -524,33 +524,44 @@ fn a_small_class_is_judged_over_enough_requests_and_no_further_back_than_the_loo
     assert_eq!(hist.latest().unwrap(), k);
 }
 
+/// One TP8 instance of long/long's own pool at 1400 MHz carrying a light load (its clock stays
+/// below the top); after a first step, a step one attainment window later sees `recent` over the
+/// class's longer window and `plain` over the plain one. What the pool learnt: (clock margin,
+/// capacity scale).
+fn learnt_from_one_window(cfg: &ControllerConfig, recent: f64, plain: Option<f64>) -> (f64, f64) {
+    const LL: usize = 8;
+    let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
+    let mut model = Model::new();
+    let id = InstanceId(1000);
+    model.instances.insert(id, (InstanceObs { clock_mhz: 1400, ..serving_tp8(id, PoolId(LL as u32)) }, 0.0));
+    let mut d = [0.0; CLASS_COUNT];
+    d[LL] = 0.02;
+    for t in [0.0, cfg.attainment_window_s] {
+        let mut obs = model.observe(t, &d);
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        obs.class_attainment_recent[LL] = (t > 0.0).then_some(recent);
+        obs.class_attainment_window[LL] = plain.filter(|_| t > 0.0);
+        for dec in ctl.step(t, &obs) {
+            model.apply(t, &dec.action, false);
+        }
+    }
+    assert!(model.instances[&id].0.clock_mhz < 1980, "the clock runs below the top");
+    let st = ctl.snapshot();
+    (st.clock_margin[LL], st.util_scale[LL])
+}
+
+fn one_instance_clock_only() -> ControllerConfig {
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
+    cfg.fixed_instances = Some(1);
+    cfg
+}
+
 /// A dip over a small class's longer window counts only while its plain window holds a miss of
 /// its own: one old miss is not counted again each window while it stays in view.
 #[test]
 fn a_dip_without_a_new_miss_teaches_nothing() {
-    const LL: usize = 8;
-    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
-    cfg.fixed_instances = Some(1);
-    let window = cfg.attainment_window_s;
-    let learnt = |plain: Option<f64>| {
-        let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
-        let mut model = Model::new();
-        let id = InstanceId(1000);
-        model.instances.insert(id, (InstanceObs { clock_mhz: 1400, ..serving_tp8(id, PoolId(LL as u32)) }, 0.0));
-        let mut d = [0.0; CLASS_COUNT];
-        d[LL] = 0.2;
-        for t in [0.0, window] {
-            let mut obs = model.observe(t, &d);
-            obs.class_attainment_recent = [None; CLASS_COUNT];
-            obs.class_attainment_recent[LL] = (t > 0.0).then_some(0.98);
-            obs.class_attainment_window[LL] = plain.filter(|_| t > 0.0);
-            for dec in ctl.step(t, &obs) {
-                model.apply(t, &dec.action, false);
-            }
-        }
-        let st = ctl.snapshot();
-        (st.clock_margin[LL], st.util_scale[LL])
-    };
+    let cfg = one_instance_clock_only();
+    let learnt = |plain: Option<f64>| learnt_from_one_window(&cfg, 0.985, plain);
     assert_eq!(learnt(Some(1.0)), (1.0, 1.0), "no miss in the plain window: nothing learnt");
     assert_ne!(learnt(Some(0.99)), (1.0, 1.0), "a miss of its own: the dip counts");
     assert_ne!(learnt(None), (1.0, 1.0), "no plain window given: the dip counts");
@@ -562,31 +573,10 @@ fn a_dip_without_a_new_miss_teaches_nothing() {
 /// mild; the sharp rule needs the longer window below target as well.
 #[test]
 fn a_sharp_dip_shrinks_the_capacity_at_once() {
-    const LL: usize = 8;
-    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
-    cfg.fixed_instances = Some(1);
-    let (window, step, sharp) = (cfg.attainment_window_s, cfg.clock_margin_step, cfg.sharp_dip_attainment);
+    let cfg = one_instance_clock_only();
+    let (step, sharp) = (cfg.clock_margin_step, cfg.sharp_dip_attainment);
     assert!(sharp > 0.9 && sharp < 0.99, "{sharp}");
-    let learnt = |recent: f64, plain: f64| {
-        let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
-        let mut model = Model::new();
-        let id = InstanceId(1000);
-        model.instances.insert(id, (InstanceObs { clock_mhz: 1400, ..serving_tp8(id, PoolId(LL as u32)) }, 0.0));
-        let mut d = [0.0; CLASS_COUNT];
-        d[LL] = 0.02;
-        for t in [0.0, window] {
-            let mut obs = model.observe(t, &d);
-            obs.class_attainment_recent = [None; CLASS_COUNT];
-            obs.class_attainment_recent[LL] = (t > 0.0).then_some(recent);
-            obs.class_attainment_window[LL] = (t > 0.0).then_some(plain);
-            for dec in ctl.step(t, &obs) {
-                model.apply(t, &dec.action, false);
-            }
-        }
-        assert!(model.instances[&id].0.clock_mhz < 1980, "the clock runs below the top");
-        let st = ctl.snapshot();
-        (st.clock_margin[LL], st.util_scale[LL])
-    };
+    let learnt = |recent: f64, plain: f64| learnt_from_one_window(&cfg, recent, Some(plain));
     assert_eq!(learnt(0.985, sharp + 0.005), (step, 1.0), "a mild dip: the clock margin first");
     assert_eq!(learnt(0.985, sharp - 0.005), (step, 0.85), "a sharp dip: the capacity too");
     assert_eq!(learnt(0.995, sharp - 0.005), (1.0, 1.0), "the longer window holds the target: nothing");

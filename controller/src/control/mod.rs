@@ -65,8 +65,9 @@ pub struct ControllerConfig {
     /// starts at 1 and is learnt from attainment: a dip in a pool running
     /// below the top clock multiplies it by this step (up to
     /// `observed_margin`) before the pool's capacity shrinks (which costs
-    /// GPUs), unless the dip is sharp (`sharp_dip_attainment`); a comfortable window multiplies it by `clock_margin_decay`
-    /// (down to `clock_margin_floor`) as the capacity grows.
+    /// GPUs), unless the dip is sharp (`sharp_dip_attainment`); a
+    /// comfortable window multiplies it by `clock_margin_decay` (down to
+    /// `clock_margin_floor`) as the capacity grows.
     pub clock_margin_step: f64,
     /// See `clock_margin_step`.
     pub clock_margin_decay: f64,
