@@ -45,7 +45,7 @@ fn an_unknown_policy_lists_the_valid_ones() {
 }
 
 #[test]
-fn a_negative_minimum_instance_age_is_refused_with_its_flag_named() {
+fn bad_controller_settings_are_refused_with_their_flag_named() {
     let out = dynamollm(&["sim", "--policy", "dynamollm", "--retire-min-age-s=-5", "--quiet"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -54,6 +54,12 @@ fn a_negative_minimum_instance_age_is_refused_with_its_flag_named() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--clock-margin-floor") && err.contains("1.2"), "{err}");
+    for bad in ["0.99", "1.5"] {
+        let out = dynamollm(&["sim", "--policy", "dynamollm", "--attainment-comfort", bad, "--quiet"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--attainment-comfort") && err.contains(bad), "{err}");
+    }
 }
 
 const FIELDS: [&str; 20] = [

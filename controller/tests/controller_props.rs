@@ -581,3 +581,18 @@ fn a_sharp_dip_shrinks_the_capacity_at_once() {
     assert_eq!(learnt(0.985, sharp - 0.005), (step, 0.85), "a sharp dip: the capacity too");
     assert_eq!(learnt(0.995, sharp - 0.005), (1.0, 1.0), "the longer window holds the target: nothing");
 }
+
+/// Between the 99% target and `attainment_comfort` a pool holds still; at or above it, its learnt
+/// capacity grows a step and its clock margin decays a step. A lower comfort tightens a pool that
+/// a higher one leaves alone.
+#[test]
+fn comfort_sets_where_a_pool_starts_to_tighten() {
+    let mut cfg = one_instance_clock_only();
+    let comfort = cfg.attainment_comfort;
+    assert!(comfort > 0.99 && comfort < 1.0, "{comfort}");
+    let tightened = ((cfg.clock_margin_decay).max(cfg.clock_margin_floor), 1.05);
+    assert_eq!(learnt_from_one_window(&cfg, comfort - 0.001, Some(1.0)), (1.0, 1.0), "below comfort: nothing");
+    assert_eq!(learnt_from_one_window(&cfg, comfort, Some(1.0)), tightened, "at comfort: a step tighter");
+    cfg.attainment_comfort = comfort - 0.002;
+    assert_eq!(learnt_from_one_window(&cfg, comfort - 0.001, Some(1.0)), tightened, "a lower comfort tightens it");
+}

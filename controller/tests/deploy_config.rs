@@ -59,4 +59,16 @@ fn a_misspelt_key_is_named() {
     }
     let cfg = with_floor("1.0").unwrap();
     assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().clock_margin_floor, 1.0);
+    let with_comfort = |v: &str| {
+        let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+            .unwrap()
+            .replace("attainment_comfort = 0.996", &format!("attainment_comfort = {v}"));
+        ServiceConfig::parse(&text, "deploy/dynamollm.toml")
+    };
+    for bad in ["0.99", "1.01", "0.5"] {
+        let e = with_comfort(bad).unwrap_err().to_string();
+        assert!(e.contains("controller.attainment_comfort") && e.contains(bad), "{e}");
+    }
+    let cfg = with_comfort("0.998").unwrap();
+    assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().attainment_comfort, 0.998);
 }

@@ -2,7 +2,7 @@
 
 use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
 use crate::closed_loop::{run_controlled, ControlSummary, MinuteCounts};
-use crate::control::ControllerConfig;
+use crate::control::{ControllerConfig, ATTAINMENT_TARGET};
 use crate::policy::{self, Policy};
 use crate::profile::{ProfileTable, Severity};
 use crate::report::SimReport;
@@ -41,6 +41,11 @@ pub struct SimArgs {
     /// one instance allows, which saves energy and holds more GPU-hours. 1 favours GPU-hours.
     #[arg(long, value_name = "F")]
     pub clock_margin_floor: Option<f64>,
+    /// A pool whose classes all hold at least this share of their requests within SLO (above
+    /// the 0.99 target, at most 1; default 0.996) grows its learnt capacity and lowers its clock
+    /// margin a step: lower runs nearer the 99% line, for less energy and less room to spare.
+    #[arg(long, value_name = "A")]
+    pub attainment_comfort: Option<f64>,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0)]
@@ -158,6 +163,8 @@ pub struct ControlledRun<'a> {
     pub retire_min_age_s: f64,
     /// `ControllerConfig::clock_margin_floor` (default: the config's).
     pub clock_margin_floor: Option<f64>,
+    /// `ControllerConfig::attainment_comfort` (default: the config's).
+    pub attainment_comfort: Option<f64>,
     /// Where decisions go.
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
@@ -184,6 +191,9 @@ pub fn run_controlled_policy(
     cfg.retire_min_age_s = run.retire_min_age_s;
     if let Some(f) = run.clock_margin_floor {
         cfg.clock_margin_floor = f;
+    }
+    if let Some(a) = run.attainment_comfort {
+        cfg.attainment_comfort = a;
     }
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
@@ -245,6 +255,11 @@ pub fn run(args: &SimArgs) -> Result<()> {
             bail!("--clock-margin-floor must be above 0 and at most 1, got {f}");
         }
     }
+    if let Some(a) = args.attainment_comfort {
+        if !(a > ATTAINMENT_TARGET && a <= 1.0) {
+            bail!("--attainment-comfort must be above the {ATTAINMENT_TARGET} target and at most 1, got {a}");
+        }
+    }
     let policies = match &args.compare {
         Some(list) => parse_compare(list)?,
         None => vec![Policy::parse(&args.policy)?],
@@ -282,6 +297,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         warm_spawn: !args.cold_spawn,
         retire_min_age_s: args.retire_min_age_s,
         clock_margin_floor: args.clock_margin_floor,
+        attainment_comfort: args.attainment_comfort,
         quiet: args.quiet,
     };
     let reports = run_policies(
@@ -338,6 +354,8 @@ pub struct RunOptions {
     pub retire_min_age_s: f64,
     /// `ControllerConfig::clock_margin_floor` (default: the config's).
     pub clock_margin_floor: Option<f64>,
+    /// `ControllerConfig::attainment_comfort` (default: the config's).
+    pub attainment_comfort: Option<f64>,
     /// No progress bars.
     pub quiet: bool,
 }
@@ -351,6 +369,7 @@ impl RunOptions {
             warm_spawn: true,
             retire_min_age_s: 0.0,
             clock_margin_floor: None,
+            attainment_comfort: None,
             quiet,
         }
     }
@@ -430,6 +449,7 @@ pub fn run_policies(
                         warm_spawn: opts.warm_spawn,
                         retire_min_age_s: opts.retire_min_age_s,
                         clock_margin_floor: opts.clock_margin_floor,
+                        attainment_comfort: opts.attainment_comfort,
                         decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                         future: future.as_ref(),
                     },

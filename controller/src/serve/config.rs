@@ -100,6 +100,10 @@ pub struct ControllerSection {
     /// keeping its SLOs with room to spare runs lower clocks than the profile's one instance
     /// allows, saving energy at more GPU-hours; 1 favours GPU-hours.
     pub clock_margin_floor: f64,
+    /// A pool whose classes all hold at least this share of requests within SLO (above the 99%
+    /// target, at most 1) is comfortable: its learnt capacity grows and its clock margin decays a
+    /// step. Lower runs pools nearer the 99% line (less energy, less room to spare).
+    pub attainment_comfort: f64,
     /// TP degrees the shard loop may use (default 2, 4 and 8).
     pub tps: Option<Vec<u32>>,
     /// Whether the backlog guard hands a backed-up instance's unstarted
@@ -130,6 +134,7 @@ impl Default for ControllerSection {
             clock_hold_s: 30.0,
             retire_min_age_s: 0.0,
             clock_margin_floor: 0.85,
+            attainment_comfort: crate::control::ATTAINMENT_COMFORT,
             tps: None,
             move_queued: None,
             reshard_in_place: None,
@@ -290,6 +295,13 @@ impl ServiceConfig {
         let floor = self.controller.clock_margin_floor;
         if !(floor > 0.0 && floor <= 1.0) {
             bail!("{origin}: controller.clock_margin_floor must be above 0 and at most 1, got {floor}");
+        }
+        let comfort = self.controller.attainment_comfort;
+        if !(comfort > crate::control::ATTAINMENT_TARGET && comfort <= 1.0) {
+            bail!(
+                "{origin}: controller.attainment_comfort must be above the {} target and at most 1, got {comfort}",
+                crate::control::ATTAINMENT_TARGET
+            );
         }
         if let Some(m) = &s.initial_class_rps {
             for (k, v) in m {

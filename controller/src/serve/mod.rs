@@ -192,6 +192,7 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     c.clock_hold_s = s.clock_hold_s;
     c.retire_min_age_s = s.retire_min_age_s;
     c.clock_margin_floor = s.clock_margin_floor;
+    c.attainment_comfort = s.attainment_comfort;
     // On where something carries it out: the in-process twin, or the request router.
     c.move_queued = s.move_queued.unwrap_or(cfg.cluster.kind == "twin" || cfg.router.listen.is_some());
     c.reshard_in_place = s.reshard_in_place.unwrap_or(cfg.cluster.kind == "twin");
