@@ -2,7 +2,7 @@
 
 use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
 use crate::closed_loop::{run_controlled, ControlSummary, MinuteCounts};
-use crate::control::{ControllerConfig, ATTAINMENT_TARGET};
+use crate::control::{comfort_in_range, ControllerConfig, ATTAINMENT_TARGET};
 use crate::policy::{self, Policy};
 use crate::profile::{ProfileTable, Severity};
 use crate::report::SimReport;
@@ -256,7 +256,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
     }
     if let Some(a) = args.attainment_comfort {
-        if !(a > ATTAINMENT_TARGET && a <= 1.0) {
+        if !comfort_in_range(a) {
             bail!("--attainment-comfort must be above the {ATTAINMENT_TARGET} target and at most 1, got {a}");
         }
     }

@@ -478,6 +478,11 @@ pub struct Controller {
 pub const ATTAINMENT_TARGET: f64 = 0.99;
 /// Attainment at or above which it grows (the default of `ControllerConfig::attainment_comfort`).
 pub const ATTAINMENT_COMFORT: f64 = 0.996;
+
+/// Whether `a` can be an `attainment_comfort`: above [`ATTAINMENT_TARGET`], at most 1.
+pub fn comfort_in_range(a: f64) -> bool {
+    a > ATTAINMENT_TARGET && a <= 1.0
+}
 /// The most the learnt capacity may exceed the profile's single-instance capacity
 /// (a pool behind least-outstanding routing queues far less than one instance alone).
 /// On the week-long Coding replay 3× gave 0.600× single-pool's energy, 3.5× 0.570×,

@@ -297,7 +297,7 @@ impl ServiceConfig {
             bail!("{origin}: controller.clock_margin_floor must be above 0 and at most 1, got {floor}");
         }
         let comfort = self.controller.attainment_comfort;
-        if !(comfort > crate::control::ATTAINMENT_TARGET && comfort <= 1.0) {
+        if !crate::control::comfort_in_range(comfort) {
             bail!(
                 "{origin}: controller.attainment_comfort must be above the {} target and at most 1, got {comfort}",
                 crate::control::ATTAINMENT_TARGET
