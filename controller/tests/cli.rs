@@ -60,6 +60,10 @@ fn bad_controller_settings_are_refused_with_their_flag_named() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--attainment-comfort") && err.contains(bad), "{err}");
     }
+    let out = dynamollm(&["sim", "--policy", "dynamollm", "--clock-down-sigmas=-2", "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--clock-down-sigmas") && err.contains("-2"), "{err}");
 }
 
 const FIELDS: [&str; 20] = [

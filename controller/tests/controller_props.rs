@@ -267,6 +267,8 @@ fn the_clock_follows_the_load_seen_now_with_the_margin_only_where_prompt_bands_m
     let cfg = |pools: bool| {
         let mut c = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools }, 1980);
         c.fixed_instances = Some(1);
+        // The clock for the load itself, without room for a Poisson load's chance bursts.
+        c.clock_down_sigmas = 0.0;
         c
     };
     let margin = cfg(true).observed_margin;
@@ -318,6 +320,8 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     let profile = ProfileTable::bundled();
     let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
     cfg.fixed_instances = Some(1);
+    // The clock for the load itself, without room for a Poisson load's chance bursts.
+    cfg.clock_down_sigmas = 0.0;
     let (step, decay, ceiling, window, floor) = (
         cfg.clock_margin_step,
         cfg.clock_margin_decay,
@@ -428,6 +432,8 @@ fn comfort_takes_the_clock_margin_below_one_and_the_clock_below_the_bare_loads()
     let profile = ProfileTable::bundled();
     let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
     cfg.fixed_instances = Some(1);
+    // The clock for the load itself, without room for a Poisson load's chance bursts.
+    cfg.clock_down_sigmas = 0.0;
     let floor = cfg.clock_margin_floor;
     assert!(floor < 1.0);
     let mut shares = [0.0; CLASS_COUNT];
@@ -595,4 +601,130 @@ fn comfort_sets_where_a_pool_starts_to_tighten() {
     assert_eq!(learnt_from_one_window(&cfg, comfort, Some(1.0)), tightened, "at comfort: a step tighter");
     cfg.attainment_comfort = comfort - 0.002;
     assert_eq!(learnt_from_one_window(&cfg, comfort - 0.001, Some(1.0)), tightened, "a lower comfort tightens it");
+}
+
+/// One TP8 instance serving long/long alone (clock loop only) at `rate_rps`, with the load seen
+/// as the twin and the service see it: each clock period's arrivals counted from a seeded Poisson
+/// process, and smoothed over a minute. Returns the clock changes over `hours`.
+fn clock_changes_under_poisson(cfg: &ControllerConfig, rate_rps: f64, hours: f64, seed: u64) -> usize {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Poisson};
+    const LL: usize = 8;
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+    let arrivals = Poisson::new(rate_rps * STEP_S).expect("a positive rate");
+    let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
+    let mut model = Model::new();
+    let id = InstanceId(1000);
+    model.instances.insert(id, (serving_tp8(id, PoolId(LL as u32)), 0.0));
+    let alpha = STEP_S / 60.0;
+    let mut smoothed = rate_rps;
+    let mut changes = 0;
+    for step in 0..((hours * 3600.0 / STEP_S) as usize) {
+        let now = step as f64 * STEP_S;
+        let recent = arrivals.sample(&mut rng) / STEP_S;
+        smoothed += alpha * (recent - smoothed);
+        let mut obs = model.observe(now, &[0.0; CLASS_COUNT]);
+        obs.class_rps_recent[LL] = recent;
+        obs.class_rps_smoothed[LL] = smoothed;
+        // Nothing learnt from attainment: the clock follows the load alone.
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        for dec in ctl.step(now, &obs) {
+            // The first step takes the instance down from the top clock it started at.
+            if matches!(dec.action, Action::SetClock { .. }) && step > 0 {
+                changes += 1;
+            }
+            model.apply(now, &dec.action, false);
+        }
+    }
+    changes
+}
+
+/// The load (requests/s) at which the least-power clock for long/long on one TP8 instance steps
+/// up from one clock below the top to the next: where a steady load's chance bursts cross.
+fn ll_clock_step_load(cfg: &ControllerConfig) -> f64 {
+    let mut shares = [0.0; CLASS_COUNT];
+    shares[8] = 1.0;
+    let planner = Planner::new(&ProfileTable::bundled(), &cfg.tps, &shares, cfg.max_util);
+    let cap = planner.capacity(8) * planner.max_util;
+    let clocks: Vec<(f64, u32)> =
+        (1..400).map(|k| cap * f64::from(k) / 400.0).filter_map(|l| Some((l, planner.clock_for(8, l)?))).collect();
+    clocks
+        .windows(2)
+        .find(|w| w[1].1 > w[0].1 && w[1].1 < cfg.max_clock_mhz && w[0].0 > 0.1 * cap)
+        .map(|w| w[1].0)
+        .expect("the bundled profile steps the clock below the top")
+}
+
+/// A steady Poisson load near a clock step: counted over 5 s periods its rate jumps by tens of
+/// percent from one period to the next, and every period above the clock step takes the clock up
+/// at once. When a step down needs only carry the load seen in the period it is taken in, the
+/// clock goes back down a hold later and flaps all the time; when it must carry the smoothed rate
+/// plus `clock_down_sigmas` standard deviations of a period's count too, it mostly stays up.
+#[test]
+fn chance_bursts_of_a_steady_poisson_load_flip_the_clock_far_less_often() {
+    let cfg = one_instance_clock_only();
+    assert_eq!(cfg.clock_down_sigmas, dynamollm::control::CLOCK_DOWN_SIGMAS);
+    let rate = 0.9 * ll_clock_step_load(&cfg);
+    let bare = ControllerConfig { clock_down_sigmas: 0.0, ..cfg.clone() };
+    for seed in [1, 2, 3] {
+        let (damped, flapping) =
+            (clock_changes_under_poisson(&cfg, rate, 2.0, seed), clock_changes_under_poisson(&bare, rate, 2.0, seed));
+        assert!(
+            flapping >= 200,
+            "seed {seed}: with steps down on the load seen alone the clock should flap at {rate:.3} req/s; {flapping} changes in 2 h"
+        );
+        assert!(damped * 3 <= flapping, "seed {seed}: {damped} changes in 2 h against {flapping} without the band");
+    }
+}
+
+/// Rises are not held back: a period well above the smoothed rate raises the clock in that very
+/// step. A step down stops at the least-power clock that also carries the smoothed rate plus
+/// `clock_down_sigmas` standard deviations of one period's count: a steady rate just below a clock
+/// step, whose chance bursts cross it, settles at the clock above the step, where without the band
+/// it settles below it.
+#[test]
+fn a_surge_raises_the_clock_at_once_and_a_step_down_leaves_room_for_chance_bursts() {
+    const LL: usize = 8;
+    let cfg = one_instance_clock_only();
+    let step_load = ll_clock_step_load(&cfg);
+    let rate = 0.9 * step_load;
+    let sd = (rate / cfg.clock_period_s).sqrt();
+    assert!(rate + sd > step_load, "one deviation up must cross the clock step for this to test anything");
+    let mut shares = [0.0; CLASS_COUNT];
+    shares[LL] = 1.0;
+    let planner = Planner::new(&ProfileTable::bundled(), &cfg.tps, &shares, cfg.max_util);
+    // Settle at the steady rate past the hold, then see one period at `surge` req/s.
+    let run = |cfg: &ControllerConfig, surge: f64| -> (u32, bool) {
+        let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
+        let mut model = Model::new();
+        let id = InstanceId(1000);
+        model.instances.insert(id, (serving_tp8(id, PoolId(LL as u32)), 0.0));
+        let mut d = [0.0; CLASS_COUNT];
+        d[LL] = rate;
+        for step in 0..20 {
+            let now = step as f64 * STEP_S;
+            let mut obs = model.observe(now, &d);
+            obs.class_attainment_recent = [None; CLASS_COUNT];
+            for dec in ctl.step(now, &obs) {
+                model.apply(now, &dec.action, false);
+            }
+        }
+        let settled = model.instances[&id].0.clock_mhz;
+        let now = 20.0 * STEP_S;
+        let mut obs = model.observe(now, &d);
+        obs.class_rps_recent[LL] = surge;
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        let raised = ctl
+            .step(now, &obs)
+            .into_iter()
+            .any(|dec| matches!(dec.action, Action::SetClock { clock_mhz, .. } if clock_mhz > settled));
+        (settled, raised)
+    };
+    let bare = ControllerConfig { clock_down_sigmas: 0.0, ..cfg.clone() };
+    let (with_band, without) = (run(&cfg, rate).0, run(&bare, rate).0);
+    assert_eq!(without, planner.clock_for(8, rate).unwrap(), "without the band: the load seen");
+    assert_eq!(with_band, planner.clock_for(8, rate + cfg.clock_down_sigmas * sd).unwrap(), "with it: room for bursts");
+    assert!(with_band > without, "{with_band} MHz against {without}");
+    assert!(with_band < cfg.max_clock_mhz);
+    assert!(run(&cfg, 3.0 * rate).1, "a surge to three times the rate raises the clock in its first period");
 }

@@ -71,4 +71,16 @@ fn a_misspelt_key_is_named() {
     }
     let cfg = with_comfort("0.998").unwrap();
     assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().attainment_comfort, 0.998);
+    let with_sigmas = |v: &str| {
+        let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+            .unwrap()
+            .replace("clock_down_sigmas = 1.0", &format!("clock_down_sigmas = {v}"));
+        ServiceConfig::parse(&text, "deploy/dynamollm.toml")
+    };
+    for bad in ["-1.5", "nan"] {
+        let e = with_sigmas(bad).unwrap_err().to_string();
+        assert!(e.contains("controller.clock_down_sigmas") && e.to_lowercase().contains(bad), "{e}");
+    }
+    let cfg = with_sigmas("0.0").unwrap();
+    assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().clock_down_sigmas, 0.0);
 }

@@ -46,6 +46,11 @@ pub struct SimArgs {
     /// margin a step: lower runs nearer the 99% line, for less energy and less room to spare.
     #[arg(long, value_name = "A")]
     pub attainment_comfort: Option<f64>,
+    /// A step down to a lower clock must also carry the pool's smoothed rate plus this many
+    /// Poisson standard deviations of one 5 s count (≥ 0; default 1): a steady load's chance
+    /// bursts no longer take a clock down and, a period later, back up. 0: the load seen now only.
+    #[arg(long, value_name = "Z")]
+    pub clock_down_sigmas: Option<f64>,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0)]
@@ -165,6 +170,8 @@ pub struct ControlledRun<'a> {
     pub clock_margin_floor: Option<f64>,
     /// `ControllerConfig::attainment_comfort` (default: the config's).
     pub attainment_comfort: Option<f64>,
+    /// `ControllerConfig::clock_down_sigmas` (default: the config's).
+    pub clock_down_sigmas: Option<f64>,
     /// Where decisions go.
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
@@ -194,6 +201,9 @@ pub fn run_controlled_policy(
     }
     if let Some(a) = run.attainment_comfort {
         cfg.attainment_comfort = a;
+    }
+    if let Some(z) = run.clock_down_sigmas {
+        cfg.clock_down_sigmas = z;
     }
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
@@ -260,6 +270,11 @@ pub fn run(args: &SimArgs) -> Result<()> {
             bail!("--attainment-comfort must be above the {ATTAINMENT_TARGET} target and at most 1, got {a}");
         }
     }
+    if let Some(z) = args.clock_down_sigmas {
+        if !(z.is_finite() && z >= 0.0) {
+            bail!("--clock-down-sigmas must be a number ≥ 0, got {z}");
+        }
+    }
     let policies = match &args.compare {
         Some(list) => parse_compare(list)?,
         None => vec![Policy::parse(&args.policy)?],
@@ -298,6 +313,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         retire_min_age_s: args.retire_min_age_s,
         clock_margin_floor: args.clock_margin_floor,
         attainment_comfort: args.attainment_comfort,
+        clock_down_sigmas: args.clock_down_sigmas,
         quiet: args.quiet,
     };
     let reports = run_policies(
@@ -356,6 +372,8 @@ pub struct RunOptions {
     pub clock_margin_floor: Option<f64>,
     /// `ControllerConfig::attainment_comfort` (default: the config's).
     pub attainment_comfort: Option<f64>,
+    /// `ControllerConfig::clock_down_sigmas` (default: the config's).
+    pub clock_down_sigmas: Option<f64>,
     /// No progress bars.
     pub quiet: bool,
 }
@@ -370,6 +388,7 @@ impl RunOptions {
             retire_min_age_s: 0.0,
             clock_margin_floor: None,
             attainment_comfort: None,
+            clock_down_sigmas: None,
             quiet,
         }
     }
@@ -450,6 +469,7 @@ pub fn run_policies(
                         retire_min_age_s: opts.retire_min_age_s,
                         clock_margin_floor: opts.clock_margin_floor,
                         attainment_comfort: opts.attainment_comfort,
+                        clock_down_sigmas: opts.clock_down_sigmas,
                         decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                         future: future.as_ref(),
                     },

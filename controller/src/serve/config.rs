@@ -92,6 +92,10 @@ pub struct ControllerSection {
     /// Hold a new clock at least this long (s) unless the SLO forces a change
     /// (each change pauses the engine for tens of milliseconds).
     pub clock_hold_s: f64,
+    /// A step down to a lower clock must also carry the pool's smoothed arrival rate plus this
+    /// many Poisson standard deviations of one clock period's count (≥ 0; 0: the load seen now
+    /// only): damps clock flapping under a steady load; rises are not held back.
+    pub clock_down_sigmas: f64,
     /// Keep every instance at least this long (s) from when the controller
     /// first sees it before retiring it as surplus (0: no minimum): damps
     /// spawn/retire churn where spawns are slow or can fail, at an energy cost.
@@ -132,6 +136,7 @@ impl Default for ControllerSection {
             gpu_budget: None,
             fixed_instances: None,
             clock_hold_s: 30.0,
+            clock_down_sigmas: crate::control::CLOCK_DOWN_SIGMAS,
             retire_min_age_s: 0.0,
             clock_margin_floor: 0.85,
             attainment_comfort: crate::control::ATTAINMENT_COMFORT,
@@ -291,6 +296,10 @@ impl ServiceConfig {
         let age = self.controller.retire_min_age_s;
         if !(age.is_finite() && age >= 0.0) {
             bail!("{origin}: controller.retire_min_age_s must be a number of seconds ≥ 0, got {age}");
+        }
+        let sigmas = self.controller.clock_down_sigmas;
+        if !(sigmas.is_finite() && sigmas >= 0.0) {
+            bail!("{origin}: controller.clock_down_sigmas must be a number ≥ 0, got {sigmas}");
         }
         let floor = self.controller.clock_margin_floor;
         if !(floor > 0.0 && floor <= 1.0) {
