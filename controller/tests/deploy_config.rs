@@ -8,6 +8,14 @@ fn deploy(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy").join(name)
 }
 
+/// The example service config with one `key = default` line set to `key = value`.
+fn example_with(key: &str, default: &str, value: &str) -> anyhow::Result<ServiceConfig> {
+    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+        .unwrap()
+        .replace(&format!("{key} = {default}"), &format!("{key} = {value}"));
+    ServiceConfig::parse(&text, "deploy/dynamollm.toml")
+}
+
 #[test]
 fn the_example_service_config_parses() {
     let cfg = ServiceConfig::load(&deploy("dynamollm.toml")).unwrap();
@@ -33,50 +41,29 @@ fn a_misspelt_key_is_named() {
     assert!(e.contains("ack_timeout"), "{e}");
     let e = ServiceConfig::parse("[service]\nmode = \"sideways\"\n", "x.toml").unwrap_err().to_string();
     assert!(e.contains("x.toml") && e.contains("service.mode") && e.contains("dry-run"), "{e}");
-    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
-        .unwrap()
-        .replace("retire_min_age_s = 0.0", "retire_min_age_s = -60.0");
-    let e = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap_err().to_string();
+    let e = example_with("retire_min_age_s", "0.0", "-60.0").unwrap_err().to_string();
     assert!(
         e.contains("deploy/dynamollm.toml") && e.contains("controller.retire_min_age_s") && e.contains("-60"),
         "{e}"
     );
-    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
-        .unwrap()
-        .replace("retire_min_age_s = 0.0", "retire_min_age_s = 600.0");
-    let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
+    let cfg = example_with("retire_min_age_s", "0.0", "600.0").unwrap();
     let profile = dynamollm::profile::ProfileTable::bundled();
     assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().retire_min_age_s, 600.0);
-    let with_floor = |v: &str| {
-        let text = std::fs::read_to_string(deploy("dynamollm.toml"))
-            .unwrap()
-            .replace("clock_margin_floor = 0.85", &format!("clock_margin_floor = {v}"));
-        ServiceConfig::parse(&text, "deploy/dynamollm.toml")
-    };
+    let with_floor = |v: &str| example_with("clock_margin_floor", "0.85", v);
     for bad in ["1.5", "0.0"] {
         let e = with_floor(bad).unwrap_err().to_string();
         assert!(e.contains("controller.clock_margin_floor") && e.contains(bad.trim_end_matches(".0")), "{e}");
     }
     let cfg = with_floor("1.0").unwrap();
     assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().clock_margin_floor, 1.0);
-    let with_comfort = |v: &str| {
-        let text = std::fs::read_to_string(deploy("dynamollm.toml"))
-            .unwrap()
-            .replace("attainment_comfort = 0.996", &format!("attainment_comfort = {v}"));
-        ServiceConfig::parse(&text, "deploy/dynamollm.toml")
-    };
+    let with_comfort = |v: &str| example_with("attainment_comfort", "0.996", v);
     for bad in ["0.99", "1.01", "0.5"] {
         let e = with_comfort(bad).unwrap_err().to_string();
         assert!(e.contains("controller.attainment_comfort") && e.contains(bad), "{e}");
     }
     let cfg = with_comfort("0.998").unwrap();
     assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().attainment_comfort, 0.998);
-    let with_sigmas = |v: &str| {
-        let text = std::fs::read_to_string(deploy("dynamollm.toml"))
-            .unwrap()
-            .replace("clock_down_sigmas = 1.0", &format!("clock_down_sigmas = {v}"));
-        ServiceConfig::parse(&text, "deploy/dynamollm.toml")
-    };
+    let with_sigmas = |v: &str| example_with("clock_down_sigmas", "1.0", v);
     for bad in ["-1.5", "nan"] {
         let e = with_sigmas(bad).unwrap_err().to_string();
         assert!(e.contains("controller.clock_down_sigmas") && e.to_lowercase().contains(bad), "{e}");
