@@ -64,6 +64,10 @@ fn bad_controller_settings_are_refused_with_their_flag_named() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--clock-down-sigmas") && err.contains("-2"), "{err}");
+    let out = dynamollm(&["sim", "--policy", "dynamollm", "--mix-hysteresis", "1.5", "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--mix-hysteresis") && err.contains("1.5"), "{err}");
 }
 
 const FIELDS: [&str; 20] = [

@@ -728,3 +728,76 @@ fn a_surge_raises_the_clock_at_once_and_a_step_down_leaves_room_for_chance_burst
     assert!(with_band < cfg.max_clock_mhz);
     assert!(run(&cfg, 3.0 * rate).1, "a surge to three times the rate raises the clock in its first period");
 }
+
+/// A pool settled on the best mix for its load sees the load move a little, to where another
+/// mix that needs a new instance would draw less power than the fleet it has. With a saving
+/// below `mix_hysteresis` the shard loop keeps the fleet; with the hysteresis at 0 it spawns for
+/// the new mix (the spawn's cost, made negligible here, is the only check then).
+#[test]
+fn a_new_mix_saving_less_than_the_mix_hysteresis_spawns_nothing() {
+    const LL: usize = 8;
+    let mut cfg = config();
+    cfg.observed_margin = 1.0;
+    cfg.spawn_lead_s = 1.0;
+    assert!(cfg.mix_hysteresis > 0.0 && cfg.mix_hysteresis < 0.1, "{}", cfg.mix_hysteresis);
+    let profile = ProfileTable::bundled();
+    let mut shares = [0.0; CLASS_COUNT];
+    shares[LL] = 1.0;
+    let planner = Planner::new(&profile, &cfg.tps, &shares, cfg.max_util);
+    let counts = |m: &dynamollm::control::plan::Mix| {
+        m.parts.iter().fold(BTreeMap::new(), |mut c: BTreeMap<u32, u32>, p| {
+            *c.entry(p.tp).or_default() += p.count;
+            c
+        })
+    };
+    // A load whose best mix the next load up (within 3%) replaces, for a saving below the
+    // hysteresis, with an instance of a degree the fleet lacks.
+    let cap8 = planner.capacity(8) * planner.max_util;
+    let (d1, d2, fleet) = (1..2000)
+        .map(|k| cap8 * f64::from(k) / 200.0)
+        .find_map(|d1| {
+            let fleet = counts(&planner.best_mix(d1, u32::MAX, 1)?);
+            (1..=30).map(|j| d1 * (1.0 + f64::from(j) / 1000.0)).find_map(|d2| {
+                let kept_w = planner.power_of_fleet(&fleet, d2)?;
+                let best = planner.best_mix(d2, u32::MAX, 1)?;
+                let lacks = counts(&best).iter().any(|(tp, n)| fleet.get(tp).copied().unwrap_or(0) < *n);
+                let saving = (kept_w - best.power_w) / kept_w;
+                (lacks && saving > 0.005 && saving < 0.9 * cfg.mix_hysteresis).then(|| (d1, d2, fleet.clone()))
+            })
+        })
+        .expect("the bundled profile has such a pair of loads");
+    let spawns_after_the_move = |cfg: &ControllerConfig| {
+        let mut ctl = Controller::new(cfg.clone(), profile.clone());
+        let mut model = Model::new();
+        let mut d = [0.0; CLASS_COUNT];
+        d[LL] = d1;
+        let mut obs = model.observe(0.0, &d);
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        for dec in ctl.step(0.0, &obs) {
+            model.apply(0.0, &dec.action, true);
+        }
+        let settled: BTreeMap<u32, u32> = model.instances.values().filter(|(o, _)| o.pool == PoolId(LL as u32)).fold(
+            BTreeMap::new(),
+            |mut c, (o, _)| {
+                *c.entry(o.tp).or_default() += 1;
+                c
+            },
+        );
+        assert_eq!(settled, fleet, "the pool starts on the best mix for {d1:.3} req/s");
+        d[LL] = d2;
+        let now = cfg.shard_period_s;
+        let mut obs = model.observe(now, &d);
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        ctl.step(now, &obs).into_iter().filter(|dec| matches!(dec.action, Action::Spawn { .. })).count()
+    };
+    assert_eq!(
+        spawns_after_the_move(&cfg),
+        0,
+        "{d1:.3} → {d2:.3} req/s on {fleet:?}: the saving is below the hysteresis"
+    );
+    let bare = ControllerConfig { mix_hysteresis: 0.0, ..cfg.clone() };
+    assert!(
+        spawns_after_the_move(&bare) > 0,
+        "{d1:.3} → {d2:.3} req/s on {fleet:?}: without it the new mix is spawned"
+    );
+}

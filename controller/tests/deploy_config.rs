@@ -70,4 +70,10 @@ fn a_misspelt_key_is_named() {
     }
     let cfg = with_sigmas("0.0").unwrap();
     assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().clock_down_sigmas, 0.0);
+    for bad in ["1.0", "-0.1"] {
+        let e = example_with("mix_hysteresis", "0.04", bad).unwrap_err().to_string();
+        assert!(e.contains("controller.mix_hysteresis") && e.contains(bad.trim_end_matches(".0")), "{e}");
+    }
+    let cfg = example_with("mix_hysteresis", "0.04", "0.1").unwrap();
+    assert_eq!(dynamollm::serve::controller_config(&cfg, &profile).unwrap().mix_hysteresis, 0.1);
 }

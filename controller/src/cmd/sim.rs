@@ -51,6 +51,11 @@ pub struct SimArgs {
     /// bursts no longer take a clock down and, a period later, back up. 0: the load seen now only.
     #[arg(long, value_name = "Z")]
     pub clock_down_sigmas: Option<f64>,
+    /// The shard loop keeps a pool's fleet when a new TP mix needing new instances saves less
+    /// than this share of its power (0 to below 1; default 0.04; 0: the spawn's cost alone
+    /// decides). The oracle, whose changes are free, never holds back.
+    #[arg(long, value_name = "H")]
+    pub mix_hysteresis: Option<f64>,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0)]
@@ -172,6 +177,8 @@ pub struct ControlledRun<'a> {
     pub attainment_comfort: Option<f64>,
     /// `ControllerConfig::clock_down_sigmas` (default: the config's).
     pub clock_down_sigmas: Option<f64>,
+    /// `ControllerConfig::mix_hysteresis` (default: the config's).
+    pub mix_hysteresis: Option<f64>,
     /// Where decisions go.
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
@@ -204,6 +211,9 @@ pub fn run_controlled_policy(
     }
     if let Some(z) = run.clock_down_sigmas {
         cfg.clock_down_sigmas = z;
+    }
+    if let Some(h) = run.mix_hysteresis {
+        cfg.mix_hysteresis = h;
     }
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
@@ -275,6 +285,11 @@ pub fn run(args: &SimArgs) -> Result<()> {
             bail!("--clock-down-sigmas must be a number ≥ 0, got {z}");
         }
     }
+    if let Some(h) = args.mix_hysteresis {
+        if !(0.0..1.0).contains(&h) {
+            bail!("--mix-hysteresis must be at least 0 and below 1, got {h}");
+        }
+    }
     let policies = match &args.compare {
         Some(list) => parse_compare(list)?,
         None => vec![Policy::parse(&args.policy)?],
@@ -314,6 +329,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         clock_margin_floor: args.clock_margin_floor,
         attainment_comfort: args.attainment_comfort,
         clock_down_sigmas: args.clock_down_sigmas,
+        mix_hysteresis: args.mix_hysteresis,
         quiet: args.quiet,
     };
     let reports = run_policies(
@@ -374,6 +390,8 @@ pub struct RunOptions {
     pub attainment_comfort: Option<f64>,
     /// `ControllerConfig::clock_down_sigmas` (default: the config's).
     pub clock_down_sigmas: Option<f64>,
+    /// `ControllerConfig::mix_hysteresis` (default: the config's).
+    pub mix_hysteresis: Option<f64>,
     /// No progress bars.
     pub quiet: bool,
 }
@@ -389,6 +407,7 @@ impl RunOptions {
             clock_margin_floor: None,
             attainment_comfort: None,
             clock_down_sigmas: None,
+            mix_hysteresis: None,
             quiet,
         }
     }
@@ -470,6 +489,7 @@ pub fn run_policies(
                         clock_margin_floor: opts.clock_margin_floor,
                         attainment_comfort: opts.attainment_comfort,
                         clock_down_sigmas: opts.clock_down_sigmas,
+                        mix_hysteresis: opts.mix_hysteresis,
                         decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                         future: future.as_ref(),
                     },

@@ -96,6 +96,9 @@ pub struct ControllerSection {
     /// many Poisson standard deviations of one clock period's count (≥ 0; 0: the load seen now
     /// only): damps clock flapping under a steady load; rises are not held back.
     pub clock_down_sigmas: f64,
+    /// The shard loop keeps the fleet it has when a new mix needing new instances saves less than
+    /// this share of the pool's predicted power (0 to below 1; 0: the spawn's cost alone decides).
+    pub mix_hysteresis: f64,
     /// Keep every instance at least this long (s) from when the controller
     /// first sees it before retiring it as surplus (0: no minimum): damps
     /// spawn/retire churn where spawns are slow or can fail, at an energy cost.
@@ -137,6 +140,7 @@ impl Default for ControllerSection {
             fixed_instances: None,
             clock_hold_s: 30.0,
             clock_down_sigmas: crate::control::CLOCK_DOWN_SIGMAS,
+            mix_hysteresis: 0.04,
             retire_min_age_s: 0.0,
             clock_margin_floor: 0.85,
             attainment_comfort: crate::control::ATTAINMENT_COMFORT,
@@ -300,6 +304,10 @@ impl ServiceConfig {
         let sigmas = self.controller.clock_down_sigmas;
         if !(sigmas.is_finite() && sigmas >= 0.0) {
             bail!("{origin}: controller.clock_down_sigmas must be a number ≥ 0, got {sigmas}");
+        }
+        let mh = self.controller.mix_hysteresis;
+        if !(0.0..1.0).contains(&mh) {
+            bail!("{origin}: controller.mix_hysteresis must be at least 0 and below 1, got {mh}");
         }
         let floor = self.controller.clock_margin_floor;
         if !(floor > 0.0 && floor <= 1.0) {

@@ -191,6 +191,7 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     c.spawn_lead_s = s.spawn_lead_s;
     c.clock_hold_s = s.clock_hold_s;
     c.clock_down_sigmas = s.clock_down_sigmas;
+    c.mix_hysteresis = s.mix_hysteresis;
     c.retire_min_age_s = s.retire_min_age_s;
     c.clock_margin_floor = s.clock_margin_floor;
     c.attainment_comfort = s.attainment_comfort;
