@@ -2,7 +2,7 @@
 
 use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
 use crate::closed_loop::{run_controlled, ControlSummary, MinuteCounts};
-use crate::control::{comfort_in_range, ControllerConfig, ATTAINMENT_TARGET};
+use crate::control::{ControllerConfig, Tuning};
 use crate::policy::{self, Policy};
 use crate::profile::{ProfileTable, Severity};
 use crate::report::SimReport;
@@ -267,27 +267,15 @@ pub fn run(args: &SimArgs) -> Result<()> {
         bail!("--predictor-accuracy must be between 0 and 1, got {}", args.predictor_accuracy);
     }
     workload.predictor_accuracy = args.predictor_accuracy;
-    if !(args.retire_min_age_s.is_finite() && args.retire_min_age_s >= 0.0) {
-        bail!("--retire-min-age-s must be a number of seconds ≥ 0, got {}", args.retire_min_age_s);
-    }
-    if let Some(f) = args.clock_margin_floor {
-        if !(f > 0.0 && f <= 1.0) {
-            bail!("--clock-margin-floor must be above 0 and at most 1, got {f}");
-        }
-    }
-    if let Some(a) = args.attainment_comfort {
-        if !comfort_in_range(a) {
-            bail!("--attainment-comfort must be above the {ATTAINMENT_TARGET} target and at most 1, got {a}");
-        }
-    }
-    if let Some(z) = args.clock_down_sigmas {
-        if !(z.is_finite() && z >= 0.0) {
-            bail!("--clock-down-sigmas must be a number ≥ 0, got {z}");
-        }
-    }
-    if let Some(h) = args.mix_hysteresis {
-        if !(0.0..1.0).contains(&h) {
-            bail!("--mix-hysteresis must be at least 0 and below 1, got {h}");
+    for (flag, setting, v) in [
+        ("--retire-min-age-s", Tuning::RetireMinAgeS, Some(args.retire_min_age_s)),
+        ("--clock-margin-floor", Tuning::ClockMarginFloor, args.clock_margin_floor),
+        ("--attainment-comfort", Tuning::AttainmentComfort, args.attainment_comfort),
+        ("--clock-down-sigmas", Tuning::ClockDownSigmas, args.clock_down_sigmas),
+        ("--mix-hysteresis", Tuning::MixHysteresis, args.mix_hysteresis),
+    ] {
+        if let Some(why) = v.and_then(|v| setting.out_of_range(v)) {
+            bail!("{flag} {why}");
         }
     }
     let policies = match &args.compare {

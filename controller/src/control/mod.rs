@@ -207,7 +207,7 @@ impl ControllerConfig {
             clock_down_sigmas: CLOCK_DOWN_SIGMAS,
             // On the week-long Coding curve (seeds 1–3), 0.04 took the spawns from 680, 669 and 717 to
             // 525, 503 and 556 for 0.1%, 0.7% and 0.1% less energy; 0.02 kept 593 (seed 1), 0.08 485.
-            mix_hysteresis: 0.04,
+            mix_hysteresis: MIX_HYSTERESIS,
             backlog_waiting: 4,
             move_queued: true,
             reshard_in_place: true,
@@ -500,9 +500,39 @@ pub const ATTAINMENT_TARGET: f64 = 0.99;
 /// Attainment at or above which it grows (the default of `ControllerConfig::attainment_comfort`).
 pub const ATTAINMENT_COMFORT: f64 = 0.996;
 
-/// Whether `a` can be an `attainment_comfort`: above [`ATTAINMENT_TARGET`], at most 1.
-pub fn comfort_in_range(a: f64) -> bool {
-    a > ATTAINMENT_TARGET && a <= 1.0
+/// The default of `ControllerConfig::mix_hysteresis`.
+pub const MIX_HYSTERESIS: f64 = 0.04;
+
+/// The controller settings that both the service config and `sim`'s flags take: one range
+/// check each, so the two cannot drift apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tuning {
+    /// `retire_min_age_s`: seconds, at least 0.
+    RetireMinAgeS,
+    /// `clock_margin_floor`: above 0, at most 1.
+    ClockMarginFloor,
+    /// `attainment_comfort`: above [`ATTAINMENT_TARGET`], at most 1.
+    AttainmentComfort,
+    /// `clock_down_sigmas`: at least 0.
+    ClockDownSigmas,
+    /// `mix_hysteresis`: at least 0, below 1.
+    MixHysteresis,
+}
+
+impl Tuning {
+    /// `None` when `v` is in the setting's range, else what it must be and what it was.
+    pub fn out_of_range(self, v: f64) -> Option<String> {
+        let (ok, must) = match self {
+            Tuning::RetireMinAgeS => (v.is_finite() && v >= 0.0, "a number of seconds ≥ 0".to_string()),
+            Tuning::ClockMarginFloor => (v > 0.0 && v <= 1.0, "above 0 and at most 1".to_string()),
+            Tuning::AttainmentComfort => {
+                (v > ATTAINMENT_TARGET && v <= 1.0, format!("above the {ATTAINMENT_TARGET} target and at most 1"))
+            }
+            Tuning::ClockDownSigmas => (v.is_finite() && v >= 0.0, "a number ≥ 0".to_string()),
+            Tuning::MixHysteresis => ((0.0..1.0).contains(&v), "at least 0 and below 1".to_string()),
+        };
+        (!ok).then(|| format!("must be {must}, got {v}"))
+    }
 }
 /// The most the learnt capacity may exceed the profile's single-instance capacity
 /// (a pool behind least-outstanding routing queues far less than one instance alone).

@@ -140,7 +140,7 @@ impl Default for ControllerSection {
             fixed_instances: None,
             clock_hold_s: 30.0,
             clock_down_sigmas: crate::control::CLOCK_DOWN_SIGMAS,
-            mix_hysteresis: 0.04,
+            mix_hysteresis: crate::control::MIX_HYSTERESIS,
             retire_min_age_s: 0.0,
             clock_margin_floor: 0.85,
             attainment_comfort: crate::control::ATTAINMENT_COMFORT,
@@ -297,28 +297,18 @@ impl ServiceConfig {
                 bail!("{origin}: {key} must be a positive number, got {v}");
             }
         }
-        let age = self.controller.retire_min_age_s;
-        if !(age.is_finite() && age >= 0.0) {
-            bail!("{origin}: controller.retire_min_age_s must be a number of seconds ≥ 0, got {age}");
-        }
-        let sigmas = self.controller.clock_down_sigmas;
-        if !(sigmas.is_finite() && sigmas >= 0.0) {
-            bail!("{origin}: controller.clock_down_sigmas must be a number ≥ 0, got {sigmas}");
-        }
-        let mh = self.controller.mix_hysteresis;
-        if !(0.0..1.0).contains(&mh) {
-            bail!("{origin}: controller.mix_hysteresis must be at least 0 and below 1, got {mh}");
-        }
-        let floor = self.controller.clock_margin_floor;
-        if !(floor > 0.0 && floor <= 1.0) {
-            bail!("{origin}: controller.clock_margin_floor must be above 0 and at most 1, got {floor}");
-        }
-        let comfort = self.controller.attainment_comfort;
-        if !crate::control::comfort_in_range(comfort) {
-            bail!(
-                "{origin}: controller.attainment_comfort must be above the {} target and at most 1, got {comfort}",
-                crate::control::ATTAINMENT_TARGET
-            );
+        use crate::control::Tuning;
+        let c = &self.controller;
+        for (key, setting, v) in [
+            ("controller.retire_min_age_s", Tuning::RetireMinAgeS, c.retire_min_age_s),
+            ("controller.clock_down_sigmas", Tuning::ClockDownSigmas, c.clock_down_sigmas),
+            ("controller.mix_hysteresis", Tuning::MixHysteresis, c.mix_hysteresis),
+            ("controller.clock_margin_floor", Tuning::ClockMarginFloor, c.clock_margin_floor),
+            ("controller.attainment_comfort", Tuning::AttainmentComfort, c.attainment_comfort),
+        ] {
+            if let Some(why) = setting.out_of_range(v) {
+                bail!("{origin}: {key} {why}");
+            }
         }
         if let Some(m) = &s.initial_class_rps {
             for (k, v) in m {
