@@ -6,7 +6,7 @@ use actuators::{Action, InstanceId, PoolId};
 use dynamollm::control::plan::{Demand, Planner};
 use dynamollm::control::{
     AttainmentHistory, Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations,
-    MAX_CAPACITY_SCALE,
+    MAX_CAPACITY_SCALE, SIZE_SCALE_MEMORY_S,
 };
 use dynamollm::profile::ProfileTable;
 use proptest::prelude::*;
@@ -800,4 +800,100 @@ fn a_new_mix_saving_less_than_the_mix_hysteresis_spawns_nothing() {
         spawns_after_the_move(&bare) > 0,
         "{d1:.3} → {d2:.3} req/s on {fleet:?}: without it the new mix is spawned"
     );
+}
+
+/// One TP8 pool of long/long requests that missed with one instance (a sharp dip: its learnt
+/// capacity shrank) and grew to two. Two instances behind the router hold the SLO comfortably, so
+/// the capacity it learns grows until the plan wants one instance again. The one left would then
+/// carry what the pool learnt one instance does not: the controller keeps both while the demand
+/// stays above what the scale earned with one carries, retires the spare once it falls below, and
+/// forgets that lesson after `SIZE_SCALE_MEMORY_S`.
+struct SizeRun {
+    ctl: Controller,
+    model: Model,
+    d: Demand,
+    cap1: f64,
+}
+
+const LL: usize = 8;
+
+impl SizeRun {
+    /// Starts at `load` × one TP8 instance's planning capacity at the profile's own scale, then dips.
+    fn new(load: f64) -> SizeRun {
+        let mut cfg = config();
+        cfg.tps = vec![8];
+        cfg.observed_margin = 1.0;
+        let profile = ProfileTable::bundled();
+        let mut shares = [0.0; CLASS_COUNT];
+        shares[LL] = 1.0;
+        let planner = Planner::new(&profile, &cfg.tps, &shares, cfg.max_util);
+        let cap1 = planner.capacity(8) * planner.max_util;
+        let mut run = SizeRun { ctl: Controller::new(cfg, profile), model: Model::new(), d: [0.0; CLASS_COUNT], cap1 };
+        run.d[LL] = load * cap1;
+        // t = 0: nothing measured yet; one instance carries the plan.
+        run.step(0.0, None, None);
+        assert_eq!(run.serving(), 1, "one instance carries {load} of its capacity");
+        // One window later a sharp dip: the capacity shrinks at once and the pool grows.
+        let w = run.ctl.config().attainment_window_s;
+        run.step(w, Some(0.97), Some(0.97));
+        let s1 = run.ctl.snapshot().util_scale[LL];
+        assert!(s1 < 1.0 && load > s1, "the dip shrank the capacity to {s1}: one instance no longer carries {load}");
+        run
+    }
+
+    fn step(&mut self, now: f64, recent: Option<f64>, plain: Option<f64>) {
+        let mut obs = self.model.observe(now, &self.d);
+        obs.class_attainment_recent = [None; CLASS_COUNT];
+        obs.class_attainment_recent[LL] = recent;
+        obs.class_attainment_window[LL] = plain;
+        for dec in self.ctl.step(now, &obs) {
+            self.model.apply(now, &dec.action, now == 0.0);
+        }
+    }
+
+    /// Comfortable windows (every class at 100%) from `from` to `to`, every `every` seconds.
+    fn comfortable(&mut self, from: f64, to: f64, every: f64) -> Vec<u32> {
+        let mut counts = Vec::new();
+        let mut t = from;
+        while t < to {
+            self.step(t, Some(1.0), None);
+            counts.push(self.serving());
+            t += every;
+        }
+        counts
+    }
+
+    fn serving(&self) -> u32 {
+        self.model.instances.values().filter(|(o, _)| o.state == InstanceState::Serving).count() as u32
+    }
+}
+
+#[test]
+fn a_spare_instance_stays_while_the_scale_learnt_with_fewer_cannot_carry_the_plan() {
+    let mut run = SizeRun::new(0.95);
+    let w = run.ctl.config().attainment_window_s;
+    // Two hours of comfort with two instances: the learnt capacity grows past what one needs…
+    let counts = run.comfortable(w + STEP_S, w + 7200.0, STEP_S);
+    let st = run.ctl.snapshot();
+    assert!(st.util_scale[LL] > 1.2, "comfort raised the learnt capacity to {}", st.util_scale[LL]);
+    assert_eq!(run.ctl.plans()[LL].target, BTreeMap::from([(8, 1)]), "the plan wants one instance again");
+    let s1 = st.scale_by_size[LL][&1].0;
+    assert!(s1 < 0.95, "the scale earned with one instance: {s1}");
+    // …yet the second instance stays: one carried less than the plan when it last ran alone.
+    let settled = &counts[(LEAD_S / STEP_S) as usize + 1..];
+    assert!(settled.iter().all(|&n| n == 2), "serving instances over the two hours: {counts:?}");
+    // Once the demand falls below what the scale earned with one carries, the spare goes.
+    run.d[LL] = 0.8 * s1 * run.cap1;
+    let after = run.comfortable(w + 7200.0, w + 7200.0 + 2.0 * run.ctl.config().shard_period_s, STEP_S);
+    assert_eq!(after.last(), Some(&1), "at {:.3} req/s one instance is enough: {after:?}", run.d[LL]);
+}
+
+#[test]
+fn the_scale_learnt_with_fewer_instances_is_forgotten_after_a_day() {
+    let mut run = SizeRun::new(0.95);
+    let w = run.ctl.config().attainment_window_s;
+    let mid = run.comfortable(w + STEP_S, 0.5 * SIZE_SCALE_MEMORY_S, 60.0);
+    assert_eq!(mid.last(), Some(&2), "half a day on, the lesson still holds");
+    let end = run.comfortable(0.5 * SIZE_SCALE_MEMORY_S, SIZE_SCALE_MEMORY_S + 2.0 * w, 60.0);
+    assert_eq!(end.last(), Some(&1), "a day on, the plan's one instance is all that serves");
 }
