@@ -897,3 +897,44 @@ fn the_scale_learnt_with_fewer_instances_is_forgotten_after_a_day() {
     let end = run.comfortable(0.5 * SIZE_SCALE_MEMORY_S, SIZE_SCALE_MEMORY_S + 2.0 * w, 60.0);
     assert_eq!(end.last(), Some(&1), "a day on, the plan's one instance is all that serves");
 }
+
+/// What a pool learnt per size was learnt on its class mix: a merge or a split forgets it for
+/// both pools it touches.
+#[test]
+fn a_merge_forgets_what_both_pools_learnt_per_size() {
+    const LS: usize = 6;
+    const LM: usize = 7;
+    let mut cfg = config();
+    cfg.tps = vec![8];
+    let period = cfg.scale_period_s;
+    let mut ctl = Controller::new(cfg, ProfileTable::bundled());
+    let mut model = Model::new();
+    let mut d = [0.0; CLASS_COUNT];
+    (d[LS], d[LM]) = (15.0, 3.0);
+    let mut merged_at = None;
+    let mut t = 0.0;
+    while t < 4.0 * period && merged_at.is_none() {
+        if t >= period {
+            d[LS] = 0.01; // LS's pool can no longer justify an instance of its own
+        }
+        let obs = model.observe(t, &d);
+        let before = ctl.snapshot().scale_by_size;
+        for dec in ctl.step(t, &obs) {
+            if matches!(dec.action, Action::Route { .. }) && t > 0.0 {
+                let sizes = |p: usize| before.get(p).map_or(0, |m| m.len());
+                assert!(sizes(LS) > 0 && sizes(LM) > 0, "both pools had learnt per size before the merge");
+                merged_at = Some(t);
+            }
+            model.apply(t, &dec.action, t == 0.0);
+        }
+        t += STEP_S;
+    }
+    let at = merged_at.expect("LS merges into LM's pool once its load falls");
+    let after = ctl.snapshot().scale_by_size;
+    assert!(
+        after[LS].is_empty() && after[LM].is_empty(),
+        "after the merge at {at} s: {:?} / {:?}",
+        after[LS],
+        after[LM]
+    );
+}

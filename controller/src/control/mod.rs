@@ -1187,6 +1187,9 @@ impl Controller {
                         self.routing.pool_of[k] = host as u32;
                     }
                 }
+                // What either pool learnt per size was learnt on another class mix.
+                self.scale_by_size[host].clear();
+                self.scale_by_size[c].clear();
                 (
                     host,
                     format!(
@@ -1195,7 +1198,10 @@ impl Controller {
                     ),
                 )
             } else if merged && separate < 0.85 * together && plan[c] > 0.0 {
+                let was = self.routing.pool_of[c] as usize;
                 self.routing.pool_of[c] = c as u32;
+                self.scale_by_size[was].clear();
+                self.scale_by_size[c].clear();
                 (c, format!("{class} on its own pool: {separate:.0} W against {together:.0} W shared: split"))
             } else {
                 continue;
