@@ -877,6 +877,7 @@ fn a_spare_instance_stays_while_the_scale_learnt_with_fewer_cannot_carry_the_pla
     let st = run.ctl.snapshot();
     assert!(st.util_scale[LL] > 1.2, "comfort raised the learnt capacity to {}", st.util_scale[LL]);
     assert_eq!(run.ctl.plans()[LL].target, BTreeMap::from([(8, 1)]), "the plan wants one instance again");
+    assert!(!st.scale_by_size[LL].contains_key(&2), "two hours of comfort with two instances record nothing");
     let s1 = st.scale_by_size[LL][&1].0;
     assert!(s1 < 0.95, "the scale earned with one instance: {s1}");
     // …yet the second instance stays: one carried less than the plan when it last ran alone.
@@ -917,7 +918,13 @@ fn a_merge_forgets_what_both_pools_learnt_per_size() {
         if t >= period {
             d[LS] = 0.01; // LS's pool can no longer justify an instance of its own
         }
-        let obs = model.observe(t, &d);
+        let mut obs = model.observe(t, &d);
+        if t == 600.0 {
+            // A sharp dip in both pools: each records the capacity it fell back to at its size.
+            for c in [LS, LM] {
+                (obs.class_attainment_recent[c], obs.class_attainment_window[c]) = (Some(0.97), Some(0.97));
+            }
+        }
         let before = ctl.snapshot().scale_by_size;
         for dec in ctl.step(t, &obs) {
             if matches!(dec.action, Action::Route { .. }) && t > 0.0 {

@@ -432,7 +432,7 @@ pub struct ControllerState {
     /// When each instance was first observed (s), for `retire_min_age_s`.
     #[serde(default)]
     pub first_seen: BTreeMap<InstanceId, f64>,
-    /// Per pool, the capacity scale last learnt with each count of serving instances, and when (s).
+    /// Per pool, the capacity scale a miss last left with each count of serving instances, and when (s).
     #[serde(default)]
     pub scale_by_size: Vec<BTreeMap<u32, (f64, f64)>>,
     /// Whether the first step has run.
@@ -472,8 +472,8 @@ pub struct Controller {
     resharding: BTreeMap<InstanceId, (u32, f64)>,
     /// When each instance was first observed (s).
     first_seen: BTreeMap<InstanceId, f64>,
-    /// Per pool, the capacity scale last learnt with each count of serving instances, and when:
-    /// a pool behind a router carries more per instance the more instances it has.
+    /// Per pool, the capacity scale a miss last left with each count of serving instances, and
+    /// when: a pool behind a router carries more per instance the more instances it has.
     scale_by_size: Vec<BTreeMap<u32, (f64, f64)>>,
     started: bool,
     low_since: Vec<Option<f64>>,
@@ -506,9 +506,10 @@ pub const ATTAINMENT_TARGET: f64 = 0.99;
 /// Attainment at or above which it grows (the default of `ControllerConfig::attainment_comfort`).
 pub const ATTAINMENT_COMFORT: f64 = 0.996;
 
-/// How long the capacity scale a pool earned at one size still speaks for that size (s): a
-/// day, so the last daily peak's lesson holds through the next. On the week-long Coding run
-/// an hour of memory kept none of the gain and 6 hours half of it (412 spawns against 343).
+/// How long the capacity scale a miss left a pool with at one size still speaks for that size
+/// (s): a day, so the last daily peak's lesson holds through the next. On the week-long Coding
+/// run (with the scale recorded at every window) an hour of memory kept none of the gain and 6
+/// hours about half of it.
 pub const SIZE_SCALE_MEMORY_S: f64 = 86_400.0;
 
 /// The default of `ControllerConfig::mix_hysteresis`.
@@ -897,12 +898,17 @@ impl Controller {
                 }
                 _ => {}
             }
-            // What the pool has earned at its present size.
-            let serving =
-                obs.instances.iter().filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving).count()
-                    as u32;
-            if serving > 0 && worst.is_some() {
-                self.scale_by_size[pool].insert(serving, (self.util_scale[pool], obs.now_s));
+            // A miss shrank the capacity: what the pool can be credited with at its present size.
+            // (Comfort is no such evidence: a scale grows with time as well as with pool size.)
+            if short.last() == Some(&pool) {
+                let serving = obs
+                    .instances
+                    .iter()
+                    .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
+                    .count() as u32;
+                if serving > 0 {
+                    self.scale_by_size[pool].insert(serving, (self.util_scale[pool], obs.now_s));
+                }
             }
         }
         short
@@ -1526,9 +1532,9 @@ impl Controller {
                 if has_traffic && left < current_rps {
                     continue;
                 }
-                // …and the plan, at the capacity scale the pool last earned with as few instances as
-                // would be left: a pool behind a router carries more per instance the more instances
-                // it has, so a scale learnt with two of them overrates one alone.
+                // …and the plan, at the capacity scale a miss last left the pool with when it had as
+                // few instances as would be left: a pool behind a router carries more per instance
+                // the more instances it has, so a scale learnt with two of them overrates one alone.
                 let held = self.scale_ratio_at_size(pool, now_s, left_n).is_some_and(|r| left * r < total - 1e-9);
                 if has_traffic && to_free.is_none() && held {
                     continue;
@@ -1595,7 +1601,7 @@ impl Controller {
         }
     }
 
-    /// The capacity scale pool `pool` last earned with `n` serving instances, within
+    /// The capacity scale a miss last left pool `pool` with at `n` serving instances, within
     /// [`SIZE_SCALE_MEMORY_S`], as a share of the one it plans with now (at most 1); `None`
     /// when there is no such record or it is not below the present one.
     fn scale_ratio_at_size(&self, pool: usize, now_s: f64, n: u32) -> Option<f64> {
