@@ -893,10 +893,14 @@ fn a_spare_instance_stays_while_the_scale_learnt_with_fewer_cannot_carry_the_pla
 fn the_scale_learnt_with_fewer_instances_is_forgotten_after_a_day() {
     let mut run = SizeRun::new(0.95);
     let w = run.ctl.config().attainment_window_s;
+    let s1 = run.ctl.snapshot().util_scale[LL];
+    assert_eq!(run.ctl.scale_after_miss(LL, w), BTreeMap::from([(1, s1)]), "the dip's record, as status shows it");
     let mid = run.comfortable(w + STEP_S, 0.5 * SIZE_SCALE_MEMORY_S, 60.0);
     assert_eq!(mid.last(), Some(&2), "half a day on, the lesson still holds");
+    assert_eq!(run.ctl.scale_after_miss(LL, 0.5 * SIZE_SCALE_MEMORY_S), BTreeMap::from([(1, s1)]));
     let end = run.comfortable(0.5 * SIZE_SCALE_MEMORY_S, SIZE_SCALE_MEMORY_S + 2.0 * w, 60.0);
     assert_eq!(end.last(), Some(&1), "a day on, the plan's one instance is all that serves");
+    assert!(run.ctl.scale_after_miss(LL, SIZE_SCALE_MEMORY_S + 2.0 * w).is_empty(), "and status shows no record");
 }
 
 /// What a pool learnt per size was learnt on its class mix: a merge or a split forgets it for

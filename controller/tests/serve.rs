@@ -101,6 +101,8 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
         let (scale, margin) = (p["capacity_scale"].as_f64().unwrap(), p["clock_margin"].as_f64().unwrap());
         // The clock margin lies between its floor (`clock_margin_floor`, 0.85) and the planning margin.
         assert!(scale > 0.0 && (0.85..=1.15).contains(&margin), "what the controller learnt: {p}");
+        // No pool has missed yet: nothing holds a spare.
+        assert_eq!(p["capacity_scale_after_miss"], serde_json::json!({}), "{p}");
     }
     assert!(!s["instances"].as_array().unwrap().is_empty(), "the first tick spawned the fleet: {s}");
     assert!(s["totals"]["power_w"].as_f64().unwrap() > 0.0, "the twin reports power: {s}");

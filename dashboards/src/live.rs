@@ -5,7 +5,8 @@
 //! actual per class, savings so far, and sparklines of power and requests/s.
 //!
 //! The status JSON it reads:
-//! `{"mode","time_s","telemetry_lag_s","pools":[{"id","name","classes","instances","gpus","power_w","planned_rps"}],
+//! `{"mode","time_s","telemetry_lag_s","pools":[{"id","name","classes","instances","gpus","power_w","planned_rps",
+//! "capacity_scale","capacity_scale_after_miss","clock_margin"}],
 //! "instances":[{"id","pool","tp","clock_mhz","state","power_w"}],"classes":[{"class","actual_rps","forecast_rps","attainment"}],
 //! "totals":{"energy_j","baseline_energy_j","power_w","gpus","savings_ratio"},"history":[{"time_s","power_w","gpus","actual_rps","forecast_rps"}]}`.
 //! `savings_ratio` is the share of energy saved against the baseline (0.35: 35% less).

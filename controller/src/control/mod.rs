@@ -714,6 +714,18 @@ impl Controller {
         (pool < self.plans.len()).then(|| (self.util_scale[pool], self.clock_margin_of(pool)))
     }
 
+    /// Per count of serving instances, the capacity scale a miss last left pool `pool` with,
+    /// where it still speaks at `now_s` (within [`SIZE_SCALE_MEMORY_S`]): a surplus instance is
+    /// retired only when the ones left carry the plan at that scale.
+    pub fn scale_after_miss(&self, pool: usize, now_s: f64) -> BTreeMap<u32, f64> {
+        self.scale_by_size
+            .get(pool)
+            .map(|m| {
+                m.iter().filter(|(_, &(_, at))| now_s - at < SIZE_SCALE_MEMORY_S).map(|(&n, &(s, _))| (n, s)).collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The clock loop's margin on a pool's load: the planning margin where prompt bands mix (short
     /// prompts there wait behind long prefills the single-class profile rows do not see), else the
     /// one learnt from its attainment (`learn_capacity`).

@@ -1150,6 +1150,7 @@ impl ServiceCore {
                     "planned_rps": plans.get(p).map_or(0.0, |x| x.planned_rps),
                     "capacity_scale": self.ctl.learnt(p).map(|l| l.0),
                     "clock_margin": self.ctl.learnt(p).map(|l| l.1),
+                    "capacity_scale_after_miss": self.ctl.scale_after_miss(p, now_s),
                     "target": plans.get(p).map(|x| x.target.clone()).unwrap_or_default(),
                 })
             })
