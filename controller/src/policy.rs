@@ -13,7 +13,7 @@ use telemetry::{ClassBoundaries, RequestClass, CLASS_COUNT};
 pub const PREDICTOR_SEED: u64 = 0x0075_7470_7574;
 
 /// Attainment a class needs to hold its P99 SLOs.
-pub const P99_ATTAINMENT: f64 = 0.99;
+pub const P99_ATTAINMENT: f64 = sim::stats::P99_ATTAINMENT;
 
 /// A policy `dynamollm sim --policy` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -131,7 +131,7 @@ impl SimReport {
         );
         let _ = writeln!(
             s,
-            "  {:<5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>10}",
+            "  {:<5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>10} {:>9}",
             "class",
             "requests",
             "TTFT p50",
@@ -141,12 +141,13 @@ impl SimReport {
             "TTFT ok",
             "TBT ok",
             "SLO ok",
-            "worst hour"
+            "worst hour",
+            "hours<99%"
         );
         let mut row = |name: &str, requests: u64, c: &LatencySummary| {
             let _ = writeln!(
                 s,
-                "  {:<5} {:>8} {:>8.3}s {:>8.3}s {:>7.1}ms {:>7.1}ms {:>6.2}% {:>6.2}% {:>6.2}% {:>10}{}",
+                "  {:<5} {:>8} {:>8.3}s {:>8.3}s {:>7.1}ms {:>7.1}ms {:>6.2}% {:>6.2}% {:>6.2}% {:>10} {:>9}{}",
                 name,
                 requests,
                 c.ttft_p50_s,
@@ -157,6 +158,7 @@ impl SimReport {
                 c.tbt_attainment * 100.0,
                 c.slo_attainment * 100.0,
                 c.worst_hour_attainment.map_or("-".to_string(), |w| format!("{:.2}%", w * 100.0)),
+                c.hours_below_p99,
                 if c.slo_attainment >= crate::policy::P99_ATTAINMENT { "" } else { "  MISSES P99 SLO" }
             );
         };

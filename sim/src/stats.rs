@@ -59,6 +59,8 @@ pub const HOUR_S: f64 = 3600.0;
 /// A clock hour counts for [`ClassStats::worst_hour_attainment`] once it holds at least this
 /// many of the class's requests (TTFTs and rejections): below that one miss moves it by over 1%.
 pub const MIN_HOUR_REQUESTS: u64 = 100;
+/// Attainment a class needs to hold its P99 SLOs (over a run, or over one of its clock hours).
+pub const P99_ATTAINMENT: f64 = 0.99;
 
 /// Attainment counts of one class within one clock hour of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -139,6 +141,12 @@ impl ClassStats {
     /// a week can hide a daily peak hour that misses it.
     pub fn worst_hour_attainment(&self) -> Option<f64> {
         self.hours.iter().filter(|h| h.ttft_n >= MIN_HOUR_REQUESTS).map(HourCounts::attainment).reduce(f64::min)
+    }
+
+    /// The clock hours holding at least [`MIN_HOUR_REQUESTS`] of the class's requests whose SLO
+    /// attainment fell below [`P99_ATTAINMENT`].
+    pub fn hours_below_p99(&self) -> u32 {
+        self.hours.iter().filter(|h| h.ttft_n >= MIN_HOUR_REQUESTS && h.attainment() < P99_ATTAINMENT).count() as u32
     }
 
     /// Requests turned away for this reason.
@@ -292,6 +300,10 @@ pub struct LatencySummary {
     /// in the tables; not in the JSON, whose fields are a fixed contract.
     #[serde(skip)]
     pub worst_hour_attainment: Option<f64>,
+    /// Clock hours (of a class, holding at least [`MIN_HOUR_REQUESTS`] of its requests) below
+    /// [`P99_ATTAINMENT`]; over all classes, the sum of the classes'. Tables only, as above.
+    #[serde(skip)]
+    pub hours_below_p99: u32,
 }
 
 fn q(h: &Histogram<u64>, p: f64) -> f64 {
@@ -314,6 +326,7 @@ impl LatencySummary {
             tbt_attainment: c.tbt_attainment(),
             slo_attainment: c.slo_attainment(),
             worst_hour_attainment: c.worst_hour_attainment(),
+            hours_below_p99: c.hours_below_p99(),
         }
     }
 
@@ -341,6 +354,7 @@ impl LatencySummary {
             tbt_attainment,
             slo_attainment: ttft_attainment.min(tbt_attainment),
             worst_hour_attainment: classes.iter().filter_map(ClassStats::worst_hour_attainment).reduce(f64::min),
+            hours_below_p99: classes.iter().map(ClassStats::hours_below_p99).sum(),
         }
     }
 }
@@ -386,6 +400,7 @@ mod tests {
         assert!((c.hours[0].attainment() - 0.98).abs() < 1e-12);
         assert!((c.hours[1].attainment() - 0.9).abs() < 1e-12);
         assert!((c.worst_hour_attainment().unwrap() - 0.9).abs() < 1e-12, "hour 2 has too few requests");
+        assert_eq!(c.hours_below_p99(), 2, "hours 0 (98%) and 1 (90%); hour 2 has too few requests");
         // A rejection counts against its hour's TTFT attainment.
         for k in 0..20 {
             s.rejected(0, RejectReason::NoServingInstance, 5.0 + f64::from(k));
@@ -405,6 +420,9 @@ mod tests {
         assert!((by_hour[0].unwrap() - 196.0 / 220.0).abs() < 1e-12);
         assert!((by_hour[1].unwrap() - 0.8).abs() < 1e-12);
         assert_eq!(by_hour[2], None, "no class has 100 requests in hour 2");
+        // Hours below 99%: class 0's two, and class 1's hour 1 (80%); over all classes, their sum.
+        assert_eq!(s.classes[1].hours_below_p99(), 1);
+        assert_eq!(LatencySummary::of_all(&s.classes).hours_below_p99, 3);
     }
 
     #[test]

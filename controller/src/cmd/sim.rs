@@ -513,7 +513,7 @@ pub fn compare_table(reports: &[SimReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n{:<12} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>10} {:>11}",
+        "\n{:<12} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>10} {:>9} {:>11}",
         "policy",
         "energy kWh",
         "vs single",
@@ -523,13 +523,14 @@ pub fn compare_table(reports: &[SimReport]) -> String {
         "TBT p99",
         "worst class",
         "worst hour",
+        "hours<99%",
         "oracle gap"
     );
     for r in reports {
         let worst = r.classes.values().map(|c| c.latency.slo_attainment).fold(1.0, f64::min);
         let _ = writeln!(
             s,
-            "{:<12} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>10} {:>11}",
+            "{:<12} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>10} {:>9} {:>11}",
             r.policy,
             r.energy_kwh,
             base.map_or(f64::NAN, |b| r.energy_kwh / b),
@@ -539,6 +540,7 @@ pub fn compare_table(reports: &[SimReport]) -> String {
             r.latency.tbt_p99_s * 1e3,
             worst * 100.0,
             r.latency.worst_hour_attainment.map_or("-".to_string(), |w| format!("{:.2}%", w * 100.0)),
+            r.latency.hours_below_p99,
             r.oracle_gap.map_or("-".to_string(), |g| format!("{:+.1}%", g * 100.0))
         );
     }
