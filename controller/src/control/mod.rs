@@ -720,10 +720,14 @@ impl Controller {
     pub fn scale_after_miss(&self, pool: usize, now_s: f64) -> BTreeMap<u32, f64> {
         self.scale_by_size
             .get(pool)
-            .map(|m| {
-                m.iter().filter(|(_, &(_, at))| now_s - at < SIZE_SCALE_MEMORY_S).map(|(&n, &(s, _))| (n, s)).collect()
-            })
+            .map(|m| m.keys().filter_map(|&n| Some((n, self.scale_recorded(pool, now_s, n)?))).collect())
             .unwrap_or_default()
+    }
+
+    /// The capacity scale a miss left pool `pool` with at `n` serving instances, while it still
+    /// speaks at `now_s` (within [`SIZE_SCALE_MEMORY_S`]).
+    fn scale_recorded(&self, pool: usize, now_s: f64, n: u32) -> Option<f64> {
+        self.scale_by_size.get(pool)?.get(&n).filter(|&&(_, at)| now_s - at < SIZE_SCALE_MEMORY_S).map(|&(s, _)| s)
     }
 
     /// The clock loop's margin on a pool's load: the planning margin where prompt bands mix (short
@@ -1618,10 +1622,7 @@ impl Controller {
     /// when there is no such record or it is not below the present one.
     fn scale_ratio_at_size(&self, pool: usize, now_s: f64, n: u32) -> Option<f64> {
         let s_now = self.util_scale[pool];
-        self.scale_by_size[pool]
-            .get(&n)
-            .filter(|&&(s, at)| now_s - at < SIZE_SCALE_MEMORY_S && s < s_now)
-            .map(|&(s, _)| s / s_now)
+        self.scale_recorded(pool, now_s, n).filter(|&s| s < s_now).map(|s| s / s_now)
     }
 
     /// Whether an instance has been up less than `retire_min_age_s`.
