@@ -286,8 +286,45 @@ fn bound_holds_every_class_in_its_window_and_its_totals_add_up() {
 }
 
 #[test]
+fn bound_by_band_gives_each_prompt_band_one_pool_for_all_its_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |pool_by: &str| -> serde_json::Value {
+        let json = dir.path().join(format!("{pool_by}.json"));
+        let args = ["bound", "--hours", "0.5", "--tp", "8", "--min-clock-mhz", "1800", "--quiet", "--pool-by", pool_by];
+        let out = dynamollm(&[&args[..], &["--json", json.to_str().unwrap()]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+    };
+    let (by_class, by_band) = (run("class"), run("band"));
+    assert_eq!(by_band["pool_by"], "band");
+    assert_eq!(by_class["pool_by"], "class");
+    assert_eq!(by_band["requests"], by_class["requests"]);
+    let classes = by_class["classes"].as_object().unwrap();
+    let bands = by_band["classes"].as_object().unwrap();
+    assert!(bands.len() >= 2, "{bands:?}");
+    for (name, pool) in bands {
+        let letter = name.strip_suffix('*').unwrap_or_else(|| panic!("a band pool's name: {name}"));
+        let mut serves: Vec<&str> = pool["serves"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        assert!(!serves.is_empty() && serves.iter().all(|c| c.starts_with(letter)), "{name}: {serves:?}");
+        // Exactly the band's classes with requests, and all of their requests.
+        serves.sort_unstable();
+        let want: Vec<&str> = classes.keys().map(String::as_str).filter(|c| c.starts_with(letter)).collect();
+        assert_eq!(serves, want, "{name}");
+        let n: u64 = serves.iter().map(|c| classes[*c]["requests"].as_u64().unwrap()).sum();
+        assert_eq!(pool["requests"].as_u64().unwrap(), n, "{name}");
+        let p = &pool["points"][0]["pool"];
+        assert!(p["attainment"].as_f64().unwrap() >= 0.995, "{name}: {p}");
+        let e = pool["energy_kwh"].as_f64().unwrap();
+        let want = n as f64 * p["energy_per_req_j"].as_f64().unwrap() / 3.6e6;
+        assert!((e - want).abs() <= 1e-9 * want.max(1.0), "{name}: {e} vs {want}");
+    }
+}
+
+#[test]
 fn bound_names_the_flag_of_a_bad_option() {
-    for (flag, value) in [("--attainment", "1.5"), ("--tp", "3"), ("--grid-ratio", "1"), ("--window-min", "0")] {
+    for (flag, value) in
+        [("--attainment", "1.5"), ("--tp", "3"), ("--grid-ratio", "1"), ("--window-min", "0"), ("--pool-by", "bands")]
+    {
         let out = dynamollm(&["bound", "--hours", "0.1", flag, value, "--quiet"]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -19,12 +19,17 @@ pub const MIN_REPLAY_REQUESTS: f64 = 5000.0;
 /// …but no longer than this (virtual seconds).
 pub const MAX_REPLAY_S: f64 = 6.0 * 3600.0;
 
+/// A class needs at least this many requests in a replay before its own attainment is judged
+/// (a pool serving several classes): fewer are judged only within the pool's total.
+pub const MIN_CLASS_REQUESTS: u64 = 200;
+
 /// What one search is for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SearchSpec {
-    /// The class's SLOs.
-    pub slo: ClassSlo,
-    /// Share of the class's requests (and of its token gaps) that must meet them, e.g. 0.995.
+    /// Each class's SLOs (a pool may serve several classes).
+    pub slo: [ClassSlo; CLASS_COUNT],
+    /// Share of the requests (and of the token gaps) that must meet them, e.g. 0.995: of the
+    /// pool's as a whole and of each class's with at least [`MIN_CLASS_REQUESTS`] in the replay.
     pub attainment: f64,
     /// Most GPUs one pool may hold.
     pub max_gpus: u32,
@@ -47,7 +52,8 @@ pub struct StaticPool {
     pub energy_per_req_j: f64,
     /// Mean power of the pool.
     pub power_w: f64,
-    /// The smaller of the TTFT and TBT attainments measured.
+    /// The smaller of the TTFT and TBT attainments measured: over the pool's requests, and
+    /// of each class with at least [`MIN_CLASS_REQUESTS`] of them, the lowest.
     pub attainment: f64,
     /// Share of the requests no instance could take (too large for the KV cache at this TP
     /// degree): more instances do not help them.
@@ -67,8 +73,9 @@ pub fn replay_s(rate_rps: f64) -> f64 {
     (MIN_REPLAY_REQUESTS / rate_rps.max(1e-9)).clamp(MIN_REPLAY_S, MAX_REPLAY_S)
 }
 
-/// Replay a steady Poisson load of `rate_rps` (lengths from `lengths`, all of one class) on
-/// `instances` identical TP`tp` instances at `clock_mhz` behind the twin's router.
+/// Replay a steady Poisson load of `rate_rps` (lengths from `lengths`: one class's, or the mix
+/// of the classes a pool serves) on `instances` identical TP`tp` instances at `clock_mhz`
+/// behind the twin's router.
 pub fn measure_pool(
     physics: &Physics,
     lengths: &LengthSamples,
@@ -83,12 +90,14 @@ pub fn measure_pool(
         instances: (0..instances).map(|_| InstanceSpec { pool: 0, tp, clock_mhz }).collect(),
     };
     let duration_s = replay_s(rate_rps);
-    let mut c = Cluster::new(physics, &layout, ClassBoundaries::default(), [spec.slo; CLASS_COUNT]);
+    let mut c = Cluster::new(physics, &layout, ClassBoundaries::default(), spec.slo);
     c.set_timeline_step(f64::INFINITY);
     c.replay(steady_arrivals(lengths, rate_rps, duration_s, spec.seed).map(Ok), |_| {})
         .expect("synthetic arrivals cannot fail");
     let t = c.finish(duration_s);
+    let share = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     let (mut ok, mut n, mut gaps_ok, mut gaps, mut done, mut too_large) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut worst_class = 1.0f64;
     for s in &t.stats.classes {
         too_large += s.rejected_for(crate::stats::RejectReason::TooLarge);
         ok += s.ttft_ok;
@@ -96,8 +105,10 @@ pub fn measure_pool(
         gaps_ok += s.gaps_ok;
         gaps += s.gaps_n;
         done += s.completed;
+        if s.ttft_n + s.rejected >= MIN_CLASS_REQUESTS {
+            worst_class = worst_class.min(share(s.ttft_ok, s.ttft_n + s.rejected).min(share(s.gaps_ok, s.gaps_n)));
+        }
     }
-    let share = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     StaticPool {
         tp,
         clock_mhz,
@@ -105,7 +116,7 @@ pub fn measure_pool(
         gpus: instances * tp,
         energy_per_req_j: if done == 0 { f64::INFINITY } else { t.energy_j / done as f64 },
         power_w: t.energy_j / t.duration_s.max(1e-9),
-        attainment: share(ok, n).min(share(gaps_ok, gaps)),
+        attainment: share(ok, n).min(share(gaps_ok, gaps)).min(worst_class),
         too_large_share: if n == 0 { 0.0 } else { too_large as f64 / n as f64 },
     }
 }

@@ -17,7 +17,7 @@ fn class(name: &str, attainment: f64) -> (Physics, LengthSamples, SearchSpec) {
     let slo = class_slos(&physics, all.pairs(), &b, SloRule::Multiplier(5.0));
     let c = RequestClass::parse(name).unwrap();
     let pairs: Vec<(u32, u32)> = all.pairs().iter().copied().filter(|&(i, o)| b.classify(i, o.max(1)) == c).collect();
-    let spec = SearchSpec { slo: slo[c.index()], attainment, max_gpus: 256, seed: 3 };
+    let spec = SearchSpec { slo, attainment, max_gpus: 256, seed: 3 };
     (physics, LengthSamples::from_pairs("conv", pairs), spec)
 }
 
@@ -106,4 +106,35 @@ fn the_search_doubles_then_bisects_to_the_fewest_instances() {
     assert_eq!(sizes, vec![1, 2, 4, 8, 16, 12, 14, 13], "doubling to 16, then bisection");
     assert_eq!(search_fewest(10, 0.99, curve), None, "10 instances at most: none holds");
     assert_eq!(search_fewest(13, 0.99, curve).map(|p| p.instances), Some(13), "the limit itself holds");
+}
+
+/// A pool serving two classes is judged by each class with enough requests in the replay, not only
+/// by its total: a minority class missing every request fails the pool though the total holds 90%.
+#[test]
+fn a_shared_pool_holds_only_when_each_class_with_enough_requests_holds() {
+    let physics = Physics::default_h100_llama70b();
+    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/azure-llm-2023-conv.csv");
+    let all = LengthSamples::from_azure_trace(&trace).expect("bundled trace");
+    let b = ClassBoundaries::default();
+    let mut slo = class_slos(&physics, all.pairs(), &b, SloRule::Multiplier(5.0));
+    let (ss, ll) = (RequestClass::parse("SS").unwrap(), RequestClass::parse("LL").unwrap());
+    // LL's first token within 1 ms: no instance makes it.
+    slo[ll.index()].ttft_s = 1e-3;
+    let of = |c: RequestClass| -> Vec<(u32, u32)> {
+        all.pairs().iter().copied().filter(|&(i, o)| b.classify(i, o.max(1)) == c).collect()
+    };
+    let mix = |ll_per_100: usize| {
+        let mut pairs: Vec<(u32, u32)> = of(ss).into_iter().cycle().take(100 - ll_per_100).collect();
+        pairs.extend(of(ll).into_iter().cycle().take(ll_per_100));
+        LengthSamples::from_pairs("SS+LL", pairs)
+    };
+    let spec = SearchSpec { slo, attainment: 0.99, max_gpus: 64, seed: 5 };
+    // 1 req/s for 5,000 s: about 500 LL requests at 10 in 100, about 100 at 2 in 100.
+    let many = measure_pool(&physics, &mix(10), &spec, 1.0, 8, 1980, 4);
+    assert!(many.attainment < 0.05, "LL misses every request and has ≥ 200 of them: {many:?}");
+    let few = measure_pool(&physics, &mix(2), &spec, 1.0, 8, 1980, 4);
+    assert!(
+        few.attainment > 0.95 && few.attainment < 0.995,
+        "about 100 LL requests: judged within the total only (about 98% on time): {few:?}"
+    );
 }

@@ -1,11 +1,13 @@
 //! `dynamollm bound`: a hindsight reference for a workload. Every window
-//! (30 min by default) each class gets its least-energy static pool (one TP
-//! degree, one clock, the fewest instances holding the attainment asked for)
-//! at the window's mean rate, found by replay in the twin and reconfigured for
-//! free. What the controller could reach with perfect knowledge of each
-//! window's load and none of the costs of changing; not a proven lower bound
-//! (mixed pools, merged classes or clocks changed within a window could do
-//! better, and a window's bursts are averaged away).
+//! (30 min by default) each class (or, with `--pool-by band`, each prompt
+//! band's classes together, or with `--pool-by one` every class) gets its
+//! least-energy static pool (one TP degree, one clock, the fewest instances
+//! holding the attainment asked for) at the window's mean rate, found by
+//! replay in the twin and reconfigured for free. What the controller could
+//! reach with perfect knowledge of each window's load and none of the costs of
+//! changing; not a proven lower bound (mixed pools, other groupings or clocks
+//! changed within a window could do better, and a window's bursts are averaged
+//! away).
 
 use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
 use crate::closed_loop::MinuteCounts;
@@ -41,7 +43,12 @@ pub struct BoundArgs {
     /// this ratio between neighbours; energy per request is interpolated between them.
     #[arg(long, default_value_t = 1.5)]
     pub grid_ratio: f64,
-    /// Most GPUs one class's pool may hold.
+    /// Which classes share a pool: each class its own (`class`), the classes of one prompt band
+    /// (`band`: `S*`, `M*`, `L*`, as `dynamollm`'s pools merge), or all of them (`one`). A shared
+    /// pool is searched with its classes' lengths mixed as in the whole workload.
+    #[arg(long, value_enum, default_value_t = PoolBy::Class)]
+    pub pool_by: PoolBy,
+    /// Most GPUs one pool may hold.
     #[arg(long, default_value_t = 1024)]
     pub max_gpus: u32,
     /// SLO multiplier: P99 TTFT and TBT within this multiple of the class's median request alone on TP8 at max clock.
@@ -60,6 +67,59 @@ pub struct BoundArgs {
     pub physics: PhysicsArgs,
 }
 
+/// Which classes share a pool in `dynamollm bound`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolBy {
+    /// Each class its own pool.
+    Class,
+    /// The classes of one prompt band (`S*`, `M*`, `L*`) share a pool.
+    Band,
+    /// One pool for every class.
+    One,
+}
+
+impl PoolBy {
+    /// The pools: each one's name and the classes it serves (every class, traffic or not).
+    pub fn groups(self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            PoolBy::Class => (0..CLASS_COUNT).map(|c| (RequestClass::from_index(c).name(), vec![c])).collect(),
+            PoolBy::Band => (0..CLASS_COUNT / 3)
+                .map(|b| {
+                    let band = RequestClass::from_index(3 * b).name().chars().next().expect("a two-letter name");
+                    (format!("{band}*"), (3 * b..3 * b + 3).collect())
+                })
+                .collect(),
+            PoolBy::One => vec![("**".to_string(), (0..CLASS_COUNT).collect())],
+        }
+    }
+}
+
+/// The lengths a pool serving `classes` (at least one) is searched with: one class's own
+/// samples, or for several, about `MIX_SAMPLES` pairs drawn from each class in proportion to
+/// `requests` (its requests in the workload; at least one pair for each with any), in the order
+/// of its samples. A pool without requests gets its first class's samples (it is not searched).
+pub fn pool_lengths(lengths: &ClassLengths, classes: &[usize], requests: &[u64; CLASS_COUNT]) -> LengthSamples {
+    let with: Vec<usize> = classes.iter().copied().filter(|&c| requests[c] > 0).collect();
+    match with[..] {
+        [] => return lengths.of(RequestClass::from_index(classes[0])).clone(),
+        [c] => return lengths.of(RequestClass::from_index(c)).clone(),
+        _ => {}
+    }
+    let total: u64 = with.iter().map(|&c| requests[c]).sum();
+    let mut pairs = Vec::new();
+    for &c in &with {
+        let own = lengths.of(RequestClass::from_index(c)).pairs();
+        let k = ((MIX_SAMPLES as f64 * requests[c] as f64 / total.max(1) as f64).round() as usize).max(1);
+        pairs.extend(own.iter().cycle().take(k).copied());
+    }
+    let names: Vec<String> = with.iter().map(|&c| RequestClass::from_index(c).name()).collect();
+    LengthSamples::from_pairs(format!("mix of {}", names.join(", ")), pairs)
+}
+
+/// About this many length pairs stand for a pool's class mix.
+pub const MIX_SAMPLES: usize = 20_000;
+
 /// One searched rate of a class.
 #[derive(Debug, Clone, Serialize)]
 pub struct BoundPoint {
@@ -69,10 +129,12 @@ pub struct BoundPoint {
     pub pool: Option<StaticPool>,
 }
 
-/// One class's estimate.
+/// One pool's estimate (a class's, with `--pool-by class`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassBound {
-    /// Requests of the class in the workload.
+    /// The classes with requests that the pool serves.
+    pub serves: Vec<String>,
+    /// Requests of those classes in the workload.
     pub requests: u64,
     /// Energy over every window (absent when some window's rate cannot be held).
     pub energy_kwh: Option<f64>,
@@ -101,17 +163,20 @@ pub struct Bound {
     pub min_clock_mhz: u32,
     /// TP degrees searched.
     pub tp: Vec<u32>,
+    /// Which classes share a pool (`class`, `band` or `one`).
+    pub pool_by: PoolBy,
     /// Requests in the workload.
     pub requests: u64,
-    /// Energy of every class (absent when a class cannot be held).
+    /// Energy of every pool (absent when a pool cannot be held).
     pub energy_kwh: Option<f64>,
-    /// GPU-hours of every class.
+    /// GPU-hours of every pool.
     pub gpu_hours: Option<f64>,
-    /// Most GPUs held at once (window by window, summed over classes).
+    /// Most GPUs held at once (window by window, summed over pools).
     pub peak_gpus: Option<u32>,
     /// `energy_kwh` over `--baseline-kwh`.
     pub ratio_to_baseline: Option<f64>,
-    /// Per class (only classes with requests).
+    /// Per pool, by its name: a class (`SS` … `LL`), a prompt band (`S*`, `M*`, `L*`) or `**`
+    /// for one pool of every class; only pools with requests.
     pub classes: BTreeMap<String, ClassBound>,
 }
 
@@ -189,12 +254,18 @@ pub fn run(args: &BoundArgs) -> Result<()> {
         bail!("--min-clock-mhz {min_clock}: the physics has no clock that high");
     }
 
-    // The rates to search: per class, a grid over its windows' mean rates.
+    let requests_by_class: [u64; CLASS_COUNT] = std::array::from_fn(|c| windows.iter().map(|(_, w)| w[c]).sum());
+    let groups = args.pool_by.groups();
+    let group_lengths: Vec<LengthSamples> =
+        groups.iter().map(|(_, classes)| pool_lengths(&lengths, classes, &requests_by_class)).collect();
+    let in_group = |g: usize, w: &[u64; CLASS_COUNT]| -> u64 { groups[g].1.iter().map(|&c| w[c]).sum() };
+
+    // The rates to search: per pool, a grid over its windows' mean rates.
     let mut jobs: Vec<(usize, f64)> = Vec::new();
-    for c in 0..CLASS_COUNT {
-        let rates: Vec<f64> = windows.iter().map(|(s, w)| w[c] as f64 / s).filter(|&r| r > 0.0).collect();
+    for g in 0..groups.len() {
+        let rates: Vec<f64> = windows.iter().map(|(s, w)| in_group(g, w) as f64 / s).filter(|&r| r > 0.0).collect();
         if let (Some(lo), Some(hi)) = (rates.iter().copied().reduce(f64::min), rates.iter().copied().reduce(f64::max)) {
-            jobs.extend(rate_grid(lo, hi, args.grid_ratio).into_iter().map(|r| (c, r)));
+            jobs.extend(rate_grid(lo, hi, args.grid_ratio).into_iter().map(|r| (g, r)));
         }
     }
     let bar = progress_bar(jobs.len() as u64, args.quiet, "{bar:40} {pos}/{len} rates searched [{elapsed} < {eta}]");
@@ -205,15 +276,10 @@ pub fn run(args: &BoundArgs) -> Result<()> {
         for _ in 0..workers {
             s.spawn(|| loop {
                 let j = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(c, rate)) = jobs.get(j) else { break };
-                let spec = SearchSpec {
-                    slo: slo[c],
-                    attainment: args.attainment,
-                    max_gpus: args.max_gpus,
-                    seed: workload.seed,
-                };
-                let class = RequestClass::from_index(c);
-                let best = best_static(&physics, lengths.of(class), &spec, rate, &args.tp, &clocks);
+                let Some(&(g, rate)) = jobs.get(j) else { break };
+                let spec =
+                    SearchSpec { slo, attainment: args.attainment, max_gpus: args.max_gpus, seed: workload.seed };
+                let best = best_static(&physics, &group_lengths[g], &spec, rate, &args.tp, &clocks);
                 results.lock().expect("no worker panics holding the lock")[j] = best;
                 bar.inc(1);
             });
@@ -224,21 +290,21 @@ pub fn run(args: &BoundArgs) -> Result<()> {
 
     let mut classes = BTreeMap::new();
     let mut gpus_by_window = vec![Some(0u32); windows.len()];
-    for c in 0..CLASS_COUNT {
-        let requests: u64 = windows.iter().map(|(_, w)| w[c]).sum();
+    for (g, (name, members)) in groups.iter().enumerate() {
+        let requests: u64 = in_group(g, &requests_by_class);
         if requests == 0 {
             continue;
         }
         let points: Vec<BoundPoint> = jobs
             .iter()
             .zip(&results)
-            .filter(|((jc, _), _)| *jc == c)
+            .filter(|((jg, _), _)| *jg == g)
             .map(|((_, r), p)| BoundPoint { rate_rps: *r, pool: *p })
             .collect();
         let held: Option<Vec<(f64, StaticPool)>> = points.iter().map(|p| p.pool.map(|q| (p.rate_rps, q))).collect();
         let (mut energy_j, mut gpu_s) = (0.0, 0.0);
         for (wi, (window_s, w)) in windows.iter().enumerate() {
-            let n = w[c];
+            let n = in_group(g, w);
             let Some(h) = held.as_ref() else {
                 gpus_by_window[wi] = None;
                 continue;
@@ -254,10 +320,15 @@ pub fn run(args: &BoundArgs) -> Result<()> {
                 *t += g;
             }
         }
-        let peak_rate_rps = windows.iter().map(|(s, w)| w[c] as f64 / s).fold(0.0, f64::max);
+        let peak_rate_rps = windows.iter().map(|(s, w)| in_group(g, w) as f64 / s).fold(0.0, f64::max);
         classes.insert(
-            RequestClass::from_index(c).to_string(),
+            name.clone(),
             ClassBound {
+                serves: members
+                    .iter()
+                    .filter(|&&c| requests_by_class[c] > 0)
+                    .map(|&c| RequestClass::from_index(c).name())
+                    .collect(),
                 requests,
                 energy_kwh: held.as_ref().map(|_| energy_j / 3.6e6),
                 energy_per_req_j: held.as_ref().map(|_| energy_j / requests as f64),
@@ -276,6 +347,7 @@ pub fn run(args: &BoundArgs) -> Result<()> {
         window_min: args.window_min,
         min_clock_mhz: clocks[0],
         tp: args.tp.clone(),
+        pool_by: args.pool_by,
         requests: classes.values().map(|c| c.requests).sum(),
         energy_kwh,
         gpu_hours: sum(|c| c.gpu_hours),
@@ -297,14 +369,19 @@ pub fn run(args: &BoundArgs) -> Result<()> {
 /// The printed table.
 pub fn table(b: &Bound) -> String {
     use std::fmt::Write;
+    let (who, head) = match b.pool_by {
+        PoolBy::Class => ("each class its", "class"),
+        PoolBy::Band => ("the classes of each prompt band one", "pool "),
+        PoolBy::One => ("every class one", "pool "),
+    };
     let mut s = format!(
-        "bound: every {} min window, each class its least-energy static pool (one TP degree, one clock ≥ {} MHz) \
+        "bound: every {} min window, {who} least-energy static pool (one TP degree, one clock ≥ {} MHz) \
          holding {:.2}% of its requests within SLO at the window's mean rate, reconfigured for free\n",
         b.window_min,
         b.min_clock_mhz,
         100.0 * b.attainment
     );
-    let _ = writeln!(s, "class   requests  energy kWh    J/req  GPU-hours  busiest window");
+    let _ = writeln!(s, "{head}   requests  energy kWh    J/req  GPU-hours  busiest window");
     let opt = |x: Option<f64>, w: usize, p: usize| x.map_or(format!("{:>w$}", "-"), |v| format!("{v:>w$.p$}"));
     for (name, c) in &b.classes {
         let busiest = match c.points.last() {
@@ -375,6 +452,56 @@ mod tests {
         assert_eq!(gpus_at(&pts, 1.0), 8);
         assert_eq!(gpus_at(&pts, 1.5), 16, "a window between two rates holds the pool of the busier one");
         assert_eq!(gpus_at(&pts, 3.0), 16);
+    }
+
+    #[test]
+    fn pools_by_band_hold_the_three_classes_of_each_prompt_band() {
+        let names = |g: Vec<(String, Vec<usize>)>| -> Vec<(String, Vec<String>)> {
+            g.into_iter()
+                .map(|(n, cs)| (n, cs.into_iter().map(|c| RequestClass::from_index(c).name()).collect()))
+                .collect()
+        };
+        let band = names(PoolBy::Band.groups());
+        assert_eq!(band.len(), 3);
+        for (name, classes) in &band {
+            let letter = &name[..1];
+            assert_eq!(name, &format!("{letter}*"));
+            assert_eq!(classes.len(), 3, "{name}: {classes:?}");
+            assert!(classes.iter().all(|c| c.starts_with(letter)), "{name}: {classes:?}");
+        }
+        assert_eq!(PoolBy::Class.groups().len(), CLASS_COUNT);
+        assert!(PoolBy::Class
+            .groups()
+            .iter()
+            .all(|(n, cs)| cs.len() == 1 && RequestClass::from_index(cs[0]).name() == *n));
+        assert_eq!(PoolBy::One.groups(), vec![("**".to_string(), (0..CLASS_COUNT).collect())]);
+    }
+
+    #[test]
+    fn a_shared_pool_is_searched_with_its_classes_mixed_as_in_the_workload() {
+        let b = ClassBoundaries::default();
+        // Two L-band classes, LS nine times as many requests as LM; LL has none.
+        let pairs: Vec<(u32, u32)> = vec![(2000, 20), (3000, 50), (1500, 200), (1200, 120), (4000, 600)];
+        let lengths = ClassLengths::split(&LengthSamples::from_pairs("t", pairs));
+        let class = |s: &str| RequestClass::parse(s).unwrap().index();
+        let mut requests = [0u64; CLASS_COUNT];
+        requests[class("LS")] = 900;
+        requests[class("LM")] = 100;
+        let mix = pool_lengths(&lengths, &[class("LS"), class("LM"), class("LL")], &requests);
+        let count = |c: &str| mix.pairs().iter().filter(|&&(i, o)| b.classify(i, o).index() == class(c)).count();
+        assert_eq!(count("LS"), MIX_SAMPLES * 9 / 10);
+        assert_eq!(count("LM"), MIX_SAMPLES / 10);
+        assert_eq!(count("LL"), 0, "a class without requests adds none (its stand-in is not a sample)");
+        // Each class's own pairs, in their order, repeated.
+        let ls: Vec<(u32, u32)> =
+            mix.pairs().iter().copied().filter(|&(i, o)| b.classify(i, o).index() == class("LS")).collect();
+        assert_eq!(&ls[..4], &[(2000, 20), (3000, 50), (2000, 20), (3000, 50)]);
+        // A pool of one class (or of one class with requests) is searched with that class's samples.
+        let only = pool_lengths(&lengths, &[class("LS"), class("LL")], &requests);
+        assert_eq!(only.pairs(), lengths.of(RequestClass::parse("LS").unwrap()).pairs());
+        // A band without requests (it is not searched) still has lengths, its first class's.
+        let none = pool_lengths(&lengths, &[class("SS"), class("SM")], &requests);
+        assert_eq!(none.pairs(), lengths.of(RequestClass::parse("SS").unwrap()).pairs());
     }
 
     #[test]
