@@ -321,6 +321,69 @@ fn bound_by_band_gives_each_prompt_band_one_pool_for_all_its_requests() {
 }
 
 #[test]
+fn bound_sets_a_sim_report_beside_its_pools_and_refuses_another_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    for report in ["week.csv", "week.json"] {
+        let out = dynamollm(&[
+            "sim",
+            "--hours",
+            "0.5",
+            "--compare",
+            "single-pool,dynamollm",
+            "--quiet",
+            "--report",
+            &path(report),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let bound = |report: &str| -> (serde_json::Value, String) {
+        let json = path(&format!("{report}.bound.json"));
+        let args = ["bound", "--hours", "0.5", "--tp", "8", "--min-clock-mhz", "1800", "--pool-by", "band", "--quiet"];
+        let out = dynamollm(&[&args[..], &["--against", &path(report), "--json", &json]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap(),
+            String::from_utf8_lossy(&out.stdout).into(),
+        )
+    };
+    let (b, stdout) = bound("week.csv");
+    assert!(stdout.contains("beside the reference") && stdout.contains("dynamollm"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path("week.json")).unwrap()).unwrap();
+    let against = b["against"].as_array().unwrap();
+    assert_eq!(against.len(), 2);
+    for (p, run) in against.iter().zip(report["runs"].as_array().unwrap()) {
+        assert_eq!(p["policy"], run["policy"]);
+        // The pools' energies add up to the policy's, which is the report's.
+        let e = p["energy_kwh"].as_f64().unwrap();
+        let sum: f64 = p["pools"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((sum - e).abs() <= 1e-9 * e && (e - run["energy_kwh"].as_f64().unwrap()).abs() <= 1e-6 * e, "{p}");
+        let l_band: f64 = ["LS", "LM", "LL"]
+            .iter()
+            .filter_map(|c| run["classes"].get(*c))
+            .map(|c| c["energy_kwh"].as_f64().unwrap())
+            .sum();
+        assert!((p["pools"]["L*"].as_f64().unwrap() - l_band).abs() <= 1e-9 * l_band, "{p}");
+        let ratio = p["ratio_to_bound"].as_f64().unwrap();
+        assert!((ratio - e / b["energy_kwh"].as_f64().unwrap()).abs() < 1e-12, "{p}");
+    }
+    assert_eq!(bound("week.json").0["against"], b["against"], "the JSON report gives what the CSV gives");
+
+    // A report of another span: refused, naming the file, the policy and the class.
+    let out =
+        dynamollm(&["sim", "--hours", "0.25", "--policy", "single-pool", "--quiet", "--report", &path("short.csv")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dynamollm(&["bound", "--hours", "0.5", "--quiet", "--against", &path("short.csv")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("short.csv") && err.contains("not the same workload"), "{err}");
+    // A malformed row: its line named.
+    std::fs::write(path("bad.csv"), "policy,class,requests,energy_kwh\nx,SS,12,1.5\nx,SM,7,zz\n").unwrap();
+    let out = dynamollm(&["bound", "--hours", "0.5", "--quiet", "--against", &path("bad.csv")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.csv line 3"), "{err}");
+}
+
+#[test]
 fn bound_names_the_flag_of_a_bad_option() {
     for (flag, value) in
         [("--attainment", "1.5"), ("--tp", "3"), ("--grid-ratio", "1"), ("--window-min", "0"), ("--pool-by", "bands")]

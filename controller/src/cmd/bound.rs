@@ -7,17 +7,18 @@
 //! reach with perfect knowledge of each window's load and none of the costs of
 //! changing; not a proven lower bound (mixed pools, other groupings or clocks
 //! changed within a window could do better, and a window's bursts are averaged
-//! away).
+//! away). `--against` sets the policies of a `sim --report` of the same
+//! workload beside it, pool by pool.
 
 use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
 use crate::closed_loop::MinuteCounts;
 use crate::profile::ClassLengths;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sim::bound::{best_static, SearchSpec, StaticPool};
 use sim::measure::{class_slos, SloRule};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use telemetry::{ClassBoundaries, LengthSamples, RequestClass, CLASS_COUNT};
@@ -57,6 +58,10 @@ pub struct BoundArgs {
     /// Energy (kWh) of a run to compare with, e.g. `single-pool`'s from `dynamollm sim`.
     #[arg(long, value_name = "KWH")]
     pub baseline_kwh: Option<f64>,
+    /// A `dynamollm sim --report` of the same workload (`.json` or `.csv`): every policy in it is
+    /// set beside the reference pool by pool (its classes' energy summed).
+    #[arg(long, value_name = "REPORT")]
+    pub against: Option<PathBuf>,
     /// Write the estimate as one JSON object.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -178,6 +183,133 @@ pub struct Bound {
     /// Per pool, by its name: a class (`SS` … `LL`), a prompt band (`S*`, `M*`, `L*`) or `**`
     /// for one pool of every class; only pools with requests.
     pub classes: BTreeMap<String, ClassBound>,
+    /// The policies of `--against`'s report, beside the reference (absent without it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub against: Vec<PolicyAgainst>,
+}
+
+/// A policy's energy beside the reference's, from a `sim --report`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyAgainst {
+    /// The policy.
+    pub policy: String,
+    /// Its energy over every class.
+    pub energy_kwh: f64,
+    /// That over the reference's (absent when the reference cannot hold some pool).
+    pub ratio_to_bound: Option<f64>,
+    /// Per pool of the reference: the energy of the pool's classes under the policy.
+    pub pools: BTreeMap<String, f64>,
+}
+
+/// One policy of a `sim --report`: its name, and per class its requests and energy (kWh).
+pub type ReportRun = (String, BTreeMap<String, (u64, f64)>);
+
+/// Every policy of a `sim --report` (JSON or CSV, by the file's extension).
+pub fn read_report(path: &Path) -> Result<Vec<ReportRun>> {
+    #[derive(serde::Deserialize)]
+    struct Class {
+        requests: f64,
+        energy_kwh: f64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Run {
+        policy: String,
+        classes: BTreeMap<String, Class>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Report {
+        runs: Vec<Run>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Row {
+        policy: String,
+        class: String,
+        requests: f64,
+        energy_kwh: f64,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out: Vec<ReportRun> = Vec::new();
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("json") => {
+            let r: Report = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not a `dynamollm sim --report` JSON (runs[].policy, runs[].classes)", path.display())
+            })?;
+            for run in r.runs {
+                let classes = run.classes.into_iter().map(|(k, c)| (k, (c.requests as u64, c.energy_kwh))).collect();
+                out.push((run.policy, classes));
+            }
+        }
+        Some("csv") => {
+            let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
+            for (i, row) in reader.deserialize::<Row>().enumerate() {
+                // Line i + 2: the header is line 1.
+                let row =
+                    row.with_context(|| format!("{} line {}: not a `sim --report` CSV row", path.display(), i + 2))?;
+                if row.class == "all" {
+                    continue;
+                }
+                match out.iter_mut().find(|(p, _)| *p == row.policy) {
+                    Some((_, classes)) => {
+                        classes.insert(row.class, (row.requests as u64, row.energy_kwh));
+                    }
+                    None => {
+                        out.push((row.policy, BTreeMap::from([(row.class, (row.requests as u64, row.energy_kwh))])))
+                    }
+                }
+            }
+        }
+        _ => bail!("{}: --against takes a `sim --report` written as .json or .csv", path.display()),
+    }
+    if out.is_empty() {
+        bail!("{}: the report holds no run", path.display());
+    }
+    for (policy, classes) in &out {
+        if let Some(bad) = classes.keys().find(|k| RequestClass::parse(k).is_err()) {
+            bail!("{}: policy {policy}: `{bad}` is not a request class", path.display());
+        }
+    }
+    Ok(out)
+}
+
+/// Each policy of a report beside the reference's pools. The report must be of the same workload:
+/// each class's requests within 0.1% of the reference's (`requests_by_class`).
+fn set_against(
+    path: &Path,
+    report: Vec<ReportRun>,
+    groups: &[(String, Vec<usize>)],
+    requests_by_class: &[u64; CLASS_COUNT],
+    bound_kwh: Option<f64>,
+) -> Result<Vec<PolicyAgainst>> {
+    let mut out = Vec::new();
+    for (policy, classes) in report {
+        for (c, &want) in requests_by_class.iter().enumerate() {
+            let name = RequestClass::from_index(c).name();
+            let got = classes.get(&name).map_or(0, |x| x.0);
+            if got.abs_diff(want) as f64 > 1e-3 * want.max(1) as f64 {
+                bail!(
+                    "{}: policy {policy} has {got} {name} requests, the workload here {want}: not the same workload \
+                     (give bound the trace, rates, --scale, --hours and --seed the sim ran with)",
+                    path.display()
+                );
+            }
+        }
+        let energy_of = |cs: &[usize]| -> f64 {
+            cs.iter().filter_map(|&c| classes.get(&RequestClass::from_index(c).name())).map(|x| x.1).sum()
+        };
+        let pools: BTreeMap<String, f64> = groups
+            .iter()
+            .filter(|(_, cs)| cs.iter().any(|&c| requests_by_class[c] > 0))
+            .map(|(name, cs)| (name.clone(), energy_of(cs)))
+            .collect();
+        let energy_kwh: f64 = classes.values().map(|x| x.1).sum();
+        out.push(PolicyAgainst {
+            policy,
+            energy_kwh,
+            ratio_to_bound: bound_kwh.filter(|b| *b > 0.0).map(|b| energy_kwh / b),
+            pools,
+        });
+    }
+    Ok(out)
 }
 
 /// Each window's length (s; the last one may be shorter) and requests per class.
@@ -242,6 +374,7 @@ pub fn run(args: &BoundArgs) -> Result<()> {
             bail!("--baseline-kwh must be a positive number, got {b}");
         }
     }
+    let report = args.against.as_deref().map(read_report).transpose()?;
     let physics = args.physics.load()?;
     let workload = args.workload.load()?;
     let boundaries = ClassBoundaries::default();
@@ -340,7 +473,7 @@ pub fn run(args: &BoundArgs) -> Result<()> {
     }
     let sum = |f: fn(&ClassBound) -> Option<f64>| classes.values().map(f).sum::<Option<f64>>();
     let energy_kwh = sum(|c| c.energy_kwh);
-    let bound = Bound {
+    let mut bound = Bound {
         trace: workload.name.clone(),
         seed: workload.seed,
         attainment: args.attainment,
@@ -358,7 +491,11 @@ pub fn run(args: &BoundArgs) -> Result<()> {
             .map(|v| v.into_iter().max().unwrap_or(0)),
         ratio_to_baseline: energy_kwh.zip(args.baseline_kwh).map(|(e, b)| e / b),
         classes,
+        against: Vec::new(),
     };
+    if let (Some(path), Some(report)) = (&args.against, report) {
+        bound.against = set_against(path, report, &groups, &requests_by_class, bound.energy_kwh)?;
+    }
     print!("{}", table(&bound));
     if let Some(path) = &args.json {
         write_json(path, &bound)?;
@@ -415,6 +552,30 @@ pub fn table(b: &Bound) -> String {
     );
     if let Some(r) = b.ratio_to_baseline {
         let _ = writeln!(s, "vs the baseline's energy: {r:.3}×");
+    }
+    if !b.against.is_empty() {
+        let _ = writeln!(s, "beside the reference (kWh, and its ratio to the reference's):");
+        let _ = write!(s, "{head}   reference kWh");
+        for p in &b.against {
+            let _ = write!(s, "  {:>22}", p.policy);
+        }
+        let _ = writeln!(s);
+        let ratio = |x: f64, r: Option<f64>| match r.filter(|r| *r > 0.0) {
+            Some(r) => format!("{x:.2} ({:.3}×)", x / r),
+            None => format!("{x:.2}"),
+        };
+        for (name, c) in &b.classes {
+            let _ = write!(s, "{name:<5}   {}", opt(c.energy_kwh, 13, 2));
+            for p in &b.against {
+                let _ = write!(s, "  {:>22}", ratio(p.pools.get(name).copied().unwrap_or(0.0), c.energy_kwh));
+            }
+            let _ = writeln!(s);
+        }
+        let _ = write!(s, "all     {}", opt(b.energy_kwh, 13, 2));
+        for p in &b.against {
+            let _ = write!(s, "  {:>22}", ratio(p.energy_kwh, b.energy_kwh));
+        }
+        let _ = writeln!(s);
     }
     s
 }
