@@ -1,0 +1,88 @@
+//! Learning a pool's real capacity from the SLO attainment it shows: a miss
+//! shrinks the capacity scale (or first raises the clock margin), a
+//! comfortable window grows it; a miss also records the scale at the pool's
+//! size. Touches only the learnt scales, margins and their timestamps.
+
+use super::*;
+use telemetry::CLASS_COUNT;
+
+impl Controller {
+    /// Learn each pool's real capacity from the SLO attainment it shows.
+    /// Returns the pools that fell short (they are re-planned at once).
+    pub(super) fn learn_capacity(&mut self, obs: &Observations) -> Vec<usize> {
+        let mut short = Vec::new();
+        let (step, decay, ceiling) =
+            (self.cfg.clock_margin_step, self.cfg.clock_margin_decay, self.cfg.observed_margin.max(1.0));
+        let floor = self.cfg.clock_margin_floor.min(1.0);
+        let comfort = self.cfg.attainment_comfort;
+        for pool in 0..self.plans.len() {
+            let worst = (0..CLASS_COUNT)
+                .filter(|&c| self.routing.pool_of[c] as usize == pool)
+                .filter_map(|c| {
+                    let a = obs.class_attainment_recent[c]?;
+                    let stale_dip = a < ATTAINMENT_TARGET && obs.class_attainment_window[c].is_some_and(|w| w >= 1.0);
+                    (!stale_dip).then_some(a)
+                })
+                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
+            // At most one adjustment per attainment window: the window's samples must be new.
+            if obs.now_s - self.learnt_at[pool] < self.cfg.attainment_window_s - 1e-9 {
+                continue;
+            }
+            // On a dip, clocks below the top in a pool whose clock margin is learnt (one prompt
+            // band): the clock loop may have cut too close.
+            let lowered = worst.is_some_and(|a| a < ATTAINMENT_TARGET)
+                && !self.mixes_bands(pool)
+                && obs.instances.iter().any(|i| {
+                    i.pool.0 as usize == pool
+                        && i.state == InstanceState::Serving
+                        && i.clock_mhz < self.cfg.max_clock_mhz
+                });
+            let sharp = (0..CLASS_COUNT)
+                .filter(|&c| self.routing.pool_of[c] as usize == pool)
+                .any(|c| obs.class_attainment_window[c].is_some_and(|w| w < self.cfg.sharp_dip_attainment));
+            let s = &mut self.util_scale[pool];
+            let margin = &mut self.clock_margin[pool];
+            match worst {
+                // A sharp dip: fewer instances than the load needs now.
+                Some(a) if a < ATTAINMENT_TARGET && sharp => {
+                    *margin = (*margin * step).min(ceiling);
+                    *s = (*s * 0.85).max(0.4);
+                    self.learnt_at[pool] = obs.now_s;
+                    short.push(pool);
+                }
+                // Higher clocks first: they cost some power, where a smaller capacity costs whole
+                // instances (their GPUs and idle power).
+                Some(a) if a < ATTAINMENT_TARGET && lowered && *margin < ceiling - 1e-9 => {
+                    *margin = (*margin * step).min(ceiling);
+                    self.learnt_at[pool] = obs.now_s;
+                }
+                Some(a) if a < ATTAINMENT_TARGET => {
+                    *s = (*s * 0.85).max(0.4);
+                    self.learnt_at[pool] = obs.now_s;
+                    short.push(pool);
+                }
+                Some(a) if a >= comfort && (*s < MAX_CAPACITY_SCALE || *margin > floor + 1e-12) => {
+                    *margin = (*margin * decay).max(floor);
+                    // A pool of instances behind least-outstanding routing queues less than the one
+                    // instance the profile measured: let live telemetry raise the capacity too.
+                    *s = (*s * 1.05).min(MAX_CAPACITY_SCALE);
+                    self.learnt_at[pool] = obs.now_s;
+                }
+                _ => {}
+            }
+            // A miss shrank the capacity: what the pool can be credited with at its present size.
+            // (Comfort is no such evidence: a scale grows with time as well as with pool size.)
+            if short.last() == Some(&pool) {
+                let serving = obs
+                    .instances
+                    .iter()
+                    .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
+                    .count() as u32;
+                if serving > 0 {
+                    self.scale_by_size[pool].insert(serving, (self.util_scale[pool], obs.now_s));
+                }
+            }
+        }
+        short
+    }
+}
