@@ -288,14 +288,28 @@ fn bound_holds_every_class_in_its_window_and_its_totals_add_up() {
 #[test]
 fn bound_by_band_gives_each_prompt_band_one_pool_for_all_its_requests() {
     let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("band.svg");
     let run = |pool_by: &str| -> serde_json::Value {
         let json = dir.path().join(format!("{pool_by}.json"));
         let args = ["bound", "--hours", "0.5", "--tp", "8", "--min-clock-mhz", "1800", "--quiet", "--pool-by", pool_by];
-        let out = dynamollm(&[&args[..], &["--json", json.to_str().unwrap()]].concat());
+        let out = dynamollm(&[&args[..], &["--json", json.to_str().unwrap(), "--svg", svg.to_str().unwrap()]].concat());
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
     };
     let (by_class, by_band) = (run("class"), run("band"));
+    // The chart (of the band run, the last): a line per pool, every point labelled with its pool.
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    let pools = by_band["classes"].as_object().unwrap();
+    let wide = chart.lines().filter(|l| l.starts_with("<polyline") && l.contains(r#"stroke-width="2""#)).count();
+    assert_eq!(wide, 2 * pools.len(), "a line per pool and its legend mark: {chart}");
+    for (name, pool) in pools {
+        assert!(chart.lines().any(|l| l.trim() == name), "{name} in the legend");
+        for p in pool["points"].as_array().unwrap() {
+            let q = &p["pool"];
+            let label = format!("{} ({}×TP{})", q["clock_mhz"], q["instances"], q["tp"]);
+            assert!(chart.contains(&label), "{name}: {label} not on the chart");
+        }
+    }
     assert_eq!(by_band["pool_by"], "band");
     assert_eq!(by_class["pool_by"], "class");
     assert_eq!(by_band["requests"], by_class["requests"]);

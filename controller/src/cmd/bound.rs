@@ -65,6 +65,10 @@ pub struct BoundArgs {
     /// Write the estimate as one JSON object.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Chart each pool's least energy per request against its load (SVG), every searched point
+    /// labelled with its clock.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -500,6 +504,89 @@ pub fn run(args: &BoundArgs) -> Result<()> {
     if let Some(path) = &args.json {
         write_json(path, &bound)?;
     }
+    if let Some(path) = &args.svg {
+        chart(path, &bound).with_context(|| format!("writing the chart {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Each pool's least energy per request (J, log scale) against its load (requests/s, log
+/// scale): one line per pool through its searched rates, each point labelled with its clock
+/// and instances.
+pub fn chart(path: &Path, b: &Bound) -> Result<()> {
+    use plotters::prelude::*;
+    let e = |e: plotters::drawing::DrawingAreaErrorKind<std::io::Error>| anyhow::anyhow!("{e}");
+    let lines: Vec<(&String, Vec<(f64, StaticPool)>)> = b
+        .classes
+        .iter()
+        .map(|(name, c)| (name, c.points.iter().filter_map(|p| p.pool.map(|q| (p.rate_rps, q))).collect::<Vec<_>>()))
+        .filter(|(_, pts)| !pts.is_empty())
+        .collect();
+    if lines.is_empty() {
+        bail!("no pool holds any searched rate: nothing to chart");
+    }
+    let all = lines.iter().flat_map(|(_, pts)| pts.iter());
+    let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (r, q) in all {
+        (x_lo, x_hi) = (x_lo.min(*r), x_hi.max(*r));
+        (y_lo, y_hi) = (y_lo.min(q.energy_per_req_j), y_hi.max(q.energy_per_req_j));
+    }
+    let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "least energy per request by load, {:.1}% held (labels: MHz, instances × TP)",
+                100.0 * b.attainment
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo / 1.3..x_hi * 1.3).log_scale(), (y_lo / 1.3..y_hi * 1.3).log_scale())
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("load (requests/s)")
+        .y_desc("energy per request (J)")
+        .x_label_formatter(&|x| format!("{x}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(e)?;
+    // Tableau's ten: distinct on white, one per class at most.
+    const COLORS: [(u8, u8, u8); 10] = [
+        (31, 119, 180),
+        (214, 39, 40),
+        (44, 160, 44),
+        (148, 103, 189),
+        (255, 127, 14),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ];
+    for (k, (name, pts)) in lines.iter().enumerate() {
+        let (r, g, bl) = COLORS[k % COLORS.len()];
+        let color = RGBColor(r, g, bl).to_rgba();
+        let xy: Vec<(f64, f64)> = pts.iter().map(|(r, q)| (*r, q.energy_per_req_j)).collect();
+        chart
+            .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))
+            .map_err(e)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2)));
+        chart.draw_series(xy.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(e)?;
+        chart
+            .draw_series(pts.iter().map(|(r, q)| {
+                let label = format!("{} ({}×TP{})", q.clock_mhz, q.instances, q.tp);
+                Text::new(label, (*r, q.energy_per_req_j * 1.06), ("sans-serif", 10))
+            }))
+            .map_err(e)?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(e)?;
+    root.present().map_err(e)?;
     Ok(())
 }
 
