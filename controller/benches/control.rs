@@ -1,13 +1,13 @@
 //! Controller speed: one scale+shard plan for a 1,250-server (10,000-GPU)
 //! cluster with 9 pools, and one clock decision per instance.
 
-use actuators::{InstanceId, PoolId};
+use actuators_core::{InstanceId, PoolId};
+use controller::control::plan::Planner;
+use controller::control::{Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations};
+use controller::profile::ProfileTable;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use dynamollm::control::plan::Planner;
-use dynamollm::control::{Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations};
-use dynamollm::profile::ProfileTable;
 use std::hint::black_box;
-use telemetry::CLASS_COUNT;
+use telemetry_core::CLASS_COUNT;
 
 const SERVERS: u32 = 1250;
 

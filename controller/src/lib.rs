@@ -1,17 +1,18 @@
-//! dynamollm: the controller (profiles, SLO model, optimiser, the three
-//! control loops, policies) and the commands of the `dynamollm` binary.
+//! controller: the brain of dynamollm, sans-IO. The three control loops
+//! (scale, shard, clock) and the backlog guard as one state machine,
+//! `Controller::step(now, observations) -> actions`; the planner that picks
+//! least-energy pool layouts from the profile table and its interpolation;
+//! what it learns from SLO attainment; the policies it can run; and the
+//! output-length predictor the router classes requests with.
+//!
+//! No async runtime, no sockets, no dependency on the twin: the service
+//! drives it from tokio timers, the command line drives it in the twin's
+//! virtual time, and both see the same decisions for the same inputs. It
+//! knows the hardware only through profile tables and the observations it is
+//! given.
 #![forbid(unsafe_code)]
 
-pub mod agent;
-pub mod closed_loop;
-pub mod cmd;
 pub mod control;
-pub mod loadgen;
 pub mod policy;
 pub mod predict;
 pub mod profile;
-pub mod report;
-pub mod serve;
-pub mod twin_metrics;
-pub mod twin_serve;
-pub mod workload;

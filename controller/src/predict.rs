@@ -4,7 +4,7 @@
 //! prompt-length bucket, and predicts the most frequent output band, cut to
 //! the band of `max_tokens` when the client sends one (the engine stops there).
 
-use telemetry::{ClassBoundaries, LengthBand, RequestClass};
+use telemetry_core::{ClassBoundaries, LengthBand, RequestClass};
 
 /// Prompt-length buckets (upper bounds, tokens); finer than the class bands.
 const INPUT_BUCKETS: [u32; 12] = [32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, u32::MAX];

@@ -3,10 +3,10 @@
 //! next-larger class's pool. Driven through `Controller::step` alone
 //! (sans-IO).
 
-use actuators::{Action, InstanceId, PoolId};
-use dynamollm::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Loops, Observations};
-use dynamollm::profile::ProfileTable;
-use telemetry::CLASS_COUNT;
+use actuators_core::{Action, InstanceId, PoolId};
+use controller::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Loops, Observations};
+use controller::profile::ProfileTable;
+use telemetry_core::CLASS_COUNT;
 
 const TOP_MHZ: u32 = 1980;
 const LL: usize = 8;

@@ -2,16 +2,16 @@
 //! spawns serve after a lead time, retires leave at once, clocks apply at
 //! once; demand follows a random (seeded) trajectory.
 
-use actuators::{Action, InstanceId, PoolId};
-use dynamollm::control::plan::{Demand, Planner};
-use dynamollm::control::{
+use actuators_core::{Action, InstanceId, PoolId};
+use controller::control::plan::{Demand, Planner};
+use controller::control::{
     AttainmentHistory, Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations,
     MAX_CAPACITY_SCALE, SIZE_SCALE_MEMORY_S,
 };
-use dynamollm::profile::ProfileTable;
+use controller::profile::ProfileTable;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use telemetry::CLASS_COUNT;
+use telemetry_core::CLASS_COUNT;
 
 const STEP_S: f64 = 5.0;
 const LEAD_S: f64 = 30.0;
@@ -663,7 +663,7 @@ fn ll_clock_step_load(cfg: &ControllerConfig) -> f64 {
 #[test]
 fn chance_bursts_of_a_steady_poisson_load_flip_the_clock_far_less_often() {
     let cfg = one_instance_clock_only();
-    assert_eq!(cfg.clock_down_sigmas, dynamollm::control::CLOCK_DOWN_SIGMAS);
+    assert_eq!(cfg.clock_down_sigmas, controller::control::CLOCK_DOWN_SIGMAS);
     let rate = 0.9 * ll_clock_step_load(&cfg);
     let bare = ControllerConfig { clock_down_sigmas: 0.0, ..cfg.clone() };
     for seed in [1, 2, 3] {
@@ -744,7 +744,7 @@ fn a_new_mix_saving_less_than_the_mix_hysteresis_spawns_nothing() {
     let mut shares = [0.0; CLASS_COUNT];
     shares[LL] = 1.0;
     let planner = Planner::new(&profile, &cfg.tps, &shares, cfg.max_util);
-    let counts = |m: &dynamollm::control::plan::Mix| {
+    let counts = |m: &controller::control::plan::Mix| {
         m.parts.iter().fold(BTreeMap::new(), |mut c: BTreeMap<u32, u32>, p| {
             *c.entry(p.tp).or_default() += p.count;
             c

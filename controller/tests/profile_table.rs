@@ -2,12 +2,12 @@
 //! file and line, good rows kept around bad ones), the monotone interpolator
 //! across load and clock, the SLO queries, and the shipped profile.
 
-use dynamollm::profile::table::MONOTONE_TOLERANCE;
-use dynamollm::profile::{ProfileError, ProfileIssue, ProfileTable, Severity};
+use controller::profile::table::MONOTONE_TOLERANCE;
+use controller::profile::{ProfileError, ProfileIssue, ProfileTable, Severity};
 use proptest::prelude::*;
-use sim::ClassSlo;
 use std::path::Path;
-use telemetry::{RequestClass, CLASS_COUNT};
+use telemetry_core::ClassSlo;
+use telemetry_core::{RequestClass, CLASS_COUNT};
 
 const HEADER: &str = "model,gpu,class,tp,clock_mhz,load_rps,load_tok_s,energy_per_req_j,power_per_gpu_w,\
 ttft_p50_s,ttft_p99_s,tbt_p50_s,tbt_p99_s,requests,window_s";

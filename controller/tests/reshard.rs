@@ -12,10 +12,10 @@
 //! fleet there is keeps what carries the load.
 //! Driven through `Controller::step` alone.
 
-use actuators::{Action, InstanceId, PoolId, ReshardPath};
-use dynamollm::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Loops, Observations};
-use dynamollm::profile::ProfileTable;
-use telemetry::CLASS_COUNT;
+use actuators_core::{Action, InstanceId, PoolId, ReshardPath};
+use controller::control::{Controller, ControllerConfig, Decision, InstanceObs, InstanceState, Loops, Observations};
+use controller::profile::ProfileTable;
+use telemetry_core::CLASS_COUNT;
 
 const TOP_MHZ: u32 = 1980;
 const LL: usize = 8;
@@ -429,7 +429,7 @@ fn a_failed_spawn_or_reshard_is_not_counted_as_under_way() {
         pool: PoolId(LL as u32),
         tp: 8,
         clock_mhz: TOP_MHZ,
-        from: actuators::SpawnFrom::WarmStandby,
+        from: actuators_core::SpawnFrom::WarmStandby,
     };
     let still = c.step(5.0, &obs(5.0, vec![inst(0, 8)], 5.0));
     assert!(spawns(&still).is_empty(), "instance 1 is still on its way: {still:#?}");

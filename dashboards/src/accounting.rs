@@ -17,7 +17,7 @@ use crate::config::AccountingConfig;
 use crate::intensity::IntensitySeries;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use telemetry::{RequestClass, CLASS_COUNT};
+use telemetry_core::{RequestClass, CLASS_COUNT};
 
 /// Joules per kWh.
 pub const J_PER_KWH: f64 = 3.6e6;

@@ -534,7 +534,7 @@ th:first-child,td:first-child{{text-align:left}} .charts{{display:flex;flex-wrap
 
     fn class_charts(&self) -> String {
         let mut classes: Vec<String> = self.runs.iter().flat_map(|r| r.classes.keys().cloned()).collect();
-        classes.sort_by_key(|c| telemetry::RequestClass::parse(c).map(|k| k.index()).unwrap_or(99));
+        classes.sort_by_key(|c| telemetry_core::RequestClass::parse(c).map(|k| k.index()).unwrap_or(99));
         classes.dedup();
         let by = |f: &dyn Fn(&ClassFigures) -> f64| -> Vec<(String, Vec<f64>)> {
             self.runs

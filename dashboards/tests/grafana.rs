@@ -5,8 +5,8 @@
 
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use telemetry::sample::{ArrivalSample, EngineSample, GpuSample, LatencySummary, Sample, Tags};
-use telemetry::RequestClass;
+use telemetry_core::sample::{ArrivalSample, EngineSample, GpuSample, LatencySummary, Sample, Tags};
+use telemetry_core::RequestClass;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana");
 

@@ -15,6 +15,7 @@
 
 pub mod backtest;
 mod calibrate;
+pub mod classes;
 pub mod error;
 pub mod forecaster;
 pub mod models;
@@ -24,6 +25,7 @@ pub mod schedule;
 pub use backtest::{
     backtest, seasonal_naive_mae, select_by_backtest, BacktestConfig, BacktestRun, BacktestScore, Selection,
 };
+pub use classes::{ClassForecasts, Demand, MinuteCounts};
 pub use error::{Error, Result};
 pub use forecaster::{FittedModel, Forecast, ForecastConfig, Forecaster};
 pub use models::ModelKind;

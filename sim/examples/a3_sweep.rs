@@ -4,8 +4,8 @@
 use sim::anchors::a3_sweep;
 use sim::Physics;
 use std::path::Path;
-use telemetry::trace::AzureTrace;
-use telemetry::{LengthSamples, RequestClass};
+use telemetry_core::trace::AzureTrace;
+use telemetry_core::{LengthSamples, RequestClass};
 
 fn main() {
     let physics = match std::env::args().nth(1) {
@@ -18,7 +18,7 @@ fn main() {
     let slos = sim::measure::class_slos(
         &physics,
         lengths.pairs(),
-        &telemetry::ClassBoundaries::default(),
+        &telemetry_core::ClassBoundaries::default(),
         sim::measure::SloRule::Multiplier(5.0),
     );
     for class in ["SS", "LL"] {

@@ -3,7 +3,7 @@
 
 use sim::{ClassSlo, Cluster, ClusterSpec, InstanceSpec, Physics, PoolSpec};
 use std::time::Instant;
-use telemetry::{ClassBoundaries, Request, RequestClass, CLASS_COUNT};
+use telemetry_core::{ClassBoundaries, Request, RequestClass, CLASS_COUNT};
 
 fn run(p: &Physics, step_s: f64) -> (f64, usize) {
     let spec = ClusterSpec {

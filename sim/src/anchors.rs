@@ -8,7 +8,7 @@ use crate::measure::{class_slos, load_point, unloaded, SloRule};
 use crate::physics::{Physics, StepShape};
 use crate::stats::ClassSlo;
 use serde::Serialize;
-use telemetry::{ClassBoundaries, LengthSamples, Request, RequestClass, CLASS_COUNT};
+use telemetry_core::{ClassBoundaries, LengthSamples, Request, RequestClass, CLASS_COUNT};
 
 /// One checked anchor.
 #[derive(Debug, Clone, Serialize)]

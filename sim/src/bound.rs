@@ -10,7 +10,7 @@ use crate::cluster::{Cluster, ClusterSpec, InstanceSpec, PoolSpec};
 use crate::measure::steady_arrivals;
 use crate::physics::Physics;
 use crate::stats::ClassSlo;
-use telemetry::{ClassBoundaries, LengthSamples, RequestClass, CLASS_COUNT};
+use telemetry_core::{ClassBoundaries, LengthSamples, RequestClass, CLASS_COUNT};
 
 /// Shortest replay of one candidate pool (virtual seconds).
 pub const MIN_REPLAY_S: f64 = 1800.0;

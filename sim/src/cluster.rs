@@ -9,7 +9,7 @@ use crate::stats::{ClassSlo, RejectReason, Stats};
 use crate::timeline::{Recorder, Timeline, TIMELINE_STEP_S};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
-use telemetry::{ClassBoundaries, Request, RequestClass, TraceError, CLASS_COUNT};
+use telemetry_core::{ClassBoundaries, Request, RequestClass, TraceError, CLASS_COUNT};
 
 /// A pool: the classes it serves.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,7 +14,7 @@ use crate::physics::{Physics, StepCost, StepShape};
 use crate::stats::Stats;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use telemetry::CLASS_COUNT;
+use telemetry_core::CLASS_COUNT;
 
 /// A request as the engine holds it.
 #[derive(Debug, Clone, Copy, PartialEq)]

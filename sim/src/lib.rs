@@ -20,3 +20,6 @@ pub use timeline::{PoolInterval, Timeline, TimelinePoint};
 pub mod anchors;
 pub mod bound;
 pub mod measure;
+pub mod workload;
+
+pub use workload::{Workload, PREDICTOR_SEED};

@@ -6,8 +6,8 @@
 use crate::cluster::{Cluster, ClusterSpec, InstanceSpec, PoolSpec};
 use crate::physics::Physics;
 use crate::stats::{ClassSlo, LatencySummary};
-use telemetry::trace::{PoissonArrivals, RateCurve, RateRow};
-use telemetry::{ClassBoundaries, LengthSamples, Request, RequestClass, CLASS_COUNT};
+use telemetry_core::trace::{PoissonArrivals, RateCurve, RateRow};
+use telemetry_core::{ClassBoundaries, LengthSamples, Request, RequestClass, CLASS_COUNT};
 
 const NO_SLO: ClassSlo = ClassSlo { ttft_s: f64::INFINITY, tbt_s: f64::INFINITY };
 
@@ -62,7 +62,7 @@ pub fn class_medians(pairs: &[(u32, u32)], boundaries: &ClassBoundaries) -> [Opt
 /// A representative request of a class when the workload has none: the
 /// middle of each band (the long bands use twice their cut point).
 pub fn representative(class: RequestClass, b: &ClassBoundaries) -> (u32, u32) {
-    use telemetry::LengthBand::*;
+    use telemetry_core::LengthBand::*;
     let i = match class.input {
         Short => b.input_medium_min_tokens / 2,
         Medium => (b.input_medium_min_tokens + b.input_long_min_tokens) / 2,
@@ -76,14 +76,7 @@ pub fn representative(class: RequestClass, b: &ClassBoundaries) -> (u32, u32) {
     (i.max(1), o.max(1))
 }
 
-/// How SLOs are set.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum SloRule {
-    /// Each bound is this multiple of the class's median request alone on TP8 at max clock.
-    Multiplier(f64),
-    /// Absolute bounds for every class.
-    Absolute(ClassSlo),
-}
+pub use telemetry_core::SloRule;
 
 /// Per-class SLOs for a workload (its length pairs), by the paper's definition.
 pub fn class_slos(

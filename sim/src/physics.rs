@@ -199,29 +199,7 @@ pub struct Physics {
     pub router: RouterParams,
 }
 
-/// How a router picks the instance of a pool for a new request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Balance {
-    /// The serving instance with the fewest requests outstanding (least-loaded by count).
-    #[default]
-    Requests,
-    /// The one with the fewest prompt tokens queued ahead of the request (not yet
-    /// prefilled), then the fewest requests: a long prompt delays the first token
-    /// of every prompt behind it.
-    PromptTokens,
-}
-
-impl Balance {
-    /// Parse a name (`requests` or `prompt-tokens`).
-    pub fn parse(s: &str) -> Result<Balance, String> {
-        match s {
-            "requests" => Ok(Balance::Requests),
-            "prompt-tokens" => Ok(Balance::PromptTokens),
-            other => Err(format!("unknown balance `{other}`; valid: requests, prompt-tokens")),
-        }
-    }
-}
+pub use telemetry_core::Balance;
 
 /// The twin's request router.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]

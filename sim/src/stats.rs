@@ -3,7 +3,7 @@
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use telemetry::CLASS_COUNT;
+use telemetry_core::CLASS_COUNT;
 
 /// Latency values are recorded in microseconds, 3 significant digits, up to 1 hour.
 const HIST_MAX_US: u64 = 3_600_000_000;
@@ -16,14 +16,7 @@ fn to_us(s: f64) -> u64 {
     ((s * 1e6).round() as u64).clamp(1, HIST_MAX_US)
 }
 
-/// The SLO of one class: P99 TTFT and P99 TBT bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct ClassSlo {
-    /// A request meets its TTFT SLO when its TTFT is at most this.
-    pub ttft_s: f64,
-    /// A token gap meets the TBT SLO when it is at most this.
-    pub tbt_s: f64,
-}
+pub use telemetry_core::{ClassSlo, P99_ATTAINMENT};
 
 /// Why the twin turned a request away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +52,6 @@ pub const HOUR_S: f64 = 3600.0;
 /// A clock hour counts for [`ClassStats::worst_hour_attainment`] once it holds at least this
 /// many of the class's requests (TTFTs and rejections): below that one miss moves it by over 1%.
 pub const MIN_HOUR_REQUESTS: u64 = 100;
-/// Attainment a class needs to hold its P99 SLOs (over a run, or over one of its clock hours).
-pub const P99_ATTAINMENT: f64 = 0.99;
 
 /// Attainment counts of one class within one clock hour of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

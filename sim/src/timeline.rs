@@ -4,7 +4,7 @@
 //! and the accounting prices it interval by interval (carbon intensity and
 //! tariffs change over the day).
 
-use telemetry::CLASS_COUNT;
+use telemetry_core::CLASS_COUNT;
 
 /// One pool over one interval.
 #[derive(Debug, Clone, PartialEq)]

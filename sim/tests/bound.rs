@@ -6,7 +6,7 @@ use sim::bound::{best_static, fewest_instances, measure_pool, search_fewest, Sea
 use sim::measure::{class_slos, SloRule};
 use sim::Physics;
 use std::path::Path;
-use telemetry::{ClassBoundaries, LengthSamples, RequestClass};
+use telemetry_core::{ClassBoundaries, LengthSamples, RequestClass};
 
 /// The Conversation hour's requests of one class, and that class's SLO spec.
 fn class(name: &str, attainment: f64) -> (Physics, LengthSamples, SearchSpec) {

@@ -2,7 +2,7 @@
 
 use sim::measure::unloaded;
 use sim::{ClassSlo, Cluster, ClusterSpec, InstanceSpec, Physics, PoolSpec, StepShape};
-use telemetry::{ClassBoundaries, Request, RequestClass, CLASS_COUNT};
+use telemetry_core::{ClassBoundaries, Request, RequestClass, CLASS_COUNT};
 
 /// One pool serving every class, with these instances.
 fn all_classes(instances: Vec<InstanceSpec>) -> ClusterSpec {

@@ -1,7 +1,7 @@
 //! The per-minute timeline adds up to the run's totals.
 
 use sim::{ClassSlo, Cluster, ClusterSpec, InstanceSpec, Physics, PoolSpec};
-use telemetry::{ClassBoundaries, Request, RequestClass, CLASS_COUNT};
+use telemetry_core::{ClassBoundaries, Request, RequestClass, CLASS_COUNT};
 
 const NO_SLO: [ClassSlo; CLASS_COUNT] = [ClassSlo { ttft_s: f64::INFINITY, tbt_s: f64::INFINITY }; CLASS_COUNT];
 

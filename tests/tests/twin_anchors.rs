@@ -2,7 +2,7 @@
 //! every one must hold (docs/twin.md says how A3 holds and where the twin's
 //! reasons differ from the paper's).
 
-use dynamollm::workload::conversation_lengths;
+use sim::workload::conversation_lengths;
 use sim::Physics;
 
 #[test]

@@ -5,7 +5,7 @@
 
 use super::plan::Demand;
 use super::*;
-use actuators::{Action, InstanceId};
+use actuators_core::{Action, InstanceId};
 
 impl Controller {
     pub(super) fn clock_loop(

@@ -3,8 +3,8 @@
 //! next-larger pool; its pool is re-planned.
 
 use super::*;
-use actuators::{Action, InstanceId, PoolId};
-use telemetry::{RequestClass, CLASS_COUNT};
+use actuators_core::{Action, InstanceId, PoolId};
+use telemetry_core::{RequestClass, CLASS_COUNT};
 
 impl Controller {
     /// The backlog guard, every step: an instance with `backlog_waiting`

@@ -4,7 +4,7 @@
 //! size. Touches only the learnt scales, margins and their timestamps.
 
 use super::*;
-use telemetry::CLASS_COUNT;
+use telemetry_core::CLASS_COUNT;
 
 impl Controller {
     /// Learn each pool's real capacity from the SLO attainment it shows.

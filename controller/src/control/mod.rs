@@ -40,11 +40,11 @@ pub use config::*;
 pub use observe::*;
 
 use crate::profile::ProfileTable;
-use actuators::{Action, InstanceId};
+use actuators_core::{Action, InstanceId};
 use plan::{Demand, Planner};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use telemetry::{RequestClass, CLASS_COUNT};
+use telemetry_core::{RequestClass, CLASS_COUNT};
 
 /// An action with its reason.
 #[derive(Debug, Clone, PartialEq, Serialize)]

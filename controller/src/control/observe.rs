@@ -4,9 +4,9 @@
 
 use super::plan::Demand;
 use super::ControllerConfig;
-use actuators::{InstanceId, PoolId};
+use actuators_core::{InstanceId, PoolId};
 use serde::{Deserialize, Serialize};
-use telemetry::CLASS_COUNT;
+use telemetry_core::CLASS_COUNT;
 
 /// An instance's lifecycle as the controller sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@
 //! every instance of a pool runs at the same utilisation.
 
 use crate::profile::ProfileTable;
-use telemetry::{RequestClass, CLASS_COUNT};
+use telemetry_core::{RequestClass, CLASS_COUNT};
 
 /// Points of the utilisation grid the power tables are kept on.
 const GRID: usize = 65;

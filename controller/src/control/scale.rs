@@ -4,8 +4,8 @@
 
 use super::plan::Demand;
 use super::*;
-use actuators::{Action, PoolId};
-use telemetry::{RequestClass, CLASS_COUNT};
+use actuators_core::{Action, PoolId};
+use telemetry_core::{RequestClass, CLASS_COUNT};
 
 impl Controller {
     /// Raise a pool's GPU budget to what its best mix for `plan` needs, if that

@@ -6,7 +6,7 @@
 
 use super::plan::{self, Demand, Planner};
 use super::*;
-use actuators::{Action, InstanceId, PoolId, SpawnFrom};
+use actuators_core::{Action, InstanceId, PoolId, SpawnFrom};
 use std::collections::BTreeMap;
 
 impl Controller {
@@ -207,7 +207,7 @@ impl Controller {
                 out.push(Decision {
                     at_s: now_s,
                     source: "shard-loop",
-                    action: Action::Reshard { instance: i.id, tp, path: actuators::ReshardPath::InPlace },
+                    action: Action::Reshard { instance: i.id, tp, path: actuators_core::ReshardPath::InPlace },
                     reason: format!(
                         "pool {} needs {n}×TP{tp} for {total:.2} req/s planned; TP{} instance {} is beyond the target {:?}: it grows in place, no new instance",
                         pool_name(pool, self.cfg.loops.pools),

@@ -9,11 +9,11 @@
 //! envelope of the data: latencies and power never fall as load rises, and a
 //! row where the measured data does gets a warning naming its line.
 
-use sim::ClassSlo;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use telemetry::{RequestClass, CLASS_COUNT};
+use telemetry_core::ClassSlo;
+use telemetry_core::{RequestClass, CLASS_COUNT};
 
 /// The columns every profile has, in this order.
 pub const COLUMNS: [&str; 15] = [

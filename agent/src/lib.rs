@@ -1,0 +1,740 @@
+//! agent: the node agent of an edge site (`dynamollm agent`). It runs on one GPU node,
+//! publishes the node's GPU and engine telemetry over MQTT, and carries out
+//! the controller's commands that concern the node's hardware.
+//!
+//! Topics, under the `[agent.mqtt]` prefix (default `dynamollm`):
+//!
+//! - `<prefix>/<site>/<node>/state`: retained `{"state":"alive"}` on every
+//!   connect, `{"state":"dead"}` on a clean shutdown and as the last will.
+//! - `<prefix>/<site>/<node>/telemetry`: a [`TelemetryPayload`] every
+//!   `interval_s` (GPU power, energy, clock; the engine's queue, KV usage,
+//!   token counters and TTFT/TBT since the previous reading), QoS 1.
+//! - `<prefix>/<site>/<node>/cmd`: [`actuators::Command`] JSON, subscribed at QoS 1.
+//! - `<prefix>/<site>/<node>/ack`: [`actuators::Ack`] JSON, QoS 1, one per command.
+//!
+//! `SetClock` is applied here through the [`GpuDevice`] (NVML, or the
+//! twin's fake device): the clock is bounded by `clock_min_mhz`/
+//! `clock_max_mhz` and snapped to the nearest clock the GPU supports. Other
+//! actions (spawn, retire, reshard, route) are carried out by the commands
+//! of `[agent.exec]` ([`exec`]) when it has one for their kind, and
+//! otherwise answered `Failed` ("not handled by the agent"). Commands are idempotent
+//! by id: the ids applied are kept in `state_file` (across restarts), and
+//! an id seen again is acknowledged `Applied` without doing it again. On
+//! shutdown the agent unlocks the clocks it locked, publishes the dead
+//! state and disconnects.
+//!
+//! ```toml
+//! [agent]
+//! site = "edge1"
+//! node = "gpu-node-3"
+//! gpu = "nvml"                       # or "twin", with twin_url
+//! engine_url = "http://127.0.0.1:8000/metrics"
+//! interval_s = 1.0
+//! clock_min_mhz = 800
+//! clock_max_mhz = 1980
+//! state_file = "/var/lib/dynamollm-agent/applied.json"
+//!
+//! [agent.mqtt]                       # as [telemetry.mqtt]
+//! host = "broker.edge1.example"
+//! port = 8883
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod exec;
+
+use actuators::{Ack, Action, ActionId, Command, Outcome, Placement};
+use rumqttc::QoS;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use telemetry::collect::GpuReader;
+use telemetry::config::MqttConfig;
+use telemetry::gpu::{GpuDevice, NvmlDevice, TwinDevice};
+use telemetry::mqtt::{EdgePublisher, EngineEntry, GpuEntry, MqttSettings, TelemetryPayload};
+use telemetry::sample::{now_ms, EngineSample, GpuSample, Tags};
+use telemetry::scrape::{parse_engine_page, EngineTracker};
+
+/// How many applied action ids the state file remembers (oldest forgotten first).
+pub const REMEMBERED_IDS: usize = 10_000;
+
+/// A bad agent config, or a failure to start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The config file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Malformed TOML, or an unknown or ill-typed key (TOML's message names it).
+    #[error("config {origin}: {message}")]
+    Invalid {
+        /// The file, or `<string>`.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is wrong.
+    #[error("config {origin}: agent.{key}: {problem}")]
+    Value {
+        /// The file, or `<string>`.
+        origin: String,
+        /// The key under `[agent]`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The state file is unreadable or corrupt.
+    #[error("state file {path}: {problem}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The GPU device could not be opened.
+    #[error("agent.gpu: {0}")]
+    Gpu(String),
+}
+
+/// Which GPU device the agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuKind {
+    /// The node's real GPUs through NVML (clock locking needs root or CAP_SYS_ADMIN).
+    Nvml,
+    /// The fake device of a `dynamollm twin serve` instance at `twin_url`.
+    Twin,
+}
+
+/// The `[agent]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The site (second topic level).
+    pub site: String,
+    /// This node (third topic level).
+    pub node: String,
+    /// `nvml` or `twin`.
+    pub gpu: GpuKind,
+    /// The twin's base URL (`http://127.0.0.1:8000`), with `gpu = "twin"`.
+    #[serde(default)]
+    pub twin_url: Option<String>,
+    /// The local engine's `/metrics` page (vLLM or SGLang); none: GPU telemetry only.
+    #[serde(default)]
+    pub engine_url: Option<String>,
+    /// Instance tag of the engine's samples (default: the node's name).
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Pool tag of the engine's samples.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Telemetry interval.
+    #[serde(default = "default_interval_s")]
+    pub interval_s: f64,
+    /// Timeout of one engine scrape.
+    #[serde(default = "default_scrape_timeout_ms")]
+    pub scrape_timeout_ms: u64,
+    /// Lowest clock a SetClock may lock (lower asks are raised to it).
+    #[serde(default)]
+    pub clock_min_mhz: Option<u32>,
+    /// Highest clock a SetClock may lock (higher asks are lowered to it).
+    #[serde(default)]
+    pub clock_max_mhz: Option<u32>,
+    /// Where the ids of applied actions are kept (JSON, rewritten atomically).
+    pub state_file: PathBuf,
+    /// The broker (keys as `[telemetry.mqtt]`: host, port, username,
+    /// password/password_file, tls, ca_file, client_cert_file,
+    /// client_key_file, client_id, topic_prefix, keep_alive_s, reconnect_*).
+    /// A `client_id` left at its default becomes `dynamollm-agent-<site>-<node>`.
+    pub mqtt: MqttConfig,
+    /// Commands that carry out spawn/retire/reshard/route on this node
+    /// (none: those actions are refused).
+    #[serde(default)]
+    pub exec: Option<exec::ExecConfig>,
+}
+
+fn default_interval_s() -> f64 {
+    1.0
+}
+
+fn default_scrape_timeout_ms() -> u64 {
+    2000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    agent: Option<AgentConfig>,
+}
+
+impl AgentConfig {
+    /// Parse a config document holding an `[agent]` table.
+    pub fn from_toml_str(text: &str) -> Result<AgentConfig, AgentError> {
+        Self::parse(text, "<string>")
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<AgentConfig, AgentError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AgentError::Read { path: path.into(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<AgentConfig, AgentError> {
+        let doc: Document = toml::from_str(text)
+            .map_err(|e| AgentError::Invalid { origin: origin.into(), message: e.to_string().trim_end().into() })?;
+        let mut cfg = doc
+            .agent
+            .ok_or_else(|| AgentError::Invalid { origin: origin.into(), message: "no [agent] table".into() })?;
+        if cfg.mqtt.client_id == MqttConfig::default().client_id {
+            cfg.mqtt.client_id = format!("dynamollm-agent-{}-{}", cfg.site, cfg.node);
+        }
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), AgentError> {
+        let bad = |key: &str, problem: String| AgentError::Value { origin: origin.into(), key: key.into(), problem };
+        for (key, v) in [("site", &self.site), ("node", &self.node)] {
+            if v.is_empty() || v.contains(['/', '+', '#']) || v.chars().any(char::is_whitespace) {
+                return Err(bad(key, format!("{v:?} must be a non-empty topic level (no '/', '+', '#' or spaces)")));
+            }
+        }
+        match (self.gpu, &self.twin_url) {
+            (GpuKind::Twin, None) => return Err(bad("twin_url", "required with gpu = \"twin\"".into())),
+            (GpuKind::Twin, Some(u)) if reqwest::Url::parse(u).is_err() => {
+                return Err(bad("twin_url", format!("{u:?} is not a URL")))
+            }
+            (GpuKind::Nvml, Some(_)) => return Err(bad("twin_url", "only used with gpu = \"twin\"".into())),
+            _ => {}
+        }
+        if let Some(u) = &self.engine_url {
+            if reqwest::Url::parse(u).is_err() {
+                return Err(bad("engine_url", format!("{u:?} is not a URL")));
+            }
+        }
+        if !(self.interval_s.is_finite() && self.interval_s >= 0.05) {
+            return Err(bad("interval_s", format!("{} must be at least 0.05", self.interval_s)));
+        }
+        if self.scrape_timeout_ms == 0 {
+            return Err(bad("scrape_timeout_ms", "must be at least 1".into()));
+        }
+        if let (Some(lo), Some(hi)) = (self.clock_min_mhz, self.clock_max_mhz) {
+            if lo > hi {
+                return Err(bad("clock_min_mhz", format!("{lo} is above clock_max_mhz {hi}")));
+            }
+        }
+        if self.mqtt.host.is_none() {
+            return Err(bad("mqtt.host", "required (the site's broker)".into()));
+        }
+        if let Err(e) = self.mqtt.check() {
+            return Err(bad(e.key, e.problem));
+        }
+        if let Some(Err((key, problem))) = self.exec.as_ref().map(exec::ExecConfig::check) {
+            return Err(bad(&key, problem));
+        }
+        if self.state_file.as_os_str().is_empty() {
+            return Err(bad("state_file", "must be a file path".into()));
+        }
+        Ok(())
+    }
+
+    /// The broker settings (reads the password and TLS files).
+    pub fn mqtt_settings(&self) -> Result<MqttSettings, AgentError> {
+        let bad =
+            |key: &str, problem: String| AgentError::Value { origin: "[agent.mqtt]".into(), key: key.into(), problem };
+        match MqttSettings::from_config(&self.mqtt) {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err(bad("mqtt.host", "required (the site's broker)".into())),
+            Err(e) => Err(bad(e.key, e.problem)),
+        }
+    }
+
+    /// `<prefix>/<site>/<node>/<leaf>`.
+    pub fn topic(&self, leaf: &str) -> String {
+        format!("{}/{}/{}/{leaf}", self.mqtt.topic_prefix, self.site, self.node)
+    }
+}
+
+/// One remembered action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct AppliedEntry {
+    id: ActionId,
+    at_ms: i64,
+    detail: String,
+    #[serde(default)]
+    placement: Option<Placement>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateDoc {
+    applied: Vec<AppliedEntry>,
+}
+
+/// The ids of applied actions, kept in a JSON file (the newest
+/// [`REMEMBERED_IDS`]); written to a temporary file and renamed, so a crash
+/// leaves the old or the new list, never half of one.
+#[derive(Debug)]
+pub struct AppliedIds {
+    path: PathBuf,
+    order: VecDeque<AppliedEntry>,
+    index: HashMap<ActionId, usize>,
+    base: usize,
+}
+
+impl AppliedIds {
+    /// Load the file (absent: empty).
+    pub fn load(path: &Path) -> Result<AppliedIds, AgentError> {
+        let err = |problem: String| AgentError::State { path: path.into(), problem };
+        let doc: StateDoc = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                err(format!("corrupt ({e}); move it aside to start afresh (applied ids would be re-applied)"))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateDoc::default(),
+            Err(e) => return Err(err(format!("cannot read: {e}"))),
+        };
+        let mut ids = AppliedIds { path: path.into(), order: VecDeque::new(), index: HashMap::new(), base: 0 };
+        for e in doc.applied {
+            ids.push(e);
+        }
+        Ok(ids)
+    }
+
+    fn push(&mut self, e: AppliedEntry) {
+        if self.index.contains_key(&e.id) {
+            return;
+        }
+        self.index.insert(e.id.clone(), self.base + self.order.len());
+        self.order.push_back(e);
+        while self.order.len() > REMEMBERED_IDS {
+            if let Some(old) = self.order.pop_front() {
+                self.index.remove(&old.id);
+                self.base += 1;
+            }
+        }
+    }
+
+    fn get(&self, id: &ActionId) -> Option<&AppliedEntry> {
+        self.index.get(id).and_then(|&i| self.order.get(i - self.base))
+    }
+
+    /// Whether this id has been applied.
+    pub fn contains(&self, id: &ActionId) -> bool {
+        self.index.contains_key(id)
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn record(&mut self, e: AppliedEntry) -> Result<(), AgentError> {
+        self.push(e);
+        self.save()
+    }
+
+    fn save(&self) -> Result<(), AgentError> {
+        let err = |problem: String| AgentError::State { path: self.path.clone(), problem };
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let doc = StateDoc { applied: self.order.iter().cloned().collect() };
+        let body = serde_json::to_vec_pretty(&doc).map_err(|e| err(e.to_string()))?;
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, body).map_err(|e| err(format!("cannot write {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| err(format!("cannot rename {} over it: {e}", tmp.display())))
+    }
+}
+
+/// The clock to lock for an ask: raised/lowered into the config's bounds,
+/// then the nearest supported clock inside them (ties go to the lower, the
+/// cheaper one). `None` when no supported clock lies inside the bounds.
+pub fn snap_clock(asked_mhz: u32, min_mhz: Option<u32>, max_mhz: Option<u32>, supported: &[u32]) -> Option<u32> {
+    let lo = min_mhz.unwrap_or(0);
+    let hi = max_mhz.unwrap_or(u32::MAX);
+    let target = asked_mhz.clamp(lo, hi);
+    supported.iter().copied().filter(|c| (lo..=hi).contains(c)).min_by_key(|&c| (c.abs_diff(target), c))
+}
+
+fn gpu_entry(s: GpuSample) -> GpuEntry {
+    GpuEntry {
+        gpu: s.tags.gpu.unwrap_or(0),
+        ts_ms: Some(s.ts_ms),
+        power_w: s.power_w,
+        energy_j: s.energy_j,
+        sm_clock_mhz: s.sm_clock_mhz,
+        util: s.util,
+        temperature_c: s.temperature_c,
+        throttle_reasons: s.throttle_reasons,
+    }
+}
+
+fn engine_entry(s: EngineSample, instance: &str) -> EngineEntry {
+    EngineEntry {
+        instance: s.tags.instance.unwrap_or_else(|| instance.to_string()),
+        ts_ms: Some(s.ts_ms),
+        pool: s.tags.pool,
+        model: s.tags.model,
+        ttft: s.ttft,
+        tbt: s.tbt,
+        running: s.running,
+        waiting: s.waiting,
+        kv_usage: s.kv_usage,
+        prompt_tokens_total: s.prompt_tokens_total,
+        generation_tokens_total: s.generation_tokens_total,
+    }
+}
+
+/// Run a blocking device call on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    dev: &Arc<dyn GpuDevice>,
+    f: impl FnOnce(&dyn GpuDevice) -> T + Send + 'static,
+) -> Result<T, String> {
+    let dev = dev.clone();
+    tokio::task::spawn_blocking(move || f(dev.as_ref())).await.map_err(|e| format!("device task failed: {e}"))
+}
+
+/// The agent's state while it runs.
+struct Node {
+    cfg: AgentConfig,
+    dev: Arc<dyn GpuDevice>,
+    applied: AppliedIds,
+    /// GPUs this run locked (unlocked on shutdown).
+    locked: BTreeSet<u32>,
+}
+
+impl Node {
+    async fn set_clock(&mut self, asked_mhz: u32, placement: Option<&Placement>) -> Outcome {
+        let failed = |reason: String, retryable: bool| Outcome::Failed { reason, retryable };
+        let gpus: Vec<u32> = match placement.map(|p| p.gpus.clone()).filter(|g| !g.is_empty()) {
+            Some(g) => g,
+            None => match blocking(&self.dev, |d| d.count()).await {
+                Ok(Ok(n)) => (0..n).collect(),
+                Ok(Err(e)) => return failed(e.to_string(), true),
+                Err(e) => return failed(e, true),
+            },
+        };
+        let (lo, hi) = (self.cfg.clock_min_mhz, self.cfg.clock_max_mhz);
+        let targets = gpus.clone();
+        let result = blocking(&self.dev, move |d| -> Result<Vec<(u32, u32)>, String> {
+            let mut done = Vec::new();
+            for g in targets {
+                let supported = d.supported_sm_clocks_mhz(g).map_err(|e| e.to_string())?;
+                let clock = snap_clock(asked_mhz, lo, hi, &supported).ok_or_else(|| {
+                    format!(
+                        "GPU {g}: no supported clock within the agent's bounds {}–{} MHz (supported: {supported:?})",
+                        lo.unwrap_or(0),
+                        hi.map(|h| h.to_string()).unwrap_or_else(|| "∞".into())
+                    )
+                })?;
+                d.set_locked_clocks(g, clock, clock).map_err(|e| e.to_string())?;
+                done.push((g, clock));
+            }
+            Ok(done)
+        })
+        .await;
+        match result {
+            Ok(Ok(done)) => {
+                self.locked.extend(done.iter().map(|&(g, _)| g));
+                let clocks: BTreeSet<u32> = done.iter().map(|&(_, c)| c).collect();
+                let clocks: Vec<String> = clocks.iter().map(|c| format!("{c} MHz")).collect();
+                Outcome::Applied {
+                    placement: None,
+                    detail: format!("locked GPUs {gpus:?} at {} (asked {asked_mhz} MHz)", clocks.join(", ")),
+                }
+            }
+            // Some GPUs may be locked already: say so; the same id may be retried.
+            Ok(Err(e)) => failed(e, true),
+            Err(e) => failed(e, true),
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) -> Outcome {
+        if let Some(seen) = self.applied.get(&cmd.id) {
+            tracing::info!(id = %cmd.id, "command already applied; acknowledged again, not re-applied");
+            return Outcome::Applied {
+                placement: seen.placement.clone(),
+                detail: format!("already applied at {} ms (not re-applied): {}", seen.at_ms, seen.detail),
+            };
+        }
+        let outcome = match &cmd.action {
+            Action::SetClock { clock_mhz, .. } => self.set_clock(*clock_mhz, cmd.placement.as_ref()).await,
+            other => match self.cfg.exec.as_ref().and_then(|x| x.argv(&cmd).map(|argv| (x.clone(), argv))) {
+                Some((x, argv)) => {
+                    let (c, node) = (cmd.clone(), format!("{}/{}", self.cfg.site, self.cfg.node));
+                    match tokio::task::spawn_blocking(move || x.run(&c, &argv)).await {
+                        // A spawn's instance lives here unless the program says otherwise.
+                        Ok(Outcome::Applied { placement: None, detail }) if matches!(other, Action::Spawn { .. }) => {
+                            Outcome::Applied { placement: Some(Placement { node, ..Placement::default() }), detail }
+                        }
+                        Ok(o) => o,
+                        Err(e) => Outcome::Failed { reason: format!("exec task failed: {e}"), retryable: true },
+                    }
+                }
+                None => {
+                    let kind = other.kind();
+                    Outcome::Failed {
+                        reason: format!(
+                            "{kind} is not handled by the agent (no [agent.exec] {kind} command; or use an orchestrator backend)"
+                        ),
+                        retryable: false,
+                    }
+                }
+            },
+        };
+        if let Outcome::Applied { placement, detail } = &outcome {
+            let entry = AppliedEntry {
+                id: cmd.id.clone(),
+                at_ms: now_ms(),
+                detail: detail.clone(),
+                placement: placement.clone(),
+            };
+            if let Err(e) = self.applied.record(entry) {
+                // Applied but not remembered: a retry of this id would apply it again.
+                tracing::error!(id = %cmd.id, "{e}");
+            }
+        }
+        outcome
+    }
+
+    async fn reset_clocks(&mut self) {
+        let gpus: Vec<u32> = std::mem::take(&mut self.locked).into_iter().collect();
+        if gpus.is_empty() {
+            return;
+        }
+        match blocking(&self.dev, move |d| gpus.iter().map(|&g| (g, d.reset_locked_clocks(g))).collect::<Vec<_>>())
+            .await
+        {
+            Ok(results) => {
+                for (g, r) in results {
+                    match r {
+                        Ok(()) => tracing::info!(gpu = g, "clock unlocked"),
+                        Err(e) => tracing::error!(gpu = g, "cannot unlock the clock: {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!("cannot unlock the clocks: {e}"),
+        }
+    }
+}
+
+/// Parse a command payload; a bad one gives the error (naming the topic)
+/// and the id, when one can be read from it.
+pub fn parse_command(topic: &str, payload: &[u8]) -> Result<Command, (String, Option<ActionId>)> {
+    serde_json::from_slice::<Command>(payload).map_err(|e| {
+        let id = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(|s| ActionId(s.to_string())));
+        (format!("mqtt topic {topic}: malformed command: {e}"), id)
+    })
+}
+
+/// Run the agent until `shutdown` completes, then unlock the clocks it
+/// locked, publish the dead state and disconnect.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let settings = cfg.mqtt_settings()?;
+    let applied = AppliedIds::load(&cfg.state_file)?;
+    let (kind, twin_url) = (cfg.gpu, cfg.twin_url.clone());
+    // The device is built (and later dropped) off the async threads: the
+    // twin's blocking HTTP client may not live on them.
+    let dev: Arc<dyn GpuDevice> = tokio::task::spawn_blocking(move || -> Result<Arc<dyn GpuDevice>, AgentError> {
+        match kind {
+            GpuKind::Nvml => Ok(Arc::new(NvmlDevice::init().map_err(|e| AgentError::Gpu(e.to_string()))?)),
+            GpuKind::Twin => {
+                let url = twin_url.unwrap_or_default();
+                Ok(Arc::new(TwinDevice::new(&url).map_err(|e| AgentError::Gpu(e.to_string()))?))
+            }
+        }
+    })
+    .await
+    .map_err(|e| AgentError::Gpu(e.to_string()))??;
+    let describe = blocking(&dev, |d| d.describe()).await.unwrap_or_default();
+    tracing::info!(site = %cfg.site, node = %cfg.node, device = %describe, broker = %settings.broker(),
+        remembered_ids = applied.len(), "agent starting");
+
+    let cmd_topic = cfg.topic("cmd");
+    let ack_topic = cfg.topic("ack");
+    let state_topic = cfg.topic("state");
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel();
+    let publisher =
+        EdgePublisher::spawn_with(settings, &cfg.site, &cfg.node, std::slice::from_ref(&cmd_topic), Some(in_tx));
+
+    let http =
+        reqwest::Client::builder().timeout(Duration::from_millis(cfg.scrape_timeout_ms)).build().map_err(|e| {
+            AgentError::Value { origin: "[agent]".into(), key: "engine_url".into(), problem: e.to_string() }
+        })?;
+    let instance = cfg.instance.clone().unwrap_or_else(|| cfg.node.clone());
+    let tags = Tags { instance: Some(instance.clone()), pool: cfg.pool.clone(), ..Tags::node(&cfg.site, &cfg.node) };
+    let mut gpu_reader = Some(GpuReader::new());
+    let mut engine = EngineTracker::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(cfg.interval_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut node = Node { cfg, dev, applied, locked: BTreeSet::new() };
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            msg = in_rx.recv() => {
+                let Some(p) = msg else { break };
+                if p.topic != cmd_topic {
+                    tracing::warn!(topic = %p.topic, "message on an unexpected topic; ignored");
+                    continue;
+                }
+                let ack = match parse_command(&p.topic, &p.payload) {
+                    Ok(cmd) => {
+                        tracing::info!(id = %cmd.id, action = ?cmd.action, "command");
+                        let id = cmd.id.clone();
+                        let outcome = node.handle(cmd).await;
+                        match &outcome {
+                            Outcome::Applied { detail, .. } => tracing::info!(%id, "applied: {detail}"),
+                            Outcome::Failed { reason, .. } => tracing::warn!(%id, "failed: {reason}"),
+                            Outcome::TimedOut { .. } => {}
+                        }
+                        Some(Ack { id, outcome })
+                    }
+                    Err((problem, id)) => {
+                        tracing::error!("{problem}");
+                        id.map(|id| Ack { id, outcome: Outcome::Failed { reason: problem, retryable: false } })
+                    }
+                };
+                if let Some(ack) = ack {
+                    match serde_json::to_vec(&ack) {
+                        Ok(body) => {
+                            // Not awaited: a full queue (a long outage) must not stall the loop;
+                            // the controller times out and retries the same id, which is re-acked.
+                            if let Err(e) = publisher.client().try_publish(&ack_topic, QoS::AtLeastOnce, false, body) {
+                                tracing::error!(topic = %ack_topic, "cannot publish the ack: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!("cannot encode the ack: {e}"),
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let ts = now_ms();
+                let mut payload = TelemetryPayload { ts_ms: ts, ..TelemetryPayload::default() };
+                let mut reader = gpu_reader.take().unwrap_or_default();
+                let t = tags.clone();
+                match blocking(&node.dev, move |d| {
+                    let (s, e) = reader.read(d, ts, &Tags { instance: None, pool: None, ..t });
+                    (reader, s, e)
+                }).await {
+                    Ok((r, samples, errors)) => {
+                        gpu_reader = Some(r);
+                        for e in errors {
+                            tracing::warn!("GPU: {e}");
+                        }
+                        payload.gpus = samples.into_iter().map(gpu_entry).collect();
+                    }
+                    Err(e) => tracing::warn!("GPU: {e}"),
+                }
+                if let Some(url) = &node.cfg.engine_url {
+                    match telemetry::scrape::fetch(&http, url).await {
+                        Ok(text) => match parse_engine_page(&text, url) {
+                            Ok(page) => {
+                                for e in &page.errors {
+                                    tracing::debug!("{e}");
+                                }
+                                payload.engines = engine
+                                    .observe(&page, ts, &tags)
+                                    .into_iter()
+                                    .map(|s| engine_entry(s, &instance))
+                                    .collect();
+                            }
+                            Err(e) => tracing::warn!("{e}"),
+                        },
+                        Err(problem) => tracing::warn!(page = %url, "engine scrape: {problem}"),
+                    }
+                }
+                if !(payload.gpus.is_empty() && payload.engines.is_empty()) {
+                    if let Err(e) = publisher.try_publish(&payload) {
+                        tracing::warn!("telemetry dropped: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    tracing::info!("agent stopping: unlocking clocks, publishing the dead state");
+    node.reset_clocks().await;
+    publisher.shutdown(&state_topic, Duration::from_secs(3)).await;
+    let dev = node.dev;
+    let _ = tokio::task::spawn_blocking(move || drop(dev)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clocks_snap_into_bounds_and_onto_supported_steps() {
+        let s = [800, 1000, 1200, 1400, 1600, 1800, 1980];
+        assert_eq!(snap_clock(1400, None, None, &s), Some(1400));
+        assert_eq!(snap_clock(1450, None, None, &s), Some(1400));
+        assert_eq!(snap_clock(1500, None, None, &s), Some(1400), "a tie goes to the lower clock");
+        assert_eq!(snap_clock(2500, None, Some(1700), &s), Some(1600));
+        assert_eq!(snap_clock(100, Some(1100), None, &s), Some(1200));
+        assert_eq!(snap_clock(1000, Some(1410), Some(1590), &s), None);
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let base = "[agent]\nsite = \"s\"\nnode = \"n\"\ngpu = \"twin\"\ntwin_url = \"http://127.0.0.1:1\"\nstate_file = \"x.json\"\n[agent.mqtt]\nhost = \"127.0.0.1\"\n";
+        let cfg = AgentConfig::from_toml_str(base).unwrap();
+        assert_eq!(cfg.mqtt.client_id, "dynamollm-agent-s-n");
+        assert_eq!(cfg.topic("cmd"), "dynamollm/s/n/cmd");
+        let e =
+            AgentConfig::from_toml_str(&base.replace("gpu = \"twin\"", "gpu = \"twin\"\ninterval = 1")).unwrap_err();
+        assert!(e.to_string().contains("interval"), "{e}");
+        let e = AgentConfig::from_toml_str(&base.replace("node = \"n\"", "node = \"a/b\"")).unwrap_err();
+        assert!(e.to_string().starts_with("config <string>: agent.node: "), "{e}");
+        let e = AgentConfig::from_toml_str(&base.replace("twin_url = \"http://127.0.0.1:1\"\n", "")).unwrap_err();
+        assert_eq!(e.to_string(), "config <string>: agent.twin_url: required with gpu = \"twin\"");
+        let e =
+            AgentConfig::from_toml_str(&base.replace("host = \"127.0.0.1\"", "host = \"h\"\ntls = true")).unwrap_err();
+        assert!(e.to_string().starts_with("config <string>: agent.mqtt.ca_file: required"), "{e}");
+        let e = AgentConfig::from_toml_str(&format!("{base}clock_min_mhz = 900\n")).unwrap_err();
+        assert!(e.to_string().contains("clock_min_mhz"), "{e}");
+    }
+
+    #[test]
+    fn malformed_commands_name_the_topic_and_keep_the_id_when_there_is_one() {
+        let (e, id) = parse_command("p/s/n/cmd", br#"{"id": "a-1", "action": {"kind": "warp"}}"#).unwrap_err();
+        assert!(e.starts_with("mqtt topic p/s/n/cmd: malformed command: "), "{e}");
+        assert_eq!(id, Some(ActionId("a-1".into())));
+        let (_, id) = parse_command("t", b"\xff not json").unwrap_err();
+        assert_eq!(id, None);
+    }
+
+    #[test]
+    fn applied_ids_survive_a_reload_and_the_oldest_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/applied.json");
+        let mut ids = AppliedIds::load(&path).unwrap();
+        for i in 0..REMEMBERED_IDS + 5 {
+            ids.push(AppliedEntry { id: ActionId(format!("a{i}")), at_ms: 1, detail: String::new(), placement: None });
+        }
+        ids.save().unwrap();
+        let ids = AppliedIds::load(&path).unwrap();
+        assert_eq!(ids.len(), REMEMBERED_IDS);
+        assert!(!ids.contains(&ActionId("a4".into())));
+        assert!(ids.contains(&ActionId("a5".into())));
+        assert!(ids.get(&ActionId(format!("a{}", REMEMBERED_IDS + 4))).is_some());
+        std::fs::write(&path, "{oops").unwrap();
+        let e = AppliedIds::load(&path).unwrap_err().to_string();
+        assert!(e.contains("applied.json") && e.contains("corrupt"), "{e}");
+    }
+}

@@ -1,0 +1,212 @@
+//! `dynamollm demo`: the main job on embedded defaults, as the whole closed
+//! loop. `serve` runs against the digital twin replaying the bundled
+//! Conversation hour in accelerated time, with its API and live page up and a
+//! live summary in the terminal; at the end the run is set beside `single-pool`
+//! replayed on the same trace and seed. No server, no GPU, no files needed.
+//! `--compare` instead replays the hour with every policy and prints the table.
+
+use super::sim::{compare_table, run_policies, RunOptions};
+use super::PhysicsArgs;
+use crate::report::SimReport;
+use anyhow::Result;
+use controller::policy::Policy;
+use controller::profile::ProfileTable;
+use service::{self as serve, config::ServiceConfig};
+use sim::workload::Workload;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+/// Options of `dynamollm demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Multiply the load of the Conversation hour.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Twin seconds per wall second (60: the hour in a minute).
+    #[arg(long, default_value_t = 60.0)]
+    pub speed: f64,
+    /// Replay only this many hours of the trace.
+    #[arg(long)]
+    pub hours: Option<f64>,
+    /// The API and live page address (port 0: any free port).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// The API token (default: a fresh random one, printed).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Keep the API up after the replay until Ctrl-C.
+    #[arg(long)]
+    pub linger: bool,
+    /// Instead of the closed loop: replay the hour with every policy and compare.
+    #[arg(long)]
+    pub compare: bool,
+    /// No progress bars or live summary.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub physics: PhysicsArgs,
+}
+
+const SLO_MULTIPLIER: f64 = 5.0;
+/// The demo's API address (another free port when it is taken).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+fn fresh_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    let a = h.finish();
+    h.write_u64(a);
+    format!("{:016x}{:016x}", a, h.finish())
+}
+
+/// Run the demo.
+pub fn run(args: &DemoArgs) -> Result<()> {
+    if args.compare {
+        return compare(args);
+    }
+    let physics = args.physics.load()?;
+    let workload = Workload::from_options(None, None, None, args.scale, args.hours, args.seed)?;
+    let state = tempfile_dir()?;
+    let token = args.token.clone().unwrap_or_else(fresh_token);
+    let cfg = service_config(args, &token, &state);
+    let span_s = workload.span_s.unwrap_or(3600.0);
+    println!(
+        "dynamollm demo: `serve` managing the digital twin (DGX H100, Llama-2-70B) as it replays the bundled Azure \
+         Conversation hour ({}, CC-BY 4.0) at {}× speed; per-class P99 SLOs are 5× each class's median request alone \
+         on TP8 at max clock.",
+        workload.name, args.speed
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    let totals = rt.block_on(async {
+        let svc = match serve::start(cfg.clone()).await {
+            // The default port is taken: any free one will do for a demo.
+            Err(e) if args.listen == DEFAULT_LISTEN && format!("{e:#}").contains("cannot listen") => {
+                let mut cfg = cfg;
+                cfg.service.listen = "127.0.0.1:0".into();
+                serve::start(cfg).await?
+            }
+            r => r?,
+        };
+        println!("  live page: http://{}/?token={token}", svc.addr);
+        println!("  API:       curl -H 'Authorization: Bearer {token}' http://{}/api/v1/status\n", svc.addr);
+        let bar = super::progress_bar(span_s as u64, args.quiet, "{bar:30} {msg}");
+        let show = !args.quiet && std::io::stdout().is_terminal();
+        let mut finished = svc.finished.clone();
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        let mut next_line_s = 600.0;
+        let totals = loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let now = svc.shared.clock.now_s();
+                    let line = summary(&svc.shared, now);
+                    if show {
+                        bar.set_position(now.min(span_s) as u64);
+                        bar.set_message(line);
+                    } else if !args.quiet && now >= next_line_s {
+                        println!("  {line}");
+                        next_line_s += 600.0;
+                    }
+                }
+                r = finished.changed() => {
+                    if r.is_err() {
+                        anyhow::bail!("the twin stopped before the end of the trace");
+                    }
+                    let done = finished.borrow().clone();
+                    if let Some(t) = done {
+                        break t;
+                    }
+                }
+                _ = super::serve::shutdown_signal() => anyhow::bail!("interrupted"),
+            }
+        };
+        bar.finish_and_clear();
+        if args.linger {
+            println!("  the replay is over; the API stays up until Ctrl-C");
+            super::serve::shutdown_signal().await;
+        }
+        svc.stop().await?;
+        Ok::<_, anyhow::Error>(totals)
+    })?;
+    let _ = std::fs::remove_dir_all(&state);
+    let closed = SimReport::new("dynamollm", &workload.name, args.seed, &totals, 0.0);
+    print!("{}", closed.table());
+    println!("Replaying single-pool (sized by replay) on the same trace and seed for comparison…");
+    let opts = RunOptions::sized_by_replay(SLO_MULTIPLIER, args.quiet);
+    let base = run_policies(&physics, &workload, &[Policy::SinglePool], &ProfileTable::bundled(), &opts, None)?;
+    let mut rows = base;
+    rows.push(closed);
+    print!("{}", compare_table(&rows));
+    println!("  (dynamollm: the closed loop above, `serve` managing the twin; single-pool: replayed by `sim`)");
+    let missing: Vec<&str> = rows.iter().filter(|r| !r.all_classes_hold()).map(|r| r.policy.as_str()).collect();
+    if !missing.is_empty() {
+        println!("  (missing a class's P99 SLO: {})", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// The service the demo runs: `serve` on the twin replaying the bundled hour.
+pub fn service_config(args: &DemoArgs, token: &str, state_dir: &std::path::Path) -> ServiceConfig {
+    let mut cfg = ServiceConfig::default();
+    cfg.service.listen = args.listen.clone();
+    cfg.service.token = Some(serve::config::Secret::new(token));
+    cfg.service.state_dir = state_dir.to_path_buf();
+    cfg.service.speed = args.speed;
+    cfg.service.slo_multiplier = SLO_MULTIPLIER;
+    cfg.cluster.scale = args.scale;
+    cfg.cluster.seed = args.seed;
+    cfg.cluster.hours = args.hours;
+    cfg.cluster.physics = args.physics.physics.clone();
+    cfg
+}
+
+fn summary(shared: &serve::Shared, now: f64) -> String {
+    let Ok(core) = shared.core.lock() else { return String::new() };
+    let s = core.status(now);
+    let t = &s["totals"];
+    let min_att = s["classes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["attainment"].as_f64()).fold(f64::INFINITY, f64::min))
+        .unwrap_or(f64::INFINITY);
+    format!(
+        "{:02}:{:02} {} · {} instances, {} GPUs, {:.1} kW · {:.2} kWh vs {:.2} kWh single-pool estimate · worst class SLO attainment {}",
+        (now / 60.0) as u64,
+        (now % 60.0) as u64,
+        s["mode"].as_str().unwrap_or("?"),
+        s["instances"].as_array().map_or(0, |a| a.len()),
+        t["gpus"].as_u64().unwrap_or(0),
+        t["power_w"].as_f64().unwrap_or(0.0) / 1e3,
+        t["energy_j"].as_f64().unwrap_or(0.0) / 3.6e6,
+        t["baseline_energy_j"].as_f64().unwrap_or(0.0) / 3.6e6,
+        if min_att.is_finite() { format!("{min_att:.3}") } else { "–".into() },
+    )
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("dynamollm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn compare(args: &DemoArgs) -> Result<()> {
+    let physics = args.physics.load()?;
+    let workload = Workload::from_options(None, None, None, args.scale, args.hours, args.seed)?;
+    println!(
+        "dynamollm demo --compare: the bundled Azure Conversation hour ({}, CC-BY 4.0) through the digital twin \
+         (DGX H100, Llama-2-70B), the static baselines sized by replay to hold each class's P99 SLOs (5× the class's \
+         median request alone on TP8 at max clock), the controlled policies planning from the bundled profile.\n",
+        workload.name
+    );
+    let opts = RunOptions::sized_by_replay(SLO_MULTIPLIER, args.quiet);
+    let rows = run_policies(&physics, &workload, &Policy::ALL, &ProfileTable::bundled(), &opts, None)?;
+    print!("{}", compare_table(&rows));
+    let holds: Vec<&str> = rows.iter().filter(|r| !r.all_classes_hold()).map(|r| r.policy.as_str()).collect();
+    if !holds.is_empty() {
+        println!("  (policies missing a class's P99 SLO: {})", holds.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! The commands of the `dynamollm` binary, one module each.
+
+pub mod agent;
+pub mod bound;
+pub mod demo;
+pub mod forecast;
+pub mod predictor;
+pub mod profile;
+pub mod report;
+pub mod serve;
+pub mod sim;
+pub mod twin;
+
+use ::sim::Physics;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+/// Options every twin-backed command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PhysicsArgs {
+    /// The twin's physics file (default: the embedded DGX H100 + Llama-2-70B, profiles/twin/llama2-70b-h100.toml).
+    #[arg(long, value_name = "FILE")]
+    pub physics: Option<PathBuf>,
+}
+
+impl PhysicsArgs {
+    /// Load the chosen physics.
+    pub fn load(&self) -> Result<Physics> {
+        match &self.physics {
+            Some(p) => Ok(Physics::load(p)?),
+            None => Ok(Physics::default_h100_llama70b()),
+        }
+    }
+}
+
+/// The workload options of the replaying commands (`sim`, `bound`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkloadArgs {
+    /// An Azure trace (TIMESTAMP,ContextTokens,GeneratedTokens) replayed at its own timestamps
+    /// (default: the bundled Conversation hour).
+    #[arg(long, value_name = "FILE", conflicts_with = "rates")]
+    pub trace: Option<PathBuf>,
+    /// A rate curve (minute,rate_lo,rate_mid,rate_hi) turned into Poisson arrivals.
+    #[arg(long, value_name = "FILE", requires = "lengths")]
+    pub rates: Option<PathBuf>,
+    /// An Azure trace whose token lengths the Poisson arrivals draw from.
+    #[arg(long, value_name = "FILE")]
+    pub lengths: Option<PathBuf>,
+    /// Multiply the load.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Replay only the first H hours.
+    #[arg(long, value_name = "H")]
+    pub hours: Option<f64>,
+    /// Seed: the same seed gives the same numbers.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl WorkloadArgs {
+    /// Build the workload these options describe.
+    pub fn load(&self) -> Result<::sim::Workload> {
+        ::sim::Workload::from_options(
+            self.trace.as_deref(),
+            self.rates.as_deref(),
+            self.lengths.as_deref(),
+            self.scale,
+            self.hours,
+            self.seed,
+        )
+    }
+}
+
+/// A progress bar over `len` units, hidden with `quiet` or when stdout is not a terminal.
+pub fn progress_bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
+    if quiet || !std::io::stdout().is_terminal() {
+        return ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar
+}
+
+/// Write JSON to a file, naming it on failure.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,552 @@
+//! `dynamollm sim`: replay a workload through the twin under a policy.
+
+use super::{progress_bar, write_json, PhysicsArgs, WorkloadArgs};
+use crate::baseline;
+use crate::closed_loop::{count_minutes, run_controlled, ControlSummary};
+use crate::profile::{ProfileTable, Severity};
+use crate::report::SimReport;
+use ::sim::measure::{class_slos, SloRule};
+use ::sim::Physics;
+use anyhow::{bail, Context, Result};
+use controller::control::{ControllerConfig, Tuning};
+use controller::policy::Policy;
+use forecast::MinuteCounts;
+use sim::workload::Workload;
+use std::path::PathBuf;
+use std::time::Instant;
+use telemetry::ClassBoundaries;
+
+/// Options of `dynamollm sim`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// Policy: single-pool, multi-pool, scale-inst, scale-shard, scale-freq, dynamollm or oracle.
+    #[arg(long, default_value = "single-pool")]
+    pub policy: String,
+    /// Run several policies on the same trace and seed and compare them: `all` or a comma list.
+    #[arg(long, value_name = "LIST")]
+    pub compare: Option<String>,
+    /// The profile the controller plans with (default: the bundled Llama-2-70B / H100 profile).
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Write every controller decision with its reason as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    pub decisions: Option<PathBuf>,
+    /// Spawn new instances cold (weights download, 7 min) instead of from warm standby.
+    #[arg(long)]
+    pub cold_spawn: bool,
+    /// Keep every instance the controller finds or spawns at least this long (s) before it may
+    /// retire it as surplus: damps spawn/retire churn at some energy cost (0: no minimum).
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
+    pub retire_min_age_s: f64,
+    /// The lowest the clock loop's learnt margin on a pool's load may fall (0–1; default 0.85):
+    /// below 1 a pool that keeps its SLOs with room to spare runs lower clocks than the profile's
+    /// one instance allows, which saves energy and holds more GPU-hours. 1 favours GPU-hours.
+    #[arg(long, value_name = "F")]
+    pub clock_margin_floor: Option<f64>,
+    /// A pool whose classes all hold at least this share of their requests within SLO (above
+    /// the 0.99 target, at most 1; default 0.996) grows its learnt capacity and lowers its clock
+    /// margin a step: lower runs nearer the 99% line, for less energy and less room to spare.
+    #[arg(long, value_name = "A")]
+    pub attainment_comfort: Option<f64>,
+    /// A step down to a lower clock must also carry the pool's smoothed rate plus this many
+    /// Poisson standard deviations of one 5 s count (≥ 0; default 1): a steady load's chance
+    /// bursts no longer take a clock down and, a period later, back up. 0: the load seen now only.
+    #[arg(long, value_name = "Z")]
+    pub clock_down_sigmas: Option<f64>,
+    /// The shard loop keeps a pool's fleet when a new TP mix needing new instances saves less
+    /// than this share of its power (0 to below 1; default 0.04; 0: the spawn's cost alone
+    /// decides). The oracle, whose changes are free, never holds back.
+    #[arg(long, value_name = "H")]
+    pub mix_hysteresis: Option<f64>,
+    /// The share of requests whose output class the router predicts right (the rest go to another
+    /// output band's pool): a sensitivity study of output-length prediction.
+    #[arg(long, default_value_t = 1.0)]
+    pub predictor_accuracy: f64,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Instances per pool instead of sizing by replay: one number for every pool,
+    /// or per class for multi-pool (e.g. `SS=2,LS=5`).
+    #[arg(long, value_name = "N")]
+    pub instances: Option<String>,
+    /// SLO multiplier: P99 TTFT and TBT within this multiple of the class's median request alone on TP8 at max clock.
+    #[arg(long, default_value_t = 5.0)]
+    pub slo_multiplier: f64,
+    /// Write the run as one JSON object.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write an energy, carbon and cost report of every policy run: HTML (self-contained,
+    /// with charts), or JSON / CSV by the file's extension.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// The policy the report compares against (default: single-pool when it ran); must be one that ran.
+    #[arg(long, value_name = "POLICY")]
+    pub baseline: Option<String>,
+    /// A TOML file whose `[carbon]`, `[cost]` and `[sci]` tables override the report's defaults.
+    #[arg(long, value_name = "FILE")]
+    pub accounting: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// How the twin's router spreads a pool's requests over its instances, for every policy:
+    /// `requests` (fewest outstanding) or `prompt-tokens` (fewest prompt tokens queued, then
+    /// fewest requests). Default: the physics file's `[router] balance` (requests).
+    #[arg(long, value_name = "BALANCE", value_parser = |s: &str| sim::Balance::parse(s))]
+    pub balance: Option<sim::Balance>,
+    #[command(flatten)]
+    pub physics: PhysicsArgs,
+}
+
+/// Parse `--instances` for a policy.
+pub fn parse_instances(policy: Policy, text: &str) -> Result<Vec<u32>> {
+    let pools = policy.pool_count();
+    if let Ok(n) = text.trim().parse::<u32>() {
+        return Ok(vec![n; pools]);
+    }
+    if policy == Policy::SinglePool {
+        bail!("--instances for single-pool is one number, got `{text}`");
+    }
+    let mut counts = vec![0; pools];
+    for part in text.split(',') {
+        let (k, v) =
+            part.split_once('=').ok_or_else(|| anyhow::anyhow!("--instances: `{part}` is not CLASS=N (e.g. SS=2)"))?;
+        let class = telemetry::RequestClass::parse(k).map_err(|e| anyhow::anyhow!("--instances: {e}"))?;
+        let n: u32 = v.trim().parse().map_err(|_| anyhow::anyhow!("--instances: `{v}` is not a whole number"))?;
+        counts[policy.pool_of(class)] = n;
+    }
+    Ok(counts)
+}
+
+/// Size (unless given) and run one policy on a workload.
+pub fn run_policy(
+    physics: &Physics,
+    policy: Policy,
+    workload: &Workload,
+    instances: Option<Vec<u32>>,
+    slo_multiplier: f64,
+    quiet: bool,
+) -> Result<(SimReport, Vec<u32>)> {
+    let slo =
+        class_slos(physics, &workload.slo_pairs, &ClassBoundaries::default(), SloRule::Multiplier(slo_multiplier));
+    let counts = match instances {
+        Some(c) => c,
+        None => {
+            let bar = progress_bar(0, quiet, "{spinner} {msg} [{elapsed}]");
+            let counts = baseline::size(policy, physics, workload, slo, &mut |c: &[u32]| {
+                bar.set_message(format!("sizing {} by replay: trying {:?} instances", policy.name(), c));
+                bar.tick();
+            })?;
+            bar.finish_and_clear();
+            counts
+        }
+    };
+    let span = workload.span_s.unwrap_or(0.0).max(1.0);
+    let bar = progress_bar(span as u64, quiet, "{bar:40} {percent}% of the trace replayed [{elapsed} < {eta}] {msg}");
+    bar.set_message(policy.name());
+    let start = Instant::now();
+    let totals = baseline::run(physics, &baseline::spec(policy, physics, &counts), workload, slo, &mut |t| {
+        bar.set_position(t as u64)
+    })?;
+    let wall_s = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok((SimReport::new(policy.name(), &workload.name, workload.seed, &totals, wall_s), counts))
+}
+
+/// Describe a layout for the table.
+pub fn describe_counts(policy: Policy, counts: &[u32]) -> String {
+    match policy {
+        Policy::MultiPool => telemetry::RequestClass::ALL
+            .iter()
+            .filter(|c| counts[c.index()] > 0)
+            .map(|c| format!("{}={}", c.name(), counts[c.index()]))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => format!("{} × TP8 @ max clock", counts[0]),
+    }
+}
+
+/// How a controlled policy runs.
+pub struct ControlledRun<'a> {
+    /// The profile to plan with.
+    pub profile: &'a ProfileTable,
+    /// Single-pool's instance count (scale-freq keeps that layout, scale-shard its GPUs; 0: unknown).
+    pub single_pool_instances: u32,
+    /// Spawn warm.
+    pub warm_spawn: bool,
+    /// `ControllerConfig::retire_min_age_s` (s).
+    pub retire_min_age_s: f64,
+    /// `ControllerConfig::clock_margin_floor` (default: the config's).
+    pub clock_margin_floor: Option<f64>,
+    /// `ControllerConfig::attainment_comfort` (default: the config's).
+    pub attainment_comfort: Option<f64>,
+    /// `ControllerConfig::clock_down_sigmas` (default: the config's).
+    pub clock_down_sigmas: Option<f64>,
+    /// `ControllerConfig::mix_hysteresis` (default: the config's).
+    pub mix_hysteresis: Option<f64>,
+    /// Where decisions go.
+    pub decisions: Option<&'a mut dyn std::io::Write>,
+    /// The future, for the oracle.
+    pub future: Option<&'a MinuteCounts>,
+}
+
+/// Run a controlled policy (scale-inst, scale-shard, scale-freq, dynamollm, oracle).
+pub fn run_controlled_policy(
+    physics: &Physics,
+    policy: Policy,
+    workload: &Workload,
+    slo_multiplier: f64,
+    run: ControlledRun<'_>,
+    quiet: bool,
+) -> Result<(SimReport, ControlSummary)> {
+    let loops = policy.loops().ok_or_else(|| anyhow::anyhow!("{} is not a controlled policy", policy.name()))?;
+    let slo =
+        class_slos(physics, &workload.slo_pairs, &ClassBoundaries::default(), SloRule::Multiplier(slo_multiplier));
+    let mut cfg = ControllerConfig::new(
+        loops,
+        run.profile.clocks(telemetry::RequestClass::ALL[8], 8).into_iter().max().unwrap_or(1980),
+    );
+    cfg.warm_spawn = run.warm_spawn;
+    cfg.retire_min_age_s = run.retire_min_age_s;
+    if let Some(f) = run.clock_margin_floor {
+        cfg.clock_margin_floor = f;
+    }
+    if let Some(a) = run.attainment_comfort {
+        cfg.attainment_comfort = a;
+    }
+    if let Some(z) = run.clock_down_sigmas {
+        cfg.clock_down_sigmas = z;
+    }
+    if let Some(h) = run.mix_hysteresis {
+        cfg.mix_hysteresis = h;
+    }
+    cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
+    if !loops.scale && !loops.shard {
+        cfg.fixed_instances = Some(run.single_pool_instances);
+    }
+    if loops.scale && !loops.shard && run.single_pool_instances > 0 {
+        cfg.gpu_budget = 8 * run.single_pool_instances;
+    }
+    if !loops.scale && loops.shard && run.single_pool_instances > 0 {
+        // scale-shard: the static cluster's GPUs, reshaped (the paper's ScaleShard keeps them all).
+        cfg.fixed_gpus = Some(8 * run.single_pool_instances);
+    }
+    let future = match (policy, run.future) {
+        (Policy::Oracle, Some(f)) => Some(f),
+        (Policy::Oracle, None) => bail!("the oracle needs the workload's future"),
+        _ => None,
+    };
+    let span = workload.span_s.unwrap_or(0.0).max(1.0);
+    let bar = progress_bar(span as u64, quiet, "{bar:40} {percent}% of the trace replayed [{elapsed} < {eta}] {msg}");
+    bar.set_message(policy.name());
+    let start = Instant::now();
+    let (totals, summary) =
+        run_controlled(physics, workload, slo, cfg, run.profile.clone(), future, run.decisions, &mut |t| {
+            bar.set_position(t as u64)
+        })?;
+    let wall_s = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok((SimReport::new(policy.name(), &workload.name, workload.seed, &totals, wall_s), summary))
+}
+
+/// Parse `--compare`.
+pub fn parse_compare(text: &str) -> Result<Vec<Policy>> {
+    if text.trim() == "all" {
+        return Ok(Policy::ALL.to_vec());
+    }
+    let mut v: Vec<Policy> =
+        text.split(',').map(|p| Policy::parse(p.trim()).map_err(anyhow::Error::msg)).collect::<Result<_>>()?;
+    if !v.contains(&Policy::SinglePool) {
+        v.insert(0, Policy::SinglePool);
+    }
+    Ok(v)
+}
+
+/// Run `dynamollm sim`.
+pub fn run(args: &SimArgs) -> Result<()> {
+    let mut physics = args.physics.load()?;
+    if let Some(b) = args.balance {
+        physics.router.balance = b;
+    }
+    let mut workload = args.workload.load()?;
+    if !(0.0..=1.0).contains(&args.predictor_accuracy) {
+        bail!("--predictor-accuracy must be between 0 and 1, got {}", args.predictor_accuracy);
+    }
+    workload.predictor_accuracy = args.predictor_accuracy;
+    for (flag, setting, v) in [
+        ("--retire-min-age-s", Tuning::RetireMinAgeS, Some(args.retire_min_age_s)),
+        ("--clock-margin-floor", Tuning::ClockMarginFloor, args.clock_margin_floor),
+        ("--attainment-comfort", Tuning::AttainmentComfort, args.attainment_comfort),
+        ("--clock-down-sigmas", Tuning::ClockDownSigmas, args.clock_down_sigmas),
+        ("--mix-hysteresis", Tuning::MixHysteresis, args.mix_hysteresis),
+    ] {
+        if let Some(why) = v.and_then(|v| setting.out_of_range(v)) {
+            bail!("{flag} {why}");
+        }
+    }
+    let policies = match &args.compare {
+        Some(list) => parse_compare(list)?,
+        None => vec![Policy::parse(&args.policy).map_err(anyhow::Error::msg)?],
+    };
+    let baseline = match &args.baseline {
+        Some(b) => {
+            let b = Policy::parse(b).map_err(anyhow::Error::msg)?;
+            if !policies.contains(&b) {
+                bail!("--baseline {} did not run: add it to --compare", b.name());
+            }
+            Some(b.name().to_string())
+        }
+        None => policies.contains(&Policy::SinglePool).then(|| Policy::SinglePool.name().to_string()),
+    };
+    let accounting = match &args.accounting {
+        Some(p) => dashboards::config::AccountingConfig::load(p)?,
+        None => dashboards::config::AccountingConfig::default(),
+    };
+    let profile = match &args.profile {
+        Some(p) => ProfileTable::load(p)?,
+        None => ProfileTable::bundled(),
+    };
+    for issue in profile.issues_of(Severity::Error) {
+        eprintln!("{issue}");
+    }
+    let mut decisions: Option<Box<dyn std::io::Write>> = match &args.decisions {
+        Some(p) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ))),
+        None => None,
+    };
+    let opts = RunOptions {
+        instances: args.instances.clone(),
+        slo_multiplier: args.slo_multiplier,
+        warm_spawn: !args.cold_spawn,
+        retire_min_age_s: args.retire_min_age_s,
+        clock_margin_floor: args.clock_margin_floor,
+        attainment_comfort: args.attainment_comfort,
+        clock_down_sigmas: args.clock_down_sigmas,
+        mix_hysteresis: args.mix_hysteresis,
+        quiet: args.quiet,
+    };
+    let reports = run_policies(
+        &physics,
+        &workload,
+        &policies,
+        &profile,
+        &opts,
+        decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
+    )?;
+    if let Some(w) = decisions.as_mut() {
+        w.flush().context("writing decisions")?;
+    }
+    if args.compare.is_some() {
+        print!("{}", compare_table(&reports));
+        if let Some(path) = &args.json {
+            write_json(path, &serde_json::json!({ "runs": reports }))?;
+        }
+    } else if let Some(path) = &args.json {
+        write_json(path, &reports[0])?;
+    }
+    if let Some(path) = &args.report {
+        let source = format!("dynamollm sim, trace {}, seed {}", workload.name, workload.seed);
+        let report = super::report::sim_report(&reports, baseline.as_deref(), &accounting, &source)?;
+        super::report::write_report(&report, super::report::Format::of_path(path), path)?;
+        println!("\nreport: {}", path.display());
+        for r in &report.runs {
+            let vs = |x: Option<f64>| {
+                x.map_or(String::new(), |x| format!(" ({x:.3}× {})", baseline.as_deref().unwrap_or("")))
+            };
+            println!(
+                "{:<12} carbon {:.1} kg{}  cost ${:.2}{}",
+                r.policy,
+                r.carbon_kg,
+                vs(r.vs_baseline.map(|b| b.carbon_ratio)),
+                r.cost_usd,
+                vs(r.vs_baseline.map(|b| b.cost_ratio))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Options shared by every policy of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `--instances` for the static baselines.
+    pub instances: Option<String>,
+    /// SLO multiplier.
+    pub slo_multiplier: f64,
+    /// Spawn from warm standby.
+    pub warm_spawn: bool,
+    /// `ControllerConfig::retire_min_age_s` (s).
+    pub retire_min_age_s: f64,
+    /// `ControllerConfig::clock_margin_floor` (default: the config's).
+    pub clock_margin_floor: Option<f64>,
+    /// `ControllerConfig::attainment_comfort` (default: the config's).
+    pub attainment_comfort: Option<f64>,
+    /// `ControllerConfig::clock_down_sigmas` (default: the config's).
+    pub clock_down_sigmas: Option<f64>,
+    /// `ControllerConfig::mix_hysteresis` (default: the config's).
+    pub mix_hysteresis: Option<f64>,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
+impl RunOptions {
+    /// Static baselines sized by replay, warm spawns, no minimum instance age.
+    pub fn sized_by_replay(slo_multiplier: f64, quiet: bool) -> RunOptions {
+        RunOptions {
+            instances: None,
+            slo_multiplier,
+            warm_spawn: true,
+            retire_min_age_s: 0.0,
+            clock_margin_floor: None,
+            attainment_comfort: None,
+            clock_down_sigmas: None,
+            mix_hysteresis: None,
+            quiet,
+        }
+    }
+}
+
+/// Run policies on one workload and seed, printing each one's table; returns
+/// their reports in the order given (with `oracle_gap` when the oracle ran).
+pub fn run_policies(
+    physics: &Physics,
+    workload: &Workload,
+    policies: &[Policy],
+    profile: &ProfileTable,
+    opts: &RunOptions,
+    mut decisions: Option<&mut dyn std::io::Write>,
+) -> Result<Vec<SimReport>> {
+    let needs_future = policies.contains(&Policy::Oracle);
+    let future = if needs_future { Some(count_minutes(workload)?) } else { None };
+    let mut single_counts: Option<Vec<u32>> = None;
+    let mut reports: Vec<SimReport> = Vec::new();
+    let static_first: Vec<Policy> = {
+        // Static baselines run first: scale-freq reuses single-pool's layout, scale-shard and
+        // scale-inst its cluster.
+        let mut v: Vec<Policy> = policies.iter().copied().filter(|p| p.loops().is_none()).collect();
+        let reuses_single =
+            [Policy::ScaleFreq, Policy::ScaleShard, Policy::ScaleInst].iter().any(|p| policies.contains(p));
+        if !v.contains(&Policy::SinglePool) && reuses_single && opts.instances.is_none() {
+            v.push(Policy::SinglePool);
+        }
+        v.extend(policies.iter().copied().filter(|p| p.loops().is_some()));
+        v
+    };
+    for policy in static_first {
+        let report = match policy.loops() {
+            None => {
+                let instances = opts.instances.as_deref().map(|t| parse_instances(policy, t)).transpose()?;
+                let sized = instances.is_none();
+                let (report, counts) =
+                    run_policy(physics, policy, workload, instances, opts.slo_multiplier, opts.quiet)?;
+                if policies.contains(&policy) {
+                    print!("{}", report.table());
+                    println!(
+                        "  instances: {} ({})",
+                        describe_counts(policy, &counts),
+                        if sized {
+                            "the smallest count holding every class's P99 SLOs, found by replay"
+                        } else {
+                            "--instances"
+                        }
+                    );
+                    if policy == Policy::MultiPool && opts.instances.as_deref().is_some_and(|t| !t.contains('=')) {
+                        println!(
+                            "  (one --instances number gives every pool that many: leave it out to size \
+                             multi-pool by replay, or give per-class counts to `--policy multi-pool`, \
+                             e.g. SS=2,LS=5)"
+                        );
+                    }
+                }
+                if policy == Policy::SinglePool {
+                    single_counts = Some(counts);
+                }
+                report
+            }
+            Some(_) => {
+                let single = match (&single_counts, &opts.instances) {
+                    (Some(c), _) => c[0],
+                    (None, Some(t)) => parse_instances(Policy::SinglePool, t)?[0],
+                    (None, None) => 0,
+                };
+                let (report, summary) = run_controlled_policy(
+                    physics,
+                    policy,
+                    workload,
+                    opts.slo_multiplier,
+                    ControlledRun {
+                        profile,
+                        single_pool_instances: single,
+                        warm_spawn: opts.warm_spawn,
+                        retire_min_age_s: opts.retire_min_age_s,
+                        clock_margin_floor: opts.clock_margin_floor,
+                        attainment_comfort: opts.attainment_comfort,
+                        clock_down_sigmas: opts.clock_down_sigmas,
+                        mix_hysteresis: opts.mix_hysteresis,
+                        decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
+                        future: future.as_ref(),
+                    },
+                    opts.quiet,
+                )?;
+                print!("{}", report.table());
+                let mut acts: Vec<_> = summary.actions.iter().collect();
+                acts.sort();
+                println!(
+                    "  controller: {} steps, actions {}",
+                    summary.steps,
+                    acts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                );
+                report
+            }
+        };
+        if policies.contains(&policy) {
+            reports.push(report);
+        }
+    }
+    if let Some(oracle) = reports.iter().find(|r| r.policy == Policy::Oracle.name()).map(|r| r.energy_kwh) {
+        for r in &mut reports {
+            r.oracle_gap = Some(r.energy_kwh / oracle - 1.0);
+        }
+    }
+    Ok(reports)
+}
+
+/// The comparison table: one line per policy against single-pool.
+pub fn compare_table(reports: &[SimReport]) -> String {
+    use std::fmt::Write as _;
+    let base = reports.iter().find(|r| r.policy == Policy::SinglePool.name()).map(|r| r.energy_kwh);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{:<12} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>10} {:>9} {:>11}",
+        "policy",
+        "energy kWh",
+        "vs single",
+        "GPU-hours",
+        "avg GPUs",
+        "TTFT p99",
+        "TBT p99",
+        "worst class",
+        "worst hour",
+        "hours<99%",
+        "oracle gap"
+    );
+    for r in reports {
+        let worst = r.classes.values().map(|c| c.latency.slo_attainment).fold(1.0, f64::min);
+        let _ = writeln!(
+            s,
+            "{:<12} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>10} {:>9} {:>11}",
+            r.policy,
+            r.energy_kwh,
+            base.map_or(f64::NAN, |b| r.energy_kwh / b),
+            r.gpu_hours,
+            r.avg_gpus,
+            r.latency.ttft_p99_s,
+            r.latency.tbt_p99_s * 1e3,
+            worst * 100.0,
+            r.latency.worst_hour_attainment.map_or("-".to_string(), |w| format!("{:.2}%", w * 100.0)),
+            r.latency.hours_below_p99,
+            r.oracle_gap.map_or("-".to_string(), |g| format!("{:+.1}%", g * 100.0))
+        );
+    }
+    s
+}

@@ -1,0 +1,79 @@
+//! The example configs under deploy/ stay true: every table parses with the
+//! parser that reads it in the service.
+
+use service::config::ServiceConfig;
+use std::path::Path;
+
+fn deploy(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy").join(name)
+}
+
+/// The example service config with one `key = default` line set to `key = value`.
+fn example_with(key: &str, default: &str, value: &str) -> anyhow::Result<ServiceConfig> {
+    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+        .unwrap()
+        .replace(&format!("{key} = {default}"), &format!("{key} = {value}"));
+    ServiceConfig::parse(&text, "deploy/dynamollm.toml")
+}
+
+#[test]
+fn the_example_service_config_parses() {
+    let cfg = ServiceConfig::load(&deploy("dynamollm.toml")).unwrap();
+    assert_eq!(cfg.cluster.kind, "external");
+    assert_eq!(cfg.service.mode, "dry-run");
+    assert_eq!(cfg.router.listen.as_deref(), Some("0.0.0.0:8000"));
+    let t = cfg.telemetry_config().unwrap();
+    assert_eq!(t.mqtt.port, 8883);
+    let a = cfg.actuators_config().unwrap();
+    assert!(a.exec.is_some() && a.mqtt.is_some() && a.webhook.is_none() && a.nvml.is_none());
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap();
+    let acc = dashboards::config::AccountingConfig::from_toml_str(&text, "deploy/dynamollm.toml").unwrap();
+    assert!((acc.carbon.pue - 1.2).abs() < 1e-12);
+}
+
+#[test]
+fn a_misspelt_key_is_named() {
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace("stale_after_s", "stale_afer_s");
+    let e = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap_err().to_string();
+    assert!(e.contains("deploy/dynamollm.toml") && e.contains("stale_afer_s"), "{e}");
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace("ack_timeout_ms", "ack_timeout");
+    let e = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap_err().to_string();
+    assert!(e.contains("ack_timeout"), "{e}");
+    let e = ServiceConfig::parse("[service]\nmode = \"sideways\"\n", "x.toml").unwrap_err().to_string();
+    assert!(e.contains("x.toml") && e.contains("service.mode") && e.contains("dry-run"), "{e}");
+    let e = example_with("retire_min_age_s", "0.0", "-60.0").unwrap_err().to_string();
+    assert!(
+        e.contains("deploy/dynamollm.toml") && e.contains("controller.retire_min_age_s") && e.contains("-60"),
+        "{e}"
+    );
+    let cfg = example_with("retire_min_age_s", "0.0", "600.0").unwrap();
+    let profile = dynamollm::profile::ProfileTable::bundled();
+    assert_eq!(service::controller_config(&cfg, &profile).unwrap().retire_min_age_s, 600.0);
+    let with_floor = |v: &str| example_with("clock_margin_floor", "0.85", v);
+    for bad in ["1.5", "0.0"] {
+        let e = with_floor(bad).unwrap_err().to_string();
+        assert!(e.contains("controller.clock_margin_floor") && e.contains(bad.trim_end_matches(".0")), "{e}");
+    }
+    let cfg = with_floor("1.0").unwrap();
+    assert_eq!(service::controller_config(&cfg, &profile).unwrap().clock_margin_floor, 1.0);
+    let with_comfort = |v: &str| example_with("attainment_comfort", "0.996", v);
+    for bad in ["0.99", "1.01", "0.5"] {
+        let e = with_comfort(bad).unwrap_err().to_string();
+        assert!(e.contains("controller.attainment_comfort") && e.contains(bad), "{e}");
+    }
+    let cfg = with_comfort("0.998").unwrap();
+    assert_eq!(service::controller_config(&cfg, &profile).unwrap().attainment_comfort, 0.998);
+    let with_sigmas = |v: &str| example_with("clock_down_sigmas", "1.0", v);
+    for bad in ["-1.5", "nan"] {
+        let e = with_sigmas(bad).unwrap_err().to_string();
+        assert!(e.contains("controller.clock_down_sigmas") && e.to_lowercase().contains(bad), "{e}");
+    }
+    let cfg = with_sigmas("0.0").unwrap();
+    assert_eq!(service::controller_config(&cfg, &profile).unwrap().clock_down_sigmas, 0.0);
+    for bad in ["1.0", "-0.1"] {
+        let e = example_with("mix_hysteresis", "0.04", bad).unwrap_err().to_string();
+        assert!(e.contains("controller.mix_hysteresis") && e.contains(bad.trim_end_matches(".0")), "{e}");
+    }
+    let cfg = example_with("mix_hysteresis", "0.04", "0.1").unwrap();
+    assert_eq!(service::controller_config(&cfg, &profile).unwrap().mix_hysteresis, 0.1);
+}

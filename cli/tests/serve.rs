@@ -1,0 +1,766 @@
+//! `dynamollm serve` against the in-process twin, over real loopback sockets:
+//! the bearer token on every endpoint but health, the status document, the
+//! modes, the service's own metrics, secrets kept out of logs; and the core's
+//! failsafe when telemetry goes stale and its make-before-break toward an
+//! external router (virtual time, no sleeps).
+
+use actuators::{Action, Outcome, Placement};
+use controller::control::{ControllerConfig, Loops};
+use dynamollm::profile::ProfileTable;
+use service::config::{Secret, ServiceConfig};
+use service::core::{CoreConfig, Mode, ServiceCore};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use telemetry::sample::{EngineSample, GpuSample, Sample, Tags};
+
+const TOKEN: &str = "s3cret-token-7f1d2c";
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn twin_config(dir: &std::path::Path) -> ServiceConfig {
+    let text = format!(
+        r#"
+[service]
+listen = "127.0.0.1:0"
+token = "{TOKEN}"
+state_dir = "{}"
+speed = 60.0
+
+[cluster]
+kind = "twin"
+hours = 0.5
+"#,
+        dir.display()
+    );
+    ServiceConfig::parse(&text, "test.toml").unwrap()
+}
+
+async fn get(c: &reqwest::Client, url: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = c.get(url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_needs_the_token_reports_status_and_switches_modes() {
+    let logs = Captured::default();
+    let w = logs.clone();
+    let sub = tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || w.clone()).finish();
+    let _guard = tracing::subscriber::set_default(sub);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = twin_config(dir.path());
+    assert!(!format!("{cfg:?}").contains(TOKEN), "the config's Debug shows the token");
+    let svc = service::start(cfg).await.unwrap();
+    let base = format!("http://{}", svc.addr);
+    let c = reqwest::Client::new();
+
+    assert_eq!(get(&c, &format!("{base}/healthz"), None).await.status(), 200);
+    for path in ["/api/v1/status", "/api/v1/decisions", "/metrics", "/"] {
+        assert_eq!(get(&c, &format!("{base}{path}"), None).await.status(), 401, "{path} without a token");
+        assert_eq!(get(&c, &format!("{base}{path}"), Some("wrong")).await.status(), 401, "{path} with a wrong token");
+    }
+    // The query token is only for the live page.
+    assert_eq!(get(&c, &format!("{base}/api/v1/status?token={TOKEN}"), None).await.status(), 401);
+    let r = c.post(format!("{base}/api/v1/mode")).json(&serde_json::json!({"mode": "dry-run"})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let page = get(&c, &format!("{base}/?token={TOKEN}"), None).await;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<html"), "the live page is HTML");
+
+    // Ready after the first tick; the status shows the pools and the fleet.
+    let mut ready = false;
+    for _ in 0..100 {
+        if get(&c, &format!("{base}/readyz"), None).await.status() == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "/readyz never became ready");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s: serde_json::Value = get(&c, &format!("{base}/api/v1/status"), Some(TOKEN)).await.json().await.unwrap();
+    assert_eq!(s["mode"], "auto");
+    assert_eq!(s["pools"].as_array().unwrap().len(), 9, "one pool per class under dynamollm");
+    for p in s["pools"].as_array().unwrap() {
+        let (scale, margin) = (p["capacity_scale"].as_f64().unwrap(), p["clock_margin"].as_f64().unwrap());
+        // The clock margin lies between its floor (`clock_margin_floor`, 0.85) and the planning margin.
+        assert!(scale > 0.0 && (0.85..=1.15).contains(&margin), "what the controller learnt: {p}");
+        // No pool has missed yet: nothing holds a spare.
+        assert_eq!(p["capacity_scale_after_miss"], serde_json::json!({}), "{p}");
+    }
+    assert!(!s["instances"].as_array().unwrap().is_empty(), "the first tick spawned the fleet: {s}");
+    assert!(s["totals"]["power_w"].as_f64().unwrap() > 0.0, "the twin reports power: {s}");
+    assert_eq!(s["classes"].as_array().unwrap().len(), 9);
+
+    // Dry run: decisions are recorded, none acts.
+    let r = c
+        .post(format!("{base}/api/v1/mode"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"mode": "dry-run"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(format!("{base}/api/v1/mode"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"mode": "sideways"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("auto, dry-run, failsafe"));
+    let r = c.post(format!("{base}/api/v1/mode")).bearer_auth(TOKEN).body("{not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let before = svc.shared.core.lock().unwrap().decisions().count();
+    let routed_at_dry_run: Vec<serde_json::Value> =
+        svc.shared.core.lock().unwrap().routed().iter().map(|&p| serde_json::json!(p)).collect();
+    // Commands sent in auto mode may still come back in dry-run (an ack after the switch): the
+    // outcomes may grow by those, and by nothing sent since.
+    let (actions_before, in_flight) = {
+        let core = svc.shared.core.lock().unwrap();
+        (core.counters.outcomes.values().sum::<u64>(), core.pending().count() as u64)
+    };
+    // Two virtual minutes pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d: serde_json::Value =
+        get(&c, &format!("{base}/api/v1/decisions?limit=2000"), Some(TOKEN)).await.json().await.unwrap();
+    let all = d["decisions"].as_array().unwrap();
+    let after: Vec<&serde_json::Value> = all.iter().skip(before.min(all.len())).collect();
+    for x in &after {
+        assert_eq!(x["mode"], "dry-run", "{x}");
+        assert_eq!(x["acted"], false, "{x}");
+        assert!(x["id"].is_null(), "{x}");
+        assert!(x["reason"].as_str().is_some_and(|r| !r.is_empty()), "every decision has a reason: {x}");
+    }
+    let actions_after = svc.shared.core.lock().unwrap().counters.outcomes.values().sum::<u64>();
+    assert!(
+        actions_after <= actions_before + in_flight,
+        "an action was sent in dry-run: {actions_after} outcomes, {actions_before} before and {in_flight} in flight"
+    );
+
+    // The twin follows the table in effect itself, which dry-run does not move: nothing is held,
+    // and the classes counted unrouted are those whose planned pool differs from it.
+    let st: serde_json::Value = get(&c, &format!("{base}/api/v1/status"), Some(TOKEN)).await.json().await.unwrap();
+    let unrouted = st["classes"].as_array().unwrap().iter().filter(|c| c["routed_pool"] != c["pool"]).count();
+    assert_eq!(st["held_retires"], serde_json::json!([]));
+    let in_effect: Vec<serde_json::Value> =
+        st["classes"].as_array().unwrap().iter().map(|c| c["routed_pool"].clone()).collect();
+    assert_eq!(in_effect, routed_at_dry_run, "the table in effect moved in dry-run");
+
+    let m = get(&c, &format!("{base}/metrics"), Some(TOKEN)).await.text().await.unwrap();
+    assert!(m.contains("dynamollm_loop_duration_seconds_count{loop=\"tick\"}"), "{m}");
+    assert!(m.contains(&format!("dynamollm_service{{quantity=\"classes_unrouted\"}} {unrouted}\n")), "{m}");
+    assert!(m.contains("dynamollm_actions_total{kind=\"spawn\",outcome=\"applied\"}"), "{m}");
+    assert!(m.contains("dynamollm_service{quantity=\"telemetry_lag_seconds\"}"), "{m}");
+
+    // Back to auto; the clock loop lowers some clocks; stopping puts them back to the top.
+    let r = c
+        .post(format!("{base}/api/v1/mode"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"mode": "auto"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let shared = svc.shared.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let low = loop {
+        let low = shared.core.lock().unwrap().instances().filter(|r| r.clock_mhz < 1980).count();
+        if low > 0 {
+            break low;
+        }
+        assert!(std::time::Instant::now() < deadline, "no clock was ever lowered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    svc.stop().await.unwrap();
+    {
+        let core = shared.core.lock().unwrap();
+        assert!(core.instances().all(|r| r.clock_mhz == 1980), "clocks left below the top after shutdown");
+        let resets = core.decisions().filter(|d| d.decision.source == "shutdown").count();
+        assert!(resets >= low, "{resets} shutdown clock resets for {low} lowered clocks");
+    }
+    drop(shared);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("API up"), "the logs were captured: {text}");
+    assert!(!text.contains(TOKEN), "the token appears in the logs");
+    assert!(dir.path().join("state.json").exists(), "the state is saved on shutdown");
+    // Telemetry went to the embedded store: per-GPU power and energy per instance, per-class arrivals.
+    // (The store closes once the service's last handle is gone.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let store = loop {
+        match telemetry::store::Store::open(&service::store_dir(dir.path()), Default::default()) {
+            Ok(s) => break s,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "the store stayed open: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let series = store.series();
+    let gpu_energy: Vec<_> = series.iter().filter(|k| k.measurement == "gpu" && k.field == "energy_j").collect();
+    assert!(!gpu_energy.is_empty(), "no GPU energy in the store: {series:?}");
+    assert!(gpu_energy.iter().all(|k| k.tag("instance").is_some() && k.tag("pool").is_some()), "{gpu_energy:?}");
+    assert!(series.iter().any(|k| k.measurement == "arrivals" && k.field == "requests" && k.tag("class").is_some()));
+    let k = gpu_energy[0];
+    let points = store.range(k, 0, i64::MAX).unwrap();
+    assert!(points.len() > 3 && points.windows(2).all(|w| w[1].1 >= w[0].1), "energy counters rise: {points:?}");
+}
+
+fn bundled_profile() -> ProfileTable {
+    let mut profile = ProfileTable::bundled();
+    profile.set_slo_multiplier(5.0);
+    profile
+}
+
+fn core_config() -> CoreConfig {
+    CoreConfig {
+        controller: ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980),
+        stale_after_s: 5.0,
+        pool_names: (0..9).map(|p| format!("p{p}")).collect(),
+        retire_ack_means_stopped: true,
+    }
+}
+
+fn core() -> ServiceCore {
+    ServiceCore::new(core_config(), bundled_profile(), 0.0)
+}
+
+fn samples(core: &mut ServiceCore, now: f64) {
+    samples_of(core, now, |_| true)
+}
+
+/// Telemetry of the placed instances whose node `up` says answers.
+fn samples_of(core: &mut ServiceCore, now: f64, up: impl Fn(&str) -> bool) {
+    let nodes: Vec<(String, u32)> = core
+        .instances()
+        .filter_map(|r| r.placement.as_ref().map(|p| (p.node.clone(), r.tp)))
+        .filter(|(node, _)| up(node))
+        .collect();
+    for (node, tp) in nodes {
+        let (site, n) = node.split_once('/').unwrap();
+        let tags = Tags::node(site, n);
+        core.observe_sample(
+            now,
+            &Sample::Engine(EngineSample {
+                ts_ms: 0,
+                tags: tags.clone(),
+                running: Some(1.0),
+                waiting: Some(0.0),
+                ..Default::default()
+            }),
+        );
+        for g in 0..tp {
+            let t = Tags { gpu: Some(g), ..tags.clone() };
+            core.observe_sample(
+                now,
+                &Sample::Gpu(GpuSample {
+                    ts_ms: 0,
+                    tags: t,
+                    power_w: 300.0,
+                    energy_j: Some(300.0 * now),
+                    sm_clock_mhz: None,
+                    util: None,
+                    temperature_c: None,
+                    throttle_reasons: None,
+                }),
+            );
+        }
+    }
+}
+
+/// Telemetry that stops puts the service in failsafe at the first tick after
+/// it is `stale_after_s` old (within one clock period): every instance back to
+/// the top clock, and no scale-in while blind. When telemetry returns, auto again.
+#[test]
+fn stale_telemetry_means_failsafe_within_one_clock_period() {
+    let mut core = core();
+    core.prime_rates([0.5; 9]);
+    let mut n = 0u32;
+    let mut t = 0.0;
+    let mut last_sample = 0.0;
+    // Ten minutes of a light, steady load with telemetry: clocks come down.
+    while t <= 600.0 {
+        let cmds = core.tick(t, 0);
+        for c in cmds {
+            let placement = match c.action {
+                Action::Spawn { .. } => {
+                    n += 1;
+                    Some(Placement { node: format!("site/n{n}"), gpus: vec![], endpoint: None })
+                }
+                _ => None,
+            };
+            core.on_outcome(&c.id, &Outcome::Applied { placement, detail: String::new() });
+        }
+        core.observe_arrivals(t, &[2; 9]);
+        samples(&mut core, t);
+        last_sample = t;
+        t += 5.0;
+    }
+    assert_eq!(core.mode(), Mode::Auto);
+    let low = core.instances().filter(|r| r.clock_mhz < 1980).count();
+    assert!(
+        low > 0,
+        "light load brings some clocks down: {:?}",
+        core.instances().map(|r| r.clock_mhz).collect::<Vec<_>>()
+    );
+    let fleet = core.instances().count();
+    // Blind from here on.
+    let mut entered = None;
+    let mut retired = 0;
+    let mut raised = Vec::new();
+    while t <= 1200.0 {
+        for c in core.tick(t, 0) {
+            match c.action {
+                Action::Retire { .. } => retired += 1,
+                Action::SetClock { instance, clock_mhz } => {
+                    assert_eq!(clock_mhz, 1980, "no clock below the top in failsafe");
+                    raised.push(instance);
+                }
+                _ => {}
+            }
+            core.on_outcome(&c.id, &Outcome::Applied { placement: None, detail: String::new() });
+        }
+        if entered.is_none() && core.mode() == Mode::Failsafe {
+            entered = Some(t);
+        }
+        t += 5.0;
+    }
+    let entered = entered.expect("failsafe never entered");
+    assert!(
+        entered - (last_sample + 5.0) <= 5.0 + 1e-9,
+        "failsafe at {entered}, telemetry stale since {}",
+        last_sample + 5.0
+    );
+    assert!(core.stale_reason().unwrap().contains("no telemetry"));
+    assert_eq!(retired, 0, "no scale-in while blind");
+    assert_eq!(raised.len(), low, "every lowered clock goes back to the top, once");
+    assert!(core.instances().all(|r| r.clock_mhz == 1980));
+    assert!(core.instances().count() >= fleet);
+    // Telemetry returns: auto again.
+    samples(&mut core, t);
+    core.observe_arrivals(t, &[2; 9]);
+    core.tick(t, 0);
+    assert_eq!(core.mode(), Mode::Auto);
+}
+
+/// The saved state round-trips: a core restored from it plans the same next step.
+#[test]
+fn saved_state_restores_the_plan() {
+    let mut a = core();
+    a.prime_rates([1.0; 9]);
+    for c in a.tick(0.0, 0) {
+        a.on_outcome(
+            &c.id,
+            &Outcome::Applied {
+                placement: Some(Placement { node: format!("s/{}", c.id), gpus: vec![], endpoint: None }),
+                detail: String::new(),
+            },
+        );
+    }
+    a.observe_arrivals(1.0, &[3; 9]);
+    let saved = a.save(4.0);
+    let text = serde_json::to_string(&saved).unwrap();
+    let back: service::core::SavedState = serde_json::from_str(&text).unwrap();
+    let mut b = ServiceCore::restore(core_config(), bundled_profile(), back, 4.0).unwrap();
+    assert_eq!(a.routing(), b.routing());
+    assert_eq!(a.routed(), b.routed(), "the router's acknowledged table");
+    assert_eq!(a.held_retires().collect::<Vec<_>>(), b.held_retires().collect::<Vec<_>>());
+    assert_eq!(a.instances().count(), b.instances().count());
+    let ids_a: Vec<_> = a.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
+    let ids_b: Vec<_> = b.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
+    assert_eq!(ids_a, ids_b, "the restored core continues with the same ids and actions");
+    // A table in effect that differs from the controller's survives too.
+    let split = ss_split_back();
+    let back = ServiceCore::restore(
+        split_config(),
+        bundled_profile(),
+        serde_json::from_str(&serde_json::to_string(&split.save(0.0)).unwrap()).unwrap(),
+        0.0,
+    )
+    .unwrap();
+    assert_ne!(split.routed(), split.routing());
+    assert_eq!((back.routed(), back.routing()), (split.routed(), split.routing()));
+    assert!(!service::config::token_matches(&Secret::new(""), ""), "an empty token matches nothing");
+}
+
+/// A clock command that fails leaves the instance at its old clock in the
+/// service's view (so the controller decides again), and one that is
+/// applied moves it.
+#[test]
+fn a_failed_clock_command_keeps_the_old_clock() {
+    let mut core = core();
+    core.prime_rates([0.5; 9]);
+    let mut n = 0u32;
+    let (mut failed, mut applied) = (0, 0);
+    let mut t = 0.0;
+    while t <= 600.0 {
+        for c in core.tick(t, 0) {
+            match c.action {
+                Action::Spawn { .. } => {
+                    n += 1;
+                    let placement = Some(Placement { node: format!("site/n{n}"), gpus: vec![], endpoint: None });
+                    core.on_outcome(&c.id, &Outcome::Applied { placement, detail: String::new() });
+                }
+                Action::SetClock { instance, clock_mhz } => {
+                    let before = core.instances().find(|r| r.id == instance).map(|r| r.clock_mhz);
+                    assert_eq!(
+                        before,
+                        Some(clock_mhz),
+                        "the inventory shows the clock asked for while it is in flight"
+                    );
+                    if failed <= applied {
+                        core.on_outcome(&c.id, &Outcome::Failed { reason: "500".into(), retryable: true });
+                        failed += 1;
+                        let after = core.instances().find(|r| r.id == instance).unwrap().clock_mhz;
+                        assert_ne!(after, clock_mhz, "a failed clock command must not count as set");
+                    } else {
+                        core.on_outcome(&c.id, &Outcome::Applied { placement: None, detail: String::new() });
+                        applied += 1;
+                        assert_eq!(core.instances().find(|r| r.id == instance).unwrap().clock_mhz, clock_mhz);
+                    }
+                }
+                _ => core.on_outcome(&c.id, &Outcome::Applied { placement: None, detail: String::new() }),
+            }
+        }
+        core.observe_arrivals(t, &[2; 9]);
+        samples(&mut core, t);
+        t += 5.0;
+    }
+    assert!(failed > 0 && applied > 0, "both cases ran: {failed} failed, {applied} applied");
+}
+
+/// Make-before-break with an external router told by `route` commands, in
+/// virtual time: a spawn serves 60 s after it is acknowledged; the first
+/// route of each class fails (retryable), and so does every route for the
+/// 15 minutes after the load drops from heavy to light, when pools merge.
+/// Every route is sent only once its new pool serves (or its old one does
+/// not); every class that moves is routed, the ones riding along with a
+/// merge included; a failed route is sent again; no retire leaves a class
+/// the router sends to its pool without another serving instance (retires
+/// wait); and at the end the router's table is the controller's. The split
+/// case is `a_split_class_is_routed_once_its_new_pool_serves`.
+#[test]
+fn routes_reach_an_external_router_make_before_break() {
+    let mut core = core();
+    core.prime_rates([12.0; 9]);
+    // The router's table, as the routes it applied leave it (the service starts from the same one).
+    let mut table = core.routed();
+    assert_eq!(table, core.routing());
+    let mut pool_of: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut up_at: BTreeMap<u32, f64> = BTreeMap::new();
+    let mut failed_once: BTreeSet<String> = BTreeSet::new();
+    let (mut routes, mut applied, mut retires, mut held) = (0, 0, 0, 0);
+    // Every (class, pool) the controller's own route decisions named; a route outside it rode along.
+    let mut named: BTreeSet<(String, u32)> = BTreeSet::new();
+    let mut rode_along = 0;
+    let mut oldest_held_s: f64 = 0.0;
+    let mut t = 0.0;
+    while t <= 5400.0 {
+        let per_tick = if t < 1200.0 { [60; 9] } else { [1; 9] };
+        let serving = |i: &u32, up_at: &BTreeMap<u32, f64>| up_at.get(i).is_some_and(|&u| u <= t);
+        let cmds = core.tick(t, 0);
+        named.extend(core.decisions().filter(|d| d.decision.at_s == t && d.decision.source != "routing").filter_map(
+            |d| match &d.decision.action {
+                Action::Route { class, pool } => Some((class.clone(), pool.0)),
+                _ => None,
+            },
+        ));
+        for c in cmds {
+            let outcome = match &c.action {
+                Action::Spawn { instance, pool, .. } => {
+                    pool_of.insert(instance.0, pool.0);
+                    up_at.insert(instance.0, t + 60.0);
+                    let node = format!("site/n{}", instance.0);
+                    Outcome::Applied {
+                        placement: Some(Placement { node, gpus: vec![], endpoint: None }),
+                        detail: String::new(),
+                    }
+                }
+                Action::Route { class, pool } => {
+                    let idx = telemetry::RequestClass::parse(class).unwrap().index();
+                    let to_serves = pool_of.iter().any(|(i, &p)| p == pool.0 && serving(i, &up_at));
+                    let from_serves = pool_of.iter().any(|(i, &p)| p == table[idx] && serving(i, &up_at));
+                    assert!(
+                        to_serves || !from_serves,
+                        "at {t} s: {class} routed to pool {} before it serves (from pool {}, which serves)",
+                        pool.0,
+                        table[idx]
+                    );
+                    routes += 1;
+                    let router_down = (1200.0..2100.0).contains(&t);
+                    if failed_once.insert(class.clone()) || router_down {
+                        Outcome::Failed { reason: "router busy".into(), retryable: true }
+                    } else {
+                        applied += 1;
+                        table[idx] = pool.0;
+                        rode_along += usize::from(!named.contains(&(class.clone(), pool.0)));
+                        Outcome::Applied { placement: None, detail: String::new() }
+                    }
+                }
+                Action::Retire { instance } => {
+                    let pool = pool_of[&instance.0];
+                    for (k, &p) in table.iter().enumerate() {
+                        if p == pool {
+                            assert!(
+                                pool_of.iter().any(|(i, &q)| q == pool && *i != instance.0 && serving(i, &up_at)),
+                                "at {t} s: instance {} retired while the router sends class {k} to its pool {pool}, \
+                                 which has no other serving instance",
+                                instance.0
+                            );
+                        }
+                    }
+                    pool_of.remove(&instance.0);
+                    up_at.remove(&instance.0);
+                    retires += 1;
+                    Outcome::Applied { placement: None, detail: String::new() }
+                }
+                _ => Outcome::Applied { placement: None, detail: String::new() },
+            };
+            core.on_outcome(&c.id, &outcome);
+        }
+        let now_held = core.held_retires().count();
+        if now_held > held {
+            // What is held, and what the router has acknowledged, survive a restart.
+            let text = serde_json::to_string(&core.save(t)).unwrap();
+            let back = ServiceCore::restore(core_config(), bundled_profile(), serde_json::from_str(&text).unwrap(), t);
+            let back = back.unwrap();
+            assert_eq!(back.held_retires().collect::<Vec<_>>(), core.held_retires().collect::<Vec<_>>());
+            assert_eq!(back.routed(), core.routed());
+        }
+        held = held.max(now_held);
+        let oldest = core.held_retire_oldest_s(t);
+        if now_held == 0 {
+            assert_eq!(oldest, 0.0, "at {t} s nothing is held");
+        }
+        oldest_held_s = oldest_held_s.max(oldest);
+        core.observe_arrivals(t, &per_tick);
+        let up: BTreeSet<String> = up_at.iter().filter(|(_, &u)| u <= t).map(|(i, _)| format!("site/n{i}")).collect();
+        samples_of(&mut core, t, |node| up.contains(node));
+        t += 5.0;
+    }
+    assert_eq!(table, core.routing(), "the router's table is the controller's at the end");
+    assert_eq!(core.routed(), core.routing());
+    assert!(applied > 0 && routes > applied, "routes sent: {routes}, applied (each after a failure): {applied}");
+    assert!(rode_along > 0, "no class rode along with a merge: the test lost its point");
+    assert!(retires > 0 && held > 0, "retires: {retires}; the most held at once: {held}");
+    // The router was down for 15 minutes while pools merged: a retire waited most of that.
+    assert!((300.0..=900.0).contains(&oldest_held_s), "the longest hold: {oldest_held_s} s");
+    assert_eq!(core.held_retire_oldest_s(t), 0.0, "a retire is still held at the end");
+    eprintln!("routes {routes} ({applied} applied, {rode_along} rode along), retires {retires}, held at most {held}, the longest {oldest_held_s} s");
+}
+
+/// A class split off to a pool of its own (the controller's table) reaches
+/// an external router only once that pool has a serving instance: until
+/// then its requests stay on the merged pool that serves them.
+#[test]
+fn a_split_class_is_routed_once_its_new_pool_serves() {
+    let mut core = ss_split_back();
+    let load = [5, 5, 0, 0, 0, 0, 0, 0, 0];
+    let routes = |cmds: &[actuators::Command]| -> Vec<(String, u32)> {
+        cmds.iter()
+            .filter_map(|c| match &c.action {
+                Action::Route { class, pool } => Some((class.clone(), pool.0)),
+                _ => None,
+            })
+            .collect()
+    };
+    for t in [5.0, 10.0, 15.0] {
+        samples_of(&mut core, t, |n| n == "site/n1");
+        core.observe_arrivals(t, &load);
+        let cmds = core.tick(t, 0);
+        assert!(routes(&cmds).is_empty(), "at {t} s, pool 0 does not serve yet: {cmds:?}");
+        assert_eq!(core.routed()[0], 1);
+    }
+    // Instance 2 answers: SS moves to pool 0, once.
+    samples(&mut core, 20.0);
+    core.observe_arrivals(20.0, &load);
+    let cmds = core.tick(20.0, 0);
+    assert_eq!(routes(&cmds), [("SS".to_string(), 0)], "{cmds:?}");
+    assert!(routes(&core.tick(25.0, 0)).is_empty(), "one route in flight per class");
+    core.on_outcome(
+        &cmds.iter().find(|c| c.action.kind() == "route").unwrap().id,
+        &Outcome::Applied { placement: None, detail: String::new() },
+    );
+    assert_eq!(core.routed()[0], 0);
+}
+
+/// With the built-in router (no backend routes), the table in effect is the
+/// controller's in auto mode and does not move in dry-run, nor in failsafe
+/// while telemetry is stale: the router moves no class the operator only
+/// wanted to watch being planned.
+#[test]
+fn dry_run_moves_no_class_with_the_built_in_router() {
+    let mut core = ss_split_back();
+    core.set_routes_to_backends(false);
+    let load = [5, 5, 0, 0, 0, 0, 0, 0, 0];
+    core.set_mode(Mode::DryRun);
+    for t in [5.0, 10.0, 15.0] {
+        samples(&mut core, t);
+        core.observe_arrivals(t, &load);
+        assert!(core.tick(t, 0).is_empty(), "dry-run sends nothing");
+        assert_eq!((core.routing()[0], core.routed()[0]), (0, 1), "at {t} s in dry-run");
+    }
+    // Blind: failsafe holds the table too.
+    core.set_mode(Mode::Auto);
+    core.tick(100.0, 0);
+    assert_eq!(core.mode(), Mode::Failsafe);
+    assert_eq!(core.routed()[0], 1, "failsafe while blind moved SS");
+    // Telemetry again, auto: the table in effect is the controller's at once (the router makes before breaking).
+    samples(&mut core, 105.0);
+    core.observe_arrivals(105.0, &load);
+    assert!(core.tick(105.0, 0).iter().all(|c| c.action.kind() != "route"), "the built-in router is sent no route");
+    assert_eq!(core.mode(), Mode::Auto);
+    assert_eq!(core.routed(), core.routing());
+    assert_eq!(core.routed()[0], 0);
+}
+
+/// No loop changes the fleet or the table: the tests set both.
+fn split_config() -> CoreConfig {
+    CoreConfig {
+        controller: ControllerConfig::new(Loops { scale: false, shard: false, clock: false, pools: true }, 1980),
+        stale_after_s: 60.0,
+        ..core_config()
+    }
+}
+
+/// A core restored with SS split back to its own pool 0 (the controller's
+/// table) while the backends still route it to SM's pool 1: instance 1 serves
+/// pool 1, instance 2 of pool 0 is starting, and no loop changes the fleet
+/// or the table (the tests set both).
+fn ss_split_back() -> ServiceCore {
+    use controller::control::InstanceState;
+    use service::core::InstanceRecord;
+    let profile = bundled_profile();
+    let cfg = split_config();
+    let mut saved = ServiceCore::new(cfg.clone(), profile.clone(), 0.0).save(0.0);
+    let record = |id: u32, pool: u32, state: InstanceState| InstanceRecord {
+        id: actuators::InstanceId(id),
+        pool,
+        tp: 8,
+        clock_mhz: 1980,
+        state,
+        placement: Some(Placement { node: format!("site/n{id}"), gpus: vec![], endpoint: None }),
+        outstanding: 0,
+        waiting: 0,
+        power_w: 0.0,
+        energy_j: 0.0,
+        spawned_at_s: 0.0,
+        last_report_s: None,
+        gpus: BTreeMap::new(),
+    };
+    saved.instances = vec![record(1, 1, InstanceState::Serving), record(2, 0, InstanceState::Starting)];
+    // The router sends SS to SM's pool 1; the controller has split it back to pool 0.
+    let mut routed: [u32; 9] = std::array::from_fn(|c| c as u32);
+    routed[0] = 1;
+    saved.routed = Some(routed);
+    saved.controller.started = true;
+    // Every loop ran at 0 s: none is due again within the test.
+    saved.controller.last_run_s = [Some(0.0); 3];
+    let mut core = ServiceCore::restore(cfg, profile, saved, 0.0).unwrap();
+    core.prime_rates([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    assert_eq!((core.routing()[0], core.routed()[0]), (0, 1));
+    core
+}
+
+/// A retire that fails leaves the instance serving in the service's view,
+/// and the controller decides again: the surplus instance is retired at a
+/// later plan instead of running, counted as draining, for ever.
+#[test]
+fn a_failed_retire_is_decided_again() {
+    use controller::control::InstanceState;
+    let mut core = core();
+    core.prime_rates([12.0; 9]);
+    let mut failed: Option<(actuators::InstanceId, f64)> = None;
+    let mut retried_at = None;
+    let mut t = 0.0;
+    while t <= 5400.0 && retried_at.is_none() {
+        let per_tick = if t < 1200.0 { [60; 9] } else { [1; 9] };
+        for c in core.tick(t, 0) {
+            let outcome = match c.action {
+                Action::Spawn { instance, .. } => Outcome::Applied {
+                    placement: Some(Placement { node: format!("site/n{}", instance.0), gpus: vec![], endpoint: None }),
+                    detail: String::new(),
+                },
+                Action::Retire { instance } if failed.is_none() => {
+                    failed = Some((instance, t));
+                    Outcome::Failed { reason: "exec: exit status 1".into(), retryable: true }
+                }
+                Action::Retire { instance } if failed.is_some_and(|(i, _)| i == instance) => {
+                    retried_at = Some(t);
+                    Outcome::Applied { placement: None, detail: String::new() }
+                }
+                _ => Outcome::Applied { placement: None, detail: String::new() },
+            };
+            core.on_outcome(&c.id, &outcome);
+            if let (Some((i, at)), Action::Retire { instance }) = (failed, &c.action) {
+                if at == t && i == *instance {
+                    let state = core.instances().find(|r| r.id == i).map(|r| r.state);
+                    assert_eq!(state, Some(InstanceState::Serving), "instance {} after its retire failed", i.0);
+                }
+            }
+        }
+        core.observe_arrivals(t, &per_tick);
+        samples(&mut core, t);
+        t += 5.0;
+    }
+    let (instance, at) = failed.expect("no retire in the test");
+    let again = retried_at.unwrap_or_else(|| panic!("instance {} was not retired again after {at} s", instance.0));
+    assert!(again > at, "retired again at {again} s, failed at {at} s");
+    assert!(core.instances().all(|r| r.id != instance), "the retired instance is gone");
+    eprintln!("retire of instance {} failed at {at} s, decided again at {again} s", instance.0);
+}
+
+/// A clock command that fails is sent again while the controller still
+/// wants that clock (it does not count the failed one as set).
+#[test]
+fn a_failed_clock_command_is_sent_again() {
+    let mut core = core();
+    core.prime_rates([0.5; 9]);
+    let mut failed: Option<(actuators::InstanceId, u32, f64)> = None;
+    let mut again_at = None;
+    let mut t = 0.0;
+    while t <= 900.0 && again_at.is_none() {
+        for c in core.tick(t, 0) {
+            let outcome = match c.action {
+                Action::Spawn { instance, .. } => Outcome::Applied {
+                    placement: Some(Placement { node: format!("site/n{}", instance.0), gpus: vec![], endpoint: None }),
+                    detail: String::new(),
+                },
+                Action::SetClock { instance, clock_mhz } if clock_mhz < 1980 && failed.is_none() => {
+                    failed = Some((instance, clock_mhz, t));
+                    Outcome::Failed { reason: "nvml: insufficient permissions".into(), retryable: true }
+                }
+                Action::SetClock { instance, .. } if failed.is_some_and(|(i, _, _)| i == instance) => {
+                    again_at = Some(t);
+                    Outcome::Applied { placement: None, detail: String::new() }
+                }
+                _ => Outcome::Applied { placement: None, detail: String::new() },
+            };
+            core.on_outcome(&c.id, &outcome);
+        }
+        core.observe_arrivals(t, &[2; 9]);
+        samples(&mut core, t);
+        t += 5.0;
+    }
+    let (instance, clock_mhz, at) = failed.expect("no clock was lowered");
+    let again = again_at.unwrap_or_else(|| {
+        panic!("instance {}'s clock ({clock_mhz} MHz, failed at {at} s) was not sent again", instance.0)
+    });
+    assert!(again - at <= 60.0, "sent again at {again} s, failed at {at} s");
+    eprintln!("clock {clock_mhz} MHz of instance {} failed at {at} s, sent again at {again} s", instance.0);
+}

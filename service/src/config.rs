@@ -1,0 +1,375 @@
+//! The service's configuration file (`dynamollm serve --config FILE`):
+//! `[service]`, `[controller]`, `[cluster]`, plus the `[telemetry]` and
+//! `[actuators]` tables their crates define. Unknown keys are errors that
+//! name the file and key. `deploy/dynamollm.toml` documents every key.
+
+use super::core::Mode;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub use telemetry::config::Secret;
+
+/// Whether a presented token is the secret (constant time in the token's length).
+pub fn token_matches(secret: &Secret, presented: &str) -> bool {
+    let (a, b) = (secret.expose().as_bytes(), presented.as_bytes());
+    if a.is_empty() || a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `[service]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSection {
+    /// HTTP API address.
+    pub listen: String,
+    /// Bearer token every endpoint but `/healthz` and `/readyz` asks for.
+    pub token: Option<Secret>,
+    /// A file holding the token instead (first line).
+    pub token_file: Option<PathBuf>,
+    /// Where the plan, the inventory and the audit log are kept.
+    pub state_dir: PathBuf,
+    /// Mode at start (`auto`, `dry-run`, `failsafe`); a recovered state keeps its own.
+    pub mode: String,
+    /// Service seconds per wall second (above 1 only to replay against an accelerated twin).
+    pub speed: f64,
+    /// Telemetry older than this (s) puts the service in failsafe.
+    pub stale_after_s: f64,
+    /// The policy (`dynamollm`, `scale-inst`, `scale-shard`, `scale-freq`, `single-pool`, `multi-pool`).
+    pub policy: String,
+    /// The profile table (default: the bundled one).
+    pub profile: Option<PathBuf>,
+    /// SLO = this × the profile's unloaded latency of each class.
+    pub slo_multiplier: f64,
+    /// Longest wait for an action's outcome (s).
+    pub action_timeout_s: f64,
+    /// Per-class request rates (requests/s, keys `SS` … `LL`) to plan the first
+    /// fleet for, before the router has seen any traffic (a fresh state only).
+    pub initial_class_rps: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        ServiceSection {
+            listen: "127.0.0.1:9464".into(),
+            token: None,
+            token_file: None,
+            state_dir: PathBuf::from("dynamollm-state"),
+            mode: "auto".into(),
+            speed: 1.0,
+            stale_after_s: 5.0,
+            policy: "dynamollm".into(),
+            profile: None,
+            slo_multiplier: 5.0,
+            action_timeout_s: 30.0,
+            initial_class_rps: None,
+        }
+    }
+}
+
+/// `[controller]`: the loops' settings (defaults as in the paper).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerSection {
+    /// Scale loop period (s).
+    pub scale_period_s: f64,
+    /// Shard loop period (s).
+    pub shard_period_s: f64,
+    /// Clock loop period (s); also the service's tick.
+    pub clock_period_s: f64,
+    /// Plan instances to at most this share of their SLO capacity.
+    pub max_util: f64,
+    /// Spawn from warm standby.
+    pub warm_spawn: bool,
+    /// Assumed spawn-to-serving time until observed (s).
+    pub spawn_lead_s: f64,
+    /// Most GPUs the cluster may hold.
+    pub gpu_budget: Option<u32>,
+    /// Instances of `single-pool` / `scale-freq` (their fixed size).
+    pub fixed_instances: Option<u32>,
+    /// Hold a new clock at least this long (s) unless the SLO forces a change
+    /// (each change pauses the engine for tens of milliseconds).
+    pub clock_hold_s: f64,
+    /// A step down to a lower clock must also carry the pool's smoothed arrival rate plus this
+    /// many Poisson standard deviations of one clock period's count (≥ 0; 0: the load seen now
+    /// only): damps clock flapping under a steady load; rises are not held back.
+    pub clock_down_sigmas: f64,
+    /// The shard loop keeps the fleet it has when a new mix needing new instances saves less than
+    /// this share of the pool's predicted power (0 to below 1; 0: the spawn's cost alone decides).
+    pub mix_hysteresis: f64,
+    /// Keep every instance at least this long (s) from when the controller
+    /// first sees it before retiring it as surplus (0: no minimum): damps
+    /// spawn/retire churn where spawns are slow or can fail, at an energy cost.
+    pub retire_min_age_s: f64,
+    /// The lowest the clock loop's learnt margin on a pool's load may fall (0–1): below 1 a pool
+    /// keeping its SLOs with room to spare runs lower clocks than the profile's one instance
+    /// allows, saving energy at more GPU-hours; 1 favours GPU-hours.
+    pub clock_margin_floor: f64,
+    /// A pool whose classes all hold at least this share of requests within SLO (above the 99%
+    /// target, at most 1) is comfortable: its learnt capacity grows and its clock margin decays a
+    /// step. Lower runs pools nearer the 99% line (less energy, less room to spare).
+    pub attainment_comfort: f64,
+    /// TP degrees the shard loop may use (default 2, 4 and 8).
+    pub tps: Option<Vec<u32>>,
+    /// Whether the backlog guard hands a backed-up instance's unstarted
+    /// requests to other instances (`move-queued` commands). Default: on for
+    /// the in-process twin and behind the request router (which carries it
+    /// out), off otherwise, where a backend (an `[actuators.exec]
+    /// move_queued` command, or the webhook) must carry it out.
+    pub move_queued: Option<bool>,
+    /// Whether the shard loop changes a surplus instance's TP degree in place
+    /// (`reshard` commands, path `in-place`) instead of spawning a new one and
+    /// retiring the old. Default: on for the in-process twin, off for an
+    /// external cluster, whose engines must support it (an `[actuators.exec]
+    /// reshard` command, or the webhook).
+    pub reshard_in_place: Option<bool>,
+}
+
+impl Default for ControllerSection {
+    fn default() -> Self {
+        ControllerSection {
+            scale_period_s: 1800.0,
+            shard_period_s: 300.0,
+            clock_period_s: 5.0,
+            max_util: 0.7,
+            warm_spawn: true,
+            spawn_lead_s: 30.0,
+            gpu_budget: None,
+            fixed_instances: None,
+            clock_hold_s: 30.0,
+            clock_down_sigmas: controller::control::CLOCK_DOWN_SIGMAS,
+            mix_hysteresis: controller::control::MIX_HYSTERESIS,
+            retire_min_age_s: 0.0,
+            clock_margin_floor: 0.85,
+            attainment_comfort: controller::control::ATTAINMENT_COMFORT,
+            tps: None,
+            move_queued: None,
+            reshard_in_place: None,
+        }
+    }
+}
+
+/// `[cluster]`: what the service manages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// `twin` (the digital twin replaying a workload in-process) or `external`
+    /// (real engines: telemetry from `[telemetry]`, actions through `[actuators]`).
+    pub kind: String,
+    /// Twin: an Azure trace to replay (default: the bundled Conversation hour).
+    pub trace: Option<PathBuf>,
+    /// Twin: a rate curve instead (needs `lengths`).
+    pub rates: Option<PathBuf>,
+    /// Twin: the trace lengths are drawn from.
+    pub lengths: Option<PathBuf>,
+    /// Twin: load multiplier.
+    pub scale: f64,
+    /// Twin: hours to replay.
+    pub hours: Option<f64>,
+    /// Twin: seed.
+    pub seed: u64,
+    /// Twin: physics file (default: the embedded DGX H100 + Llama-2-70B).
+    pub physics: Option<PathBuf>,
+    /// External: read every placed instance's `<endpoint>/metrics` (vLLM or
+    /// SGLang) this often (wall seconds; 0: never, engine telemetry comes over MQTT only).
+    pub scrape_interval_s: f64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            kind: "twin".into(),
+            trace: None,
+            rates: None,
+            lengths: None,
+            scale: 1.0,
+            hours: None,
+            seed: 1,
+            physics: None,
+            scrape_interval_s: 1.0,
+        }
+    }
+}
+
+/// `[router]`: the OpenAI-compatible request router in front of a real cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSection {
+    /// Address of `/v1/completions` and `/v1/chat/completions` (no router when absent).
+    pub listen: Option<String>,
+    /// Hold a request this long (service seconds) for its pool to get a serving instance, then 503.
+    pub hold_s: f64,
+    /// How a pool's requests spread over its instances: `requests` (fewest in
+    /// flight) or `prompt-tokens` (fewest prompt tokens sent and not yet
+    /// answered, then fewest in flight). The in-process twin routes the same way.
+    pub balance: telemetry::Balance,
+}
+
+impl Default for RouterSection {
+    fn default() -> Self {
+        RouterSection { listen: None, hold_s: 60.0, balance: telemetry::Balance::Requests }
+    }
+}
+
+/// A config document's text; its Debug shows only its size (it holds secrets).
+#[derive(Clone, Default)]
+pub struct Source(pub String);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// `[service]`.
+    pub service: ServiceSection,
+    /// `[controller]`.
+    pub controller: ControllerSection,
+    /// `[cluster]`.
+    pub cluster: ClusterSection,
+    /// `[router]`.
+    pub router: RouterSection,
+    /// `[telemetry]` (checked by the telemetry crate).
+    pub telemetry: Option<toml::Value>,
+    /// `[actuators]` (checked by the actuators crate).
+    pub actuators: Option<toml::Value>,
+    /// `[carbon]`, `[cost]`, `[sci]`: accounting for reports (checked by the dashboards crate).
+    pub carbon: Option<toml::Value>,
+    /// See `carbon`.
+    pub cost: Option<toml::Value>,
+    /// See `carbon`.
+    pub sci: Option<toml::Value>,
+    /// The document it was parsed from (the other crates parse their tables from it).
+    #[serde(skip)]
+    pub source: Source,
+    /// Where it came from (for errors).
+    #[serde(skip)]
+    pub origin: String,
+}
+
+impl ServiceConfig {
+    /// Parse a config document; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<ServiceConfig> {
+        let mut cfg: ServiceConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+        cfg.validate(origin)?;
+        cfg.source = Source(text.to_string());
+        cfg.origin = origin.to_string();
+        // The other crates' tables, checked by their own parsers.
+        cfg.telemetry_config()?;
+        cfg.actuators_config()?;
+        dashboards::config::AccountingConfig::from_toml_str(text, origin).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(cfg)
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<ServiceConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn validate(&self, origin: &str) -> Result<()> {
+        let s = &self.service;
+        Mode::parse(&s.mode).map_err(|e| anyhow::anyhow!("{origin}: service.mode: {e}"))?;
+        controller::policy::Policy::parse(&s.policy).map_err(|e| anyhow::anyhow!("{origin}: service.policy: {e}"))?;
+        if s.policy == "oracle" {
+            bail!("{origin}: service.policy: the oracle needs the future and runs only in `dynamollm sim`");
+        }
+        for (key, v) in [
+            ("service.speed", s.speed),
+            ("service.stale_after_s", s.stale_after_s),
+            ("service.slo_multiplier", s.slo_multiplier),
+            ("service.action_timeout_s", s.action_timeout_s),
+            ("controller.scale_period_s", self.controller.scale_period_s),
+            ("controller.shard_period_s", self.controller.shard_period_s),
+            ("controller.clock_period_s", self.controller.clock_period_s),
+            ("controller.max_util", self.controller.max_util),
+            ("controller.clock_hold_s", self.controller.clock_hold_s),
+            ("cluster.scale", self.cluster.scale),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{origin}: {key} must be a positive number, got {v}");
+            }
+        }
+        use controller::control::Tuning;
+        let c = &self.controller;
+        for (key, setting, v) in [
+            ("controller.retire_min_age_s", Tuning::RetireMinAgeS, c.retire_min_age_s),
+            ("controller.clock_down_sigmas", Tuning::ClockDownSigmas, c.clock_down_sigmas),
+            ("controller.mix_hysteresis", Tuning::MixHysteresis, c.mix_hysteresis),
+            ("controller.clock_margin_floor", Tuning::ClockMarginFloor, c.clock_margin_floor),
+            ("controller.attainment_comfort", Tuning::AttainmentComfort, c.attainment_comfort),
+        ] {
+            if let Some(why) = setting.out_of_range(v) {
+                bail!("{origin}: {key} {why}");
+            }
+        }
+        if let Some(m) = &s.initial_class_rps {
+            for (k, v) in m {
+                if telemetry::RequestClass::parse(k).is_err() {
+                    bail!("{origin}: service.initial_class_rps.{k}: not a request class (SS, SM, SL, MS, MM, ML, LS, LM, LL)");
+                }
+                if !(v.is_finite() && *v >= 0.0) {
+                    bail!("{origin}: service.initial_class_rps.{k} must be a rate ≥ 0, got {v}");
+                }
+            }
+        }
+        if s.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("{origin}: service.listen: {:?} is not an address like 127.0.0.1:9464", s.listen);
+        }
+        if let Some(t) = &self.controller.tps {
+            if t.is_empty() || t.iter().any(|d| ![2, 4, 8].contains(d)) {
+                bail!("{origin}: controller.tps: {t:?} must list TP degrees among 2, 4 and 8");
+            }
+        }
+        if let Some(l) = &self.router.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                bail!("{origin}: router.listen: {l:?} is not an address like 127.0.0.1:8000");
+            }
+        }
+        if !matches!(self.cluster.kind.as_str(), "twin" | "external") {
+            bail!("{origin}: cluster.kind: {:?} is not `twin` or `external`", self.cluster.kind);
+        }
+        Ok(())
+    }
+
+    /// `[telemetry]`, parsed by the telemetry crate.
+    pub fn telemetry_config(&self) -> Result<telemetry::config::TelemetryConfig> {
+        telemetry::config::TelemetryConfig::from_toml_str(&self.source.0)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
+    }
+
+    /// `[actuators]`, parsed by the actuators crate.
+    pub fn actuators_config(&self) -> Result<actuators::ActuatorsConfig> {
+        let body = match &self.actuators {
+            Some(v) => toml::to_string(v)?,
+            None => String::new(),
+        };
+        actuators::ActuatorsConfig::from_toml(&body).map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
+    }
+
+    /// The bearer token, from `token` or `token_file`.
+    pub fn token(&self) -> Result<Secret> {
+        if let Some(t) = &self.service.token {
+            if !t.expose().is_empty() {
+                return Ok(t.clone());
+            }
+        }
+        if let Some(p) = &self.service.token_file {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("service.token_file: cannot read {}", p.display()))?;
+            let t = text.lines().next().unwrap_or("").trim().to_string();
+            if t.is_empty() {
+                bail!("service.token_file: {} is empty", p.display());
+            }
+            return Ok(Secret::new(t));
+        }
+        bail!("service.token (or service.token_file) is required: every endpoint but /healthz and /readyz asks for it")
+    }
+}

@@ -1,0 +1,453 @@
+//! The service's state machine around the sans-IO controller: it takes in
+//! what telemetry reports (instances, per-class arrivals and SLO counters),
+//! turns the controller's decisions into idempotent [`Command`]s with ids,
+//! applies the operating mode (auto, dry-run, failsafe), tracks the
+//! inventory, and answers the status page. No I/O and no clock of its own:
+//! the caller passes the time, so tests drive it in virtual time.
+
+use forecast::ClassForecasts;
+use controller::control::plan::{Demand, Planner};
+use controller::control::{
+    Controller, ControllerConfig, ControllerState, Decision, InstanceObs, InstanceState, Observations,
+};
+use controller::profile::ProfileTable;
+use actuators::{Action, ActionId, Command, InstanceId, Outcome, Placement, PoolId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use telemetry::{RequestClass, CLASS_COUNT};
+
+mod inventory;
+mod observe;
+mod status;
+mod types;
+
+pub use types::*;
+
+/// The version of [`SavedState`].
+pub const STATE_VERSION: u32 = 1;
+const HISTORY_POINTS: usize = 720;
+const DECISIONS_KEPT: usize = 2000;
+const MINUTES_SAVED: usize = 7 * 1440;
+const FORECAST_LEVEL_MINUTES_MIN: usize = 1;
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The controller's settings.
+    pub controller: ControllerConfig,
+    /// Telemetry older than this (s) puts the service in failsafe.
+    pub stale_after_s: f64,
+    /// Pool names (index = pool id).
+    pub pool_names: Vec<String>,
+    /// A retire acknowledged means the instance is gone (real clusters: the
+    /// backend drains and stops it before it answers); else it drains until
+    /// telemetry reports it stopped (the twin).
+    pub retire_ack_means_stopped: bool,
+}
+
+/// Counters for the service's own metrics.
+#[derive(Debug, Clone, Default)]
+pub struct CoreCounters {
+    /// Ticks run.
+    pub ticks: u64,
+    /// Decisions by action kind.
+    pub decisions: BTreeMap<String, u64>,
+    /// Outcomes by (action kind, outcome).
+    pub outcomes: BTreeMap<(String, String), u64>,
+    /// Times the service entered failsafe on its own.
+    pub failsafe_entries: u64,
+}
+
+/// The service's state machine.
+pub struct ServiceCore {
+    cfg: CoreConfig,
+    ctl: Controller,
+    operator_mode: Mode,
+    stale: Option<String>,
+    instances: BTreeMap<InstanceId, InstanceRecord>,
+    retired_energy_j: f64,
+    seq: u64,
+    pending: BTreeMap<ActionId, Command>,
+    /// For each clock, retire or reshard command in flight, the instance as it was before it
+    /// (to undo in the inventory what the command did not do).
+    before: BTreeMap<ActionId, InstanceRecord>,
+    window_counts: [u32; CLASS_COUNT],
+    minute_counts: [u32; CLASS_COUNT],
+    minute: usize,
+    smoothed: Demand,
+    last_recent: Demand,
+    forecasts: ClassForecasts,
+    att_totals: [[u64; 4]; CLASS_COUNT],
+    att_hist: controller::control::AttainmentHistory,
+    decisions: VecDeque<DecisionRecord>,
+    history: VecDeque<HistoryPoint>,
+    last_telemetry_s: f64,
+    last_tick_s: Option<f64>,
+    observed_spawn_s: Vec<f64>,
+    baseline: Baseline,
+    /// A backend carries out `route` (an external router told by command):
+    /// the service then sends each class's route once its new pool serves,
+    /// sends again a route that failed, and holds a retire until no class
+    /// the backends route to its pool is left without a serving instance.
+    /// Without one (the built-in router follows the table itself), no
+    /// route is sent.
+    routes_to_backends: bool,
+    /// The routing table the backends have acknowledged (class → pool).
+    routed: [u32; CLASS_COUNT],
+    /// Per class: failed routes in a row, and when the last one was sent (s).
+    route_failures: [(u32, f64); CLASS_COUNT],
+    /// Retires held for make-before-break.
+    held_retires: BTreeMap<InstanceId, HeldRetire>,
+    /// Held retires already warned about (once each, past [`ROUTE_RETRY_MAX_S`]).
+    held_warned: BTreeSet<InstanceId>,
+    /// Counters for `/metrics`.
+    pub counters: CoreCounters,
+}
+
+/// The longest wait before a failed route is sent again (s).
+const ROUTE_RETRY_MAX_S: f64 = 300.0;
+
+/// The `single-pool` baseline estimated from the profile: TP8 at the top
+/// clock, sized for the highest load seen so far, its power at the observed load.
+struct Baseline {
+    planner: Planner,
+    max_clock_mhz: u32,
+    peak_rps: f64,
+    energy_j: f64,
+    power_w: f64,
+}
+
+impl Baseline {
+    fn new(profile: &ProfileTable, max_clock_mhz: u32) -> Baseline {
+        let shares: Demand = [1.0; CLASS_COUNT];
+        Baseline {
+            planner: Planner::new(profile, &[8], &shares, 1.0),
+            max_clock_mhz,
+            peak_rps: 0.0,
+            energy_j: 0.0,
+            power_w: 0.0,
+        }
+    }
+
+    /// Power of the baseline cluster at `rps` (W).
+    fn power(&mut self, rps: f64) -> f64 {
+        self.peak_rps = self.peak_rps.max(rps);
+        let cap = self.planner.capacity(8);
+        if cap <= 0.0 {
+            return 0.0;
+        }
+        let n = (self.peak_rps / cap).ceil().max(1.0);
+        let per = self.planner.power_at(8, self.max_clock_mhz, (rps / n).min(cap)).unwrap_or(0.0);
+        n * per
+    }
+}
+
+impl ServiceCore {
+    /// A fresh core.
+    pub fn new(cfg: CoreConfig, profile: ProfileTable, now_s: f64) -> ServiceCore {
+        let max_clock = cfg.controller.max_clock_mhz;
+        let baseline = Baseline::new(&profile, max_clock);
+        let ctl = Controller::new(cfg.controller.clone(), profile);
+        let routed = ctl.routing().pool_of;
+        ServiceCore {
+            cfg,
+            ctl,
+            operator_mode: Mode::Auto,
+            stale: None,
+            instances: BTreeMap::new(),
+            retired_energy_j: 0.0,
+            seq: 0,
+            pending: BTreeMap::new(),
+            before: BTreeMap::new(),
+            window_counts: [0; CLASS_COUNT],
+            minute_counts: [0; CLASS_COUNT],
+            minute: (now_s / 60.0).floor().max(0.0) as usize,
+            smoothed: [0.0; CLASS_COUNT],
+            last_recent: [0.0; CLASS_COUNT],
+            forecasts: ClassForecasts::new(),
+            att_totals: [[0; 4]; CLASS_COUNT],
+            att_hist: controller::control::AttainmentHistory::default(),
+            decisions: VecDeque::new(),
+            history: VecDeque::new(),
+            last_telemetry_s: now_s,
+            last_tick_s: None,
+            observed_spawn_s: Vec::new(),
+            baseline,
+            routes_to_backends: true,
+            routed,
+            route_failures: [(0, f64::NEG_INFINITY); CLASS_COUNT],
+            held_retires: BTreeMap::new(),
+            held_warned: BTreeSet::new(),
+            counters: CoreCounters::default(),
+        }
+    }
+
+    /// A core that carries on from a saved state.
+    pub fn restore(
+        cfg: CoreConfig,
+        profile: ProfileTable,
+        saved: SavedState,
+        now_s: f64,
+    ) -> Result<ServiceCore, String> {
+        if saved.version != STATE_VERSION {
+            return Err(format!("saved state version {} is not {STATE_VERSION}", saved.version));
+        }
+        let mut core = ServiceCore::new(cfg.clone(), profile.clone(), now_s);
+        core.ctl = Controller::restore(cfg.controller, profile, saved.controller)?;
+        core.instances = saved.instances.into_iter().map(|r| (r.id, r)).collect();
+        core.seq = saved.seq;
+        core.operator_mode = saved.mode;
+        core.pending = saved.pending.into_iter().map(|c| (c.id.clone(), c)).collect();
+        core.retired_energy_j = saved.retired_energy_j;
+        core.baseline.energy_j = saved.baseline_energy_j;
+        for m in saved.minutes {
+            core.forecasts.push_minute(m);
+        }
+        core.routed = saved.routed.unwrap_or(core.ctl.routing().pool_of);
+        core.held_retires = saved.held_retires.into_iter().map(|h| (h.instance, h)).collect();
+        Ok(core)
+    }
+
+    /// What to save now.
+    pub fn save(&self, now_s: f64) -> SavedState {
+        let h = &self.forecasts.history;
+        SavedState {
+            version: STATE_VERSION,
+            saved_at_s: now_s,
+            controller: self.ctl.snapshot(),
+            instances: self.instances.values().cloned().collect(),
+            seq: self.seq,
+            mode: self.operator_mode,
+            pending: self.pending.values().cloned().collect(),
+            retired_energy_j: self.retired_energy_j,
+            baseline_energy_j: self.baseline.energy_j,
+            minutes: h[h.len().saturating_sub(MINUTES_SAVED)..].to_vec(),
+            routed: Some(self.routed),
+            held_retires: self.held_retires.values().cloned().collect(),
+        }
+    }
+
+    /// Start from a known per-class rate (requests/s), as if the service had
+    /// watched the cluster for a while before it took over.
+    pub fn prime_rates(&mut self, rps: Demand) {
+        self.smoothed = rps;
+    }
+
+    /// The clock loop's period (s): the service's tick.
+    pub fn config_clock_period_s(&self) -> f64 {
+        self.cfg.controller.clock_period_s
+    }
+
+    /// The mode in force (failsafe when telemetry is stale, whatever the operator chose).
+    pub fn mode(&self) -> Mode {
+        if self.stale.is_some() && self.operator_mode != Mode::DryRun {
+            Mode::Failsafe
+        } else {
+            self.operator_mode
+        }
+    }
+
+    /// Why the service is in failsafe on its own, if it is.
+    pub fn stale_reason(&self) -> Option<&str> {
+        self.stale.as_deref()
+    }
+
+    /// Set the operator's mode.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.operator_mode = mode;
+    }
+
+    /// The controller's routing: class index → pool id.
+    pub fn routing(&self) -> [u32; CLASS_COUNT] {
+        self.ctl.routing().pool_of
+    }
+
+    /// The routing table in effect (class → pool): with an external router,
+    /// the routes it has acknowledged; with the built-in router (or the
+    /// twin's), the table it follows. The controller's table once every route
+    /// it changed is applied; in dry-run it stays where it was.
+    pub fn routed(&self) -> [u32; CLASS_COUNT] {
+        self.routed
+    }
+
+    /// The retires held until the routes away from their pools are applied.
+    pub fn held_retires(&self) -> impl Iterator<Item = &HeldRetire> {
+        self.held_retires.values()
+    }
+
+    /// How long the oldest held retire has waited for its routes (s; 0 when none
+    /// is held): a router that never acknowledges keeps an instance up for ever,
+    /// so this is the figure to alert on.
+    pub fn held_retire_oldest_s(&self, now_s: f64) -> f64 {
+        self.held_retires.values().map(|h| (now_s - h.since_s).max(0.0)).fold(0.0, f64::max)
+    }
+
+    /// The inventory.
+    pub fn instances(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.instances.values()
+    }
+
+    /// Commands sent and not answered.
+    pub fn pending(&self) -> impl Iterator<Item = &Command> {
+        self.pending.values()
+    }
+
+    /// The decisions kept (newest last).
+    pub fn decisions(&self) -> impl Iterator<Item = &DecisionRecord> {
+        self.decisions.iter()
+    }
+
+    /// Seconds since the last telemetry.
+    pub fn telemetry_lag_s(&self, now_s: f64) -> f64 {
+        (now_s - self.last_telemetry_s).max(0.0)
+    }
+
+    pub(super) fn next_id(&mut self) -> ActionId {
+        self.seq += 1;
+        ActionId(format!("a{:010}", self.seq))
+    }
+
+    /// One control step: the commands to send now. Every command is also in
+    /// [`ServiceCore::pending`] until its outcome comes back.
+    pub fn tick(&mut self, now_s: f64, wall_ms: u64) -> Vec<Command> {
+        self.roll_minutes(now_s);
+        self.counters.ticks += 1;
+        let period = self.last_tick_s.map_or(self.cfg.controller.clock_period_s, |t| (now_s - t).max(1e-3));
+        self.last_tick_s = Some(now_s);
+        let recent: Demand = std::array::from_fn(|c| f64::from(self.window_counts[c]) / period);
+        self.window_counts = [0; CLASS_COUNT];
+        let alpha = (period / 60.0).min(1.0);
+        for (s, r) in self.smoothed.iter_mut().zip(recent) {
+            *s += alpha * (r - *s);
+        }
+        self.last_recent = recent;
+
+        // Stale telemetry: failsafe within one tick of the deadline (nothing placed yet: nothing to hear from).
+        if !self.instances.values().any(|r| r.placement.is_some()) {
+            self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+        }
+        let lag = self.telemetry_lag_s(now_s);
+        let was_stale = self.stale.is_some();
+        self.stale = (lag > self.cfg.stale_after_s)
+            .then(|| format!("no telemetry for {lag:.1} s (limit {:.1} s)", self.cfg.stale_after_s));
+        if self.stale.is_some() && !was_stale {
+            self.counters.failsafe_entries += 1;
+            tracing::warn!(lag_s = lag, "telemetry is stale: failsafe (top clocks, the fleet held as it is)");
+        }
+
+        let c = &self.cfg.controller;
+        let scale_min = ((c.scale_period_s + c.spawn_lead_s) / 60.0).ceil().max(1.0) as usize;
+        let shard_min =
+            ((c.shard_period_s + c.spawn_lead_s) / 60.0).ceil().max(FORECAST_LEVEL_MINUTES_MIN as f64) as usize;
+        let peak_scale = self.forecasts.peak(scale_min);
+        let peak_shard = self.forecasts.peak(shard_min);
+
+        let class_attainment_recent = self.att_hist.push(now_s, self.att_totals, c);
+        let obs = Observations {
+            now_s,
+            instances: self
+                .instances
+                .values()
+                .map(|r| InstanceObs {
+                    id: r.id,
+                    pool: PoolId(r.pool),
+                    tp: r.tp,
+                    clock_mhz: r.clock_mhz,
+                    state: r.state,
+                    outstanding: r.outstanding,
+                    waiting: r.waiting,
+                    power_w: (r.last_report_s.is_some() || !r.gpus.is_empty()).then_some(r.power_w),
+                })
+                .collect(),
+            class_rps_recent: recent,
+            class_rps_smoothed: self.smoothed,
+            class_peak_scale: Some(peak_scale),
+            class_peak_shard: Some(peak_shard),
+            observed_spawn_s: std::mem::take(&mut self.observed_spawn_s),
+            class_attainment_recent,
+            class_attainment_window: self.att_hist.plain_window(),
+        };
+        let decisions = self.ctl.step(now_s, &obs);
+        let mode = self.mode();
+        // Whether the fleet and the routes may change: not in dry-run, nor in failsafe while blind.
+        let may_change = match mode {
+            Mode::Auto => true,
+            Mode::DryRun => false,
+            Mode::Failsafe => self.stale.is_none(),
+        };
+        let mut out = Vec::new();
+        let max_clock = self.cfg.controller.max_clock_mhz;
+        for d in decisions {
+            let kind = d.action.kind().to_string();
+            *self.counters.decisions.entry(kind).or_default() += 1;
+            let acts = match mode {
+                Mode::DryRun => false,
+                Mode::Auto => true,
+                // No scale-in, no clock below the top; and while blind (stale
+                // telemetry) no change of the fleet at all: the plan then rests on
+                // load the service can no longer see.
+                Mode::Failsafe => match d.action {
+                    Action::Retire { .. } => false,
+                    Action::SetClock { clock_mhz, .. } => clock_mhz >= max_clock,
+                    Action::Spawn { .. }
+                    | Action::Reshard { .. }
+                    | Action::Route { .. }
+                    | Action::MoveQueued { .. } => may_change,
+                },
+            };
+            // A route changes the controller's table and is not sent itself: `follow_routing` carries
+            // the table to the backends. A retire that would leave a class the backends route without
+            // a serving instance waits in `held_retires` (make before break).
+            let mut d = d;
+            let deferred = acts
+                && match d.action {
+                    Action::Route { .. } => true,
+                    Action::Retire { instance } if self.routes_to_backends => match self.retire_blocked(instance) {
+                        Some(why) => {
+                            let reason = d.reason.clone();
+                            self.held_retires.insert(instance, HeldRetire { instance, since_s: now_s, reason });
+                            d.reason = format!("{}; held: {why}", d.reason);
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                };
+            let sent = acts && !deferred;
+            let id = sent.then(|| {
+                let cmd = self.issue(&d.action, now_s, wall_ms);
+                let id = cmd.id.clone();
+                out.push(cmd);
+                id
+            });
+            self.push_decision(DecisionRecord { id, mode, acted: sent, decision: d });
+        }
+        out.extend(self.follow_routing(now_s, wall_ms, may_change));
+        if mode == Mode::Auto {
+            out.extend(self.release_retires(now_s, wall_ms));
+        }
+        if mode == Mode::Failsafe {
+            // Every instance to the top clock, once (a draining one finishes as it is).
+            let reason = self.stale.clone().unwrap_or_else(|| "the operator chose failsafe".into());
+            out.extend(self.top_clocks(now_s, wall_ms, "failsafe", &format!("failsafe: {reason}; top clock"), false));
+        }
+
+        // Accounting and history.
+        let power_w: f64 = self.instances.values().map(|r| r.power_w).sum();
+        let total_rps: f64 = recent.iter().sum();
+        let base_w = self.baseline.power(total_rps);
+        self.baseline.energy_j += base_w * period;
+        self.baseline.power_w = base_w;
+        self.history.push_back(HistoryPoint {
+            time_s: now_s,
+            power_w,
+            gpus: self.gpus(),
+            actual_rps: total_rps,
+            forecast_rps: peak_shard.iter().sum(),
+        });
+        if self.history.len() > HISTORY_POINTS {
+            self.history.pop_front();
+        }
+        out
+    }
+}

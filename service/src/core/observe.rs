@@ -1,0 +1,118 @@
+//! What telemetry tells the core: arrivals, SLO counters, instance reports
+//! and samples, folded into the windows and minute series the controller sees.
+
+use super::*;
+
+impl ServiceCore {
+    /// Requests that arrived, per class.
+    pub fn observe_arrivals(&mut self, now_s: f64, counts: &[u32; CLASS_COUNT]) {
+        self.roll_minutes(now_s);
+        for (c, &n) in counts.iter().enumerate() {
+            self.window_counts[c] += n;
+            self.minute_counts[c] += n;
+        }
+        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+    }
+
+    /// Cumulative per-class SLO counters: `[ttft_ok, ttft_n, gaps_ok, gaps_n]`.
+    pub fn observe_attainment(&mut self, totals: [[u64; 4]; CLASS_COUNT]) {
+        self.att_totals = totals;
+    }
+
+    /// One instance's reading.
+    pub fn observe_instance(&mut self, now_s: f64, r: &InstanceReport) {
+        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+        if r.state == ReportedState::Stopped {
+            if let Some(rec) = self.instances.remove(&r.id) {
+                self.retired_energy_j += r.energy_j.max(rec.energy_j);
+            }
+            return;
+        }
+        let Some(rec) = self.instances.get_mut(&r.id) else { return };
+        let state = match r.state {
+            ReportedState::Starting => InstanceState::Starting,
+            ReportedState::Serving => InstanceState::Serving,
+            _ => InstanceState::Draining,
+        };
+        if rec.state == InstanceState::Starting && state == InstanceState::Serving {
+            self.observed_spawn_s.push(now_s - rec.spawned_at_s);
+        }
+        // A retire asked for stays asked for, whatever a late reading says.
+        if rec.state != InstanceState::Draining {
+            rec.state = state;
+        }
+        rec.outstanding = r.outstanding;
+        rec.waiting = r.waiting;
+        rec.power_w = r.power_w;
+        rec.energy_j = r.energy_j;
+        rec.clock_mhz = r.clock_mhz;
+        rec.last_report_s = Some(now_s);
+    }
+
+    /// A telemetry sample from a real cluster (MQTT or a scrape). GPU and
+    /// engine samples are matched to the instance whose placement is on the
+    /// sample's `site/node` (and, for GPUs, holds that GPU index); arrivals
+    /// samples count per class. Samples of nodes the service did not place
+    /// anything on are ignored.
+    pub fn observe_sample(&mut self, now_s: f64, sample: &telemetry::sample::Sample) {
+        use telemetry::sample::Sample;
+        let tags = match sample {
+            Sample::Gpu(g) => &g.tags,
+            Sample::Engine(e) => &e.tags,
+            Sample::Arrivals(a) => {
+                if let Some(c) = a.tags.class {
+                    let mut counts = [0u32; CLASS_COUNT];
+                    counts[c.index()] = a.requests.max(0.0).round() as u32;
+                    self.observe_arrivals(now_s, &counts);
+                }
+                return;
+            }
+        };
+        let node = match (&tags.site, &tags.node) {
+            (Some(s), Some(n)) => format!("{s}/{n}"),
+            (None, Some(n)) => n.clone(),
+            _ => return,
+        };
+        let gpu = tags.gpu;
+        let Some(rec) = self.instances.values_mut().find(|r| {
+            r.placement
+                .as_ref()
+                .is_some_and(|p| p.node == node && (p.gpus.is_empty() || gpu.is_none_or(|g| p.gpus.contains(&g))))
+        }) else {
+            return;
+        };
+        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
+        rec.last_report_s = Some(now_s);
+        match sample {
+            Sample::Gpu(g) => {
+                let e = g.energy_j.unwrap_or(rec.gpus.get(&g.tags.gpu.unwrap_or(0)).map_or(0.0, |x| x.1));
+                rec.gpus.insert(g.tags.gpu.unwrap_or(0), (g.power_w, e));
+                rec.power_w = rec.gpus.values().map(|x| x.0).sum();
+                rec.energy_j = rec.gpus.values().map(|x| x.1).sum();
+                if let Some(c) = g.sm_clock_mhz {
+                    rec.clock_mhz = c;
+                }
+            }
+            Sample::Engine(e) => {
+                let running = e.running.unwrap_or(0.0).max(0.0) as u32;
+                let waiting = e.waiting.unwrap_or(0.0).max(0.0) as u32;
+                rec.outstanding = running + waiting;
+                rec.waiting = waiting;
+                // An engine that answers serves (unless it was asked to retire).
+                if rec.state == InstanceState::Starting {
+                    rec.state = InstanceState::Serving;
+                    self.observed_spawn_s.push(now_s - rec.spawned_at_s);
+                }
+            }
+            Sample::Arrivals(_) => {}
+        }
+    }
+
+    pub(super) fn roll_minutes(&mut self, now_s: f64) {
+        while ((self.minute + 1) as f64) * 60.0 <= now_s {
+            self.forecasts.push_minute(std::array::from_fn(|c| f64::from(self.minute_counts[c])));
+            self.minute_counts = [0; CLASS_COUNT];
+            self.minute += 1;
+        }
+    }
+}

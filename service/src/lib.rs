@@ -1,0 +1,619 @@
+//! service: the always-on service (`dynamollm serve`). Telemetry → store →
+//! forecaster → controller → actuators on tokio timers, around the sans-IO
+//! `controller` crate ([`core::ServiceCore`] wraps it with the inventory,
+//! modes and command ids); the OpenAI-compatible request router
+//! ([`router`]); the HTTP API and the live page's server side ([`api`]).
+//! The in-process twin as a cluster ([`twin`], behind the default `twin`
+//! feature) is its only use of the twin's crate.
+//!
+//! - Every clock period the core ticks: it builds the observations, steps the
+//!   controller and returns commands. The state (plan, inventory, commands in
+//!   flight) is written to `state_dir/state.json` **before** any command is
+//!   sent, and every command goes through the audit log, so a restart after
+//!   kill -9 re-sends what was in flight with the same ids and repeats nothing.
+//! - Telemetry older than `stale_after_s` puts the service in failsafe (top
+//!   clocks, the fleet held as it is) at the next tick; shutdown resets clocks.
+//! - The HTTP API (axum) is in [`api`].
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod core;
+pub mod reports;
+pub mod router;
+#[cfg(feature = "twin")]
+pub mod twin;
+
+use actuators::{ActionId, AuditLog, Command, Dispatcher, Outcome};
+use anyhow::{Context, Result};
+use config::{Secret, ServiceConfig};
+use controller::control::{ControllerConfig, Loops};
+use controller::policy::Policy;
+use controller::profile::ProfileTable;
+use core::{CoreConfig, Mode, SavedState, ServiceCore};
+use reports::{TwinEvent, TwinTotals};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use telemetry::{RequestClass, CLASS_COUNT};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Service time: seconds since an origin, advancing `speed` times faster than
+/// the wall clock (tokio's clock, so tests can pause it).
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceClock {
+    start: tokio::time::Instant,
+    speed: f64,
+    offset_s: f64,
+}
+
+impl ServiceClock {
+    /// A clock that reads `offset_s` now.
+    pub fn new(speed: f64, offset_s: f64) -> ServiceClock {
+        ServiceClock { start: tokio::time::Instant::now(), speed, offset_s }
+    }
+
+    /// Service seconds now.
+    pub fn now_s(&self) -> f64 {
+        self.offset_s + self.start.elapsed().as_secs_f64() * self.speed
+    }
+
+    /// Wall time for `s` service seconds.
+    pub fn wall(&self, s: f64) -> Duration {
+        Duration::from_secs_f64((s / self.speed).max(0.0))
+    }
+
+    /// Service seconds per wall second.
+    pub fn speed(&self) -> f64 {
+        self.speed
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the service shares between its loop and its API.
+pub struct Shared {
+    /// The core.
+    pub core: Mutex<ServiceCore>,
+    /// Service time.
+    pub clock: ServiceClock,
+    /// The API's bearer token.
+    pub token: Secret,
+    /// Set after the first tick.
+    pub ready: AtomicBool,
+    /// The service's own metrics.
+    pub metrics: api::ServiceMetrics,
+    /// The actuator backends behind the audit log.
+    pub actuators: Dispatcher,
+    /// What the request router did.
+    pub router_stats: Mutex<router::RouterStats>,
+    /// The router's streaming requests with no first token yet (what `move-queued` may take back).
+    pub unstarted: Arc<router::Unstarted>,
+    /// How long the router holds a request for a pool with no serving instance (service seconds).
+    pub router_hold_s: f64,
+    /// How the router spreads a pool's requests over its instances.
+    pub router_balance: telemetry::Balance,
+    /// Where telemetry goes: the embedded store (`[telemetry.store]`), when enabled.
+    pub store: Option<telemetry::ingest::StoreWriter>,
+    /// Wall time (ms since the Unix epoch) of service time zero: samples are stamped from it.
+    pub epoch_ms: i64,
+}
+
+/// A running service.
+pub struct RunningService {
+    /// The API's address.
+    pub addr: std::net::SocketAddr,
+    /// The request router's address, when `[router]` is set.
+    pub router_addr: Option<std::net::SocketAddr>,
+    /// Its shared state.
+    pub shared: Arc<Shared>,
+    /// Set when a twin cluster's workload is over (with the twin's totals).
+    pub finished: watch::Receiver<Option<Arc<TwinTotals>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningService {
+    /// Stop: no more ticks, clocks reset, state saved.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        self.task.await.context("the service task panicked")?
+    }
+
+    /// Wait until the service ends by itself (it does not, unless it fails).
+    pub async fn wait(self) -> Result<()> {
+        let RunningService { task, shutdown, .. } = self;
+        let r = task.await.context("the service task panicked")?;
+        drop(shutdown);
+        r
+    }
+}
+
+/// The embedded store's directory when `[telemetry.store] data_dir` is not set.
+pub fn store_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("telemetry")
+}
+
+/// Where a real cluster's audit log is: in the embedded store's file when the
+/// store is on, else `actuators-audit.redb` in the state directory.
+pub fn audit_path(state_dir: &Path) -> PathBuf {
+    let in_store = store_dir(state_dir).join(telemetry::store::FILE_NAME);
+    if in_store.exists() {
+        in_store
+    } else {
+        state_dir.join("actuators-audit.redb")
+    }
+}
+
+/// Where the state file lives.
+pub fn state_path(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+/// Write the state atomically (temp file, fsync, rename).
+pub fn save_state(dir: &Path, s: &SavedState) -> Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    let text = serde_json::to_vec(s)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, state_path(dir)).with_context(|| format!("cannot replace {}", state_path(dir).display()))
+}
+
+/// Read a saved state, if there is one.
+pub fn load_state(dir: &Path) -> Result<Option<SavedState>> {
+    let p = state_path(dir);
+    match std::fs::read(&p) {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{}: not a saved state", p.display()))?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+}
+
+/// The controller settings a policy implies.
+pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<ControllerConfig> {
+    let policy = Policy::parse(&cfg.service.policy).map_err(anyhow::Error::msg)?;
+    let loops =
+        policy.loops().unwrap_or(Loops { scale: false, shard: false, clock: false, pools: policy.pool_count() > 1 });
+    let max_clock = profile.clocks(RequestClass::ALL[8], 8).into_iter().max().unwrap_or(1980);
+    let mut c = ControllerConfig::new(loops, max_clock);
+    let s = &cfg.controller;
+    c.scale_period_s = s.scale_period_s;
+    c.shard_period_s = s.shard_period_s;
+    c.clock_period_s = s.clock_period_s;
+    c.max_util = s.max_util;
+    c.warm_spawn = s.warm_spawn;
+    c.spawn_lead_s = s.spawn_lead_s;
+    c.clock_hold_s = s.clock_hold_s;
+    c.clock_down_sigmas = s.clock_down_sigmas;
+    c.mix_hysteresis = s.mix_hysteresis;
+    c.retire_min_age_s = s.retire_min_age_s;
+    c.clock_margin_floor = s.clock_margin_floor;
+    c.attainment_comfort = s.attainment_comfort;
+    // On where something carries it out: the in-process twin, or the request router.
+    c.move_queued = s.move_queued.unwrap_or(cfg.cluster.kind == "twin" || cfg.router.listen.is_some());
+    c.reshard_in_place = s.reshard_in_place.unwrap_or(cfg.cluster.kind == "twin");
+    if let (Some(t), true) = (&s.tps, loops.shard) {
+        c.tps = t.clone();
+    }
+    if let Some(b) = s.gpu_budget {
+        c.gpu_budget = b;
+    }
+    if !loops.scale && !loops.shard {
+        c.fixed_instances = Some(s.fixed_instances.unwrap_or(4));
+    }
+    Ok(c)
+}
+
+/// Start the service: bind the API, recover or create the state, start the
+/// cluster backend and the loop. Returns once the API listens.
+pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
+    let token = cfg.token()?;
+    let mut profile = match &cfg.service.profile {
+        Some(p) => ProfileTable::load(p)?,
+        None => ProfileTable::bundled(),
+    };
+    profile.set_slo_multiplier(cfg.service.slo_multiplier);
+    let ccfg = controller_config(&cfg, &profile)?;
+    let pools = if ccfg.loops.pools { CLASS_COUNT } else { 1 };
+    let core_cfg = CoreConfig {
+        controller: ccfg.clone(),
+        stale_after_s: cfg.service.stale_after_s,
+        pool_names: (0..pools)
+            .map(|p| if pools == 1 { "all".to_string() } else { RequestClass::from_index(p).to_string() })
+            .collect(),
+        retire_ack_means_stopped: cfg.cluster.kind != "twin",
+    };
+    let dir = cfg.service.state_dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create state_dir {}", dir.display()))?;
+    let twin = cfg.cluster.kind == "twin";
+    // A twin starts afresh every time (it is the cluster); a real cluster's state is recovered.
+    let saved = if twin { None } else { load_state(&dir)? };
+    let offset = saved.as_ref().map_or(0.0, |s| s.saved_at_s);
+    let clock = ServiceClock::new(cfg.service.speed, offset);
+    let (mut core, recovered) = match saved {
+        Some(s) => {
+            tracing::info!(pending = s.pending.len(), instances = s.instances.len(), "recovered the saved state");
+            (ServiceCore::restore(core_cfg, profile.clone(), s, offset).map_err(anyhow::Error::msg)?, true)
+        }
+        None => (ServiceCore::new(core_cfg, profile.clone(), 0.0), false),
+    };
+    if !recovered {
+        core.set_mode(Mode::parse(&cfg.service.mode).map_err(anyhow::Error::msg)?);
+        if let Some(m) = &cfg.service.initial_class_rps {
+            let mut d = [0.0; CLASS_COUNT];
+            for (k, v) in m {
+                if let Ok(c) = RequestClass::parse(k) {
+                    d[c.index()] = *v;
+                }
+            }
+            core.prime_rates(d);
+        }
+    }
+    let (routing_tx, routing_rx) = watch::channel(core.routed());
+    let timeout = Duration::from_secs_f64(cfg.service.action_timeout_s / cfg.service.speed.max(1.0))
+        .max(Duration::from_millis(50));
+    // The embedded store (default under state_dir): telemetry, and the audit log of a real cluster.
+    let tcfg = cfg.telemetry_config()?;
+    let store = if tcfg.store.enabled {
+        let explicit = cfg.telemetry.as_ref().and_then(|t| t.get("store")).and_then(|s| s.get("data_dir")).is_some();
+        let data_dir = if explicit { tcfg.store.data_dir.clone() } else { store_dir(&dir) };
+        let s = telemetry::store::Store::open(&data_dir, tcfg.store.retention())
+            .with_context(|| format!("telemetry store in {}", data_dir.display()))?;
+        Some(Arc::new(s))
+    } else {
+        None
+    };
+    let unstarted = Arc::new(router::Unstarted::default());
+    let mut samples_rx: Option<mpsc::Receiver<telemetry::sample::Sample>> = None;
+    let mut scrape_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, Duration)> = None;
+    let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let (dispatcher, twin_events) = if twin {
+        let (d, events) = twin_backend(&cfg, &mut core, clock, routing_rx, pools, ccfg.clock_period_s, &dir, timeout)?;
+        (d, Some(events))
+    } else {
+        let mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt)
+            .map_err(|e| anyhow::anyhow!("{}: telemetry.{e}", cfg.origin))?;
+        let audit = Arc::new(match &store {
+            Some(s) => AuditLog::in_store(s.clone())?,
+            None => AuditLog::open_in_dir(&dir)?,
+        });
+        let mut d = actuators::build(&cfg.actuators_config()?, audit, mqtt.as_ref())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.origin))?;
+        if d.backend_names().is_empty() {
+            anyhow::bail!("{}: cluster.kind = \"external\" needs at least one [actuators] backend", cfg.origin);
+        }
+        if cfg.router.listen.is_some() {
+            // The router holds the streams: it carries out move-queued, before any backend.
+            d.push_front(Arc::new(router::RouterMover::new(unstarted.clone())), timeout);
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        if cfg.cluster.scrape_interval_s > 0.0 {
+            scrape_tx = Some((tx.clone(), Duration::from_secs_f64(cfg.cluster.scrape_interval_s)));
+        }
+        if let Some(m) = mqtt {
+            let mut m = m;
+            m.client_id = format!("{}-collector", m.client_id);
+            keep.push(Box::new(telemetry::mqtt::MqttCollector::spawn(m, tx.clone())));
+        }
+        samples_rx = Some(rx);
+        (d, None)
+    };
+    // An external router told by `route` commands gets each class's route once its new pool serves,
+    // and retires wait for it; the built-in router and the twin follow the table in effect themselves.
+    let probe = actuators::Action::Route { class: RequestClass::from_index(0).to_string(), pool: actuators::PoolId(0) };
+    core.set_routes_to_backends(!twin && cfg.router.listen.is_none() && dispatcher.carries(&probe));
+    let shared = Arc::new(Shared {
+        core: Mutex::new(core),
+        clock,
+        token,
+        ready: AtomicBool::new(false),
+        metrics: api::ServiceMetrics::new()?,
+        actuators: dispatcher,
+        router_stats: Mutex::new(router::RouterStats::default()),
+        unstarted,
+        router_hold_s: cfg.router.hold_s,
+        router_balance: cfg.router.balance,
+        store: store.map(|s| {
+            telemetry::ingest::StoreWriter::spawn(
+                s,
+                tcfg.store.flush_interval(),
+                Duration::from_secs(tcfg.store.maintenance_interval_s.max(1)),
+            )
+        }),
+        epoch_ms: wall_ms() as i64,
+    });
+    if let Some((tx, every)) = scrape_tx {
+        keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape_engines(shared.clone(), tx, every)))));
+    }
+    let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.service.listen))?;
+    let addr = listener.local_addr()?;
+    let app = api::router(shared.clone());
+    let (stop_api_tx, stop_api_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_api_rx.await;
+            })
+            .await;
+    });
+    let router_addr = match &cfg.router.listen {
+        Some(l) => {
+            let listener =
+                tokio::net::TcpListener::bind(l).await.with_context(|| format!("router: cannot listen on {l}"))?;
+            let addr = listener.local_addr()?;
+            let app = router::router(shared.clone());
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            Some(addr)
+        }
+        None => None,
+    };
+    let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let shared2 = shared.clone();
+    let (finished_tx, finished_rx) = watch::channel(None);
+    let task = tokio::spawn(async move {
+        let r =
+            run_loop(shared2, dir, twin_events, samples_rx, routing_tx, shutdown_rx, finished_tx, stop_api_tx).await;
+        drop(keep);
+        r
+    });
+    tracing::info!(%addr, "dynamollm serve: API up");
+    Ok(RunningService { addr, router_addr, shared, finished: finished_rx, shutdown: Some(shutdown_tx), task })
+}
+
+/// The in-process twin as the cluster (`cluster.kind = "twin"`): see [`twin::backend`].
+#[cfg(feature = "twin")]
+#[allow(clippy::too_many_arguments)]
+fn twin_backend(
+    cfg: &ServiceConfig,
+    core: &mut ServiceCore,
+    clock: ServiceClock,
+    routing: watch::Receiver<[u32; CLASS_COUNT]>,
+    pools: usize,
+    clock_period_s: f64,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<(Dispatcher, mpsc::UnboundedReceiver<TwinEvent>)> {
+    twin::backend(cfg, core, clock, routing, pools, clock_period_s, dir, timeout)
+}
+
+/// Built without the twin: `cluster.kind = "twin"` is refused, naming the feature.
+#[cfg(not(feature = "twin"))]
+#[allow(clippy::too_many_arguments)]
+fn twin_backend(
+    cfg: &ServiceConfig,
+    _core: &mut ServiceCore,
+    _clock: ServiceClock,
+    _routing: watch::Receiver<[u32; CLASS_COUNT]>,
+    _pools: usize,
+    _clock_period_s: f64,
+    _dir: &Path,
+    _timeout: Duration,
+) -> Result<(Dispatcher, mpsc::UnboundedReceiver<TwinEvent>)> {
+    anyhow::bail!("{}: cluster.kind = \"twin\" needs the service built with its `twin` feature", cfg.origin)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_loop(
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    mut twin_events: Option<mpsc::UnboundedReceiver<TwinEvent>>,
+    mut samples: Option<mpsc::Receiver<telemetry::sample::Sample>>,
+    routing_tx: watch::Sender<[u32; CLASS_COUNT]>,
+    mut shutdown: oneshot::Receiver<()>,
+    finished: watch::Sender<Option<Arc<TwinTotals>>>,
+    stop_api: oneshot::Sender<()>,
+) -> Result<()> {
+    let clock = shared.clock;
+    let period_s = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.config_clock_period_s();
+    let mut tick = tokio::time::interval(clock.wall(period_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(ActionId, Outcome)>();
+    let mut twin_over = false;
+    let mut gpu_counters = reports::GpuCounters::default();
+    // Commands left in flight by a previous run go out again, same ids.
+    let resend: Vec<Command> = shared.core.lock().map(|c| c.pending().cloned().collect()).unwrap_or_default();
+    if !resend.is_empty() {
+        tracing::info!(n = resend.len(), "re-sending the commands in flight before the restart");
+        send(&shared, resend, &out_tx);
+    }
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            // A twin whose workload is over is a cluster no more: nothing to control.
+            _ = tick.tick(), if !twin_over => {
+                let started = std::time::Instant::now();
+                let now = clock.now_s();
+                let (cmds, saved, routing) = {
+                    let mut core = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                    let cmds = core.tick(now, wall_ms());
+                    (cmds, core.save(now), core.routed())
+                };
+                // Write-ahead: the plan and the commands are on disk before anything acts.
+                if let Err(e) = save_state(&dir, &saved) {
+                    tracing::error!("cannot save the state: {e:#}");
+                }
+                routing_tx.send_replace(routing);
+                shared.metrics.observe_tick(started.elapsed());
+                shared.ready.store(true, Ordering::Relaxed);
+                send(&shared, cmds, &out_tx);
+            }
+            Some((id, outcome)) = out_rx.recv() => {
+                if let Ok(mut core) = shared.core.lock() {
+                    core.on_outcome(&id, &outcome);
+                }
+            }
+            Some(sample) = async { match samples.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                let now = clock.now_s();
+                if let Ok(mut core) = shared.core.lock() {
+                    core.observe_sample(now, &sample);
+                }
+                if let Some(w) = &shared.store {
+                    w.write(sample.points()).await;
+                }
+            }
+            Some(ev) = async { match twin_events.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                match ev {
+                    TwinEvent::Report { now_s, instances, arrivals, attainment } => {
+                        let pools: Vec<(u32, u32)> = if let Ok(mut core) = shared.core.lock() {
+                            core.observe_arrivals(now_s, &arrivals);
+                            core.observe_attainment(*attainment);
+                            for r in &instances {
+                                core.observe_instance(now_s, r);
+                            }
+                            core.instances().map(|r| (r.id.0, r.pool)).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        if let Some(w) = &shared.store {
+                            let ts_ms = shared.epoch_ms + (now_s * 1000.0) as i64;
+                            w.write(gpu_counters.samples(ts_ms, &instances, &pools, &arrivals)).await;
+                        }
+                    }
+                    TwinEvent::Finished(totals) => {
+                        finished.send_replace(Some(Arc::from(totals)));
+                        twin_events = None;
+                        twin_over = true;
+                    }
+                }
+            }
+        }
+    }
+    // Graceful: every instance back to the top clock (through the backends that set
+    // clocks, edge agents included), each backend's own reset, state saved, API down.
+    let now = clock.now_s();
+    let cmds = shared.core.lock().map(|mut c| c.shutdown_commands(now, wall_ms())).unwrap_or_default();
+    if !cmds.is_empty() {
+        let saved = shared.core.lock().map(|c| c.save(now)).map_err(|_| anyhow::anyhow!("poisoned"))?;
+        save_state(&dir, &saved)?;
+        let all = async {
+            for cmd in &cmds {
+                let outcome = shared
+                    .actuators
+                    .dispatch(cmd)
+                    .await
+                    .unwrap_or_else(|e| Outcome::Failed { reason: e.to_string(), retryable: true });
+                if let Ok(mut core) = shared.core.lock() {
+                    core.on_outcome(&cmd.id, &outcome);
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), all).await.is_err() {
+            tracing::error!("shutdown: not every clock was reset within 10 s");
+        }
+    }
+    for (backend, e) in shared.actuators.reset_all().await {
+        tracing::error!(backend, "reset at shutdown failed: {e}");
+    }
+    let now = clock.now_s();
+    let saved = shared.core.lock().map(|c| c.save(now)).map_err(|_| anyhow::anyhow!("poisoned"))?;
+    save_state(&dir, &saved)?;
+    if let Some(w) = &shared.store {
+        if let Err(e) = w.flush().await {
+            tracing::error!("shutdown: the telemetry store did not flush: {e}");
+        }
+    }
+    let _ = stop_api.send(());
+    Ok(())
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Read every placed instance's engine page (`<endpoint>/metrics`, vLLM or
+/// SGLang names) and pass its samples on, tagged with the instance's node, as
+/// an agent would. Bad pages and lines are logged with their source and skipped.
+async fn scrape_engines(shared: Arc<Shared>, tx: mpsc::Sender<telemetry::sample::Sample>, every: Duration) {
+    use telemetry::sample::{Sample, Tags};
+    let http = reqwest::Client::builder().timeout(every.max(Duration::from_secs(2))).build().unwrap_or_default();
+    let mut trackers: std::collections::HashMap<u32, telemetry::scrape::EngineTracker> = Default::default();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let targets: Vec<(u32, String, String)> = match shared.core.lock() {
+            Ok(c) => c
+                .instances()
+                .filter_map(|r| {
+                    let p = r.placement.as_ref()?;
+                    Some((r.id.0, p.endpoint.clone()?, p.node.clone()))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        trackers.retain(|id, _| targets.iter().any(|t| t.0 == *id));
+        for (id, endpoint, node) in targets {
+            let url = format!("{}/metrics", endpoint.trim_end_matches('/'));
+            let text = match telemetry::scrape::fetch(&http, &url).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%url, "engine page: {e}");
+                    continue;
+                }
+            };
+            let page = match telemetry::scrape::parse_engine_page(&text, &url) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    continue;
+                }
+            };
+            for e in &page.errors {
+                tracing::warn!("{e}");
+            }
+            let at = match node.split_once('/') {
+                Some((site, n)) => Tags::node(site, n),
+                None => Tags { node: Some(node.clone()), ..Tags::default() },
+            };
+            let tags = Tags { instance: Some(format!("i{id}")), ..at };
+            let tracker = trackers.entry(id).or_default();
+            for s in tracker.observe(&page, telemetry::sample::now_ms(), &tags) {
+                if tx.send(Sample::Engine(s)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Send one tick's commands in order (a spawn before the clock of the same instance).
+fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(ActionId, Outcome)>) {
+    if cmds.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    let out = out.clone();
+    tokio::spawn(async move {
+        for cmd in cmds {
+            let outcome = match shared.actuators.dispatch(&cmd).await {
+                Ok(o) => o,
+                Err(e) => Outcome::Failed { reason: format!("audit log: {e}"), retryable: true },
+            };
+            shared.metrics.observe_action(cmd.action.kind(), &outcome);
+            if !outcome.is_applied() {
+                tracing::warn!(id = %cmd.id, ?outcome, "action not applied");
+            }
+            let _ = out.send((cmd.id.clone(), outcome));
+        }
+    });
+}

@@ -1,0 +1,17 @@
+//! telemetry-core: the vocabulary of measurement, with no IO runtime — request
+//! classes and their boundaries, latency objectives, request traces and the
+//! arrival streams made from them, typed samples and per-class series. Every
+//! dynamollm crate speaks it; the sans-IO controller depends on it alone, and
+//! `telemetry` re-exports it beside the collectors and stores.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod class;
+pub mod sample;
+pub mod series;
+pub mod slo;
+pub mod trace;
+
+pub use class::{ClassBoundaries, LengthBand, RequestClass, CLASS_COUNT};
+pub use slo::{Balance, ClassSlo, SloRule, P99_ATTAINMENT};
+pub use trace::{LengthSamples, Request, TraceError};
