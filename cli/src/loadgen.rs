@@ -1,7 +1,10 @@
 //! A load generator for OpenAI-compatible streaming endpoints (vLLM, SGLang,
 //! `dynamollm twin serve`): sends completions with a prompt of exactly N
 //! tokens (as token ids) and `max_tokens` = M with `ignore_eos`, and times
-//! the stream: TTFT from send to the first token, TBT between tokens.
+//! the stream: TTFT from send to the first token, TBT between tokens. An
+//! event may carry several tokens (speculative decoding): its tokens are
+//! counted from its text and rescaled to the engine's final `usage`, and an
+//! event of k tokens after a gap g is k gaps of g/k.
 
 use anyhow::{anyhow, bail, Context, Result};
 use eventsource_stream::Eventsource;
@@ -44,6 +47,7 @@ pub async fn stream_completion(
         "min_tokens": output_tokens,
         "ignore_eos": true,
         "stream": true,
+        "stream_options": { "include_usage": true },
         "temperature": 0.0,
     });
     let url = format!("{}/v1/completions", base_url.trim_end_matches('/'));
@@ -55,10 +59,9 @@ pub async fn stream_completion(
         bail!("POST {url} answered {status}: {}", text.chars().take(300).collect::<String>());
     }
     let mut events = resp.bytes_stream().eventsource();
-    let mut first: Option<Instant> = None;
-    let mut last = sent;
-    let mut gaps = Vec::with_capacity(output_tokens as usize);
-    let mut tokens = 0u32;
+    // (arrival, tokens counted in its text) of each event with text.
+    let mut seen: Vec<(Instant, u32)> = Vec::with_capacity(output_tokens as usize);
+    let mut usage: Option<u32> = None;
     while let Some(ev) = events.next().await {
         let ev = ev.map_err(|e| anyhow!("{url}: broken event stream: {e}"))?;
         let now = Instant::now();
@@ -67,22 +70,33 @@ pub async fn stream_completion(
         }
         let v: serde_json::Value =
             serde_json::from_str(&ev.data).with_context(|| format!("{url}: event is not JSON: {:?}", ev.data))?;
-        let has_text = v["choices"]
+        if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+            usage = Some(u.min(u64::from(u32::MAX)) as u32);
+        }
+        let k: u32 = v["choices"]
             .as_array()
-            .map(|c| c.iter().any(|ch| ch["text"].as_str().is_some_and(|t| !t.is_empty())))
-            .unwrap_or(false);
-        if !has_text {
-            continue;
+            .map(|c| {
+                c.iter()
+                    .filter_map(|ch| ch["text"].as_str().filter(|t| !t.is_empty()))
+                    .map(|t| service::openai::text_tokens(t).max(1))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if k > 0 {
+            seen.push((now, k));
         }
-        tokens += 1;
-        match first {
-            None => first = Some(now),
-            Some(_) => gaps.push(now - last),
-        }
-        last = now;
     }
-    let first = first.ok_or_else(|| anyhow!("{url}: the stream ended without a token"))?;
-    Ok(StreamTiming { ttft: first - sent, gaps, tokens, e2e: last - sent })
+    let Some(&(first, _)) = seen.first() else { bail!("{url}: the stream ended without a token") };
+    let counted: u32 = seen.iter().map(|e| e.1).sum();
+    let scale = usage.filter(|_| counted > 0).map_or(1.0, |u| f64::from(u) / f64::from(counted));
+    let mut gaps = Vec::with_capacity(output_tokens as usize);
+    for w in seen.windows(2) {
+        let k = ((f64::from(w[1].1) * scale).round() as u32).max(1);
+        let gap = (w[1].0 - w[0].0) / k;
+        gaps.extend(std::iter::repeat_n(gap, k as usize));
+    }
+    let last = seen.last().map_or(first, |e| e.0);
+    Ok(StreamTiming { ttft: first - sent, gaps, tokens: usage.unwrap_or(counted), e2e: last - sent })
 }
 
 /// Results of a Poisson run.

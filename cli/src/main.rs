@@ -26,6 +26,8 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// The always-on service: telemetry → forecasts → controller → actuators, with its HTTP API.
     Serve(cmd::serve::ServeArgs),
+    /// The whole product on real sockets: `serve` managing `twin serve` engine processes through a cluster-manager script, a trace replayed through its router, then `sim` on the same trace.
+    Rehearse(cmd::rehearse::RehearseArgs),
     /// Build a profile table by sweeping class × TP × clock × load on the twin or a real engine.
     Profile(cmd::profile::ProfileArgs),
     /// Accuracy of the output-class predictor on Azure traces.
@@ -52,6 +54,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Twin(t) => cmd::twin::run(&t),
         Command::Demo(a) => cmd::demo::run(&a).map(|_| true),
         Command::Serve(a) => cmd::serve::run(&a).map(|_| true),
+        Command::Rehearse(a) => cmd::rehearse::run(&a).map(|_| true),
         Command::Profile(a) => cmd::profile::run(&a).map(|_| true),
         Command::Report(a) => cmd::report::run(&a).map(|_| true),
         Command::Predictor(a) => cmd::predictor::run(&a).map(|_| true),

@@ -44,6 +44,9 @@ pub struct ServeConfig {
     pub model: String,
     /// Per-class SLOs to count first tokens and token gaps against (`dynamollm_twin_slo_total`).
     pub slo: Option<[ClassSlo; CLASS_COUNT]>,
+    /// The key clients must send (`Authorization: Bearer …`) on `/v1/*` and
+    /// `/tokenize`, as vLLM's `--api-key` asks; none: open.
+    pub api_key: Option<String>,
 }
 
 /// A token or the end of a stream, as the engine task hands it to a handler.
@@ -348,40 +351,23 @@ struct AppState {
     supported_clocks_mhz: Arc<Vec<u32>>,
     default_clock_mhz: u32,
     metrics: Arc<EngineMetrics>,
+    api_key: Option<Arc<str>>,
 }
 
-/// An OpenAI-style error answer.
+/// An OpenAI-style error answer (OpenAI's error object, as vLLM answers).
 fn api_error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({ "error": { "message": message.into(), "type": "invalid_request_error", "code": status.as_u16() } });
-    (status, Json(body)).into_response()
+    service::openai::error(status, message)
 }
 
-/// The prompt length a request asks for: token ids count one each; text counts whitespace-separated words.
-fn prompt_tokens(prompt: &serde_json::Value) -> Result<u32, String> {
-    match prompt {
-        serde_json::Value::String(s) => Ok(s.split_whitespace().count().max(1) as u32),
-        serde_json::Value::Array(a) if a.iter().all(|x| x.is_u64()) => Ok(a.len().max(1) as u32),
-        serde_json::Value::Array(a) if a.len() == 1 => prompt_tokens(&a[0]),
-        _ => Err("`prompt` must be a string, an array of token ids, or a one-element array of either".into()),
+/// A request without the key the engine was started with is refused, as vLLM's `--api-key` does.
+#[allow(clippy::result_large_err)] // the error is the answer itself
+fn authorised(st: &AppState, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+    let Some(key) = &st.api_key else { return Ok(()) };
+    let sent = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match sent.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(k) if k == &**key => Ok(()),
+        _ => Err(api_error(StatusCode::UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer …)")),
     }
-}
-
-fn chat_tokens(messages: &serde_json::Value) -> Result<u32, String> {
-    let arr = messages.as_array().ok_or("`messages` must be an array")?;
-    let mut n = 0u32;
-    for (i, m) in arr.iter().enumerate() {
-        match &m["content"] {
-            serde_json::Value::String(s) => n += s.split_whitespace().count() as u32 + 4,
-            serde_json::Value::Array(parts) => {
-                for p in parts {
-                    n += p["text"].as_str().map(|t| t.split_whitespace().count() as u32).unwrap_or(0);
-                }
-                n += 4;
-            }
-            _ => return Err(format!("`messages[{i}].content` must be a string or an array of parts")),
-        }
-    }
-    Ok(n.max(1))
 }
 
 #[allow(clippy::result_large_err)] // the error is the answer itself, built once per bad request
@@ -407,28 +393,65 @@ enum Api {
     Chat,
 }
 
-async fn completions(State(st): State<AppState>, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
-    let v = match body_json(body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let input = match prompt_tokens(&v["prompt"]) {
-        Ok(n) => n,
-        Err(m) => return api_error(StatusCode::BAD_REQUEST, m),
-    };
-    generate(st, v, input, Api::Completions).await
+/// The body of an authorised request, and its prompt's tokens (the BPE
+/// count every request shape of the API gets, as the router falls back on).
+#[allow(clippy::result_large_err)] // the error is the answer itself
+fn admit(
+    st: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+    api: Api,
+) -> Result<(serde_json::Value, u32), Response> {
+    authorised(st, headers)?;
+    let v = body_json(body)?;
+    let field = if api == Api::Chat { "messages" } else { "prompt" };
+    if v[field].is_null() {
+        return Err(api_error(StatusCode::BAD_REQUEST, format!("the body needs `{field}`")));
+    }
+    let input = service::openai::prompt_tokens(&v).map_err(|m| api_error(StatusCode::BAD_REQUEST, m))?;
+    Ok((v, input))
 }
 
-async fn chat(State(st): State<AppState>, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
+async fn completions(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    match admit(&st, &headers, body, Api::Completions) {
+        Ok((v, input)) => generate(st, v, input, Api::Completions).await,
+        Err(r) => r,
+    }
+}
+
+async fn chat(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    match admit(&st, &headers, body, Api::Chat) {
+        Ok((v, input)) => generate(st, v, input, Api::Chat).await,
+        Err(r) => r,
+    }
+}
+
+/// `POST /tokenize` as vLLM answers it: `{"count", "max_model_len"}` for a
+/// `prompt` or `messages` body.
+async fn tokenize(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    if let Err(r) = authorised(&st, &headers) {
+        return r;
+    }
     let v = match body_json(body) {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let input = match chat_tokens(&v["messages"]) {
-        Ok(n) => n,
-        Err(m) => return api_error(StatusCode::BAD_REQUEST, m),
-    };
-    generate(st, v, input, Api::Chat).await
+    match service::openai::prompt_tokens(&v) {
+        Ok(n) => Json(serde_json::json!({ "count": n, "max_model_len": st.kv_capacity_tokens })).into_response(),
+        Err(m) => api_error(StatusCode::BAD_REQUEST, m),
+    }
 }
 
 async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Api) -> Response {
@@ -455,6 +478,9 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
             ),
         );
     }
+    // A batch of prompts (or `n` > 1) is served as one sequence of its longest
+    // prompt and answered once per prompt: the twin's engine has one stream per request.
+    let seqs = service::openai::sequences(&v);
     let stream = v["stream"].as_bool().unwrap_or(false);
     let include_usage = v["stream_options"]["include_usage"].as_bool().unwrap_or(false);
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -481,7 +507,7 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
         };
         return Json(serde_json::json!({
             "id": id, "object": if api == Api::Chat { "chat.completion" } else { "text_completion" },
-            "created": created, "model": &*model, "choices": [choice],
+            "created": created, "model": &*model, "choices": each(choice, seqs),
             "usage": {"prompt_tokens": usage.0, "completion_tokens": usage.1, "total_tokens": usage.0 + usage.1}
         }))
         .into_response();
@@ -498,14 +524,14 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
                 }
                 Api::Chat => serde_json::json!({"index":0,"delta":{"content":token_text(index)},"finish_reason":null}),
             };
-            vec![serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": [choice]}).to_string()]
+            vec![serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": each(choice, seqs)}).to_string()]
         }
         Out::Done { prompt_tokens, completion_tokens } => {
             let last = match api {
                 Api::Completions => serde_json::json!({"index":0,"text":"","logprobs":null,"finish_reason":"length"}),
                 Api::Chat => serde_json::json!({"index":0,"delta":{},"finish_reason":"length"}),
             };
-            let mut v = vec![serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": [last]}).to_string()];
+            let mut v = vec![serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": each(last, seqs)}).to_string()];
             if include_usage {
                 v.push(
                     serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": [],
@@ -518,6 +544,17 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
         }
     });
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// One choice per sequence of a request, numbered.
+fn each(choice: serde_json::Value, seqs: u32) -> Vec<serde_json::Value> {
+    (0..seqs.max(1))
+        .map(|i| {
+            let mut c = choice.clone();
+            c["index"] = serde_json::json!(i);
+            c
+        })
+        .collect()
 }
 
 /// Turn engine outputs into SSE events, each output giving one or more `data:` lines.
@@ -537,8 +574,11 @@ where
     .flatten()
 }
 
+/// The text of the `index`-th token: common English words that are one BPE
+/// token each, so a client counting tokens from the text counts what the engine sent.
 fn token_text(index: u32) -> String {
-    format!(" t{index}")
+    const WORDS: [&str; 10] = [" the", " of", " and", " to", " in", " a", " is", " that", " for", " it"];
+    WORDS[index as usize % WORDS.len()].to_string()
 }
 
 fn uuid_like() -> String {
@@ -547,7 +587,10 @@ fn uuid_like() -> String {
     format!("{:016x}", N.fetch_add(1, Ordering::Relaxed) ^ 0x5DEE_CE66_D1CE_4E5B)
 }
 
-async fn models(State(st): State<AppState>) -> Response {
+async fn models(State(st): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(r) = authorised(&st, &headers) {
+        return r;
+    }
     Json(serde_json::json!({"object":"list","data":[{"id": &*st.model, "object":"model","owned_by":"dynamollm-twin"}]}))
         .into_response()
 }
@@ -640,6 +683,7 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         supported_clocks_mhz: Arc::new(supported),
         default_clock_mhz: cfg.clock_mhz,
         metrics: metrics.clone(),
+        api_key: cfg.api_key.as_deref().map(Arc::from),
     };
     let engine = Engine {
         inst,
@@ -663,6 +707,7 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
         .route("/metrics", get(metrics_page))
         .route("/admin/clock", get(clock_get).post(clock_post))
         .route("/health", get(|| async { StatusCode::OK }))

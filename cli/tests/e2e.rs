@@ -265,6 +265,12 @@ kind = "external"
 
 [router]
 listen = "127.0.0.1:0"
+# Debug binaries of the service, four engines and four agents saturate two cores at 15x:
+# a wall millisecond of scheduling delay is 15 ms of measured latency, and the router's
+# view (SS's first tokens 62% within the SLO where the engines counted every class
+# >= 99.6%) taught the controller misses that capacity cannot fix (1.22x single-pool's
+# energy). The engines' own counters judge this run.
+feed_attainment = false
 
 [telemetry.mqtt]
 host = "{host}"

@@ -662,6 +662,7 @@ fn ss_split_back() -> ServiceCore {
         spawned_at_s: 0.0,
         last_report_s: None,
         gpus: BTreeMap::new(),
+        queues: BTreeMap::new(),
     };
     saved.instances = vec![record(1, 1, InstanceState::Serving), record(2, 0, InstanceState::Starting)];
     // The router sends SS to SM's pool 1; the controller has split it back to pool 0.

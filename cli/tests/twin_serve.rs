@@ -276,7 +276,7 @@ fn openai_answers_and_errors() {
         let usage = &chunks.last().unwrap()["usage"];
         assert_eq!(usage["completion_tokens"], 5, "{usage}");
 
-        // A whole completion with usage; the prompt's length is its word count.
+        // A whole completion with usage; the prompt's length is its BPE token count (a word each here).
         let body = serde_json::json!({"model": model, "prompt": "one two three four", "max_tokens": 7});
         let resp = client.post(server.url("/v1/completions")).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -318,7 +318,7 @@ fn openai_answers_and_errors() {
                 "no prompt",
                 client.post(server.url("/v1/completions")).json(&serde_json::json!({"max_tokens": 3})),
                 400,
-                "`prompt` must be a string",
+                "the body needs `prompt`",
             ),
             (
                 "messages not an array",

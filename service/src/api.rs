@@ -26,6 +26,7 @@ pub struct ServiceMetrics {
     loop_seconds: HistogramVec,
     actions: IntCounterVec,
     gauges: GaugeVec,
+    attainment: GaugeVec,
 }
 
 impl ServiceMetrics {
@@ -47,8 +48,16 @@ impl ServiceMetrics {
         )?;
         registry.register(Box::new(loop_seconds.clone()))?;
         registry.register(Box::new(actions.clone()))?;
+        let attainment = GaugeVec::new(
+            Opts::new(
+                "dynamollm_class_slo_attainment",
+                "Each class's SLO attainment so far (the lower of TTFT and TBT), as the router or the twin measured it.",
+            ),
+            &["class"],
+        )?;
         registry.register(Box::new(gauges.clone()))?;
-        Ok(ServiceMetrics { registry, loop_seconds, actions, gauges })
+        registry.register(Box::new(attainment.clone()))?;
+        Ok(ServiceMetrics { registry, loop_seconds, actions, gauges, attainment })
     }
 
     /// One tick took this long.
@@ -211,6 +220,10 @@ async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         g.with_label_values(&["held_retire_oldest_seconds"]).set(c.held_retire_oldest_s(now));
         g.with_label_values(&["failsafe"]).set(if c.mode() == Mode::Failsafe { 1.0 } else { 0.0 });
         g.with_label_values(&["time_seconds"]).set(now);
+        g.with_label_values(&["unmatched_samples"]).set(c.counters.unmatched_samples as f64);
+        for (class, att) in c.class_attainment() {
+            st.metrics.attainment.with_label_values(&[&class]).set(att.unwrap_or(f64::NAN));
+        }
     }
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&st.metrics.registry.gather(), &mut buf) {

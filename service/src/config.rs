@@ -175,6 +175,21 @@ pub struct ClusterSection {
     /// External: read every placed instance's `<endpoint>/metrics` (vLLM or
     /// SGLang) this often (wall seconds; 0: never, engine telemetry comes over MQTT only).
     pub scrape_interval_s: f64,
+    /// External: NVIDIA DCGM exporters to read GPU power, energy and clocks
+    /// from, one per node (`{ url = "http://node7:9400/metrics", node = "dc1/node7" }`;
+    /// `node` as the spawn backend places instances, default the page's `Hostname`),
+    /// read every `scrape_interval_s`.
+    pub dcgm: Vec<DcgmExporter>,
+}
+
+/// One node's DCGM exporter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DcgmExporter {
+    /// Its metrics page.
+    pub url: String,
+    /// The node's name as placements give it (default: the page's `Hostname` label).
+    pub node: Option<String>,
 }
 
 impl Default for ClusterSection {
@@ -189,6 +204,7 @@ impl Default for ClusterSection {
             seed: 1,
             physics: None,
             scrape_interval_s: 1.0,
+            dcgm: Vec::new(),
         }
     }
 }
@@ -205,11 +221,44 @@ pub struct RouterSection {
     /// flight) or `prompt-tokens` (fewest prompt tokens sent and not yet
     /// answered, then fewest in flight). The in-process twin routes the same way.
     pub balance: telemetry::Balance,
+    /// Connecting to an engine (s).
+    pub connect_timeout_s: f64,
+    /// From sending a request to the first byte of its answer (s): queueing
+    /// and the prefill of a long prompt included, so minutes, not seconds.
+    pub first_byte_timeout_s: f64,
+    /// The longest pause inside an answer (s); a stream as a whole has no limit.
+    pub idle_timeout_s: f64,
+    /// The key sent to the engines (`Authorization: Bearer …`) when a client
+    /// sends none; a client's own `Authorization` is always passed on.
+    pub api_key: Option<Secret>,
+    /// How prompt tokens are counted: `engine` (the engine's `/tokenize`,
+    /// exact for its model, within `tokenize_budget_ms`, else the router's
+    /// BPE) or `local` (the router's BPE only).
+    pub tokenize: String,
+    /// The longest a `/tokenize` may take (ms) before the router counts itself.
+    pub tokenize_budget_ms: f64,
+    /// Hand the controller the per-class SLO attainment the router measures
+    /// (what it learns capacity and clock margins from). Off only where the
+    /// router's clock cannot be trusted: an accelerated run (`service.speed`
+    /// above 1) on a machine its engines saturate, where each wall millisecond
+    /// of scheduling delay is `speed` milliseconds of measured latency.
+    pub feed_attainment: bool,
 }
 
 impl Default for RouterSection {
     fn default() -> Self {
-        RouterSection { listen: None, hold_s: 60.0, balance: telemetry::Balance::Requests }
+        RouterSection {
+            listen: None,
+            hold_s: 60.0,
+            balance: telemetry::Balance::Requests,
+            connect_timeout_s: 10.0,
+            first_byte_timeout_s: 600.0,
+            idle_timeout_s: 120.0,
+            api_key: None,
+            tokenize: "engine".into(),
+            tokenize_budget_ms: 50.0,
+            feed_attainment: true,
+        }
     }
 }
 
@@ -332,6 +381,29 @@ impl ServiceConfig {
             if l.parse::<std::net::SocketAddr>().is_err() {
                 bail!("{origin}: router.listen: {l:?} is not an address like 127.0.0.1:8000");
             }
+        }
+        let r = &self.router;
+        for (key, v, max) in [
+            ("router.hold_s", r.hold_s, 86_400.0),
+            ("router.connect_timeout_s", r.connect_timeout_s, 3_600.0),
+            ("router.first_byte_timeout_s", r.first_byte_timeout_s, 86_400.0),
+            ("router.idle_timeout_s", r.idle_timeout_s, 86_400.0),
+            ("router.tokenize_budget_ms", r.tokenize_budget_ms, 60_000.0),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= max) {
+                bail!("{origin}: {key} must be a number in (0, {max}], got {v}");
+            }
+        }
+        for (i, d) in self.cluster.dcgm.iter().enumerate() {
+            if reqwest::Url::parse(&d.url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                bail!("{origin}: cluster.dcgm[{i}].url: {:?} is not an http(s) URL", d.url);
+            }
+        }
+        if !(self.cluster.scrape_interval_s.is_finite() && (0.0..=86_400.0).contains(&self.cluster.scrape_interval_s)) {
+            bail!("{origin}: cluster.scrape_interval_s must be in [0, 86400], got {}", self.cluster.scrape_interval_s);
+        }
+        if !matches!(r.tokenize.as_str(), "engine" | "local") {
+            bail!("{origin}: router.tokenize: {:?} is not `engine` or `local`", r.tokenize);
         }
         if !matches!(self.cluster.kind.as_str(), "twin" | "external") {
             bail!("{origin}: cluster.kind: {:?} is not `twin` or `external`", self.cluster.kind);

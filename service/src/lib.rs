@@ -19,8 +19,10 @@
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod openai;
 pub mod reports;
 pub mod router;
+pub mod scrape;
 #[cfg(feature = "twin")]
 pub mod twin;
 
@@ -334,7 +336,10 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         epoch_ms: wall_ms() as i64,
     });
     if let Some((tx, every)) = scrape_tx {
-        keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape_engines(shared.clone(), tx, every)))));
+        for d in cfg.cluster.dcgm.clone() {
+            keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::dcgm(d, tx.clone(), every)))));
+        }
+        keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::engines(shared.clone(), tx, every)))));
     }
     let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
         .await
@@ -354,7 +359,12 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             let listener =
                 tokio::net::TcpListener::bind(l).await.with_context(|| format!("router: cannot listen on {l}"))?;
             let addr = listener.local_addr()?;
-            let app = router::router(shared.clone());
+            let app = router::router(shared.clone(), router::RouterSettings::from_section(&cfg.router));
+            // Tokens go out one small write at a time: without TCP_NODELAY, Nagle holds each
+            // until the client acknowledges the previous one (delayed ACKs add tens of ms).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             tokio::spawn(async move {
                 let _ = axum::serve(listener, app).await;
             });
@@ -537,62 +547,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Read every placed instance's engine page (`<endpoint>/metrics`, vLLM or
-/// SGLang names) and pass its samples on, tagged with the instance's node, as
-/// an agent would. Bad pages and lines are logged with their source and skipped.
-async fn scrape_engines(shared: Arc<Shared>, tx: mpsc::Sender<telemetry::sample::Sample>, every: Duration) {
-    use telemetry::sample::{Sample, Tags};
-    let http = reqwest::Client::builder().timeout(every.max(Duration::from_secs(2))).build().unwrap_or_default();
-    let mut trackers: std::collections::HashMap<u32, telemetry::scrape::EngineTracker> = Default::default();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let targets: Vec<(u32, String, String)> = match shared.core.lock() {
-            Ok(c) => c
-                .instances()
-                .filter_map(|r| {
-                    let p = r.placement.as_ref()?;
-                    Some((r.id.0, p.endpoint.clone()?, p.node.clone()))
-                })
-                .collect(),
-            Err(_) => return,
-        };
-        trackers.retain(|id, _| targets.iter().any(|t| t.0 == *id));
-        for (id, endpoint, node) in targets {
-            let url = format!("{}/metrics", endpoint.trim_end_matches('/'));
-            let text = match telemetry::scrape::fetch(&http, &url).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::debug!(%url, "engine page: {e}");
-                    continue;
-                }
-            };
-            let page = match telemetry::scrape::parse_engine_page(&text, &url) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    continue;
-                }
-            };
-            for e in &page.errors {
-                tracing::warn!("{e}");
-            }
-            let at = match node.split_once('/') {
-                Some((site, n)) => Tags::node(site, n),
-                None => Tags { node: Some(node.clone()), ..Tags::default() },
-            };
-            let tags = Tags { instance: Some(format!("i{id}")), ..at };
-            let tracker = trackers.entry(id).or_default();
-            for s in tracker.observe(&page, telemetry::sample::now_ms(), &tags) {
-                if tx.send(Sample::Engine(s)).await.is_err() {
-                    return;
-                }
-            }
-        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod collect;
 pub mod config;
+pub mod dcgm;
 pub mod gpu;
 pub mod ingest;
 pub mod mqtt;

@@ -41,7 +41,7 @@ pub enum ScrapeError {
 }
 
 /// The engine that wrote a page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EngineKind {
     /// vLLM (and the twin).
     Vllm,
@@ -49,7 +49,7 @@ pub enum EngineKind {
     Sglang,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Field {
     Ttft,
     Tbt,
@@ -92,8 +92,8 @@ const NAMES: &[(&str, EngineKind, Field)] = &[
     ("sglang:generation_tokens_total", EngineKind::Sglang, Field::GenerationTokens),
 ];
 
-fn classify(name: &str) -> Option<(EngineKind, Field, Part)> {
-    for &(base, kind, field) in NAMES {
+fn classify(name: &str) -> Option<(usize, EngineKind, Field, Part)> {
+    for (i, &(base, kind, field)) in NAMES.iter().enumerate() {
         let histogram = matches!(field, Field::Ttft | Field::Tbt | Field::E2e);
         if let Some(rest) = name.strip_prefix(base) {
             let part = match rest {
@@ -103,7 +103,7 @@ fn classify(name: &str) -> Option<(EngineKind, Field, Part)> {
                 "_count" if histogram => Part::Count,
                 _ => continue,
             };
-            return Some((kind, field, part));
+            return Some((i, kind, field, part));
         }
     }
     None
@@ -380,6 +380,20 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
     let mut models: BTreeMap<String, EngineMetrics> = BTreeMap::new();
     let mut errors = Vec::new();
     let line_err = |line: usize, problem: String| ScrapeError::Line { page: page.into(), line, problem };
+    // First pass: every engine line, checked. Which name each field is read
+    // from and which tensor-parallel rank stands for its replica are decided
+    // once the whole page is known.
+    struct Read<'a> {
+        name: usize,
+        kind: EngineKind,
+        field: Field,
+        part: Part,
+        model: String,
+        le: Option<f64>,
+        v: f64,
+        labels: Vec<(&'a str, String)>,
+    }
+    let mut read: Vec<Read<'_>> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let sample = match parse_line(line) {
             Ok(Some(s)) => s,
@@ -389,7 +403,7 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
                 continue;
             }
         };
-        let Some((k, field, part)) = classify(sample.name) else { continue };
+        let Some((name, k, field, part)) = classify(sample.name) else { continue };
         let model = sample.labels.iter().find(|(l, _)| *l == "model_name").map(|(_, v)| v.clone()).unwrap_or_default();
         let v = sample.value;
         if part != Part::Bucket && !v.is_finite() {
@@ -418,6 +432,46 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
         } else {
             None
         };
+        read.push(Read { name, kind: k, field, part, model, le, v, labels: sample.labels });
+    }
+    // A field exported under two names (vLLM 0.10 writes both
+    // `inter_token_latency_seconds` and the older `time_per_output_token_seconds`
+    // for the same gaps) is read from the newest name on the page only.
+    let mut newest: HashMap<(EngineKind, Field), usize> = HashMap::new();
+    for r in &read {
+        let e = newest.entry((r.kind, r.field)).or_insert(r.name);
+        *e = (*e).min(r.name);
+    }
+    // Every tensor-parallel (and pipeline) rank of one replica reports the same
+    // requests (SGLang labels them `tp_rank`, `pp_rank`): a series counts once,
+    // from the lowest rank of its replica (the other labels, `dp_rank` included).
+    let replica = |r: &Read<'_>| -> String {
+        let mut key: Vec<String> = r
+            .labels
+            .iter()
+            .filter(|(l, _)| *l != "tp_rank" && *l != "pp_rank")
+            .map(|(l, v)| format!("{l}={v}"))
+            .collect();
+        key.sort();
+        format!("{}|{}", NAMES[r.name].0, key.join(","))
+    };
+    let rank = |r: &Read<'_>| -> (u64, u64) {
+        let get = |name: &str| {
+            r.labels.iter().find(|(l, _)| *l == name).and_then(|(_, v)| v.parse::<u64>().ok()).unwrap_or(0)
+        };
+        (get("pp_rank"), get("tp_rank"))
+    };
+    let mut lowest: HashMap<String, (u64, u64)> = HashMap::new();
+    for r in &read {
+        let e = lowest.entry(replica(r)).or_insert(rank(r));
+        *e = (*e).min(rank(r));
+    }
+    for r in &read {
+        if newest.get(&(r.kind, r.field)) != Some(&r.name) || lowest.get(&replica(r)) != Some(&rank(r)) {
+            continue;
+        }
+        let (k, field, part, le, v) = (r.kind, r.field, r.part, r.le, r.v);
+        let model = r.model.clone();
         kind.get_or_insert(k);
         let m = models.entry(model).or_default();
         let hist = |h: &mut Option<Histogram>| {
@@ -589,12 +643,26 @@ impl ScrapeCollector {
 
 /// GET a metrics page: its text, or the error as text.
 pub async fn fetch(client: &reqwest::Client, url: &str) -> Result<String, String> {
-    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let mut resp = client.get(url).send().await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("HTTP {}", resp.status()));
     }
-    resp.text().await.map_err(|e| e.to_string())
+    let too_big = || format!("the page is over {} MiB; not read", MAX_PAGE_BYTES >> 20);
+    if resp.content_length().is_some_and(|n| n > MAX_PAGE_BYTES as u64) {
+        return Err(too_big());
+    }
+    let mut buf = Vec::new();
+    while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
+        buf.extend_from_slice(&c);
+        if buf.len() > MAX_PAGE_BYTES {
+            return Err(too_big());
+        }
+    }
+    String::from_utf8(buf).map_err(|e| format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to() + 1))
 }
+
+/// The largest metrics page read (a page of a few thousand series is well under 1 MiB).
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod forecast;
 pub mod predictor;
 pub mod profile;
+pub mod rehearse;
 pub mod report;
 pub mod serve;
 pub mod sim;

@@ -56,6 +56,9 @@ pub struct ProfileArgs {
     /// GPU access on a real target: `nvml`, or `twin` (the fake device over the target's `twin serve` endpoint).
     #[arg(long, default_value = "nvml")]
     pub gpu: String,
+    /// The engine's API key (an engine started with `--api-key`), sent as `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "KEY", env = "DYNAMOLLM_API_KEY")]
+    pub api_key: Option<String>,
     /// Model name to send and record (default: the first of the target's /v1/models).
     #[arg(long)]
     pub model: Option<String>,
@@ -138,6 +141,7 @@ pub fn run(args: &ProfileArgs) -> Result<()> {
             set_clocks,
             window: Duration::from_secs_f64(args.window_s.unwrap_or(60.0)),
             lengths: &lengths,
+            api_key: args.api_key.clone(),
         })?;
         let clocks = if set_clocks {
             parse_clocks(&args.clocks).map_err(anyhow::Error::msg)?

@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// The trace whose lengths give the class medians (default: the bundled Conversation trace).
     #[arg(long, value_name = "FILE")]
     pub lengths: Option<PathBuf>,
+    /// Require this key from clients (`Authorization: Bearer KEY`) on `/v1/*` and `/tokenize`, as vLLM's `--api-key`.
+    #[arg(long, value_name = "KEY", env = "DYNAMOLLM_TWIN_API_KEY")]
+    pub api_key: Option<String>,
     #[command(flatten)]
     pub physics: PhysicsArgs,
 }
@@ -113,6 +116,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         clock_mhz: args.clock_mhz,
         speed: args.speed,
         slo: Some(slo),
+        api_key: args.api_key.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {

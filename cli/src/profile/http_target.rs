@@ -34,6 +34,8 @@ pub struct HttpTargetOptions<'a> {
     pub window: Duration,
     /// Request lengths, split by class.
     pub lengths: &'a LengthSamples,
+    /// The engine's API key (sent as `Authorization: Bearer …` on every request).
+    pub api_key: Option<String>,
 }
 
 /// A real endpoint as a profiling target.
@@ -64,7 +66,15 @@ impl HttpTarget {
     /// Connect: find the model, open the GPU device, check the GPUs exist.
     pub fn connect(o: HttpTargetOptions<'_>) -> Result<HttpTarget> {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(k) = &o.api_key {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {k}"))
+                .map_err(|_| anyhow!("--api-key holds characters an HTTP header cannot carry"))?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let client = reqwest::Client::builder()
+            .default_headers(headers)
             .pool_max_idle_per_host(1024)
             .timeout(Duration::from_secs(3600))
             .build()
@@ -74,14 +84,14 @@ impl HttpTarget {
             Some(m) => m,
             None => rt.block_on(async {
                 let url = format!("{base_url}/v1/models");
-                let v: serde_json::Value = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .with_context(|| format!("GET {url}"))?
-                    .json()
-                    .await
-                    .with_context(|| format!("GET {url}: not JSON"))?;
+                let resp = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let body = resp.text().await.unwrap_or_default();
+                    let hint = if status.as_u16() == 401 { " (the engine wants a key: --api-key)" } else { "" };
+                    bail!("GET {url} answered {status}{hint}: {}", body.chars().take(300).collect::<String>());
+                }
+                let v: serde_json::Value = resp.json().await.with_context(|| format!("GET {url}: not JSON"))?;
                 v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| anyhow!("GET {url}: no model listed"))
             })?,
         };

@@ -259,6 +259,7 @@ impl ServiceCore {
                         spawned_at_s: now_s,
                         last_report_s: None,
                         gpus: BTreeMap::new(),
+                        queues: BTreeMap::new(),
                     },
                 );
             }

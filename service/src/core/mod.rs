@@ -5,13 +5,13 @@
 //! inventory, and answers the status page. No I/O and no clock of its own:
 //! the caller passes the time, so tests drive it in virtual time.
 
-use forecast::ClassForecasts;
+use actuators::{Action, ActionId, Command, InstanceId, Outcome, Placement, PoolId};
 use controller::control::plan::{Demand, Planner};
 use controller::control::{
     Controller, ControllerConfig, ControllerState, Decision, InstanceObs, InstanceState, Observations,
 };
 use controller::profile::ProfileTable;
-use actuators::{Action, ActionId, Command, InstanceId, Outcome, Placement, PoolId};
+use forecast::ClassForecasts;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use telemetry::{RequestClass, CLASS_COUNT};
@@ -56,6 +56,9 @@ pub struct CoreCounters {
     pub outcomes: BTreeMap<(String, String), u64>,
     /// Times the service entered failsafe on its own.
     pub failsafe_entries: u64,
+    /// GPU and engine samples that matched no instance (unknown node, or
+    /// several instances on the node and nothing to tell them apart).
+    pub unmatched_samples: u64,
 }
 
 /// The service's state machine.
@@ -295,6 +298,11 @@ impl ServiceCore {
     /// The decisions kept (newest last).
     pub fn decisions(&self) -> impl Iterator<Item = &DecisionRecord> {
         self.decisions.iter()
+    }
+
+    /// Each class's SLOs, as the controller plans with them (the profile's).
+    pub fn class_slos(&self) -> [telemetry::ClassSlo; CLASS_COUNT] {
+        self.ctl.profile().slos()
     }
 
     /// Seconds since the last telemetry.

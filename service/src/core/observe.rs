@@ -68,19 +68,11 @@ impl ServiceCore {
                 return;
             }
         };
-        let node = match (&tags.site, &tags.node) {
-            (Some(s), Some(n)) => format!("{s}/{n}"),
-            (None, Some(n)) => n.clone(),
-            _ => return,
-        };
-        let gpu = tags.gpu;
-        let Some(rec) = self.instances.values_mut().find(|r| {
-            r.placement
-                .as_ref()
-                .is_some_and(|p| p.node == node && (p.gpus.is_empty() || gpu.is_none_or(|g| p.gpus.contains(&g))))
-        }) else {
+        let Some(id) = self.instance_of(tags) else {
+            self.counters.unmatched_samples += 1;
             return;
         };
+        let Some(rec) = self.instances.get_mut(&id) else { return };
         self.last_telemetry_s = self.last_telemetry_s.max(now_s);
         rec.last_report_s = Some(now_s);
         match sample {
@@ -94,10 +86,12 @@ impl ServiceCore {
                 }
             }
             Sample::Engine(e) => {
-                let running = e.running.unwrap_or(0.0).max(0.0) as u32;
-                let waiting = e.waiting.unwrap_or(0.0).max(0.0) as u32;
-                rec.outstanding = running + waiting;
-                rec.waiting = waiting;
+                let running = e.running.unwrap_or(0.0).max(0.0).min(f64::from(u32::MAX)) as u32;
+                let waiting = e.waiting.unwrap_or(0.0).max(0.0).min(f64::from(u32::MAX)) as u32;
+                // An engine serving several models holds the requests of all of them.
+                rec.queues.insert(e.tags.model.clone().unwrap_or_default(), (running, waiting));
+                rec.outstanding = rec.queues.values().fold(0u32, |n, q| n.saturating_add(q.0).saturating_add(q.1));
+                rec.waiting = rec.queues.values().fold(0u32, |n, q| n.saturating_add(q.1));
                 // An engine that answers serves (unless it was asked to retire).
                 if rec.state == InstanceState::Starting {
                     rec.state = InstanceState::Serving;
@@ -105,6 +99,42 @@ impl ServiceCore {
                 }
             }
             Sample::Arrivals(_) => {}
+        }
+    }
+
+    /// The instance a GPU or engine sample is about: the one its `instance`
+    /// tag names (`i<id>`, as the scrape and agents set it); else the one
+    /// placed on its node (`site/node`) that holds its GPU, or, for a sample
+    /// naming no GPU, the only one placed on the node. Two instances on one
+    /// node (two TP4 engines on an 8-GPU node) are told apart by GPU index
+    /// or instance tag, never guessed: an ambiguous sample matches none.
+    pub(super) fn instance_of(&self, tags: &telemetry::sample::Tags) -> Option<InstanceId> {
+        if let Some(id) = tags.instance.as_deref().and_then(|i| i.strip_prefix('i')).and_then(|n| n.parse().ok()) {
+            if self.instances.contains_key(&InstanceId(id)) {
+                return Some(InstanceId(id));
+            }
+        }
+        let node = match (&tags.site, &tags.node) {
+            (Some(s), Some(n)) => format!("{s}/{n}"),
+            (None, Some(n)) => n.clone(),
+            _ => return None,
+        };
+        let on_node = self.instances.values().filter(|r| r.placement.as_ref().is_some_and(|p| p.node == node));
+        let mut candidates = match tags.gpu {
+            Some(g) => on_node
+                .filter(|r| r.placement.as_ref().is_some_and(|p| p.gpus.contains(&g) || p.gpus.is_empty()))
+                .collect::<Vec<_>>(),
+            None => on_node.collect(),
+        };
+        // A placement that names its GPUs beats one that does not.
+        if let Some(g) = tags.gpu {
+            if candidates.iter().any(|r| r.placement.as_ref().is_some_and(|p| p.gpus.contains(&g))) {
+                candidates.retain(|r| r.placement.as_ref().is_some_and(|p| p.gpus.contains(&g)));
+            }
+        }
+        match candidates.as_slice() {
+            [one] => Some(one.id),
+            _ => None,
         }
     }
 

@@ -18,6 +18,16 @@ impl ServiceCore {
         }
     }
 
+    /// Each class's SLO attainment so far (`None` before any of its requests
+    /// was measured): what the status and `/metrics` show.
+    pub fn class_attainment(&self) -> Vec<(String, Option<f64>)> {
+        let last = self.att_hist.latest().unwrap_or(self.att_totals);
+        RequestClass::ALL
+            .iter()
+            .map(|c| (c.to_string(), controller::control::slo_attainment(last[c.index()])))
+            .collect()
+    }
+
     /// The status document of `/api/v1/status`.
     pub fn status(&self, now_s: f64) -> serde_json::Value {
         let routing = self.ctl.routing().pool_of;
@@ -69,11 +79,11 @@ impl ServiceCore {
         let shard_min =
             ((self.cfg.controller.shard_period_s + self.cfg.controller.spawn_lead_s) / 60.0).ceil().max(1.0) as usize;
         let forecast = self.forecasts.peak(shard_min);
-        let last = self.att_hist.latest().unwrap_or(self.att_totals);
+        let attainment = self.class_attainment();
         let classes: Vec<serde_json::Value> = RequestClass::ALL
             .iter()
             .map(|c| {
-                let att = controller::control::slo_attainment(last[c.index()]);
+                let att = attainment[c.index()].1;
                 serde_json::json!({
                     "class": c.to_string(),
                     "pool": routing[c.index()],

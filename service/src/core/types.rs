@@ -103,6 +103,10 @@ pub struct InstanceRecord {
     /// Per GPU index: the last power (W) and energy counter (J) telemetry gave.
     #[serde(default)]
     pub gpus: BTreeMap<u32, (f64, f64)>,
+    /// Per model its engine serves (the page's `model_name`; `""` without
+    /// one): requests running and waiting, as its last page said.
+    #[serde(default)]
+    pub queues: BTreeMap<String, (u32, u32)>,
 }
 
 /// A decision as the service keeps it (the controller's, plus the command id and what the mode did).

@@ -1,0 +1,241 @@
+//! What the router measures of each answer it streams back, as the client
+//! sees it: the time to the first token (from the request's arrival at the
+//! router) and every gap between tokens after it, judged against the class's
+//! SLOs. An engine may put several tokens in one event (speculative decoding)
+//! and the network may put several events in one chunk: a chunk carrying k
+//! tokens after a gap g counts as k gaps of g/k, and the tokens of each event
+//! are counted from its content with the BPE, rescaled at the end to the
+//! engine's own `usage.completion_tokens` when the answer reports it.
+
+use crate::openai::text_tokens;
+use serde_json::Value;
+use telemetry::ClassSlo;
+
+/// The most bytes of a stream held while an event is incomplete; past it the
+/// stream is passed on unmeasured (a stream without event breaks is no SSE).
+const MAX_PENDING_BYTES: usize = 1 << 20;
+/// The most token gaps remembered per answer (a longer answer's gaps beyond
+/// it are judged as they come and not rescaled).
+const MAX_EVENTS: usize = 65_536;
+
+/// The SLO verdict on one answer: `[ttft_ok, ttft_n, gaps_ok, gaps_n]`, the
+/// counters the controller learns from, and the output tokens seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Verdict {
+    /// The cumulative-counter increments.
+    pub counts: [u64; 4],
+    /// Output tokens (the engine's usage when given, else counted).
+    pub output_tokens: u32,
+}
+
+impl Verdict {
+    /// A request that got no answer (refused, or its engine failed): a TTFT miss.
+    pub fn missed() -> Verdict {
+        Verdict { counts: [0, 1, 0, 0], output_tokens: 0 }
+    }
+}
+
+/// The measurement of one streamed answer.
+#[derive(Debug)]
+pub struct Measure {
+    slo: ClassSlo,
+    arrived_s: f64,
+    /// Gaps are judged only for one sequence (a batch or `n` > 1 interleaves several).
+    single: bool,
+    first_s: Option<f64>,
+    last_s: f64,
+    first_tokens: u32,
+    events: Vec<(f64, u32)>,
+    overflow: [u64; 2],
+    usage: Option<u32>,
+    pending: Vec<u8>,
+    broken: bool,
+}
+
+impl Measure {
+    /// A request of a class with these SLOs, arrived at `arrived_s` (service
+    /// seconds), asking for `sequences` sequences.
+    pub fn new(slo: ClassSlo, arrived_s: f64, sequences: u32) -> Measure {
+        Measure {
+            slo,
+            arrived_s,
+            single: sequences <= 1,
+            first_s: None,
+            last_s: arrived_s,
+            first_tokens: 0,
+            events: Vec::new(),
+            overflow: [0, 0],
+            usage: None,
+            pending: Vec::new(),
+            broken: false,
+        }
+    }
+
+    /// Bytes of the stream that reached the router at `now_s`.
+    pub fn chunk(&mut self, now_s: f64, bytes: &[u8]) {
+        if self.broken {
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+        let mut tokens = 0u32;
+        while let Some((end, skip)) = event_end(&self.pending) {
+            let event: Vec<u8> = self.pending.drain(..end + skip).take(end).collect();
+            tokens = tokens.saturating_add(self.event(&event));
+        }
+        if self.pending.len() > MAX_PENDING_BYTES {
+            self.broken = true;
+            self.pending = Vec::new();
+        }
+        if tokens == 0 {
+            return;
+        }
+        match self.first_s {
+            None => {
+                self.first_s = Some(now_s);
+                self.first_tokens = tokens;
+            }
+            Some(_) => {
+                let gap = (now_s - self.last_s).max(0.0);
+                if self.events.len() < MAX_EVENTS {
+                    self.events.push((gap, tokens));
+                } else {
+                    let ok = gap / f64::from(tokens) <= self.slo.tbt_s;
+                    self.overflow[0] += if ok { u64::from(tokens) } else { 0 };
+                    self.overflow[1] += u64::from(tokens);
+                }
+            }
+        }
+        self.last_s = now_s;
+    }
+
+    /// The tokens of one SSE event's content; notes the usage it reports.
+    fn event(&mut self, event: &[u8]) -> u32 {
+        let Ok(text) = std::str::from_utf8(event) else { return 0 };
+        let mut n = 0u32;
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data:") else { continue };
+            let data = data.trim();
+            if data == "[DONE]" || data.is_empty() {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+                self.usage = Some(u.min(u64::from(u32::MAX)) as u32);
+            }
+            for c in v["choices"].as_array().into_iter().flatten() {
+                let mut texts: Vec<&str> = vec![
+                    c["text"].as_str().unwrap_or(""),
+                    c["delta"]["content"].as_str().unwrap_or(""),
+                    c["delta"]["reasoning_content"].as_str().unwrap_or(""),
+                ];
+                for t in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+                    texts.push(t["function"]["name"].as_str().unwrap_or(""));
+                    texts.push(t["function"]["arguments"].as_str().unwrap_or(""));
+                }
+                let k: u32 = texts.iter().filter(|t| !t.is_empty()).map(|t| text_tokens(t).max(1)).sum();
+                n = n.saturating_add(k);
+            }
+        }
+        n
+    }
+
+    /// The verdict once the stream is over (or the client left).
+    pub fn finish(self) -> Verdict {
+        let Some(first_s) = self.first_s else { return Verdict::missed() };
+        let mut counts = [0u64; 4];
+        counts[1] = 1;
+        counts[0] = u64::from(first_s - self.arrived_s <= self.slo.ttft_s);
+        let counted: u64 = u64::from(self.first_tokens) + self.events.iter().map(|e| u64::from(e.1)).sum::<u64>();
+        let output_tokens = self.usage.unwrap_or(counted.min(u64::from(u32::MAX)) as u32);
+        if self.single && !self.broken {
+            // The engine's own count of the tokens, where it gives one, rescales the BPE's.
+            let scale = match self.usage {
+                Some(u) if counted > 0 => f64::from(u) / counted as f64,
+                _ => 1.0,
+            };
+            for (gap, k) in &self.events {
+                let k = ((f64::from(*k) * scale).round() as u64).max(1);
+                let ok = gap / k as f64 <= self.slo.tbt_s;
+                counts[2] += if ok { k } else { 0 };
+                counts[3] += k;
+            }
+            counts[2] += self.overflow[0];
+            counts[3] += self.overflow[1];
+        }
+        Verdict { counts, output_tokens }
+    }
+}
+
+/// Where the first complete event ends in `buf` (index of its blank line)
+/// and how many separator bytes follow it.
+fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SLO: ClassSlo = ClassSlo { ttft_s: 1.0, tbt_s: 0.1 };
+
+    fn event(text: &str) -> String {
+        format!("data: {}\n\n", serde_json::json!({ "choices": [{ "index": 0, "delta": { "content": text } }] }))
+    }
+
+    /// Tokens arriving one per event, 50 ms apart, hold a 100 ms TBT; a
+    /// 300 ms stall is one miss; the first token at 0.5 s holds the TTFT.
+    #[test]
+    fn gaps_and_the_first_token_are_judged_as_the_client_sees_them() {
+        let mut m = Measure::new(SLO, 10.0, 1);
+        m.chunk(10.5, event(" hello").as_bytes());
+        let mut t = 10.5;
+        for i in 0..10 {
+            t += if i == 5 { 0.3 } else { 0.05 };
+            m.chunk(t, event(" world").as_bytes());
+        }
+        m.chunk(t, b"data: [DONE]\n\n");
+        let v = m.finish();
+        assert_eq!(v.counts, [1, 1, 9, 10]);
+        assert_eq!(v.output_tokens, 11);
+    }
+
+    /// Four tokens per event every 200 ms is 50 ms per token: held, not four
+    /// 200 ms misses; the engine's usage rescales what the BPE counted.
+    #[test]
+    fn several_tokens_per_event_are_several_gaps() {
+        let mut m = Measure::new(SLO, 0.0, 1);
+        m.chunk(0.2, event(" a b c d").as_bytes());
+        for i in 1..=5 {
+            m.chunk(0.2 + 0.2 * f64::from(i), event(" a b c d").as_bytes());
+        }
+        let usage = serde_json::json!({ "choices": [], "usage": { "prompt_tokens": 3, "completion_tokens": 24 } });
+        m.chunk(1.2, format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes());
+        let v = m.finish();
+        assert_eq!(v.output_tokens, 24);
+        assert_eq!((v.counts[2], v.counts[3]), (20, 20));
+    }
+
+    /// Events split across chunks and several events in one chunk are read
+    /// whole; an answer with no token is a TTFT miss; a batch's gaps are not judged.
+    #[test]
+    fn events_are_read_across_chunk_boundaries() {
+        let mut m = Measure::new(SLO, 0.0, 1);
+        let two = format!("{}{}", event(" x"), event(" y"));
+        let (a, b) = two.as_bytes().split_at(10);
+        m.chunk(0.1, a);
+        m.chunk(0.2, b);
+        let v = m.finish();
+        assert_eq!(v.counts[..2], [1, 1]);
+        assert_eq!(v.output_tokens, 2);
+        assert_eq!(Measure::new(SLO, 0.0, 1).finish(), Verdict::missed());
+        let mut batch = Measure::new(SLO, 0.0, 2);
+        batch.chunk(0.1, event(" x").as_bytes());
+        batch.chunk(5.0, event(" y").as_bytes());
+        assert_eq!(batch.finish().counts, [1, 1, 0, 0]);
+    }
+}
