@@ -107,3 +107,59 @@ fn an_engine_serving_two_models_holds_the_requests_of_both() {
     core.observe_sample(2.0, &engine(Tags { model: Some("small".into()), ..i1 }, 0.0, 0.0));
     assert_eq!(rec(&core, 1).outstanding, 25);
 }
+
+/// Without the router's measurement, an engine's histogram deltas judged at
+/// its pool's SLO are the attainment the controller sees; with the router's,
+/// the engines' are not used.
+#[test]
+fn engine_histograms_are_the_attainment_when_the_router_does_not_measure() {
+    use telemetry::scrape::{Bucket, Histogram};
+    let hist = |buckets: &[(f64, f64)]| Histogram {
+        buckets: buckets.iter().map(|&(le_s, cumulative)| Bucket { le_s, cumulative }).collect(),
+        count: buckets.last().unwrap().1,
+        sum_s: 1.0,
+    };
+    let mut core = two_on_one_node();
+    let slo = core.class_slos()[4]; // MM: pool 4 serves it in the split layout
+                                    // 100 first tokens: 90 well within the TTFT SLO, 10 far over it; 1,000 gaps, 1 over.
+    let ttft = hist(&[(slo.ttft_s * 0.5, 90.0), (slo.ttft_s * 10.0, 100.0), (f64::INFINITY, 100.0)]);
+    let tbt = hist(&[(slo.tbt_s * 0.5, 999.0), (slo.tbt_s * 10.0, 1000.0), (f64::INFINITY, 1000.0)]);
+    core.observe_engine_latency(actuators::InstanceId(1), Some(&ttft), Some(&tbt));
+    assert_eq!(core.class_attainment()[4].1, None, "the router measures by default: engines not used");
+    core.set_attainment_from_engines(true);
+    core.observe_arrivals(1.0, &[0, 0, 0, 0, 3, 0, 0, 0, 0]);
+    core.observe_engine_latency(actuators::InstanceId(1), Some(&ttft), Some(&tbt));
+    let att = core.class_attainment();
+    // Within (0.5 × SLO, 10 × SLO] the SLO sits 1/19 of the way: 90 + 10/19 ≈ 90.5 of 100,
+    // counted as 91 (the counters are whole); the gaps hold 999 of 1,000.
+    let mm = att[4].1.unwrap();
+    assert!((mm - 0.91).abs() < 1e-9, "{mm}");
+    assert!(att.iter().enumerate().all(|(c, a)| c == 4 || a.1.is_none()), "{att:?}");
+}
+
+/// One hostile arrivals message (`requests: 1e12`, or not a number) is
+/// refused and counted, never planned for: the next tick spawns nothing
+/// beyond what the real load asks.
+#[test]
+fn an_arrivals_message_beyond_the_ceiling_is_refused_and_counted() {
+    let mut core = two_on_one_node();
+    let ceiling = core.max_class_rps();
+    assert!(ceiling.is_finite() && ceiling > 100.0, "{ceiling}");
+    let arrivals = |requests: f64| {
+        Sample::Arrivals(telemetry::sample::ArrivalSample {
+            ts_ms: 0,
+            tags: Tags { class: Some(telemetry::RequestClass::from_index(8)), ..Tags::node("dc1", "n1") },
+            requests,
+            tokens: 0.0,
+        })
+    };
+    for bad in [1e12, f64::NAN, -5.0, f64::INFINITY] {
+        core.observe_sample(1.0, &arrivals(bad));
+    }
+    assert_eq!(core.counters.rejected_arrivals, 4);
+    core.observe_sample(1.0, &arrivals(3.0));
+    assert_eq!(core.counters.rejected_arrivals, 4, "a believable count is taken");
+    let cmds = core.tick(5.0, 0);
+    let spawns = cmds.iter().filter(|c| matches!(c.action, actuators::Action::Spawn { .. })).count();
+    assert!(spawns <= 4, "{spawns} spawns after a refused 1e12: {cmds:?}");
+}

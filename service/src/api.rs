@@ -221,6 +221,7 @@ async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         g.with_label_values(&["failsafe"]).set(if c.mode() == Mode::Failsafe { 1.0 } else { 0.0 });
         g.with_label_values(&["time_seconds"]).set(now);
         g.with_label_values(&["unmatched_samples"]).set(c.counters.unmatched_samples as f64);
+        g.with_label_values(&["rejected_arrivals"]).set(c.counters.rejected_arrivals as f64);
         for (class, att) in c.class_attainment() {
             st.metrics.attainment.with_label_values(&[&class]).set(att.unwrap_or(f64::NAN));
         }

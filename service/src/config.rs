@@ -48,6 +48,11 @@ pub struct ServiceSection {
     /// Per-class request rates (requests/s, keys `SS` … `LL`) to plan the first
     /// fleet for, before the router has seen any traffic (a fresh state only).
     pub initial_class_rps: Option<std::collections::BTreeMap<String, f64>>,
+    /// The highest per-class arrival rate (requests/s) telemetry is believed
+    /// about; an arrivals message implying more is refused and counted
+    /// (`rejected_arrivals`). Default: 4× what the fleet (`gpu_budget`, else
+    /// 1,024 GPUs) could carry as TP8 instances at the profile's capacity.
+    pub max_class_rps: Option<f64>,
 }
 
 impl Default for ServiceSection {
@@ -65,6 +70,7 @@ impl Default for ServiceSection {
             slo_multiplier: 5.0,
             action_timeout_s: 30.0,
             initial_class_rps: None,
+            max_class_rps: None,
         }
     }
 }
@@ -125,6 +131,14 @@ pub struct ControllerSection {
     /// external cluster, whose engines must support it (an `[actuators.exec]
     /// reshard` command, or the webhook).
     pub reshard_in_place: Option<bool>,
+    /// What an external cluster's controller learns capacity and clock
+    /// margins from: `clients` (the router's measurement of every answer, as
+    /// its client saw it; the default with a `[router]`), `engines` (the
+    /// engines' own TTFT and inter-token histograms; the default without one)
+    /// or `none` (the profile as it is). `none` or `engines` are for
+    /// accelerated runs on a saturated machine, where each wall millisecond
+    /// of scheduling delay is `service.speed` milliseconds of measured latency.
+    pub learn_from: Option<String>,
 }
 
 impl Default for ControllerSection {
@@ -147,6 +161,7 @@ impl Default for ControllerSection {
             tps: None,
             move_queued: None,
             reshard_in_place: None,
+            learn_from: None,
         }
     }
 }
@@ -237,12 +252,6 @@ pub struct RouterSection {
     pub tokenize: String,
     /// The longest a `/tokenize` may take (ms) before the router counts itself.
     pub tokenize_budget_ms: f64,
-    /// Hand the controller the per-class SLO attainment the router measures
-    /// (what it learns capacity and clock margins from). Off only where the
-    /// router's clock cannot be trusted: an accelerated run (`service.speed`
-    /// above 1) on a machine its engines saturate, where each wall millisecond
-    /// of scheduling delay is `speed` milliseconds of measured latency.
-    pub feed_attainment: bool,
 }
 
 impl Default for RouterSection {
@@ -257,7 +266,6 @@ impl Default for RouterSection {
             api_key: None,
             tokenize: "engine".into(),
             tokenize_budget_ms: 50.0,
-            feed_attainment: true,
         }
     }
 }
@@ -359,6 +367,11 @@ impl ServiceConfig {
                 bail!("{origin}: {key} {why}");
             }
         }
+        if let Some(r) = s.max_class_rps {
+            if !(r.is_finite() && r > 0.0 && r <= 1e9) {
+                bail!("{origin}: service.max_class_rps must be a rate in (0, 1e9], got {r}");
+            }
+        }
         if let Some(m) = &s.initial_class_rps {
             for (k, v) in m {
                 if telemetry::RequestClass::parse(k).is_err() {
@@ -402,6 +415,14 @@ impl ServiceConfig {
         if !(self.cluster.scrape_interval_s.is_finite() && (0.0..=86_400.0).contains(&self.cluster.scrape_interval_s)) {
             bail!("{origin}: cluster.scrape_interval_s must be in [0, 86400], got {}", self.cluster.scrape_interval_s);
         }
+        if let Some(l) = &self.controller.learn_from {
+            if !matches!(l.as_str(), "clients" | "engines" | "none") {
+                bail!("{origin}: controller.learn_from: {l:?} is not `clients`, `engines` or `none`");
+            }
+            if l == "clients" && r.listen.is_none() {
+                bail!("{origin}: controller.learn_from = \"clients\" needs the router ([router] listen): it measures the clients' view");
+            }
+        }
         if !matches!(r.tokenize.as_str(), "engine" | "local") {
             bail!("{origin}: router.tokenize: {:?} is not `engine` or `local`", r.tokenize);
         }
@@ -424,6 +445,15 @@ impl ServiceConfig {
             None => String::new(),
         };
         actuators::ActuatorsConfig::from_toml(&body).map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
+    }
+
+    /// Where an external cluster's controller learns from: `clients`, `engines` or `none`.
+    pub fn learn_from(&self) -> &str {
+        match &self.controller.learn_from {
+            Some(l) => l,
+            None if self.router.listen.is_some() => "clients",
+            None => "engines",
+        }
     }
 
     /// The bearer token, from `token` or `token_file`.

@@ -250,6 +250,10 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         }
         None => (ServiceCore::new(core_cfg, profile.clone(), 0.0), false),
     };
+    if let Some(r) = cfg.service.max_class_rps {
+        core.set_max_class_rps(r);
+    }
+    tracing::info!(max_class_rps = core.max_class_rps(), "arrival telemetry beyond this rate per class is refused");
     if !recovered {
         core.set_mode(Mode::parse(&cfg.service.mode).map_err(anyhow::Error::msg)?);
         if let Some(m) = &cfg.service.initial_class_rps {
@@ -315,6 +319,8 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     // and retires wait for it; the built-in router and the twin follow the table in effect themselves.
     let probe = actuators::Action::Route { class: RequestClass::from_index(0).to_string(), pool: actuators::PoolId(0) };
     core.set_routes_to_backends(!twin && cfg.router.listen.is_none() && dispatcher.carries(&probe));
+    // A real cluster's attainment: what the router measures, else the engines' own histograms.
+    core.set_attainment_from_engines(!twin && cfg.learn_from() == "engines");
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
         clock,
@@ -359,7 +365,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             let listener =
                 tokio::net::TcpListener::bind(l).await.with_context(|| format!("router: cannot listen on {l}"))?;
             let addr = listener.local_addr()?;
-            let app = router::router(shared.clone(), router::RouterSettings::from_section(&cfg.router));
+            let app = router::router(shared.clone(), router::RouterSettings::from_config(&cfg));
             // Tokens go out one small write at a time: without TCP_NODELAY, Nagle holds each
             // until the client acknowledges the previous one (delayed ACKs add tens of ms).
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

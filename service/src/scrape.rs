@@ -70,7 +70,13 @@ pub async fn engines(shared: Arc<Shared>, tx: mpsc::Sender<telemetry::sample::Sa
                 }
             }
             let tracker = trackers.entry(id).or_default();
-            for s in tracker.observe(&page, telemetry::sample::now_ms(), &tags) {
+            let samples = tracker.observe(&page, telemetry::sample::now_ms(), &tags);
+            if let Ok(mut core) = shared.core.lock() {
+                for (_, ttft, tbt) in &tracker.last_deltas {
+                    core.observe_engine_latency(actuators::InstanceId(id), ttft.as_ref(), tbt.as_ref());
+                }
+            }
+            for s in samples {
                 if tx.send(Sample::Engine(s)).await.is_err() {
                     return;
                 }

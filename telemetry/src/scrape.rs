@@ -207,6 +207,26 @@ impl Histogram {
         Some(start + (self.buckets[b].le_s - start) * (rank / count))
     }
 
+    /// How many observations were at most `bound_s`, interpolating linearly
+    /// inside the bucket that holds the bound (as [`Histogram::quantile`] does
+    /// the other way round); past the highest finite bound, every observation
+    /// but those in `+Inf` counts.
+    pub fn count_within(&self, bound_s: f64) -> f64 {
+        let mut below = (0.0f64, 0.0f64); // (bound, cumulative) of the bucket below
+        for b in &self.buckets {
+            if b.le_s.is_infinite() {
+                return below.1;
+            }
+            if bound_s <= b.le_s {
+                let width = b.le_s - below.0;
+                let share = if width > 0.0 { ((bound_s - below.0) / width).clamp(0.0, 1.0) } else { 1.0 };
+                return below.1 + (b.cumulative - below.1).max(0.0) * share;
+            }
+            below = (b.le_s, b.cumulative.max(below.1));
+        }
+        below.1
+    }
+
     /// Count, sum and p50/p90/p99; `None` without observations.
     pub fn summary(&self) -> Option<LatencySummary> {
         if self.count <= 0.0 {
@@ -517,6 +537,9 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
 #[derive(Debug, Default)]
 pub struct EngineTracker {
     prev: HashMap<String, (Option<Histogram>, Option<Histogram>)>,
+    /// Per model, the TTFT and TBT histograms' deltas of the last page
+    /// observed (what judging them against an SLO needs).
+    pub last_deltas: Vec<(String, Option<Histogram>, Option<Histogram>)>,
 }
 
 impl EngineTracker {
@@ -529,14 +552,17 @@ impl EngineTracker {
     /// (the page's `model_name` becomes the `model` tag).
     pub fn observe(&mut self, page: &EnginePage, ts_ms: i64, tags: &Tags) -> Vec<EngineSample> {
         let mut out = Vec::with_capacity(page.models.len());
+        self.last_deltas.clear();
         for (model, m) in &page.models {
-            let summary = |cur: &Option<Histogram>, prev: Option<&Option<Histogram>>| match (cur, prev) {
-                (Some(c), Some(Some(p))) => c.delta(p).summary(),
+            let delta = |cur: &Option<Histogram>, prev: Option<&Option<Histogram>>| match (cur, prev) {
+                (Some(c), Some(Some(p))) => Some(c.delta(p)),
                 _ => None,
             };
             let prev = self.prev.get(model);
-            let ttft = summary(&m.ttft, prev.map(|p| &p.0));
-            let tbt = summary(&m.tbt, prev.map(|p| &p.1));
+            let (d_ttft, d_tbt) = (delta(&m.ttft, prev.map(|p| &p.0)), delta(&m.tbt, prev.map(|p| &p.1)));
+            let ttft = d_ttft.as_ref().and_then(Histogram::summary);
+            let tbt = d_tbt.as_ref().and_then(Histogram::summary);
+            self.last_deltas.push((model.clone(), d_ttft, d_tbt));
             self.prev.insert(model.clone(), (m.ttft.clone(), m.tbt.clone()));
             let mut tags = tags.clone();
             if !model.is_empty() {
@@ -668,6 +694,10 @@ pub const MAX_PAGE_BYTES: usize = 16 << 20;
 mod tests {
     use super::*;
 
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
     fn hist(buckets: &[(f64, f64)], sum: f64) -> Histogram {
         let mut h = Histogram::default();
         for &(le, c) in buckets {
@@ -693,6 +723,18 @@ mod tests {
         let tail = hist(&[(0.1, 1.0), (f64::INFINITY, 10.0)], 3.0);
         assert_eq!(tail.quantile(0.99), Some(0.1));
         assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    /// Within a bucket the count below a bound is interpolated; at a bucket's
+    /// bound it is exact; past the last finite bound `+Inf`'s share is out.
+    #[test]
+    fn count_within_interpolates_like_the_quantile() {
+        let h = hist(&[(0.1, 10.0), (0.2, 30.0), (f64::INFINITY, 40.0)], 5.0);
+        assert!(close(h.count_within(0.1), 10.0));
+        assert!(close(h.count_within(0.15), 20.0));
+        assert!(close(h.count_within(0.05), 5.0));
+        assert!(close(h.count_within(9.0), 30.0));
+        assert!(close(h.count_within(h.quantile(0.5).unwrap()), 20.0));
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct CoreCounters {
     /// GPU and engine samples that matched no instance (unknown node, or
     /// several instances on the node and nothing to tell them apart).
     pub unmatched_samples: u64,
+    /// Arrival samples refused: not a count, or a rate beyond `max_class_rps`.
+    pub rejected_arrivals: u64,
 }
 
 /// The service's state machine.
@@ -81,6 +83,15 @@ pub struct ServiceCore {
     last_recent: Demand,
     forecasts: ClassForecasts,
     att_totals: [[u64; 4]; CLASS_COUNT],
+    /// Per class, the SLO counters the engines' own latency histograms gave
+    /// (fractional: a histogram's bucket is interpolated at the SLO).
+    engine_att: [[f64; 4]; CLASS_COUNT],
+    /// The controller learns from the engines' histograms, not from the router
+    /// (`controller.learn_from = "engines"`, the default without a router).
+    attainment_from_engines: bool,
+    /// The highest per-class arrival rate believed (req/s); an arrivals sample
+    /// that would take a class's window above it is refused and counted.
+    max_class_rps: f64,
     att_hist: controller::control::AttainmentHistory,
     decisions: VecDeque<DecisionRecord>,
     history: VecDeque<HistoryPoint>,
@@ -105,6 +116,21 @@ pub struct ServiceCore {
     held_warned: BTreeSet<InstanceId>,
     /// Counters for `/metrics`.
     pub counters: CoreCounters,
+}
+
+/// GPUs a fleet without a `gpu_budget` is taken to hold at most, for the arrival ceiling.
+const CEILING_FLEET_GPUS: u32 = 1024;
+/// How far above what the whole fleet could carry an arrival rate may go before it is not believed.
+const CEILING_HEADROOM: f64 = 4.0;
+
+/// The default ceiling on a class's arrival rate: `CEILING_HEADROOM` times
+/// what the fleet (`gpu_budget`, else `CEILING_FLEET_GPUS`) could carry as
+/// TP8 instances at the profile's capacity. A telemetry message claiming more
+/// is refused, never planned for.
+fn default_max_class_rps(profile: &ProfileTable, c: &ControllerConfig) -> f64 {
+    let per_instance = Planner::new(profile, &[8], &[1.0; CLASS_COUNT], 1.0).capacity(8).max(1.0);
+    let gpus = if c.gpu_budget > 0 && c.gpu_budget < u32::MAX { c.gpu_budget } else { CEILING_FLEET_GPUS };
+    CEILING_HEADROOM * per_instance * f64::from((gpus / 8).max(1))
 }
 
 /// The longest wait before a failed route is sent again (s).
@@ -150,6 +176,7 @@ impl ServiceCore {
     pub fn new(cfg: CoreConfig, profile: ProfileTable, now_s: f64) -> ServiceCore {
         let max_clock = cfg.controller.max_clock_mhz;
         let baseline = Baseline::new(&profile, max_clock);
+        let max_class_rps = default_max_class_rps(&profile, &cfg.controller);
         let ctl = Controller::new(cfg.controller.clone(), profile);
         let routed = ctl.routing().pool_of;
         ServiceCore {
@@ -169,6 +196,9 @@ impl ServiceCore {
             last_recent: [0.0; CLASS_COUNT],
             forecasts: ClassForecasts::new(),
             att_totals: [[0; 4]; CLASS_COUNT],
+            engine_att: [[0.0; 4]; CLASS_COUNT],
+            attainment_from_engines: false,
+            max_class_rps,
             att_hist: controller::control::AttainmentHistory::default(),
             decisions: VecDeque::new(),
             history: VecDeque::new(),
@@ -298,6 +328,22 @@ impl ServiceCore {
     /// The decisions kept (newest last).
     pub fn decisions(&self) -> impl Iterator<Item = &DecisionRecord> {
         self.decisions.iter()
+    }
+
+    /// Learn SLO attainment from the engines' latency histograms (a real
+    /// cluster whose requests the router does not measure, or must not).
+    pub fn set_attainment_from_engines(&mut self, yes: bool) {
+        self.attainment_from_engines = yes;
+    }
+
+    /// Set the ceiling on a class's believed arrival rate (req/s).
+    pub fn set_max_class_rps(&mut self, rps: f64) {
+        self.max_class_rps = rps;
+    }
+
+    /// The ceiling on a class's believed arrival rate (req/s).
+    pub fn max_class_rps(&self) -> f64 {
+        self.max_class_rps
     }
 
     /// Each class's SLOs, as the controller plans with them (the profile's).

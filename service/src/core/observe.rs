@@ -8,8 +8,8 @@ impl ServiceCore {
     pub fn observe_arrivals(&mut self, now_s: f64, counts: &[u32; CLASS_COUNT]) {
         self.roll_minutes(now_s);
         for (c, &n) in counts.iter().enumerate() {
-            self.window_counts[c] += n;
-            self.minute_counts[c] += n;
+            self.window_counts[c] = self.window_counts[c].saturating_add(n);
+            self.minute_counts[c] = self.minute_counts[c].saturating_add(n);
         }
         self.last_telemetry_s = self.last_telemetry_s.max(now_s);
     }
@@ -17,6 +17,46 @@ impl ServiceCore {
     /// Cumulative per-class SLO counters: `[ttft_ok, ttft_n, gaps_ok, gaps_n]`.
     pub fn observe_attainment(&mut self, totals: [[u64; 4]; CLASS_COUNT]) {
         self.att_totals = totals;
+    }
+
+    /// An engine's first tokens and token gaps since its previous page (its
+    /// TTFT and TBT histograms' deltas), judged against the tightest SLO of
+    /// the classes its pool serves and added to those of them that had
+    /// arrivals this minute (all of them when none had): the attainment the
+    /// controller learns from when it learns from the engines. The engines
+    /// measure inside themselves, so a clock running faster than the wall's
+    /// (a rehearsal) does not magnify the network's and the scheduler's jitter.
+    pub fn observe_engine_latency(
+        &mut self,
+        instance: InstanceId,
+        ttft: Option<&telemetry::scrape::Histogram>,
+        tbt: Option<&telemetry::scrape::Histogram>,
+    ) {
+        if !self.attainment_from_engines {
+            return;
+        }
+        let Some(pool) = self.instances.get(&instance).map(|r| r.pool) else { return };
+        let routing = self.ctl.routing().pool_of;
+        let classes: Vec<usize> = (0..CLASS_COUNT).filter(|&c| routing[c] == pool).collect();
+        if classes.is_empty() {
+            return;
+        }
+        let slos = self.ctl.profile().slos();
+        let tightest =
+            |f: fn(&telemetry::ClassSlo) -> f64| classes.iter().map(|&c| f(&slos[c])).fold(f64::INFINITY, f64::min);
+        let (ttft_s, tbt_s) = (tightest(|s| s.ttft_s), tightest(|s| s.tbt_s));
+        let judged = |h: Option<&telemetry::scrape::Histogram>, bound: f64| {
+            h.filter(|h| h.count.is_finite() && h.count > 0.0).map_or((0.0, 0.0), |h| (h.count_within(bound), h.count))
+        };
+        let (t_ok, t_n) = judged(ttft, ttft_s);
+        let (g_ok, g_n) = judged(tbt, tbt_s);
+        let busy: Vec<usize> = classes.iter().copied().filter(|&c| self.minute_counts[c] > 0).collect();
+        for c in if busy.is_empty() { classes } else { busy } {
+            for (j, v) in [t_ok, t_n, g_ok, g_n].into_iter().enumerate() {
+                self.engine_att[c][j] += v;
+            }
+        }
+        self.att_totals = self.engine_att.map(|k| k.map(|v| v.round() as u64));
     }
 
     /// One instance's reading.
@@ -61,8 +101,22 @@ impl ServiceCore {
             Sample::Engine(e) => &e.tags,
             Sample::Arrivals(a) => {
                 if let Some(c) = a.tags.class {
+                    // A count the window could not hold at a believable rate is refused, not planned for.
+                    let period = self.cfg.controller.clock_period_s.max(1.0);
+                    let window = f64::from(self.window_counts[c.index()]);
+                    let n = a.requests;
+                    if !(n.is_finite() && n >= 0.0) || (window + n) / period > self.max_class_rps {
+                        self.counters.rejected_arrivals += 1;
+                        tracing::warn!(
+                            class = %c,
+                            requests = n,
+                            max_class_rps = self.max_class_rps,
+                            "an arrivals sample beyond the ceiling was refused"
+                        );
+                        return;
+                    }
                     let mut counts = [0u32; CLASS_COUNT];
-                    counts[c.index()] = a.requests.max(0.0).round() as u32;
+                    counts[c.index()] = n.round() as u32;
                     self.observe_arrivals(now_s, &counts);
                 }
                 return;

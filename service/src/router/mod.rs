@@ -99,13 +99,14 @@ pub struct RouterSettings {
     pub tokenize_on_engine: bool,
     /// How long a `/tokenize` may take before the router counts itself.
     pub tokenize_budget: Duration,
-    /// Hand the controller what the router measures (`router.feed_attainment`).
+    /// Hand the controller what the router measures (`controller.learn_from = "clients"`).
     pub feed_attainment: bool,
 }
 
 impl RouterSettings {
-    /// From the `[router]` table.
-    pub fn from_section(r: &RouterSection) -> RouterSettings {
+    /// From the `[router]` table (and where the controller learns from).
+    pub fn from_config(cfg: &crate::config::ServiceConfig) -> RouterSettings {
+        let r: &RouterSection = &cfg.router;
         RouterSettings {
             connect_timeout: Duration::from_secs_f64(r.connect_timeout_s),
             first_byte_timeout: Duration::from_secs_f64(r.first_byte_timeout_s),
@@ -113,7 +114,7 @@ impl RouterSettings {
             api_key: r.api_key.clone(),
             tokenize_on_engine: r.tokenize == "engine",
             tokenize_budget: Duration::from_secs_f64(r.tokenize_budget_ms / 1000.0),
-            feed_attainment: r.feed_attainment,
+            feed_attainment: cfg.learn_from() == "clients",
         }
     }
 }
