@@ -4,44 +4,14 @@
 //! official `openai` Python client, and the per-class SLO attainment the
 //! router measures fed to the controller as the twin's loop feeds it.
 
-use service::config::ServiceConfig;
 use service::RunningService;
 use std::time::{Duration, Instant};
 mod twin_engine;
 
 const KEY: &str = "engine-key-7f3a";
 
-async fn start(cm: &str, dir: &std::path::Path, rates: &str, extra: &str) -> RunningService {
-    let cfg = ServiceConfig::parse(
-        &format!(
-            r#"
-[service]
-listen = "127.0.0.1:0"
-token = "t"
-state_dir = "{}"
-speed = 10.0
-stale_after_s = 30.0
-initial_class_rps = {{ {rates} }}
-
-[controller]
-tps = [4]
-
-[cluster]
-kind = "external"
-scrape_interval_s = 0.1
-
-[router]
-listen = "127.0.0.1:0"
-{extra}
-
-[actuators.webhook]
-url = "{cm}"
-"#,
-            dir.display()
-        ),
-        "real.toml",
-    )
-    .unwrap();
+async fn start(cm: &str, dir: &std::path::Path, rates: &str) -> RunningService {
+    let cfg = twin_engine::external_config(cm, dir, rates, "", "[controller]\ntps = [4]");
     service::start(cfg).await.unwrap()
 }
 
@@ -78,7 +48,7 @@ async fn stream(router: &str, prompt: serde_json::Value, max_tokens: u32) -> Str
 async fn two_tp4_engines_on_one_node_serve_apart_and_the_router_measures_attainment() {
     let cm = twin_engine::cluster_manager_with(10.0, 2, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = start(&cm, dir.path(), "MS = 1.0, LS = 0.5", "").await;
+    let svc = start(&cm, dir.path(), "MS = 1.0, LS = 0.5").await;
     all_serving(&svc, 2).await;
     let router = format!("http://{}", svc.router_addr.unwrap());
     // A long answer keeps one engine busy while the other idles.
@@ -154,7 +124,7 @@ async fn the_openai_client_drives_the_router_to_keyed_engines() {
         .expect("DYNAMOLLM_TEST_PYTHON must name a Python with the `openai` package; scripts/test installs it");
     let cm = twin_engine::cluster_manager_with(20.0, 2, Some(KEY)).await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = start(&cm, dir.path(), "SS = 0.5, LS = 0.5", "").await;
+    let svc = start(&cm, dir.path(), "SS = 0.5, LS = 0.5").await;
     all_serving(&svc, 2).await;
     let router = format!("http://{}", svc.router_addr.unwrap());
     // Without a key the engines refuse, and the router says so as OpenAI would.

@@ -7,7 +7,6 @@
 
 use actuators::{Action, Command, InstanceId, Outcome, PoolId};
 use controller::control::InstanceState;
-use service::config::ServiceConfig;
 use service::core::Mode;
 use std::time::{Duration, Instant};
 mod twin_engine;
@@ -40,33 +39,8 @@ async fn service(balance: &str) -> (service::RunningService, Vec<(u32, u32, Stri
     // The cluster manager: a spawn starts an engine and answers with its endpoint.
     let cm = twin_engine::cluster_manager(0.5).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ServiceConfig::parse(
-        &format!(
-            r#"
-[service]
-listen = "127.0.0.1:0"
-token = "t"
-state_dir = "{}"
-speed = 10.0
-stale_after_s = 30.0
-initial_class_rps = {{ MM = 1.0, LL = 0.5 }}
-
-[cluster]
-kind = "external"
-scrape_interval_s = 0.1
-
-[router]
-listen = "127.0.0.1:0"
-balance = "{balance}"
-
-[actuators.webhook]
-url = "{cm}"
-"#,
-            dir.path().display()
-        ),
-        "move.toml",
-    )
-    .unwrap();
+    let cfg =
+        twin_engine::external_config(&cm, dir.path(), "MM = 1.0, LL = 0.5", &format!("balance = \"{balance}\""), "");
     let ccfg = service::controller_config(&cfg, &dynamollm::profile::ProfileTable::bundled()).unwrap();
     assert!(ccfg.move_queued, "with a router, move-queued is on by default");
     let svc = service::start(cfg).await.unwrap();

@@ -2,7 +2,6 @@
 //! `/metrics` page itself (vLLM names, here from `twin serve` routers on
 //! loopback) and learns from it that the instances serve and what they hold.
 
-use service::config::ServiceConfig;
 mod twin_engine;
 use std::time::{Duration, Instant};
 
@@ -11,32 +10,7 @@ async fn serve_scrapes_the_engines_it_placed() {
     // The cluster manager: a spawn starts an engine and answers with its endpoint.
     let cm = twin_engine::cluster_manager(10.0).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ServiceConfig::parse(
-        &format!(
-            r#"
-[service]
-listen = "127.0.0.1:0"
-token = "t"
-state_dir = "{}"
-speed = 10.0
-stale_after_s = 30.0
-initial_class_rps = {{ MM = 1.0, LL = 0.5 }}
-
-[cluster]
-kind = "external"
-scrape_interval_s = 0.1
-
-[router]
-listen = "127.0.0.1:0"
-
-[actuators.webhook]
-url = "{cm}"
-"#,
-            dir.path().display()
-        ),
-        "scrape.toml",
-    )
-    .unwrap();
+    let cfg = twin_engine::external_config(&cm, dir.path(), "MM = 1.0, LL = 0.5", "", "");
     let svc = service::start(cfg).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

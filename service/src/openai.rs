@@ -192,15 +192,23 @@ mod tests {
     }
 
     /// The error object has OpenAI's fields and a type that follows the status.
-    #[test]
-    fn errors_have_openai_types() {
-        let kind = |s: u16| {
-            let r = error(StatusCode::from_u16(s).unwrap(), "x");
-            assert_eq!(r.status().as_u16(), s);
-            r
-        };
-        for s in [400, 401, 429, 502, 503] {
-            kind(s);
+    #[tokio::test]
+    async fn errors_have_openai_types() {
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (429, "rate_limit_error"),
+            (502, "server_error"),
+            (503, "service_unavailable_error"),
+        ] {
+            let r = error(StatusCode::from_u16(status).unwrap(), "why");
+            assert_eq!(r.status().as_u16(), status);
+            let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"]["type"], kind, "{v}");
+            assert_eq!(v["error"]["message"], "why");
+            assert_eq!(v["error"]["code"], status);
+            assert!(v["error"].as_object().unwrap().contains_key("param"));
         }
     }
 }

@@ -62,7 +62,10 @@ pub async fn engines(shared: Arc<Shared>, tx: mpsc::Sender<telemetry::sample::Sa
             }
             let tags = Tags { instance: Some(format!("i{id}")), ..node_tags(&node) };
             // The twin's engine page also carries its fake GPUs (a real engine's come from DCGM or NVML).
-            if let Ok(gpus) = telemetry::dcgm::parse_gpu_page(&text, &url, &telemetry::dcgm::TWIN) {
+            let twin_gpus = text.contains(telemetry::dcgm::TWIN.power_w);
+            if let Some(Ok(gpus)) =
+                twin_gpus.then(|| telemetry::dcgm::parse_gpu_page(&text, &url, &telemetry::dcgm::TWIN))
+            {
                 for s in gpus.samples(telemetry::sample::now_ms(), &tags) {
                     if tx.send(Sample::Gpu(s)).await.is_err() {
                         return;

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 /// The most power one GPU can plausibly draw (W): a reading above it is refused.
 pub const MAX_GPU_POWER_W: f64 = 5_000.0;
 
-/// One GPU's readings from a DCGM exporter page.
+/// One GPU's readings from a GPU page (a DCGM exporter's, or a `twin serve` engine's).
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct DcgmGpu {
+pub struct GpuReading {
     /// The GPU's index on its node (the `gpu` label).
     pub index: u32,
     /// Its UUID (`GPU-…`), when the page gives it.
@@ -39,11 +39,11 @@ pub struct DcgmGpu {
     pub temperature_c: Option<f64>,
 }
 
-/// A parsed DCGM exporter page: the GPUs by index, and the lines skipped.
+/// A parsed GPU page: the GPUs by index, and the lines skipped.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct DcgmPage {
+pub struct GpuPage {
     /// The GPUs, by index.
-    pub gpus: BTreeMap<u32, DcgmGpu>,
+    pub gpus: BTreeMap<u32, GpuReading>,
     /// Malformed or implausible lines, skipped.
     pub errors: Vec<ScrapeError>,
 }
@@ -82,14 +82,14 @@ pub const TWIN: GpuSeries = GpuSeries {
 };
 
 /// Read a DCGM exporter page. A page with no GPU reading at all is an error.
-pub fn parse_dcgm_page(text: &str, page: &str) -> Result<DcgmPage, ScrapeError> {
+pub fn parse_dcgm_page(text: &str, page: &str) -> Result<GpuPage, ScrapeError> {
     parse_gpu_page(text, page, &DCGM)
 }
 
 /// Read the GPUs of a page whose series `names` gives. A page with no GPU
 /// reading at all is an error.
-pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<DcgmPage, ScrapeError> {
-    let mut out = DcgmPage::default();
+pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<GpuPage, ScrapeError> {
+    let mut out = GpuPage::default();
     let line_err = |line: usize, problem: String| ScrapeError::Line { page: page.into(), line, problem };
     for (n, line) in text.lines().enumerate() {
         let sample = match parse_line(line) {
@@ -135,7 +135,7 @@ pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<DcgmP
             out.errors.push(line_err(n + 1, format!("{} is {v} {what}, outside 0..={max}", sample.name)));
             continue;
         }
-        let g = out.gpus.entry(index).or_insert_with(|| DcgmGpu { index, ..DcgmGpu::default() });
+        let g = out.gpus.entry(index).or_insert_with(|| GpuReading { index, ..GpuReading::default() });
         g.uuid = g.uuid.take().or_else(|| label("UUID"));
         g.hostname = g.hostname.take().or_else(|| label("Hostname"));
         g.model = g.model.take().or_else(|| label("modelName"));
@@ -157,7 +157,7 @@ pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<DcgmP
     Ok(out)
 }
 
-impl DcgmPage {
+impl GpuPage {
     /// The GPU samples of the page, stamped `ts_ms`, with the `base` tags
     /// (site, node, instance) and each GPU's index; without a node in `base`,
     /// the page's `Hostname`. A GPU without a power reading gives none.

@@ -78,3 +78,44 @@ pub async fn cluster_manager_with(speed: f64, per_node: u32, key: Option<&str>) 
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
 }
+
+/// The config of a service (10× service time, state in `dir`) managing an
+/// external cluster of twin engines behind the cluster manager at `cm`, its
+/// engine pages read every 0.1 s, its router on loopback with `router` keys
+/// added, its first fleet planned for `rates` (`MM = 1.0, LL = 0.5`), and
+/// `extra` tables appended.
+#[allow(dead_code)]
+pub fn external_config(
+    cm: &str,
+    dir: &std::path::Path,
+    rates: &str,
+    router: &str,
+    extra: &str,
+) -> service::config::ServiceConfig {
+    let text = format!(
+        r#"
+[service]
+listen = "127.0.0.1:0"
+token = "t"
+state_dir = "{}"
+speed = 10.0
+stale_after_s = 30.0
+initial_class_rps = {{ {rates} }}
+
+[cluster]
+kind = "external"
+scrape_interval_s = 0.1
+
+[router]
+listen = "127.0.0.1:0"
+{router}
+
+[actuators.webhook]
+url = "{cm}"
+
+{extra}
+"#,
+        dir.display()
+    );
+    service::config::ServiceConfig::parse(&text, "external.toml").unwrap()
+}

@@ -213,12 +213,14 @@ impl RouterState {
     /// The prompt's tokens: the engine's `/tokenize` within the budget (cached
     /// by prompt), else the router's own BPE count (counted in the stats).
     async fn prompt_tokens(&self, v: &serde_json::Value, auth: Option<&str>) -> Result<u32, String> {
-        let local = openai::prompt_tokens(v)?;
+        let local = || {
+            self.shared.router_stats.lock().map(|mut r| r.tokenized_locally += 1).ok();
+            openai::prompt_tokens(v)
+        };
         // A batch has several prompts; its class follows the longest, which the BPE gives.
         let single = v["prompt"].is_string() || v["messages"].is_array();
         if !(self.settings.tokenize_on_engine && single) {
-            self.shared.router_stats.lock().map(|mut r| r.tokenized_locally += 1).ok();
-            return Ok(local);
+            return local();
         }
         let body = if v["prompt"].is_string() {
             serde_json::json!({ "model": v["model"], "prompt": v["prompt"] })
@@ -260,10 +262,8 @@ impl RouterState {
                 self.shared.router_stats.lock().map(|mut r| r.tokenized_by_engine += 1).ok();
                 Ok(n)
             }
-            _ => {
-                self.shared.router_stats.lock().map(|mut r| r.tokenized_locally += 1).ok();
-                Ok(local)
-            }
+            // No engine, no `/tokenize`, an error (a malformed body, which the BPE names), or over budget.
+            _ => local(),
         }
     }
 
