@@ -119,11 +119,21 @@ impl SimReport {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "policy {}  trace {}  seed {}", self.policy, self.trace, self.seed);
+        let speed = if self.wall_s > 0.0 {
+            format!(", {:.0} requests/s of wall time ({:.2} s)", self.sim_requests_per_s, self.wall_s)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "  {:.0} s simulated, {} requests ({} rejected), {:.0} requests/s of wall time ({:.2} s)",
-            self.duration_s, self.requests_total, self.requests_rejected, self.sim_requests_per_s, self.wall_s
+            "  {:.0} s simulated, {} requests ({} rejected){speed}",
+            self.duration_s, self.requests_total, self.requests_rejected
         );
+        if self.requests_total == 0 {
+            let _ = writeln!(s, "  no request arrived: there is nothing to measure");
+        } else if self.requests_rejected == self.requests_total {
+            let _ = writeln!(s, "  every request was turned away: nothing was served");
+        }
         let _ = writeln!(
             s,
             "  energy {:.2} kWh   GPU-hours {:.1}   GPUs avg {:.1} peak {}",

@@ -352,6 +352,8 @@ struct AppState {
     default_clock_mhz: u32,
     metrics: Arc<EngineMetrics>,
     api_key: Option<Arc<str>>,
+    speed: f64,
+    power_limit_w: f64,
 }
 
 /// An OpenAI-style error answer (OpenAI's error object, as vLLM answers).
@@ -631,6 +633,8 @@ async fn clock_get(State(st): State<AppState>) -> Response {
         clock_mhz: s.clock_mhz,
         supported_clocks_mhz: st.supported_clocks_mhz.to_vec(),
         default_clock_mhz: st.default_clock_mhz,
+        speed: Some(st.speed),
+        power_limit_w: Some(st.power_limit_w),
     })
     .into_response()
 }
@@ -684,6 +688,8 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         default_clock_mhz: cfg.clock_mhz,
         metrics: metrics.clone(),
         api_key: cfg.api_key.as_deref().map(Arc::from),
+        speed: cfg.speed,
+        power_limit_w: cfg.physics.gpu.tdp_w,
     };
     let engine = Engine {
         inst,

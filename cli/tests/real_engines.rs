@@ -58,9 +58,7 @@ async fn two_tp4_engines_on_one_node_serve_apart_and_the_router_measures_attainm
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     let (pair, busy) = loop {
-        let c = svc.shared.core.lock().unwrap();
-        let recs: Vec<_> = c.instances().cloned().collect();
-        drop(c);
+        let recs: Vec<_> = svc.shared.core.lock().unwrap().instances().cloned().collect();
         let same_node: Vec<_> = recs
             .iter()
             .filter(|a| {

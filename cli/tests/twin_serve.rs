@@ -494,6 +494,30 @@ fn profiling_over_http_matches_the_virtual_time_sweep() {
     assert_eq!((state.clock_mhz, state.default_clock_mhz), (1600, 1600));
 }
 
+/// Profiling a sped-up twin would measure energy per wall second (at
+/// `--speed 10`, 1,039 W per GPU, above the H100's 700 W) and latencies ten
+/// times too short: the profiler refuses it, naming the speed, and the twin
+/// says its speed and its GPUs' power limit.
+#[test]
+fn the_profiler_refuses_a_sped_up_engine_naming_its_speed() {
+    let _t = timed();
+    let server = Server::start(&["--tp", "8", "--speed", "10"]);
+    let state = clock_state(&server);
+    assert_eq!((state.speed, state.power_limit_w), (Some(10.0), Some(700.0)));
+    let dir = scratch("sped-up");
+    let out = dir.join("p.csv");
+    let o = Command::new(BIN)
+        .args(["profile", "--target", server.base.as_str(), "--gpu", "twin", "--tp", "8", "--classes", "SS"])
+        .args(["--clocks", "1980", "--loads", "2", "--window-s", "5", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a profile of a 10× engine was written");
+    assert!(err.contains("10×") && err.contains("--speed 1"), "{err}");
+    assert!(!out.exists());
+}
+
 /// The telemetry crate's engine scrape reads `twin serve` as it would read
 /// vLLM: the page parses without errors, counters move by what was sent, and
 /// the TTFT quantile from the bucket deltas between two scrapes lands in the

@@ -100,6 +100,11 @@ pub struct RunFigures {
     pub mean_intensity_g_per_kwh: f64,
     /// SLO attainment over all classes, when measured.
     pub slo_attainment: Option<f64>,
+    /// The class with the lowest SLO attainment (when measured) and that attainment:
+    /// an overall figure can hide one class below its P99 SLO.
+    pub worst_class: Option<(String, f64)>,
+    /// Some class with traffic misses its P99 SLO.
+    pub misses_slo: bool,
     /// Against the baseline, when one ran.
     pub vs_baseline: Option<Ratios>,
     /// Per class.
@@ -184,6 +189,8 @@ fn figures(run: &RunInput, a: &Account) -> RunFigures {
         sci_g_per_1k_tokens: a.sci_g_per_1k_tokens,
         mean_intensity_g_per_kwh: a.mean_intensity_g_per_kwh,
         slo_attainment: run.slo_attainment,
+        worst_class: worst_class(&run.class_attainment),
+        misses_slo: worst_class(&run.class_attainment).is_some_and(|(_, a)| a < telemetry_core::P99_ATTAINMENT),
         vs_baseline: None,
         classes: a
             .classes
@@ -202,6 +209,11 @@ fn figures(run: &RunInput, a: &Account) -> RunFigures {
             })
             .collect(),
     }
+}
+
+/// The class with the lowest attainment.
+fn worst_class(by_class: &BTreeMap<String, f64>) -> Option<(String, f64)> {
+    by_class.iter().filter(|(_, a)| a.is_finite()).min_by(|a, b| a.1.total_cmp(b.1)).map(|(k, a)| (k.clone(), *a))
 }
 
 impl Report {
@@ -326,6 +338,7 @@ body{{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1600px}}
 table{{border-collapse:collapse;margin:8px 0 16px}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 th:first-child,td:first-child{{text-align:left}} .charts{{display:flex;flex-wrap:wrap;gap:12px}}
 .chart{{border:1px solid #eee}} .note{{color:#555;font-size:13px}} .good{{color:#1a7f37}} .bad{{color:#b42318}}
+td.miss,tr.misses-slo td:first-child{{color:#b42318;font-weight:600}}
 </style></head><body>
 <h1 id="title">{t}</h1>
 <p class="note">Source: {src}. Carbon intensity: {isrc} ({sig}, energy-weighted mean shown per run). Baseline: {base}.</p>
@@ -340,7 +353,7 @@ th:first-child,td:first-child{{text-align:left}} .charts{{display:flex;flex-wrap
             base = esc(self.baseline.as_deref().unwrap_or("none"))
         );
         // Key figures.
-        h.push_str("<h2>Key figures</h2>\n<table id=\"key-figures\"><tr><th>policy</th><th>energy kWh</th><th>carbon kg</th><th>cost $</th><th>SLO attainment</th><th>energy vs baseline</th><th>carbon vs baseline</th><th>cost vs baseline</th><th>GPU-hours</th><th>SCI g/request</th><th>SCI g/1k tokens</th><th>mean gCO2e/kWh</th></tr>\n");
+        h.push_str("<h2>Key figures</h2>\n<table id=\"key-figures\"><tr><th>policy</th><th>energy kWh</th><th>carbon kg</th><th>cost $</th><th>SLO attainment</th><th>worst class</th><th>energy vs baseline</th><th>carbon vs baseline</th><th>cost vs baseline</th><th>GPU-hours</th><th>SCI g/request</th><th>SCI g/1k tokens</th><th>mean gCO2e/kWh</th></tr>\n");
         for r in &self.runs {
             let id = id_of(&r.policy);
             let cell = |name: &str, v: Option<f64>| match v {
@@ -348,14 +361,27 @@ th:first-child,td:first-child{{text-align:left}} .charts{{display:flex;flex-wrap
                 None => format!(r#"<td id="{name}-{id}">–</td>"#),
             };
             let b = r.vs_baseline;
+            let worst = match &r.worst_class {
+                Some((k, a)) => format!(
+                    r#"<td id="worst-class-{id}" data-value="{a}"{}>{} {}{}</td>"#,
+                    if r.misses_slo { r#" class="miss""# } else { "" },
+                    esc(k),
+                    figure_text(*a),
+                    if r.misses_slo { " — misses its P99 SLO" } else { "" }
+                ),
+                None => format!(r#"<td id="worst-class-{id}">–</td>"#),
+            };
             let _ = writeln!(
                 h,
-                "<tr><td>{}</td>{}{}{}{}{}{}{}{}{}{}{}</tr>",
+                "<tr{}><td>{}{}</td>{}{}{}{}{}{}{}{}{}{}{}{}</tr>",
+                if r.misses_slo { r#" class="misses-slo""# } else { "" },
                 esc(&r.policy),
+                if r.misses_slo { " ✗" } else { "" },
                 cell("energy-kwh", Some(r.energy_kwh)),
                 cell("carbon-kg", Some(r.carbon_kg)),
                 cell("cost-usd", Some(r.cost_usd)),
                 cell("slo-attainment", r.slo_attainment),
+                worst,
                 cell("energy-ratio", b.map(|b| b.energy_ratio)),
                 cell("carbon-ratio", b.map(|b| b.carbon_ratio)),
                 cell("cost-ratio", b.map(|b| b.cost_ratio)),

@@ -187,6 +187,11 @@ pub struct ClusterSection {
     pub seed: u64,
     /// Twin: physics file (default: the embedded DGX H100 + Llama-2-70B).
     pub physics: Option<PathBuf>,
+    /// Twin: the live `single-pool` baseline runs this many TP8 instances at the
+    /// top clock beside the managed cluster, on the same arrivals (`dynamollm
+    /// serve` and `demo` size it by replay, as `sim` does, when unset; without
+    /// it the baseline is estimated from the profile, as on an external cluster).
+    pub baseline_instances: Option<u32>,
     /// External: read every placed instance's `<endpoint>/metrics` (vLLM or
     /// SGLang) this often (wall seconds; 0: never, engine telemetry comes over MQTT only).
     pub scrape_interval_s: f64,
@@ -218,6 +223,7 @@ impl Default for ClusterSection {
             hours: None,
             seed: 1,
             physics: None,
+            baseline_instances: None,
             scrape_interval_s: 1.0,
             dcgm: Vec::new(),
         }

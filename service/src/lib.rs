@@ -41,24 +41,68 @@ use std::time::Duration;
 use telemetry::{RequestClass, CLASS_COUNT};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Service time: seconds since an origin, advancing `speed` times faster than
-/// the wall clock (tokio's clock, so tests can pause it).
-#[derive(Debug, Clone, Copy)]
+/// Service time: seconds since an origin. On a real cluster it advances
+/// `speed` times faster than the wall clock (tokio's clock, so tests can pause
+/// it). On the in-process twin it is the cluster's own time: the twin sets it
+/// as it advances, the service ticks when the twin reaches each tick, and a
+/// run makes the same decisions at any speed the machine sustains.
+#[derive(Debug, Clone)]
 pub struct ServiceClock {
     start: tokio::time::Instant,
     speed: f64,
     offset_s: f64,
+    /// The cluster's time (f64 bits), when the cluster keeps it.
+    cluster_s: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The largest lag of the cluster's time behind the wall's (f64 bits).
+    lag_max_s: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ServiceClock {
     /// A clock that reads `offset_s` now.
     pub fn new(speed: f64, offset_s: f64) -> ServiceClock {
-        ServiceClock { start: tokio::time::Instant::now(), speed, offset_s }
+        ServiceClock {
+            start: tokio::time::Instant::now(),
+            speed,
+            offset_s,
+            cluster_s: None,
+            lag_max_s: Arc::new(std::sync::atomic::AtomicU64::new(0f64.to_bits())),
+        }
     }
 
-    /// Service seconds now.
+    /// A clock the cluster sets (see [`ServiceClock::set_cluster_s`]), reading `offset_s` at first.
+    pub fn cluster_kept(speed: f64, offset_s: f64) -> ServiceClock {
+        let mut c = ServiceClock::new(speed, offset_s);
+        c.cluster_s = Some(Arc::new(std::sync::atomic::AtomicU64::new(offset_s.to_bits())));
+        c
+    }
+
+    /// Service seconds now: the cluster's time where it keeps it, else the wall's times `speed`.
     pub fn now_s(&self) -> f64 {
+        match &self.cluster_s {
+            Some(t) => f64::from_bits(t.load(Ordering::Acquire)),
+            None => self.wall_now_s(),
+        }
+    }
+
+    /// Where service time would be if it followed the wall clock at `speed`.
+    pub fn wall_now_s(&self) -> f64 {
         self.offset_s + self.start.elapsed().as_secs_f64() * self.speed
+    }
+
+    /// The cluster has reached `s` (a clock the cluster keeps); records its lag behind the wall.
+    pub fn set_cluster_s(&self, s: f64) {
+        if let Some(t) = &self.cluster_s {
+            t.store(s.to_bits(), Ordering::Release);
+        }
+        let lag = (self.wall_now_s() - s).max(0.0);
+        if lag > self.lag_max_s() {
+            self.lag_max_s.store(lag.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// The largest lag of the cluster's time behind the wall's so far (service seconds).
+    pub fn lag_max_s(&self) -> f64 {
+        f64::from_bits(self.lag_max_s.load(Ordering::Relaxed))
     }
 
     /// Wall time for `s` service seconds.
@@ -242,7 +286,11 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     // A twin starts afresh every time (it is the cluster); a real cluster's state is recovered.
     let saved = if twin { None } else { load_state(&dir)? };
     let offset = saved.as_ref().map_or(0.0, |s| s.saved_at_s);
-    let clock = ServiceClock::new(cfg.service.speed, offset);
+    let clock = if twin {
+        ServiceClock::cluster_kept(cfg.service.speed, offset)
+    } else {
+        ServiceClock::new(cfg.service.speed, offset)
+    };
     let (mut core, recovered) = match saved {
         Some(s) => {
             tracing::info!(pending = s.pending.len(), instances = s.instances.len(), "recovered the saved state");
@@ -285,7 +333,8 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     let mut scrape_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, Duration)> = None;
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let (dispatcher, twin_events) = if twin {
-        let (d, events) = twin_backend(&cfg, &mut core, clock, routing_rx, pools, ccfg.clock_period_s, &dir, timeout)?;
+        let (d, events) =
+            twin_backend(&cfg, &mut core, clock.clone(), routing_rx, pools, ccfg.clock_period_s, &dir, timeout)?;
         (d, Some(events))
     } else {
         let mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt)
@@ -434,12 +483,12 @@ async fn run_loop(
     finished: watch::Sender<Option<Arc<TwinTotals>>>,
     stop_api: oneshot::Sender<()>,
 ) -> Result<()> {
-    let clock = shared.clock;
+    let clock = shared.clock.clone();
     let period_s = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.config_clock_period_s();
     let mut tick = tokio::time::interval(clock.wall(period_s));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(ActionId, Outcome)>();
-    let mut twin_over = false;
+    let cluster_ticks = twin_events.is_some();
     let mut gpu_counters = reports::GpuCounters::default();
     // Commands left in flight by a previous run go out again, same ids.
     let resend: Vec<Command> = shared.core.lock().map(|c| c.pending().cloned().collect()).unwrap_or_default();
@@ -450,22 +499,9 @@ async fn run_loop(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            // A twin whose workload is over is a cluster no more: nothing to control.
-            _ = tick.tick(), if !twin_over => {
-                let started = std::time::Instant::now();
-                let now = clock.now_s();
-                let (cmds, saved, routing) = {
-                    let mut core = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                    let cmds = core.tick(now, wall_ms());
-                    (cmds, core.save(now), core.routed())
-                };
-                // Write-ahead: the plan and the commands are on disk before anything acts.
-                if let Err(e) = save_state(&dir, &saved) {
-                    tracing::error!("cannot save the state: {e:#}");
-                }
-                routing_tx.send_replace(routing);
-                shared.metrics.observe_tick(started.elapsed());
-                shared.ready.store(true, Ordering::Relaxed);
+            // On a real cluster the service ticks on the wall clock (the twin ticks it in its own time).
+            _ = tick.tick(), if !cluster_ticks => {
+                let cmds = tick_once(&shared, &dir, &routing_tx, clock.now_s());
                 send(&shared, cmds, &out_tx);
             }
             Some((id, outcome)) = out_rx.recv() => {
@@ -484,12 +520,15 @@ async fn run_loop(
             }
             Some(ev) = async { match twin_events.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 match ev {
-                    TwinEvent::Report { now_s, instances, arrivals, attainment } => {
+                    TwinEvent::Report { now_s, instances, arrivals, arrival_tokens, attainment, baseline } => {
                         let pools: Vec<(u32, u32)> = if let Ok(mut core) = shared.core.lock() {
                             core.observe_arrivals(now_s, &arrivals);
                             core.observe_attainment(*attainment);
                             for r in &instances {
                                 core.observe_instance(now_s, r);
+                            }
+                            if let Some((energy_j, power_w)) = baseline {
+                                core.observe_baseline(energy_j, power_w);
                             }
                             core.instances().map(|r| (r.id.0, r.pool)).collect()
                         } else {
@@ -497,13 +536,26 @@ async fn run_loop(
                         };
                         if let Some(w) = &shared.store {
                             let ts_ms = shared.epoch_ms + (now_s * 1000.0) as i64;
-                            w.write(gpu_counters.samples(ts_ms, &instances, &pools, &arrivals)).await;
+                            w.write(gpu_counters.samples(ts_ms, &instances, &pools, &arrivals, &arrival_tokens)).await;
                         }
                     }
+                    TwinEvent::Tick { now_s, done } => {
+                        // The twin waits: decide, then apply every command of this tick, in order.
+                        let cmds = tick_once(&shared, &dir, &routing_tx, now_s);
+                        for cmd in cmds {
+                            let outcome = dispatch(&shared, &cmd).await;
+                            if let Ok(mut core) = shared.core.lock() {
+                                core.on_outcome(&cmd.id, &outcome);
+                            }
+                        }
+                        let _ = done.send(());
+                    }
                     TwinEvent::Finished(totals) => {
+                        if let Ok(mut core) = shared.core.lock() {
+                            core.set_finished();
+                        }
                         finished.send_replace(Some(Arc::from(totals)));
                         twin_events = None;
-                        twin_over = true;
                     }
                 }
             }
@@ -556,6 +608,37 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// One control step at `now` (service seconds): the core decides, the state
+/// is saved (write-ahead: the plan and the commands are on disk before
+/// anything acts), the routing table published. Returns the commands to send.
+fn tick_once(shared: &Shared, dir: &Path, routing_tx: &watch::Sender<[u32; CLASS_COUNT]>, now: f64) -> Vec<Command> {
+    let started = std::time::Instant::now();
+    let Ok(mut core) = shared.core.lock() else { return Vec::new() };
+    let cmds = core.tick(now, wall_ms());
+    let (saved, routing) = (core.save(now), core.routed());
+    drop(core);
+    if let Err(e) = save_state(dir, &saved) {
+        tracing::error!("cannot save the state: {e:#}");
+    }
+    routing_tx.send_replace(routing);
+    shared.metrics.observe_tick(started.elapsed());
+    shared.ready.store(true, Ordering::Relaxed);
+    cmds
+}
+
+/// Hand one command to the backends (through the audit log) and count its outcome.
+async fn dispatch(shared: &Shared, cmd: &Command) -> Outcome {
+    let outcome = match shared.actuators.dispatch(cmd).await {
+        Ok(o) => o,
+        Err(e) => Outcome::Failed { reason: format!("audit log: {e}"), retryable: true },
+    };
+    shared.metrics.observe_action(cmd.action.kind(), &outcome);
+    if !outcome.is_applied() {
+        tracing::warn!(id = %cmd.id, ?outcome, "action not applied");
+    }
+    outcome
+}
+
 /// Send one tick's commands in order (a spawn before the clock of the same instance).
 fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(ActionId, Outcome)>) {
     if cmds.is_empty() {
@@ -565,14 +648,7 @@ fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(A
     let out = out.clone();
     tokio::spawn(async move {
         for cmd in cmds {
-            let outcome = match shared.actuators.dispatch(&cmd).await {
-                Ok(o) => o,
-                Err(e) => Outcome::Failed { reason: format!("audit log: {e}"), retryable: true },
-            };
-            shared.metrics.observe_action(cmd.action.kind(), &outcome);
-            if !outcome.is_applied() {
-                tracing::warn!(id = %cmd.id, ?outcome, "action not applied");
-            }
+            let outcome = dispatch(&shared, &cmd).await;
             let _ = out.send((cmd.id.clone(), outcome));
         }
     });

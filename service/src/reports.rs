@@ -15,7 +15,7 @@ pub type TwinTotals = sim::RunTotals;
 pub type TwinTotals = std::convert::Infallible;
 
 /// What the twin reports.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum TwinEvent {
     /// A reading of the whole cluster.
     Report {
@@ -25,8 +25,20 @@ pub enum TwinEvent {
         instances: Vec<InstanceReport>,
         /// Arrivals per class since the last report.
         arrivals: [u32; CLASS_COUNT],
+        /// Their tokens (prompt and output) per class.
+        arrival_tokens: [f64; CLASS_COUNT],
         /// Cumulative per-class SLO counters `[ttft_ok, ttft_n, gaps_ok, gaps_n]`.
         attainment: Box<[[u64; 4]; CLASS_COUNT]>,
+        /// The live `single-pool` baseline replaying the same arrivals: its energy so far (J) and power (W).
+        baseline: Option<(f64, f64)>,
+    },
+    /// The cluster has reached a tick of the service (twin time, s): it waits
+    /// until the service has decided and its commands are applied (`done`).
+    Tick {
+        /// Twin time (s).
+        now_s: f64,
+        /// Sent (or dropped) when the tick's commands are applied.
+        done: tokio::sync::oneshot::Sender<()>,
     },
     /// The workload is over and every request finished.
     Finished(Box<TwinTotals>),
@@ -52,6 +64,7 @@ impl GpuCounters {
         instances: &[InstanceReport],
         pools: &[(u32, u32)],
         arrivals: &[u32; CLASS_COUNT],
+        tokens: &[f64; CLASS_COUNT],
     ) -> Vec<telemetry::sample::Point> {
         use telemetry::sample::{ArrivalSample, GpuSample, Sample, Tags};
         let mut out = Vec::new();
@@ -88,7 +101,7 @@ impl GpuCounters {
             if n > 0 {
                 let tags = Tags { class: Some(RequestClass::from_index(c)), ..Tags::default() };
                 out.extend(
-                    Sample::Arrivals(ArrivalSample { ts_ms, tags, requests: f64::from(n), tokens: 0.0 }).points(),
+                    Sample::Arrivals(ArrivalSample { ts_ms, tags, requests: f64::from(n), tokens: tokens[c] }).points(),
                 );
             }
         }
@@ -129,17 +142,17 @@ mod tests {
     #[test]
     fn gpu_energy_counters_only_rise_across_a_reshard() {
         let mut c = GpuCounters::default();
-        let a = energies(&c.samples(0, &[report(7, 2, 100.0)], &[(7, 1)], &[0; CLASS_COUNT]));
+        let a = energies(&c.samples(0, &[report(7, 2, 100.0)], &[(7, 1)], &[0; CLASS_COUNT], &[0.0; CLASS_COUNT]));
         assert_eq!(a, [("0".to_string(), 50.0), ("1".to_string(), 50.0)]);
-        let b = energies(&c.samples(1000, &[report(7, 4, 150.0)], &[(7, 1)], &[0; CLASS_COUNT]));
+        let b = energies(&c.samples(1000, &[report(7, 4, 150.0)], &[(7, 1)], &[0; CLASS_COUNT], &[0.0; CLASS_COUNT]));
         assert_eq!(
             b,
             [("0".to_string(), 62.5), ("1".to_string(), 62.5), ("2".to_string(), 12.5), ("3".to_string(), 12.5)]
         );
         // Gone and back: a new instance with the id starts afresh.
         let stopped = InstanceReport { state: ReportedState::Stopped, ..report(7, 4, 150.0) };
-        assert!(energies(&c.samples(2000, &[stopped], &[], &[0; CLASS_COUNT])).is_empty());
-        let d = energies(&c.samples(3000, &[report(7, 2, 10.0)], &[(7, 1)], &[0; CLASS_COUNT]));
+        assert!(energies(&c.samples(2000, &[stopped], &[], &[0; CLASS_COUNT], &[0.0; CLASS_COUNT])).is_empty());
+        let d = energies(&c.samples(3000, &[report(7, 2, 10.0)], &[(7, 1)], &[0; CLASS_COUNT], &[0.0; CLASS_COUNT]));
         assert_eq!(d, [("0".to_string(), 5.0), ("1".to_string(), 5.0)]);
     }
 }

@@ -61,7 +61,15 @@ pub fn backend(
     if let Ok(Ok(first)) = workload.first_hours(5.0 / 60.0).class_arrivals().map(MinuteCounts::of) {
         core.prime_rates(first.peak(0, 5));
     }
-    let settings = TwinSettings { physics, workload, slo, pools, report_every_s: clock_period_s / 2.0 };
+    let settings = TwinSettings {
+        physics,
+        workload,
+        slo,
+        pools,
+        tick_every_s: clock_period_s,
+        report_every_s: clock_period_s / 2.0,
+        baseline_instances: c.baseline_instances,
+    };
     let (act, events) = start(settings, clock, routing_rx)?;
     // The twin is a new cluster every time: so is its audit log.
     let audit_dir = dir.join("twin-audit");
@@ -108,8 +116,15 @@ pub struct TwinSettings {
     pub slo: [ClassSlo; CLASS_COUNT],
     /// Pools (one per class, or one for all).
     pub pools: usize,
+    /// How often the service ticks (twin seconds): the twin stops at each tick
+    /// until the service has decided and its commands are applied.
+    pub tick_every_s: f64,
     /// How often it reports (twin seconds).
     pub report_every_s: f64,
+    /// The live baseline: this many `single-pool` instances (TP8 at the top
+    /// clock, one pool for every class) replaying the same arrivals beside the
+    /// managed cluster, as `sim` replays `single-pool`.
+    pub baseline_instances: Option<u32>,
 }
 
 /// Start the twin on its own thread. Returns its actuator and its event stream;
@@ -123,6 +138,7 @@ pub fn start(
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     // Open the workload here so a bad file fails the start, not the thread.
     let _ = s.workload.arrivals()?;
+    anyhow::ensure!(s.tick_every_s > 0.0 && s.report_every_s > 0.0, "the twin's tick and report periods must be > 0");
     std::thread::Builder::new().name("twin".into()).spawn(move || {
         if let Err(e) = run(s, clock, routing, job_rx, ev_tx) {
             tracing::error!("the twin stopped: {e:#}");
@@ -131,6 +147,27 @@ pub fn start(
     Ok((Arc::new(TwinActuator { tx: job_tx }), ev_rx))
 }
 
+/// The `single-pool` layout the live baseline runs: `n` TP8 instances at the top clock, one pool.
+pub fn single_pool_spec(physics: &Physics, n: u32) -> ClusterSpec {
+    ClusterSpec {
+        pools: vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }],
+        instances: (0..n).map(|_| sim::InstanceSpec { pool: 0, tp: 8, clock_mhz: physics.gpu.clock_max_mhz }).collect(),
+    }
+}
+
+/// Energy (J) and power (W) of a cluster at `t`.
+fn energy_power(c: &Cluster<'_>, physics: &Physics, t: f64) -> (f64, f64) {
+    c.instances.iter().fold((0.0, 0.0), |(e, p), i| {
+        (e + i.energy_at(physics, t), p + i.power_per_gpu_w_at(physics, t) * f64::from(i.tp))
+    })
+}
+
+/// The twin's loop, in its own time. It moves from one stop to the next (each
+/// report, each tick of the service), arrivals each at its own time; at a tick
+/// it hands the service its time and applies the commands of that tick before
+/// it goes on. So what happens depends on the seed only, never on the speed:
+/// the wall clock only paces it (it waits when it is ahead of `speed` times the
+/// wall, and records its lag when it is behind).
 fn run(
     s: TwinSettings,
     clock: ServiceClock,
@@ -148,50 +185,43 @@ fn run(
         instances: vec![],
     };
     let boundaries = ClassBoundaries::default();
+    let predictor_seed = s.workload.seed ^ sim::PREDICTOR_SEED;
     let mut cluster = Cluster::new(&s.physics, &spec, boundaries, s.slo);
-    cluster.set_predictor_accuracy(s.workload.predictor_accuracy, s.workload.seed ^ sim::PREDICTOR_SEED);
+    cluster.set_predictor_accuracy(s.workload.predictor_accuracy, predictor_seed);
+    let base_spec = s.baseline_instances.map(|n| single_pool_spec(&s.physics, n));
+    let mut base = base_spec.as_ref().map(|b| {
+        let mut c = Cluster::new(&s.physics, b, boundaries, s.slo);
+        c.set_predictor_accuracy(s.workload.predictor_accuracy, predictor_seed);
+        c
+    });
     let mut ids: HashMap<InstanceId, usize> = HashMap::new();
     let mut done: HashSet<String> = HashSet::new();
     let mut arrivals = s.workload.arrivals()?.peekable();
     let mut counts = [0u32; CLASS_COUNT];
-    let mut next_report = 0.0;
+    let mut tokens = [0.0f64; CLASS_COUNT];
+    let (mut next_report, mut next_tick) = (0.0f64, 0.0f64);
     let end_s = s.workload.span_s;
-    // The fleet the service finds at start is up already: the replay waits for
-    // the service's first commands, and the instances they spawn serve at once.
-    if let Ok(first) = jobs.recv_timeout(Duration::from_secs(10)) {
-        let mut job = Some(first);
-        while let Some((cmd, reply)) = job.take() {
-            let _ = reply.send(apply(&mut cluster, &mut ids, &mut done, &cmd, true));
-            job = jobs.recv_timeout(Duration::from_millis(20)).ok();
-        }
-    }
+    let mut first_tick = true;
     loop {
-        let now = clock.now_s();
-        // Actions.
-        while let Ok((cmd, reply)) = jobs.try_recv() {
-            let outcome = apply(&mut cluster, &mut ids, &mut done, &cmd, false);
-            let _ = reply.send(outcome);
+        let stop = next_report.min(next_tick);
+        // Paced by the wall: no further ahead than `speed` times it.
+        let ahead_s = stop - clock.wall_now_s();
+        if ahead_s > 0.0 {
+            std::thread::sleep(clock.wall(ahead_s).min(Duration::from_millis(50)));
+            continue;
         }
-        // Routing as the controller says, once the new pool serves (make before break).
-        let table = *routing.borrow();
-        for class in RequestClass::ALL {
-            let want = table[class.index()] as usize;
-            if want >= cluster.pool_count() || cluster.route(class) == Some(want) {
-                continue;
-            }
-            let serving =
-                |p: usize| cluster.pool_members(p).iter().any(|&i| cluster.instances[i].state == Lifecycle::Serving);
-            if serving(want) || !cluster.route(class).is_some_and(serving) {
-                cluster.set_route(class, Some(want));
-            }
-        }
-        // Arrivals up to now, in order, each at its own time.
+        // Arrivals up to the stop, in order, each at its own time.
         while let Some(r) = arrivals.peek() {
             match r {
-                Ok(r) if r.arrival_s <= now => {
+                Ok(r) if r.arrival_s <= stop => {
                     cluster.advance_to(r.arrival_s.max(cluster.now_s()));
-                    counts[boundaries.classify(r.input_tokens, r.output_tokens.max(1)).index()] += 1;
+                    let class = boundaries.classify(r.input_tokens, r.output_tokens.max(1)).index();
+                    counts[class] += 1;
+                    tokens[class] += f64::from(r.input_tokens) + f64::from(r.output_tokens);
                     cluster.arrive(r);
+                    if let Some(b) = base.as_mut() {
+                        b.arrive(r);
+                    }
                     arrivals.next();
                 }
                 Ok(_) => break,
@@ -202,47 +232,24 @@ fn run(
                 }
             }
         }
-        cluster.advance_to(now.max(cluster.now_s()));
-        if now >= next_report {
-            next_report = now + s.report_every_s;
-            let mut reports = Vec::with_capacity(ids.len());
-            ids.retain(|&id, &mut idx| {
-                let i = &cluster.instances[idx];
-                let state = match i.state {
-                    Lifecycle::Starting { .. } | Lifecycle::Resharding { .. } | Lifecycle::Standby => {
-                        ReportedState::Starting
-                    }
-                    Lifecycle::Serving => ReportedState::Serving,
-                    Lifecycle::Draining => ReportedState::Draining,
-                    Lifecycle::Stopped => ReportedState::Stopped,
-                };
-                reports.push(InstanceReport {
-                    id,
-                    state,
-                    outstanding: i.outstanding() as u32,
-                    waiting: i.waiting() as u32,
-                    power_w: i.power_per_gpu_w_at(&s.physics, now) * f64::from(i.tp),
-                    energy_j: i.energy_at(&s.physics, now),
-                    clock_mhz: i.clock_mhz,
-                    tp: i.tp,
-                });
-                state != ReportedState::Stopped
-            });
-            let attainment = Box::new(std::array::from_fn(|c| {
-                let k = &cluster.stats.classes[c];
-                [k.ttft_ok, k.ttft_n, k.gaps_ok, k.gaps_n]
-            }));
-            let ev = TwinEvent::Report { now_s: now, instances: reports, arrivals: counts, attainment };
-            counts = [0; CLASS_COUNT];
+        cluster.advance_to(stop.max(cluster.now_s()));
+        if let Some(b) = base.as_mut() {
+            b.advance_to(stop.max(b.now_s()));
+        }
+        clock.set_cluster_s(stop);
+        let finished = arrivals.peek().is_none()
+            && end_s.is_none_or(|e| stop >= e)
+            && cluster.instances.iter().all(|i| i.is_empty());
+        if stop >= next_report || finished {
+            next_report = stop + s.report_every_s;
+            let arrived = (std::mem::take(&mut counts), std::mem::take(&mut tokens));
+            let ev = report(&s, &cluster, base.as_ref(), &mut ids, stop, arrived);
             if events.send(ev).is_err() {
                 return Ok(());
             }
         }
-        let finished = arrivals.peek().is_none()
-            && end_s.is_none_or(|e| now >= e)
-            && cluster.instances.iter().all(|i| i.is_empty());
         if finished {
-            let end = end_s.unwrap_or(now).max(now);
+            let end = end_s.unwrap_or(stop).max(stop);
             let _ = events.send(TwinEvent::Finished(Box::new(cluster.finish(end))));
             // Keep answering actions until the service lets go.
             while let Ok((_, reply)) = jobs.recv() {
@@ -250,12 +257,86 @@ fn run(
             }
             return Ok(());
         }
+        if stop >= next_tick {
+            next_tick = stop + s.tick_every_s;
+            // The service decides at this time; its commands are applied before the twin goes on
+            // (those of the first tick at once: the fleet the service finds at start is up already).
+            let (ticked_tx, mut ticked_rx) = oneshot::channel();
+            if events.send(TwinEvent::Tick { now_s: stop, done: ticked_tx }).is_err() {
+                return Ok(());
+            }
+            loop {
+                match jobs.recv_timeout(Duration::from_micros(500)) {
+                    Ok((cmd, reply)) => {
+                        let _ = reply.send(apply(&mut cluster, &mut ids, &mut done, &cmd, first_tick));
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+                match ticked_rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => {}
+                    // Done, or the service is gone (then the next send fails).
+                    _ => break,
+                }
+            }
+            first_tick = false;
+            // Routing as the controller says, once the new pool serves (make before break).
+            let table = *routing.borrow();
+            for class in RequestClass::ALL {
+                let want = table[class.index()] as usize;
+                if want >= cluster.pool_count() || cluster.route(class) == Some(want) {
+                    continue;
+                }
+                let serving = |p: usize| {
+                    cluster.pool_members(p).iter().any(|&i| cluster.instances[i].state == Lifecycle::Serving)
+                };
+                if serving(want) || !cluster.route(class).is_some_and(serving) {
+                    cluster.set_route(class, Some(want));
+                }
+            }
+        }
         if events.is_closed() {
             return Ok(());
         }
-        // Wake about every 10 twin-milliseconds of wall time, at most 100 times a wall second.
-        std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A reading of the whole cluster at `now`: what telemetry would say.
+fn report(
+    s: &TwinSettings,
+    cluster: &Cluster<'_>,
+    base: Option<&Cluster<'_>>,
+    ids: &mut HashMap<InstanceId, usize>,
+    now: f64,
+    (arrivals, arrival_tokens): ([u32; CLASS_COUNT], [f64; CLASS_COUNT]),
+) -> TwinEvent {
+    let mut reports = Vec::with_capacity(ids.len());
+    ids.retain(|&id, &mut idx| {
+        let i = &cluster.instances[idx];
+        let state = match i.state {
+            Lifecycle::Starting { .. } | Lifecycle::Resharding { .. } | Lifecycle::Standby => ReportedState::Starting,
+            Lifecycle::Serving => ReportedState::Serving,
+            Lifecycle::Draining => ReportedState::Draining,
+            Lifecycle::Stopped => ReportedState::Stopped,
+        };
+        reports.push(InstanceReport {
+            id,
+            state,
+            outstanding: i.outstanding() as u32,
+            waiting: i.waiting() as u32,
+            power_w: i.power_per_gpu_w_at(&s.physics, now) * f64::from(i.tp),
+            energy_j: i.energy_at(&s.physics, now),
+            clock_mhz: i.clock_mhz,
+            tp: i.tp,
+        });
+        state != ReportedState::Stopped
+    });
+    let attainment = Box::new(std::array::from_fn(|c| {
+        let k = &cluster.stats.classes[c];
+        [k.ttft_ok, k.ttft_n, k.gaps_ok, k.gaps_n]
+    }));
+    let baseline = base.map(|b| energy_power(b, &s.physics, now));
+    TwinEvent::Report { now_s: now, instances: reports, arrivals, arrival_tokens, attainment, baseline }
 }
 
 fn apply(

@@ -93,6 +93,15 @@ pub trait GpuDevice: Send + Sync {
     fn set_locked_clocks(&self, index: u32, min_mhz: u32, max_mhz: u32) -> Result<(), GpuError>;
     /// Undo [`GpuDevice::set_locked_clocks`].
     fn reset_locked_clocks(&self, index: u32) -> Result<(), GpuError>;
+    /// The GPU's power limit (W), when the device knows it: no reading may exceed it.
+    fn power_limit_w(&self, _index: u32) -> Result<Option<f64>, GpuError> {
+        Ok(None)
+    }
+    /// The device's seconds per wall second: 1 for real hardware; a sped-up
+    /// twin's counters run this much faster than the wall clock.
+    fn time_scale(&self) -> Result<f64, GpuError> {
+        Ok(1.0)
+    }
     /// GPU utilisation over the driver's last sample period, 0–1.
     fn util(&self, index: u32) -> Result<f64, GpuError> {
         Err(GpuError::NotSupported { index, what: "utilisation".into() })
@@ -177,6 +186,12 @@ impl GpuDevice for NvmlDevice {
         d.clock_info(Clock::SM).map_err(|e| NvmlDevice::map(index, "SM clock", e))
     }
 
+    fn power_limit_w(&self, index: u32) -> Result<Option<f64>, GpuError> {
+        let d = self.nvml.device_by_index(index).map_err(|e| NvmlDevice::map(index, "device", e))?;
+        let mw = d.enforced_power_limit().map_err(|e| NvmlDevice::map(index, "power limit", e))?;
+        Ok(Some(f64::from(mw) / 1000.0))
+    }
+
     fn supported_sm_clocks_mhz(&self, index: u32) -> Result<Vec<u32>, GpuError> {
         let d = self.nvml.device_by_index(index).map_err(|e| NvmlDevice::map(index, "device", e))?;
         let mem = d.supported_memory_clocks().map_err(|e| NvmlDevice::map(index, "memory clocks", e))?;
@@ -240,6 +255,12 @@ pub struct TwinClockState {
     pub supported_clocks_mhz: Vec<u32>,
     /// The clock a reset returns to.
     pub default_clock_mhz: u32,
+    /// Twin seconds per wall second (1: real time).
+    #[serde(default)]
+    pub speed: Option<f64>,
+    /// Each GPU's power limit (W).
+    #[serde(default)]
+    pub power_limit_w: Option<f64>,
 }
 
 /// The fake GPU device: the GPUs of one `dynamollm twin serve` instance, read
@@ -335,6 +356,15 @@ impl GpuDevice for TwinDevice {
     fn supported_sm_clocks_mhz(&self, index: u32) -> Result<Vec<u32>, GpuError> {
         self.check_index(index)?;
         Ok(self.clock_state()?.supported_clocks_mhz)
+    }
+
+    fn power_limit_w(&self, index: u32) -> Result<Option<f64>, GpuError> {
+        self.check_index(index)?;
+        Ok(self.clock_state()?.power_limit_w)
+    }
+
+    fn time_scale(&self) -> Result<f64, GpuError> {
+        Ok(self.clock_state()?.speed.unwrap_or(1.0))
     }
 
     fn set_locked_clocks(&self, index: u32, min_mhz: u32, max_mhz: u32) -> Result<(), GpuError> {

@@ -1,8 +1,10 @@
 //! `dynamollm report`: energy, carbon and cost of a period from the telemetry
 //! store, as HTML, JSON or CSV; and the `--report` of `dynamollm sim`.
 //!
-//! From the store: per minute, each GPU series' mean `gpu.power_w` × 60 s is
-//! its energy, a GPU reporting in a minute counts as held, its pool is its
+//! From the store: per minute, each GPU's energy is the rise of its energy
+//! counter (`gpu.energy_j`; without one, its mean `gpu.power_w` × the time it
+//! reported), a GPU counts as held for the share of the minute it reported in
+//! (its samples over a full minute's), its pool is its
 //! `pool` tag (`all` without one), and the classes' tokens come from the
 //! `arrivals` samples (split among pools by their energy share).
 //! The `single-pool` baseline is estimated, not measured: the peak GPUs seen,
@@ -157,21 +159,49 @@ pub fn store_timeline(store: &Store, from_ms: i64, to_ms: i64) -> Result<(RunTim
     // Per pool, per minute: energy, GPUs reporting, clock sum.
     let mut energy: Vec<Vec<f64>> = Vec::new();
     let mut gpus: Vec<Vec<u32>> = Vec::new();
+    let mut held: Vec<Vec<f64>> = Vec::new();
     let mut clock: Vec<Vec<(f64, f64)>> = Vec::new();
     let keys = store.series();
-    for key in keys.iter().filter(|k| k.measurement == measurement::GPU && k.field == "power_w") {
+    let power_keys: Vec<&SeriesKey> =
+        keys.iter().filter(|k| k.measurement == measurement::GPU && k.field == "power_w").collect();
+    let mut power_aggs = Vec::with_capacity(power_keys.len());
+    for key in &power_keys {
+        power_aggs.push(store.range_agg(key, Resolution::Minute, from, to_ms)?);
+    }
+    // A GPU is held for the share of a minute it reported in: its samples over a full
+    // minute's (the most any GPU had in a minute), so partial minutes count partly.
+    let full = power_aggs.iter().flatten().map(|a| a.count).max().unwrap_or(1).max(1) as f64;
+    for (key, aggs) in power_keys.into_iter().zip(power_aggs) {
         let pool = key.tag("pool").unwrap_or("all").to_string();
         let next = pools.len();
         let p = *pools.entry(pool).or_insert(next);
         if p == energy.len() {
             energy.push(vec![0.0; n]);
             gpus.push(vec![0; n]);
+            held.push(vec![0.0; n]);
             clock.push(vec![(0.0, 0.0); n]);
         }
-        for a in store.range_agg(key, Resolution::Minute, from, to_ms)? {
+        // Energy from the GPU's own counter where it has one (its rise minute over minute,
+        // exact across minutes), else its mean power × the minute.
+        let ek = SeriesKey { field: "energy_j".into(), ..key.clone() };
+        let counter = store.range_agg(&ek, Resolution::Minute, from, to_ms)?;
+        let mut prev: Option<f64> = None;
+        let mut rise = BTreeMap::new();
+        for a in &counter {
+            let d = match prev {
+                Some(p) if a.max >= p => a.max - p,
+                // The first minute, or the counter restarted (a new instance on the GPU).
+                _ => a.max - a.min,
+            };
+            prev = Some(a.max);
+            rise.insert(a.ts_ms, d);
+        }
+        for a in aggs {
             let m = ((a.ts_ms - from) / MINUTE_MS) as usize;
             if m < n {
-                energy[p][m] += a.mean() * 60.0;
+                let held_s = 60.0 * (a.count as f64 / full).min(1.0);
+                energy[p][m] += rise.get(&a.ts_ms).copied().unwrap_or(a.mean() * held_s);
+                held[p][m] += held_s;
                 gpus[p][m] += 1;
             }
         }
@@ -208,7 +238,7 @@ pub fn store_timeline(store: &Store, from_ms: i64, to_ms: i64) -> Result<(RunTim
                         let share = if total_e > 0.0 { energy[p][m] / total_e } else { 0.0 };
                         PoolInterval {
                             energy_j: energy[p][m],
-                            gpu_seconds: f64::from(gpus[p][m]) * 60.0,
+                            gpu_seconds: held[p][m],
                             gpus: gpus[p][m],
                             clock_mhz: if clock[p][m].1 > 0.0 { clock[p][m].0 / clock[p][m].1 } else { 0.0 },
                             tokens_by_class: std::array::from_fn(|c| {
@@ -302,8 +332,9 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         peak_gpus: peak,
     }];
     let mut notes = vec![
-        "From the telemetry store: per minute, a GPU's energy is its mean power × 60 s and a GPU reporting counts \
-         as held; per-class tokens come from the arrival samples."
+        "From the telemetry store: per minute, a GPU's energy is the rise of its energy counter (its mean power × \
+         the time it reported without one) and a GPU counts as held for the share of the minute it reported in; per-class energy is split by the tokens of the \
+         arrival samples."
             .to_string(),
         "SLO attainment is not in the store's samples; see the engine latency series.".to_string(),
     ];

@@ -14,7 +14,32 @@ pub struct ServeArgs {
 
 /// Run the service until SIGINT or SIGTERM.
 pub fn run(args: &ServeArgs) -> Result<()> {
-    let cfg = ServiceConfig::load(&args.config)?;
+    let mut cfg = ServiceConfig::load(&args.config)?;
+    if cfg.cluster.kind == "twin" && cfg.cluster.baseline_instances.is_none() {
+        // The live baseline on the twin: `single-pool` as `sim` sizes it, replayed beside the cluster.
+        let c = &cfg.cluster;
+        let physics = match &c.physics {
+            Some(p) => sim::Physics::load(p)?,
+            None => sim::Physics::default_h100_llama70b(),
+        };
+        let workload = sim::Workload::from_options(
+            c.trace.as_deref(),
+            c.rates.as_deref(),
+            c.lengths.as_deref(),
+            c.scale,
+            c.hours,
+            c.seed,
+        )?;
+        eprintln!("dynamollm serve: sizing the single-pool baseline by replay on the twin's workload…");
+        let counts = super::sim::size_by_replay(
+            &physics,
+            controller::policy::Policy::SinglePool,
+            &workload,
+            cfg.service.slo_multiplier,
+            true,
+        )?;
+        cfg.cluster.baseline_instances = counts.first().copied();
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let svc = serve::start(cfg).await?;

@@ -100,6 +100,9 @@ pub struct SimArgs {
 pub fn parse_instances(policy: Policy, text: &str) -> Result<Vec<u32>> {
     let pools = policy.pool_count();
     if let Ok(n) = text.trim().parse::<u32>() {
+        if n == 0 {
+            bail!("--instances 0: a cluster with no instance serves nothing (every request would be turned away)");
+        }
         return Ok(vec![n; pools]);
     }
     if policy == Policy::SinglePool {
@@ -112,6 +115,9 @@ pub fn parse_instances(policy: Policy, text: &str) -> Result<Vec<u32>> {
         let class = telemetry::RequestClass::parse(k).map_err(|e| anyhow::anyhow!("--instances: {e}"))?;
         let n: u32 = v.trim().parse().map_err(|_| anyhow::anyhow!("--instances: `{v}` is not a whole number"))?;
         counts[policy.pool_of(class)] = n;
+    }
+    if counts.iter().all(|&n| n == 0) {
+        bail!("--instances {text}: a cluster with no instance serves nothing (every request would be turned away)");
     }
     Ok(counts)
 }
@@ -129,15 +135,7 @@ pub fn run_policy(
         class_slos(physics, &workload.slo_pairs, &ClassBoundaries::default(), SloRule::Multiplier(slo_multiplier));
     let counts = match instances {
         Some(c) => c,
-        None => {
-            let bar = progress_bar(0, quiet, "{spinner} {msg} [{elapsed}]");
-            let counts = baseline::size(policy, physics, workload, slo, &mut |c: &[u32]| {
-                bar.set_message(format!("sizing {} by replay: trying {:?} instances", policy.name(), c));
-                bar.tick();
-            })?;
-            bar.finish_and_clear();
-            counts
-        }
+        None => size_by_replay(physics, policy, workload, slo_multiplier, quiet)?,
     };
     let span = workload.span_s.unwrap_or(0.0).max(1.0);
     let bar = progress_bar(span as u64, quiet, "{bar:40} {percent}% of the trace replayed [{elapsed} < {eta}] {msg}");
@@ -149,6 +147,26 @@ pub fn run_policy(
     let wall_s = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     Ok((SimReport::new(policy.name(), &workload.name, workload.seed, &totals, wall_s), counts))
+}
+
+/// The smallest per-pool TP8 instance counts of a static policy whose replay
+/// holds every class's P99 SLOs (see [`baseline::size`]), with a spinner.
+pub fn size_by_replay(
+    physics: &Physics,
+    policy: Policy,
+    workload: &Workload,
+    slo_multiplier: f64,
+    quiet: bool,
+) -> Result<Vec<u32>> {
+    let slo =
+        class_slos(physics, &workload.slo_pairs, &ClassBoundaries::default(), SloRule::Multiplier(slo_multiplier));
+    let bar = progress_bar(0, quiet, "{spinner} {msg} [{elapsed}]");
+    let counts = baseline::size(policy, physics, workload, slo, &mut |c: &[u32]| {
+        bar.set_message(format!("sizing {} by replay: trying {:?} instances", policy.name(), c));
+        bar.tick();
+    })?;
+    bar.finish_and_clear();
+    Ok(counts)
 }
 
 /// Describe a layout for the table.
@@ -294,7 +312,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
             }
             Some(b.name().to_string())
         }
-        None => policies.contains(&Policy::SinglePool).then(|| Policy::SinglePool.name().to_string()),
+        // A policy is not compared against itself: one run alone has no baseline.
+        None => (policies.len() > 1 && policies.contains(&Policy::SinglePool))
+            .then(|| Policy::SinglePool.name().to_string()),
     };
     let accounting = match &args.accounting {
         Some(p) => dashboards::config::AccountingConfig::load(p)?,
@@ -348,6 +368,11 @@ pub fn run(args: &SimArgs) -> Result<()> {
         let report = super::report::sim_report(&reports, baseline.as_deref(), &accounting, &source)?;
         super::report::write_report(&report, super::report::Format::of_path(path), path)?;
         println!("\nreport: {}", path.display());
+        if baseline.is_none() {
+            println!(
+                "  (one policy ran: the report compares it with nothing; add --compare to set policies side by side)"
+            );
+        }
         for r in &report.runs {
             let vs = |x: Option<f64>| {
                 x.map_or(String::new(), |x| format!(" ({x:.3}× {})", baseline.as_deref().unwrap_or("")))
@@ -517,7 +542,7 @@ pub fn compare_table(reports: &[SimReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n{:<12} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>10} {:>9} {:>11}",
+        "\n{:<16} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>10} {:>9} {:>11}",
         "policy",
         "energy kWh",
         "vs single",
@@ -534,7 +559,7 @@ pub fn compare_table(reports: &[SimReport]) -> String {
         let worst = r.classes.values().map(|c| c.latency.slo_attainment).fold(1.0, f64::min);
         let _ = writeln!(
             s,
-            "{:<12} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>10} {:>9} {:>11}",
+            "{:<16} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>10} {:>9} {:>11}{}",
             r.policy,
             r.energy_kwh,
             base.map_or(f64::NAN, |b| r.energy_kwh / b),
@@ -545,7 +570,8 @@ pub fn compare_table(reports: &[SimReport]) -> String {
             worst * 100.0,
             r.latency.worst_hour_attainment.map_or("-".to_string(), |w| format!("{:.2}%", w * 100.0)),
             r.latency.hours_below_p99,
-            r.oracle_gap.map_or("-".to_string(), |g| format!("{:+.1}%", g * 100.0))
+            r.oracle_gap.map_or("-".to_string(), |g| format!("{:+.1}%", g * 100.0)),
+            if r.all_classes_hold() { "" } else { "  MISSES a class's P99 SLO" }
         );
     }
     s

@@ -100,6 +100,15 @@ impl HttpTarget {
             "twin" => Arc::new(TwinDevice::new(&base_url)?),
             other => bail!("--gpu must be `nvml` or `twin`, got `{other}`"),
         };
+        // The profile is of the engine's time: a twin running faster than the wall would
+        // give energy per wall second (power many times the GPU's) and latencies too short.
+        let scale = device.time_scale()?;
+        if (scale - 1.0).abs() > 1e-9 {
+            bail!(
+                "the engine at {base_url} runs at {scale}× the wall clock (`twin serve --speed {scale}`): a profile \
+                 needs it in real time; start it with --speed 1"
+            );
+        }
         let count = device.count()?;
         let gpus: Vec<u32> = (o.first_gpu..o.first_gpu + o.tp).collect();
         if gpus.iter().any(|&g| g >= count) {
@@ -264,6 +273,21 @@ impl Target for HttpTarget {
         }
         let done = run.timings.len() as u64;
         let energy_j = (e1 - e0).max(0.0);
+        let power_per_gpu_w = energy_j / elapsed / f64::from(p.tp);
+        if let Some(limit) = self.device.power_limit_w(self.gpus[0])? {
+            // A few percent over the limit is the counter's and the timer's noise; beyond, the
+            // energy counter and the wall clock disagree, and no row is better than a false one.
+            if power_per_gpu_w > limit * 1.05 {
+                bail!(
+                    "{:?} TP{} at {} MHz, {} req/s: measured {power_per_gpu_w:.0} W per GPU, above the GPU's \
+                     {limit:.0} W limit: the energy counter and the wall clock disagree",
+                    p.class,
+                    p.tp,
+                    p.clock_mhz,
+                    p.load_rps
+                );
+            }
+        }
         Ok(ProfileRow {
             model: self.model.clone(),
             gpu: self.gpu_name.clone(),
@@ -273,7 +297,7 @@ impl Target for HttpTarget {
             load_rps: p.load_rps,
             load_tok_s: p.load_rps * self.lengths.mean_tokens(p.class),
             energy_per_req_j: energy_j / done.max(1) as f64,
-            power_per_gpu_w: energy_j / elapsed / f64::from(p.tp),
+            power_per_gpu_w,
             ttft_p50_s: q_s(&ttft, 0.5),
             ttft_p99_s: q_s(&ttft, 0.99),
             tbt_p50_s: q_s(&tbt, 0.5),

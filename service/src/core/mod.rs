@@ -116,6 +116,8 @@ pub struct ServiceCore {
     held_warned: BTreeSet<InstanceId>,
     /// Counters for `/metrics`.
     pub counters: CoreCounters,
+    /// The cluster's workload is over (a twin's replay).
+    finished: bool,
 }
 
 /// GPUs a fleet without a `gpu_budget` is taken to hold at most, for the arrival ceiling.
@@ -136,14 +138,18 @@ fn default_max_class_rps(profile: &ProfileTable, c: &ControllerConfig) -> f64 {
 /// The longest wait before a failed route is sent again (s).
 const ROUTE_RETRY_MAX_S: f64 = 300.0;
 
-/// The `single-pool` baseline estimated from the profile: TP8 at the top
-/// clock, sized for the highest load seen so far, its power at the observed load.
+/// The `single-pool` baseline the savings are measured against, over the
+/// time the service manages a serving fleet. On the twin it is replayed
+/// beside the cluster (`replayed`: the twin reports its energy); on an
+/// external cluster it is an estimate from the profile: TP8 at the top
+/// clock, sized for the highest load seen so far, its power at the load observed.
 struct Baseline {
     planner: Planner,
     max_clock_mhz: u32,
     peak_rps: f64,
     energy_j: f64,
     power_w: f64,
+    replayed: bool,
 }
 
 impl Baseline {
@@ -155,6 +161,7 @@ impl Baseline {
             peak_rps: 0.0,
             energy_j: 0.0,
             power_w: 0.0,
+            replayed: false,
         }
     }
 
@@ -212,6 +219,7 @@ impl ServiceCore {
             held_retires: BTreeMap::new(),
             held_warned: BTreeSet::new(),
             counters: CoreCounters::default(),
+            finished: false,
         }
     }
 
@@ -278,6 +286,23 @@ impl ServiceCore {
         } else {
             self.operator_mode
         }
+    }
+
+    /// The replayed `single-pool` baseline (the twin's): its energy so far (J) and power now (W).
+    pub fn observe_baseline(&mut self, energy_j: f64, power_w: f64) {
+        self.baseline.replayed = true;
+        self.baseline.energy_j = energy_j;
+        self.baseline.power_w = power_w;
+    }
+
+    /// The cluster's workload is over (a twin's replay): nothing left to control.
+    pub fn set_finished(&mut self) {
+        self.finished = true;
+    }
+
+    /// Whether the cluster's workload is over.
+    pub fn finished(&self) -> bool {
+        self.finished
     }
 
     /// Why the service is in failsafe on its own, if it is.
@@ -489,9 +514,14 @@ impl ServiceCore {
         // Accounting and history.
         let power_w: f64 = self.instances.values().map(|r| r.power_w).sum();
         let total_rps: f64 = recent.iter().sum();
-        let base_w = self.baseline.power(total_rps);
-        self.baseline.energy_j += base_w * period;
-        self.baseline.power_w = base_w;
+        // The estimate counts only while the service manages a serving fleet (a run with no
+        // instance, in dry-run or before the first spawn serves, saves nothing and costs nothing).
+        if !self.baseline.replayed {
+            let managing = self.instances.values().any(|r| r.state == InstanceState::Serving);
+            let base_w = if managing { self.baseline.power(total_rps) } else { 0.0 };
+            self.baseline.energy_j += base_w * period;
+            self.baseline.power_w = base_w;
+        }
         self.history.push_back(HistoryPoint {
             time_s: now_s,
             power_w,

@@ -95,12 +95,16 @@ impl ServiceCore {
                 })
             })
             .collect();
+        // A finished replay is said so: no mode acts on it, no telemetry is late.
+        let mode = if self.finished() { "finished" } else { self.mode().name() };
+        let lag = if self.finished() { 0.0 } else { self.telemetry_lag_s(now_s) };
         serde_json::json!({
-            "mode": self.mode().name(),
+            "mode": mode,
+            "status_message": self.finished().then_some("the replay is over: nothing left to control"),
             "operator_mode": self.operator_mode.name(),
             "failsafe_reason": self.stale,
             "time_s": now_s,
-            "telemetry_lag_s": self.telemetry_lag_s(now_s),
+            "telemetry_lag_s": lag,
             "pools": pools,
             "instances": instances,
             "classes": classes,

@@ -473,7 +473,7 @@ async fn forward(State(st): State<Arc<RouterState>>, headers: HeaderMap, body: B
         core.observe_arrivals(now, &counts);
     }
     // A pool scaled from nothing: hold the request until an instance serves (as long as `hold_s`).
-    let clock = st.shared.clock;
+    let clock = st.shared.clock.clone();
     let hold_s = st.shared.router_hold_s;
     let (pool, endpoint) = loop {
         let serving = |pool: u32| st.pick(pool).is_some();
