@@ -25,6 +25,26 @@ pub struct StreamTiming {
     pub tokens: u32,
     /// Send to last token.
     pub e2e: Duration,
+    /// A twin engine's part of the TTFT by its own stamps (its seconds), when it stamps its tokens.
+    pub engine_ttft_s: Option<f64>,
+    /// Its part of each gap (aligned with `gaps`), when it stamps its tokens.
+    pub engine_gaps_s: Vec<f64>,
+    /// How long the router held the request for a serving instance (its `x-dynamollm-held-s`, service s).
+    pub held_s: f64,
+}
+
+impl StreamTiming {
+    /// The TTFT in the cluster's time, `speed` times the wall's (see [`telemetry::cluster_interval_s`]).
+    pub fn ttft_s(&self, speed: f64) -> f64 {
+        telemetry::cluster_interval_s(self.ttft.as_secs_f64(), self.engine_ttft_s, self.held_s, speed)
+    }
+
+    /// Every gap in the cluster's time.
+    pub fn gaps_s(&self, speed: f64) -> impl Iterator<Item = f64> + '_ {
+        self.gaps.iter().enumerate().map(move |(i, g)| {
+            telemetry::cluster_interval_s(g.as_secs_f64(), self.engine_gaps_s.get(i).copied(), 0.0, speed)
+        })
+    }
 }
 
 /// Prompt token ids for a prompt of `n` tokens (ordinary ids, not special tokens).
@@ -58,9 +78,17 @@ pub async fn stream_completion(
         let text = resp.text().await.unwrap_or_default();
         bail!("POST {url} answered {status}: {}", text.chars().take(300).collect::<String>());
     }
+    let held_s = resp
+        .headers()
+        .get(telemetry::ROUTER_HELD_HEADER)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<f64>().ok())
+        .filter(|h| h.is_finite() && *h >= 0.0)
+        .unwrap_or(0.0);
     let mut events = resp.bytes_stream().eventsource();
-    // (arrival, tokens counted in its text) of each event with text.
-    let mut seen: Vec<(Instant, u32)> = Vec::with_capacity(output_tokens as usize);
+    // (arrival, tokens counted in its text, the engine's stamp) of each event with text.
+    let mut seen: Vec<(Instant, u32, Option<f64>)> = Vec::with_capacity(output_tokens as usize);
+    let mut engine_arrived_s: Option<f64> = None;
     let mut usage: Option<u32> = None;
     while let Some(ev) = events.next().await {
         let ev = ev.map_err(|e| anyhow!("{url}: broken event stream: {e}"))?;
@@ -82,21 +110,37 @@ pub async fn stream_completion(
                     .sum()
             })
             .unwrap_or(0);
+        if let Some(a) = v[telemetry::TWIN_ARRIVAL_STAMP].as_f64() {
+            engine_arrived_s.get_or_insert(a);
+        }
         if k > 0 {
-            seen.push((now, k));
+            seen.push((now, k, v[telemetry::TWIN_TOKEN_STAMP].as_f64()));
         }
     }
-    let Some(&(first, _)) = seen.first() else { bail!("{url}: the stream ended without a token") };
+    let Some(&(first, _, first_stamp)) = seen.first() else { bail!("{url}: the stream ended without a token") };
     let counted: u32 = seen.iter().map(|e| e.1).sum();
     let scale = usage.filter(|_| counted > 0).map_or(1.0, |u| f64::from(u) / f64::from(counted));
     let mut gaps = Vec::with_capacity(output_tokens as usize);
+    let stamped = seen.iter().all(|e| e.2.is_some());
+    let mut engine_gaps_s = Vec::new();
     for w in seen.windows(2) {
         let k = ((f64::from(w[1].1) * scale).round() as u32).max(1);
         let gap = (w[1].0 - w[0].0) / k;
         gaps.extend(std::iter::repeat_n(gap, k as usize));
+        if let (true, Some(a), Some(b)) = (stamped, w[0].2, w[1].2) {
+            engine_gaps_s.extend(std::iter::repeat_n((b - a).max(0.0) / f64::from(k), k as usize));
+        }
     }
     let last = seen.last().map_or(first, |e| e.0);
-    Ok(StreamTiming { ttft: first - sent, gaps, tokens: usage.unwrap_or(counted), e2e: last - sent })
+    Ok(StreamTiming {
+        ttft: first - sent,
+        gaps,
+        tokens: usage.unwrap_or(counted),
+        e2e: last - sent,
+        engine_ttft_s: first_stamp.zip(engine_arrived_s).map(|(t, a)| (t - a).max(0.0)),
+        engine_gaps_s,
+        held_s,
+    })
 }
 
 /// Results of a Poisson run.

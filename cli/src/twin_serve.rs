@@ -52,8 +52,16 @@ pub struct ServeConfig {
 /// A token or the end of a stream, as the engine task hands it to a handler.
 #[derive(Debug, Clone)]
 enum Out {
-    Token { index: u32 },
-    Done { prompt_tokens: u32, completion_tokens: u32 },
+    /// A token, at the engine's time `at_s`; the first also says when its request arrived.
+    Token {
+        index: u32,
+        at_s: f64,
+        arrived_s: Option<f64>,
+    },
+    Done {
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
 }
 
 enum Cmd {
@@ -212,7 +220,7 @@ impl Engine {
                 self.metrics.inter_token.observe(at - s.last_v);
                 count_slo(&self.metrics, &self.slo, s.class, "tbt", at - s.last_v);
                 s.last_v = at;
-                let _ = s.tx.send(Out::Token { index: s.sent - 1 });
+                let _ = s.tx.send(Out::Token { index: s.sent - 1, at_s: at, arrived_s: None });
                 self.metrics.generation_tokens.inc();
             }
         }
@@ -230,7 +238,7 @@ impl Engine {
                         self.metrics.ttft.observe(at_s - s.arrival_v);
                         count_slo(&self.metrics, &self.slo, s.class, "ttft", at_s - s.arrival_v);
                         self.metrics.generation_tokens.inc();
-                        let _ = s.tx.send(Out::Token { index: 0 });
+                        let _ = s.tx.send(Out::Token { index: 0, at_s, arrived_s: Some(s.arrival_v) });
                     }
                 }
                 EngineEvent::Finished { id, at_s } => {
@@ -240,7 +248,7 @@ impl Engine {
                             self.metrics.inter_token.observe(at_s - s.last_v);
                             count_slo(&self.metrics, &self.slo, s.class, "tbt", at_s - s.last_v);
                             s.last_v = at_s;
-                            let _ = s.tx.send(Out::Token { index: s.sent - 1 });
+                            let _ = s.tx.send(Out::Token { index: s.sent - 1, at_s, arrived_s: None });
                             self.metrics.generation_tokens.inc();
                         }
                         self.metrics.e2e.observe(at_s - s.arrival_v);
@@ -497,7 +505,7 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
         let mut usage = (input_tokens, 0u32);
         while let Some(o) = rx.recv().await {
             match o {
-                Out::Token { index } => text.push_str(&token_text(index)),
+                Out::Token { index, .. } => text.push_str(&token_text(index)),
                 Out::Done { prompt_tokens, completion_tokens } => usage = (prompt_tokens, completion_tokens),
             }
         }
@@ -516,7 +524,7 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
     }
     let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
     let events = async_stream_events(rx, move |o| match o {
-        Out::Token { index } => {
+        Out::Token { index, at_s, arrived_s } => {
             let choice = match api {
                 Api::Completions => {
                     serde_json::json!({"index":0,"text":token_text(index),"logprobs":null,"finish_reason":null})
@@ -526,7 +534,14 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
                 }
                 Api::Chat => serde_json::json!({"index":0,"delta":{"content":token_text(index)},"finish_reason":null}),
             };
-            vec![serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": each(choice, seqs)}).to_string()]
+            // Stamped with the engine's time, so that clients of a sped-up twin can tell its
+            // latency from the wall's (see `telemetry::cluster_interval_s`).
+            let mut chunk = serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": each(choice, seqs)});
+            chunk[telemetry::TWIN_TOKEN_STAMP] = serde_json::json!(at_s);
+            if let Some(a) = arrived_s {
+                chunk[telemetry::TWIN_ARRIVAL_STAMP] = serde_json::json!(a);
+            }
+            vec![chunk.to_string()]
         }
         Out::Done { prompt_tokens, completion_tokens } => {
             let last = match api {

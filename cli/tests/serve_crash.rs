@@ -11,41 +11,7 @@ mod serve_support;
 use serde_json::Value;
 use serve_support::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The service as a child process, SIGKILLed on drop.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn start(config: &Path, log: &Path) -> Proc {
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dynamollm"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("cannot start dynamollm serve");
-        Proc(Some(child))
-    }
-
-    /// kill -9.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 fn starts(log: &[Vec<String>], id: &str) -> usize {
     log.iter().filter(|l| l[0] == id && l[3] == "start").count()
@@ -85,7 +51,7 @@ async fn kill_9_mid_replan_then_restart_repeats_nothing_and_recovers_the_plan() 
     let service_log = dir.path().join("service.log");
     let api = Api::new(&opts.listen);
 
-    let mut svc = Proc::start(&config, &service_log);
+    let mut svc = Proc::start(env!("CARGO_BIN_EXE_dynamollm"), &config, &service_log);
     let c = cluster.clone();
     let feed =
         Feeder::start(opts.mqtt.clone(), &opts.prefix, move || c.nodes(), Duration::from_millis(100), opts.speed, 0.5);
@@ -149,7 +115,7 @@ async fn kill_9_mid_replan_then_restart_repeats_nothing_and_recovers_the_plan() 
     std::fs::write(cluster.dir.join("spawn_sleep"), "0").unwrap();
 
     // Restart: the same state comes back before anything new is decided.
-    let mut svc = Proc::start(&config, &service_log);
+    let mut svc = Proc::start(env!("CARGO_BIN_EXE_dynamollm"), &config, &service_log);
     let recovered = wait_for("the restarted API", Duration::from_secs(20), || api.try_status()).await;
     assert_eq!(plan(&recovered), plan(&before), "the pools' plan after the restart");
     assert_eq!(fleet(&recovered), fleet(&before), "the inventory after the restart");

@@ -490,19 +490,39 @@ async fn run_loop(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(ActionId, Outcome)>();
     let cluster_ticks = twin_events.is_some();
     let mut gpu_counters = reports::GpuCounters::default();
-    // Commands left in flight by a previous run go out again, same ids.
-    let resend: Vec<Command> = shared.core.lock().map(|c| c.pending().cloned().collect()).unwrap_or_default();
+    // Commands left in flight by a previous run go out again, same ids; in dry-run none does
+    // (they are forgotten, as commands never sent).
+    let (resend, epoch) = {
+        let mut core = shared.core.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let pending: Vec<Command> = core.pending().cloned().collect();
+        if !pending.is_empty() && !core.may_send(core.mode_epoch()) {
+            tracing::warn!(
+                n = pending.len(),
+                mode = core.mode().name(),
+                "the commands in flight before the restart are not sent"
+            );
+            let why = format!("restarted in {}", core.mode().name());
+            for c in &pending {
+                core.cancel(&c.id, &why);
+            }
+            let now = clock.now_s();
+            save_state(&dir, &core.save(now))?;
+            (Vec::new(), core.mode_epoch())
+        } else {
+            (pending, core.mode_epoch())
+        }
+    };
     if !resend.is_empty() {
         tracing::info!(n = resend.len(), "re-sending the commands in flight before the restart");
-        send(&shared, resend, &out_tx);
+        send(&shared, resend, epoch, &out_tx);
     }
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             // On a real cluster the service ticks on the wall clock (the twin ticks it in its own time).
             _ = tick.tick(), if !cluster_ticks => {
-                let cmds = tick_once(&shared, &dir, &routing_tx, clock.now_s());
-                send(&shared, cmds, &out_tx);
+                let (cmds, epoch) = tick_once(&shared, &dir, &routing_tx, clock.now_s());
+                send(&shared, cmds, epoch, &out_tx);
             }
             Some((id, outcome)) = out_rx.recv() => {
                 if let Ok(mut core) = shared.core.lock() {
@@ -541,11 +561,12 @@ async fn run_loop(
                     }
                     TwinEvent::Tick { now_s, done } => {
                         // The twin waits: decide, then apply every command of this tick, in order.
-                        let cmds = tick_once(&shared, &dir, &routing_tx, now_s);
+                        let (cmds, epoch) = tick_once(&shared, &dir, &routing_tx, now_s);
                         for cmd in cmds {
-                            let outcome = dispatch(&shared, &cmd).await;
-                            if let Ok(mut core) = shared.core.lock() {
-                                core.on_outcome(&cmd.id, &outcome);
+                            if let Some(outcome) = dispatch_if_allowed(&shared, &cmd, epoch).await {
+                                if let Ok(mut core) = shared.core.lock() {
+                                    core.on_outcome(&cmd.id, &outcome);
+                                }
                             }
                         }
                         let _ = done.send(());
@@ -610,20 +631,57 @@ impl Drop for AbortOnDrop {
 
 /// One control step at `now` (service seconds): the core decides, the state
 /// is saved (write-ahead: the plan and the commands are on disk before
-/// anything acts), the routing table published. Returns the commands to send.
-fn tick_once(shared: &Shared, dir: &Path, routing_tx: &watch::Sender<[u32; CLASS_COUNT]>, now: f64) -> Vec<Command> {
+/// anything acts), the routing table published. Returns the commands to send
+/// and the mode epoch they were decided in. When the state cannot be saved,
+/// nothing is sent: the tick's commands are cancelled and the service is in
+/// failsafe, saying why, until a save succeeds.
+fn tick_once(
+    shared: &Shared,
+    dir: &Path,
+    routing_tx: &watch::Sender<[u32; CLASS_COUNT]>,
+    now: f64,
+) -> (Vec<Command>, u64) {
     let started = std::time::Instant::now();
-    let Ok(mut core) = shared.core.lock() else { return Vec::new() };
-    let cmds = core.tick(now, wall_ms());
-    let (saved, routing) = (core.save(now), core.routed());
-    drop(core);
-    if let Err(e) = save_state(dir, &saved) {
-        tracing::error!("cannot save the state: {e:#}");
+    let Ok(mut core) = shared.core.lock() else { return (Vec::new(), 0) };
+    let mut cmds = core.tick(now, wall_ms());
+    match save_state(dir, &core.save(now)) {
+        Ok(()) => {
+            if core.unsaved().is_some() {
+                tracing::info!("the state is saved again: failsafe lifted");
+                core.set_unsaved(None);
+            }
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            if core.unsaved().is_none() {
+                tracing::error!("cannot save the state, so nothing is sent (failsafe): {why}");
+            }
+            core.set_unsaved(Some(why));
+            for c in cmds.drain(..) {
+                core.cancel(&c.id, "the state that records it could not be saved");
+            }
+        }
     }
+    let (routing, epoch) = (core.routed(), core.mode_epoch());
+    drop(core);
     routing_tx.send_replace(routing);
     shared.metrics.observe_tick(started.elapsed());
     shared.ready.store(true, Ordering::Relaxed);
-    cmds
+    (cmds, epoch)
+}
+
+/// Hand one command to the backends unless the mode it was decided in has
+/// changed since (then it is cancelled, and `None` comes back).
+async fn dispatch_if_allowed(shared: &Shared, cmd: &Command, epoch: u64) -> Option<Outcome> {
+    {
+        let mut core = shared.core.lock().ok()?;
+        if !core.may_send(epoch) {
+            let reason = format!("the mode changed to {} before it left", core.mode().name());
+            core.cancel(&cmd.id, &reason);
+            return None;
+        }
+    }
+    Some(dispatch(shared, cmd).await)
 }
 
 /// Hand one command to the backends (through the audit log) and count its outcome.
@@ -639,8 +697,9 @@ async fn dispatch(shared: &Shared, cmd: &Command) -> Outcome {
     outcome
 }
 
-/// Send one tick's commands in order (a spawn before the clock of the same instance).
-fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(ActionId, Outcome)>) {
+/// Send one tick's commands in order (a spawn before the clock of the same
+/// instance); each only while the mode of `epoch` holds.
+fn send(shared: &Arc<Shared>, cmds: Vec<Command>, epoch: u64, out: &mpsc::UnboundedSender<(ActionId, Outcome)>) {
     if cmds.is_empty() {
         return;
     }
@@ -648,8 +707,9 @@ fn send(shared: &Arc<Shared>, cmds: Vec<Command>, out: &mpsc::UnboundedSender<(A
     let out = out.clone();
     tokio::spawn(async move {
         for cmd in cmds {
-            let outcome = dispatch(&shared, &cmd).await;
-            let _ = out.send((cmd.id.clone(), outcome));
+            if let Some(outcome) = dispatch_if_allowed(&shared, &cmd, epoch).await {
+                let _ = out.send((cmd.id.clone(), outcome));
+            }
         }
     });
 }

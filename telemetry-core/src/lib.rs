@@ -13,5 +13,8 @@ pub mod slo;
 pub mod trace;
 
 pub use class::{ClassBoundaries, LengthBand, RequestClass, CLASS_COUNT};
-pub use slo::{Balance, ClassSlo, SloRule, P99_ATTAINMENT};
+pub use slo::{
+    cluster_interval_s, Balance, ClassSlo, SloRule, P99_ATTAINMENT, ROUTER_HELD_HEADER, TWIN_ARRIVAL_STAMP,
+    TWIN_TOKEN_STAMP,
+};
 pub use trace::{LengthSamples, Request, TraceError};

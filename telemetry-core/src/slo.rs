@@ -4,6 +4,36 @@
 
 use serde::{Deserialize, Serialize};
 
+/// An interval a client measured on the wall, in the cluster's time.
+///
+/// A twin engine runs `speed` times faster than the wall and stamps what it
+/// does with its own time (`dynamollm_twin_t_s` on every streamed token,
+/// `dynamollm_twin_arrived_s` on the first): `engine_s` is the part of the
+/// interval inside the engine by those stamps, `held_s` the part the router
+/// held the request for a serving instance (a wait in cluster time). What is
+/// left of the wall interval (sockets, the router's own work, the scheduler of
+/// a busy machine) is counted as it was, at the wall's rate: sped up, a
+/// millisecond of it would count as `speed` milliseconds, a quarter of a TBT
+/// SLO at 15×. Without stamps (a real engine) the interval is `wall_s × speed`.
+pub fn cluster_interval_s(wall_s: f64, engine_s: Option<f64>, held_s: f64, speed: f64) -> f64 {
+    let speed = if speed.is_finite() && speed > 0.0 { speed } else { 1.0 };
+    match engine_s {
+        Some(e) if e.is_finite() && e >= 0.0 => {
+            let held_s = held_s.max(0.0);
+            e + held_s + (wall_s - (e + held_s) / speed).max(0.0)
+        }
+        _ => wall_s * speed,
+    }
+}
+
+/// The stamp field of a twin engine's streamed token (its time, s).
+pub const TWIN_TOKEN_STAMP: &str = "dynamollm_twin_t_s";
+/// The stamp field of a twin engine's first token: when the request reached it (its time, s).
+pub const TWIN_ARRIVAL_STAMP: &str = "dynamollm_twin_arrived_s";
+/// The response header in which the router says how long it held a request
+/// for a serving instance (service seconds).
+pub const ROUTER_HELD_HEADER: &str = "x-dynamollm-held-s";
+
 /// The SLO of one class: P99 TTFT and P99 TBT bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ClassSlo {

@@ -151,3 +151,42 @@ async fn a_vanished_node_is_marked_dead_by_its_last_will() {
     drop(edge);
     wait_until("dead", Duration::from_secs(15), || nodes.lock().unwrap().get(&key) == Some(&NodeState::Dead)).await;
 }
+
+/// A payload of 1 MiB (the broker's limit; its packet is larger) and one of
+/// 5 MB on a node's telemetry topic: each is read, dropped and counted, the
+/// connection stays up (no reconnect), and the node's telemetry after them
+/// arrives within 5 s. With the client's packet limit at 1 MiB the first one
+/// broke the connection at every reconnect, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_dropped_and_counted_and_telemetry_goes_on() {
+    let (host, port) = shared_broker();
+    let prefix = unique("big");
+    let (tx, mut rx) = mpsc::channel(64);
+    let collector = MqttCollector::spawn(settings(&host, port, &format!("{prefix}-c"), &prefix), tx);
+    let edge = EdgePublisher::spawn(settings(&host, port, &format!("{prefix}-e"), &prefix), "s1", "n2");
+    let nodes = collector.nodes.clone();
+    wait_until("the node to be alive", Duration::from_secs(10), || !nodes.lock().unwrap().is_empty()).await;
+    // A hostile client that may write large packets.
+    let mut o = rumqttc::MqttOptions::new(format!("{prefix}-x"), &host, port);
+    o.set_max_packet_size(16 << 20, 16 << 20);
+    let (hostile, mut ev) = rumqttc::AsyncClient::new(o, 16);
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let topic = format!("{prefix}/s1/n2/telemetry");
+    for size in [telemetry::mqtt::MAX_PAYLOAD_BYTES, 5_000_000] {
+        hostile.publish(&topic, rumqttc::QoS::AtLeastOnce, false, vec![b'x'; size]).await.unwrap();
+    }
+    wait_until("both big messages counted", Duration::from_secs(10), || collector.stats.errors() >= 2).await;
+    let t0 = Instant::now();
+    edge.publish(&payload(7)).await.unwrap();
+    loop {
+        let s = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("telemetry stopped").unwrap();
+        if let Sample::Arrivals(a) = s {
+            assert_eq!(a.requests, 7.0);
+            break;
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(collector.stats.errors(), 2, "{:?}", collector.stats.last_error());
+    assert_eq!(collector.connects.load(std::sync::atomic::Ordering::Relaxed), 1, "the collector reconnected");
+    pump.abort();
+}

@@ -337,8 +337,8 @@ async fn rehearse(
         counts[c][1] += 1;
         match r {
             Ok(t) => {
-                counts[c][0] += u64::from(t.ttft.as_secs_f64() * speed <= s.ttft_s);
-                counts[c][2] += t.gaps.iter().filter(|g| g.as_secs_f64() * speed <= s.tbt_s).count() as u64;
+                counts[c][0] += u64::from(t.ttft_s(speed) <= s.ttft_s);
+                counts[c][2] += t.gaps_s(speed).filter(|g| *g <= s.tbt_s).count() as u64;
                 counts[c][3] += t.gaps.len() as u64;
             }
             Err(e) => {

@@ -414,3 +414,36 @@ pub fn kind(rec: &Value) -> &str {
 pub fn instance(rec: &Value) -> Option<u64> {
     rec["action"]["instance"].as_u64()
 }
+
+/// `dynamollm serve` as a child process, SIGKILLed on drop.
+pub struct Proc(Option<std::process::Child>);
+
+impl Proc {
+    /// Start `bin serve --config config`, its log appended to `log`.
+    pub fn start(bin: &str, config: &Path, log: &Path) -> Proc {
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = std::process::Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("cannot start dynamollm serve");
+        Proc(Some(child))
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

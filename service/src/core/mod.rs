@@ -61,6 +61,9 @@ pub struct CoreCounters {
     pub unmatched_samples: u64,
     /// Arrival samples refused: not a count, or a rate beyond `max_class_rps`.
     pub rejected_arrivals: u64,
+    /// Commands decided but never sent: the mode changed (dry-run, failsafe) before
+    /// they left, or the state that records them could not be saved.
+    pub cancelled_commands: u64,
 }
 
 /// The service's state machine.
@@ -118,6 +121,12 @@ pub struct ServiceCore {
     pub counters: CoreCounters,
     /// The cluster's workload is over (a twin's replay).
     finished: bool,
+    /// Why the last save of the state failed, while it fails: nothing may be sent then.
+    unsaved: Option<String>,
+    /// Changes whenever the mode in effect changes: a command decided in one epoch
+    /// is not sent in another (see [`ServiceCore::may_send`]).
+    mode_epoch: u64,
+    mode_seen: Mode,
 }
 
 /// GPUs a fleet without a `gpu_budget` is taken to hold at most, for the arrival ceiling.
@@ -220,6 +229,9 @@ impl ServiceCore {
             held_warned: BTreeSet::new(),
             counters: CoreCounters::default(),
             finished: false,
+            unsaved: None,
+            mode_epoch: 0,
+            mode_seen: Mode::Auto,
         }
     }
 
@@ -281,7 +293,7 @@ impl ServiceCore {
 
     /// The mode in force (failsafe when telemetry is stale, whatever the operator chose).
     pub fn mode(&self) -> Mode {
-        if self.stale.is_some() && self.operator_mode != Mode::DryRun {
+        if (self.stale.is_some() || self.unsaved.is_some()) && self.operator_mode != Mode::DryRun {
             Mode::Failsafe
         } else {
             self.operator_mode
@@ -305,6 +317,60 @@ impl ServiceCore {
         self.finished
     }
 
+    /// The mode in effect may have changed: a new epoch when it did.
+    fn note_mode(&mut self) {
+        let m = self.mode();
+        if m != self.mode_seen {
+            self.mode_seen = m;
+            self.mode_epoch += 1;
+        }
+    }
+
+    /// The epoch of the mode in effect (see [`ServiceCore::may_send`]).
+    pub fn mode_epoch(&self) -> u64 {
+        self.mode_epoch
+    }
+
+    /// Whether a command decided in `epoch` may still be handed to a backend:
+    /// only while the mode it was decided in holds, never in dry-run, never
+    /// while the state cannot be saved.
+    pub fn may_send(&self, epoch: u64) -> bool {
+        epoch == self.mode_epoch && self.operator_mode != Mode::DryRun && self.unsaved.is_none()
+    }
+
+    /// A command that will not be sent: its effects on the inventory are undone
+    /// as for a failed command, and it is counted.
+    pub fn cancel(&mut self, id: &ActionId, reason: &str) {
+        if self.pending.contains_key(id) {
+            tracing::warn!(id = %id, reason, "command not sent");
+            self.counters.cancelled_commands += 1;
+            self.on_outcome(id, &Outcome::Failed { reason: format!("not sent: {reason}"), retryable: false });
+        }
+    }
+
+    /// Saving the state failed (`Some(why)`) or succeeded again (`None`): while it
+    /// fails the service is in failsafe and sends nothing.
+    pub fn set_unsaved(&mut self, why: Option<String>) {
+        if why.is_some() && self.unsaved.is_none() {
+            self.counters.failsafe_entries += 1;
+        }
+        self.unsaved = why;
+        self.note_mode();
+    }
+
+    /// Why the state cannot be saved, while it cannot.
+    pub fn unsaved(&self) -> Option<&str> {
+        self.unsaved.as_deref()
+    }
+
+    /// Why the service is in failsafe on its own (stale telemetry, or a state it cannot save).
+    pub fn failsafe_reason(&self) -> Option<String> {
+        match (&self.unsaved, &self.stale) {
+            (Some(u), _) => Some(format!("the state cannot be saved: {u}")),
+            (None, s) => s.clone(),
+        }
+    }
+
     /// Why the service is in failsafe on its own, if it is.
     pub fn stale_reason(&self) -> Option<&str> {
         self.stale.as_deref()
@@ -313,6 +379,7 @@ impl ServiceCore {
     /// Set the operator's mode.
     pub fn set_mode(&mut self, mode: Mode) {
         self.operator_mode = mode;
+        self.note_mode();
     }
 
     /// The controller's routing: class index → pool id.
@@ -413,6 +480,7 @@ impl ServiceCore {
             self.counters.failsafe_entries += 1;
             tracing::warn!(lag_s = lag, "telemetry is stale: failsafe (top clocks, the fleet held as it is)");
         }
+        self.note_mode();
 
         let c = &self.cfg.controller;
         let scale_min = ((c.scale_period_s + c.spawn_lead_s) / 60.0).ceil().max(1.0) as usize;
@@ -507,7 +575,7 @@ impl ServiceCore {
         }
         if mode == Mode::Failsafe {
             // Every instance to the top clock, once (a draining one finishes as it is).
-            let reason = self.stale.clone().unwrap_or_else(|| "the operator chose failsafe".into());
+            let reason = self.failsafe_reason().unwrap_or_else(|| "the operator chose failsafe".into());
             out.extend(self.top_clocks(now_s, wall_ms, "failsafe", &format!("failsafe: {reason}; top clock"), false));
         }
 

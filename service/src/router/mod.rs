@@ -475,6 +475,8 @@ async fn forward(State(st): State<Arc<RouterState>>, headers: HeaderMap, body: B
     // A pool scaled from nothing: hold the request until an instance serves (as long as `hold_s`).
     let clock = st.shared.clock.clone();
     let hold_s = st.shared.router_hold_s;
+    let hold_from = clock.now_s();
+    let mut waited_for_instance = false;
     let (pool, endpoint) = loop {
         let serving = |pool: u32| st.pick(pool).is_some();
         let pool = st.pool_for(class.index(), &serving);
@@ -490,9 +492,12 @@ async fn forward(State(st): State<Arc<RouterState>>, headers: HeaderMap, body: B
                 format!("no instance of pool {pool} serves class {class} after {waited:.1} s; try again"),
             );
         }
+        waited_for_instance = true;
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let held = clock.now_s() - arrived;
+    // The wait for a serving instance is the cluster's (service time); the rest is the router's work.
+    let held_for_instance = if waited_for_instance { clock.now_s() - hold_from } else { 0.0 };
     if let Ok(mut r) = st.shared.router_stats.lock() {
         r.requests += 1;
         r.per_pool.entry(pool).and_modify(|n| *n += 1).or_insert(1);
@@ -509,7 +514,9 @@ async fn forward(State(st): State<Arc<RouterState>>, headers: HeaderMap, body: B
     // (nor judged: its client sees no first token before the last).
     let streamed = v["stream"].as_bool().unwrap_or(false);
     let measure = match (streamed, slo) {
-        (true, Some(slo)) => Some(Measure::new(slo, arrived, openai::sequences(&v))),
+        (true, Some(slo)) => {
+            Some(Measure::new(slo, arrived, openai::sequences(&v)).with_time(clock.speed(), held_for_instance))
+        }
         _ => None,
     };
     let mut flight =
@@ -606,6 +613,9 @@ async fn forward(State(st): State<Arc<RouterState>>, headers: HeaderMap, body: B
     *r.status_mut() = status;
     if let Ok(h) = header::HeaderValue::from_str(&ctype) {
         r.headers_mut().insert(header::CONTENT_TYPE, h);
+    }
+    if let Ok(h) = header::HeaderValue::from_str(&format!("{held_for_instance:.6}")) {
+        r.headers_mut().insert(telemetry::ROUTER_HELD_HEADER, h);
     }
     r
 }

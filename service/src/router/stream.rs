@@ -6,6 +6,11 @@
 //! tokens after a gap g counts as k gaps of g/k, and the tokens of each event
 //! are counted from its content with the BPE, rescaled at the end to the
 //! engine's own `usage.completion_tokens` when the answer reports it.
+//! A twin engine stamps its tokens with its own time: its part of each
+//! interval is then taken from the stamps and only the rest (sockets, the
+//! router's work) from the wall, at the wall's rate
+//! ([`telemetry::cluster_interval_s`]), so a rehearsal sped up 15× does not
+//! count a millisecond of the machine's scheduling as 15.
 
 use crate::openai::text_tokens;
 use serde_json::Value;
@@ -50,6 +55,15 @@ pub struct Measure {
     usage: Option<u32>,
     pending: Vec<u8>,
     broken: bool,
+    /// Service seconds per wall second.
+    speed: f64,
+    /// How long the router held the request for a serving instance (service s).
+    held_s: f64,
+    /// The engine's stamps: when the request reached it, and its latest token.
+    engine_arrived_s: Option<f64>,
+    engine_last_s: Option<f64>,
+    /// The latest stamp of the events being read.
+    event_stamp_s: Option<f64>,
 }
 
 impl Measure {
@@ -68,6 +82,28 @@ impl Measure {
             usage: None,
             pending: Vec::new(),
             broken: false,
+            speed: 1.0,
+            held_s: 0.0,
+            engine_arrived_s: None,
+            engine_last_s: None,
+            event_stamp_s: None,
+        }
+    }
+
+    /// Service seconds per wall second (1 unless the cluster runs sped up), and how long the
+    /// router held the request for a serving instance (service seconds).
+    pub fn with_time(mut self, speed: f64, held_s: f64) -> Measure {
+        self.speed = if speed.is_finite() && speed > 0.0 { speed } else { 1.0 };
+        self.held_s = held_s.max(0.0);
+        self
+    }
+
+    /// An interval of `wall_service_s` service seconds by the wall clock, of which the engine
+    /// stamps say `engine_s` (see the module docs).
+    fn interval(&self, wall_service_s: f64, engine_s: Option<f64>, held_s: f64) -> f64 {
+        match engine_s {
+            Some(_) => telemetry::cluster_interval_s(wall_service_s / self.speed, engine_s, held_s, self.speed),
+            None => wall_service_s,
         }
     }
 
@@ -89,13 +125,21 @@ impl Measure {
         if tokens == 0 {
             return;
         }
+        let stamp = self.event_stamp_s.take();
         match self.first_s {
             None => {
-                self.first_s = Some(now_s);
+                let engine = stamp.zip(self.engine_arrived_s).map(|(t, a)| (t - a).max(0.0));
+                let ttft = self.interval(now_s - self.arrived_s, engine, self.held_s);
+                self.first_s = Some(self.arrived_s + ttft);
                 self.first_tokens = tokens;
+                self.engine_last_s = stamp;
             }
             Some(_) => {
-                let gap = (now_s - self.last_s).max(0.0);
+                let engine = stamp.zip(self.engine_last_s).map(|(t, l)| (t - l).max(0.0));
+                if stamp.is_some() {
+                    self.engine_last_s = stamp;
+                }
+                let gap = self.interval((now_s - self.last_s).max(0.0), engine, 0.0);
                 if self.events.len() < MAX_EVENTS {
                     self.events.push((gap, tokens));
                 } else {
@@ -121,6 +165,12 @@ impl Measure {
             let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
             if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
                 self.usage = Some(u.min(u64::from(u32::MAX)) as u32);
+            }
+            if let Some(t) = v[telemetry::TWIN_TOKEN_STAMP].as_f64().filter(|t| t.is_finite()) {
+                self.event_stamp_s = Some(self.event_stamp_s.map_or(t, |s: f64| s.max(t)));
+            }
+            if let Some(a) = v[telemetry::TWIN_ARRIVAL_STAMP].as_f64().filter(|a| a.is_finite()) {
+                self.engine_arrived_s.get_or_insert(a);
             }
             for c in v["choices"].as_array().into_iter().flatten() {
                 let mut texts: Vec<&str> = vec![
@@ -222,6 +272,41 @@ mod tests {
 
     /// Events split across chunks and several events in one chunk are read
     /// whole; an answer with no token is a TTFT miss; a batch's gaps are not judged.
+    /// A twin engine 15× faster than the wall stamps its tokens: a gap of
+    /// 40 ms by its stamps that reached the router 6 ms of wall late (90 ms
+    /// of the cluster's time at 15×) counts as 46 ms, not 130 ms; the TTFT is
+    /// the router's hold, the engine's part by its stamps, and the rest at
+    /// the wall's rate. Without stamps the wall interval counts, sped up.
+    #[test]
+    fn a_stamped_engine_is_measured_in_its_own_time() {
+        let stamped = |text: &str, t: f64, arrived: Option<f64>| {
+            let mut v = serde_json::json!({ "choices": [{ "index": 0, "delta": { "content": text } }] });
+            v[telemetry::TWIN_TOKEN_STAMP] = serde_json::json!(t);
+            if let Some(a) = arrived {
+                v[telemetry::TWIN_ARRIVAL_STAMP] = serde_json::json!(a);
+            }
+            format!("data: {v}\n\n")
+        };
+        let speed = 15.0;
+        // Arrived at service time 100; held 0.3 s; the engine took 0.5 s by its stamps (1000.0 → 1000.5);
+        // the first token reached the router at wall (0.3 + 0.5) / 15 + 2 ms.
+        let mut m = Measure::new(SLO, 100.0, 1).with_time(speed, 0.3);
+        let first_wall = 0.8 / speed + 0.002;
+        m.chunk(100.0 + first_wall * speed, stamped(" a", 1000.5, Some(1000.0)).as_bytes());
+        let second_wall = first_wall + 0.04 / speed + 0.006;
+        m.chunk(100.0 + second_wall * speed, stamped(" b", 1000.54, None).as_bytes());
+        assert!((m.first_s.unwrap() - 100.0 - 0.802).abs() < 1e-9, "{:?}", m.first_s);
+        assert!((m.events[0].0 - 0.046).abs() < 1e-9, "{:?}", m.events);
+        let v = m.finish();
+        assert_eq!(v.counts, [1, 1, 1, 1]);
+        // The same wall times without stamps: the TTFT is (0.8/15 + 2 ms) × 15 = 0.83 s, the gap 130 ms.
+        let mut raw = Measure::new(SLO, 100.0, 1).with_time(speed, 0.3);
+        raw.chunk(100.0 + first_wall * speed, event(" a").as_bytes());
+        raw.chunk(100.0 + second_wall * speed, event(" b").as_bytes());
+        assert!((raw.events[0].0 - 0.13).abs() < 1e-9, "{:?}", raw.events);
+        assert_eq!(raw.finish().counts, [1, 1, 0, 1]);
+    }
+
     #[test]
     fn events_are_read_across_chunk_boundaries() {
         let mut m = Measure::new(SLO, 0.0, 1);

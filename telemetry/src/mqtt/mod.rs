@@ -242,7 +242,7 @@ impl MqttSettings {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(false);
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         if let Some(user) = &self.username {
             o.set_credentials(user, self.password.as_ref().map(Secret::expose).unwrap_or_default());
         }
@@ -252,6 +252,18 @@ impl MqttSettings {
         o
     }
 }
+
+/// The largest MQTT payload taken (bytes): the shipped broker's
+/// `message_size_limit` (`deploy/mosquitto/edge-site.conf`). A larger one is
+/// dropped and counted.
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
+/// The largest packet the clients read or write (bytes): well above the
+/// largest payload the shipped broker lets through, so an oversized message
+/// is read whole and dropped. A limit at the payload's size would make one
+/// message just under the broker's limit a protocol error: the connection
+/// drops, and the persistent session hands the same message back at every
+/// reconnect, for ever.
+pub const MAX_PACKET_BYTES: usize = 8 << 20;
 
 /// The MQTT collector: subscribes to every node's telemetry and state under
 /// the prefix and sends [`Sample`]s to `out`. Ends when `out` is closed.
@@ -297,6 +309,19 @@ impl MqttCollector {
                                     problem: e.to_string(),
                                 });
                             }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.payload.len() > MAX_PAYLOAD_BYTES => {
+                        st.record_error(&MqttError::Payload {
+                            topic: p.topic.clone(),
+                            byte: MAX_PAYLOAD_BYTES + 1,
+                            problem: format!(
+                                "{} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit: dropped",
+                                p.payload.len()
+                            ),
+                        });
+                        if let Err(e) = client.try_ack(&p) {
+                            st.record_error(&MqttError::Connection { broker: broker.clone(), problem: e.to_string() });
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -417,6 +442,14 @@ impl EdgePublisher {
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         ak.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.payload.len() > MAX_PAYLOAD_BYTES => {
+                        er.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(
+                            topic = %p.topic,
+                            bytes = p.payload.len(),
+                            "an MQTT message above the {MAX_PAYLOAD_BYTES}-byte limit: dropped"
+                        );
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Some(tx) = &incoming {
