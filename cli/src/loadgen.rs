@@ -27,7 +27,10 @@ pub struct StreamTiming {
     pub e2e: Duration,
     /// A twin engine's part of the TTFT by its own stamps (its seconds), when it stamps its tokens.
     pub engine_ttft_s: Option<f64>,
-    /// Its part of each gap (aligned with `gaps`), when it stamps its tokens.
+    /// Each gap (aligned with `gaps`) in the engine's time plus the change in the
+    /// tokens' travel time ([`telemetry::stamped_gap_s`]), when the engine stamps its tokens.
+    pub stamped_gaps_s: Vec<f64>,
+    /// Each gap by the engine's stamps alone (its own view, without the path to the client).
     pub engine_gaps_s: Vec<f64>,
     /// How long the router held the request for a serving instance (its `x-dynamollm-held-s`, service s).
     pub held_s: f64,
@@ -39,11 +42,14 @@ impl StreamTiming {
         telemetry::cluster_interval_s(self.ttft.as_secs_f64(), self.engine_ttft_s, self.held_s, speed)
     }
 
-    /// Every gap in the cluster's time.
-    pub fn gaps_s(&self, speed: f64) -> impl Iterator<Item = f64> + '_ {
-        self.gaps.iter().enumerate().map(move |(i, g)| {
-            telemetry::cluster_interval_s(g.as_secs_f64(), self.engine_gaps_s.get(i).copied(), 0.0, speed)
-        })
+    /// Every gap in the cluster's time: by the engine's stamps where it stamps its tokens,
+    /// else the wall's gap times `speed`.
+    pub fn gaps_s(&self, speed: f64) -> Box<dyn Iterator<Item = f64> + '_> {
+        if self.stamped_gaps_s.len() == self.gaps.len() && !self.gaps.is_empty() {
+            Box::new(self.stamped_gaps_s.iter().copied())
+        } else {
+            Box::new(self.gaps.iter().map(move |g| g.as_secs_f64() * speed))
+        }
     }
 }
 
@@ -86,8 +92,8 @@ pub async fn stream_completion(
         .filter(|h| h.is_finite() && *h >= 0.0)
         .unwrap_or(0.0);
     let mut events = resp.bytes_stream().eventsource();
-    // (arrival, tokens counted in its text, the engine's stamp) of each event with text.
-    let mut seen: Vec<(Instant, u32, Option<f64>)> = Vec::with_capacity(output_tokens as usize);
+    // (arrival, tokens counted in its text, the engine's stamp, its travel time) of each event with text.
+    let mut seen: Vec<(Instant, u32, Option<f64>, Option<f64>)> = Vec::with_capacity(output_tokens as usize);
     let mut engine_arrived_s: Option<f64> = None;
     let mut usage: Option<u32> = None;
     while let Some(ev) = events.next().await {
@@ -114,20 +120,24 @@ pub async fn stream_completion(
             engine_arrived_s.get_or_insert(a);
         }
         if k > 0 {
-            seen.push((now, k, v[telemetry::TWIN_TOKEN_STAMP].as_f64()));
+            let transport = v[telemetry::TWIN_SENT_STAMP].as_f64().map(|s| (telemetry::unix_now_s() - s).max(0.0));
+            seen.push((now, k, v[telemetry::TWIN_TOKEN_STAMP].as_f64(), transport));
         }
     }
-    let Some(&(first, _, first_stamp)) = seen.first() else { bail!("{url}: the stream ended without a token") };
+    let Some(&(first, _, first_stamp, _)) = seen.first() else { bail!("{url}: the stream ended without a token") };
     let counted: u32 = seen.iter().map(|e| e.1).sum();
     let scale = usage.filter(|_| counted > 0).map_or(1.0, |u| f64::from(u) / f64::from(counted));
     let mut gaps = Vec::with_capacity(output_tokens as usize);
-    let stamped = seen.iter().all(|e| e.2.is_some());
+    let stamped = seen.iter().all(|e| e.2.is_some() && e.3.is_some());
+    let mut stamped_gaps_s = Vec::new();
     let mut engine_gaps_s = Vec::new();
     for w in seen.windows(2) {
         let k = ((f64::from(w[1].1) * scale).round() as u32).max(1);
         let gap = (w[1].0 - w[0].0) / k;
         gaps.extend(std::iter::repeat_n(gap, k as usize));
-        if let (true, Some(a), Some(b)) = (stamped, w[0].2, w[1].2) {
+        if let (true, Some(a), Some(b), Some(ta), Some(tb)) = (stamped, w[0].2, w[1].2, w[0].3, w[1].3) {
+            let g = telemetry::stamped_gap_s(b - a, tb, ta) / f64::from(k);
+            stamped_gaps_s.extend(std::iter::repeat_n(g, k as usize));
             engine_gaps_s.extend(std::iter::repeat_n((b - a).max(0.0) / f64::from(k), k as usize));
         }
     }
@@ -138,6 +148,7 @@ pub async fn stream_completion(
         tokens: usage.unwrap_or(counted),
         e2e: last - sent,
         engine_ttft_s: first_stamp.zip(engine_arrived_s).map(|(t, a)| (t - a).max(0.0)),
+        stamped_gaps_s,
         engine_gaps_s,
         held_s,
     })

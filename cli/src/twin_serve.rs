@@ -538,6 +538,7 @@ async fn generate(st: AppState, v: serde_json::Value, input_tokens: u32, api: Ap
             // latency from the wall's (see `telemetry::cluster_interval_s`).
             let mut chunk = serde_json::json!({"id": id, "object": object, "created": created, "model": &*model, "choices": each(choice, seqs)});
             chunk[telemetry::TWIN_TOKEN_STAMP] = serde_json::json!(at_s);
+            chunk[telemetry::TWIN_SENT_STAMP] = serde_json::json!(telemetry::unix_now_s());
             if let Some(a) = arrived_s {
                 chunk[telemetry::TWIN_ARRIVAL_STAMP] = serde_json::json!(a);
             }

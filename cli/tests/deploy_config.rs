@@ -21,7 +21,8 @@ fn the_example_service_config_parses() {
     let cfg = ServiceConfig::load(&deploy("dynamollm.toml")).unwrap();
     assert_eq!(cfg.cluster.kind, "external");
     assert_eq!(cfg.service.mode, "dry-run");
-    assert_eq!(cfg.router.listen.as_deref(), Some("0.0.0.0:8000"));
+    // Loopback by default: the router authenticates no client.
+    assert_eq!(cfg.router.listen.as_deref(), Some("127.0.0.1:8000"));
     let t = cfg.telemetry_config().unwrap();
     assert_eq!(t.mqtt.port, 8883);
     let a = cfg.actuators_config().unwrap();

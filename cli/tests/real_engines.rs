@@ -48,7 +48,8 @@ async fn stream(router: &str, prompt: serde_json::Value, max_tokens: u32) -> Str
 async fn two_tp4_engines_on_one_node_serve_apart_and_the_router_measures_attainment() {
     let cm = twin_engine::cluster_manager_with(10.0, 2, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = start(&cm, dir.path(), "MS = 1.0, LS = 0.5").await;
+    // LM: the long answer below (2,000 prompt tokens, 300 output tokens with `ignore_eos`) is LM.
+    let svc = start(&cm, dir.path(), "MS = 1.0, LM = 0.5").await;
     all_serving(&svc, 2).await;
     let router = format!("http://{}", svc.router_addr.unwrap());
     // A long answer keeps one engine busy while the other idles.
@@ -91,12 +92,21 @@ async fn two_tp4_engines_on_one_node_serve_apart_and_the_router_measures_attainm
     // The router's counters reached the controller: attainment per class, in the status and on /metrics.
     let api = format!("http://{}", svc.addr);
     let http = reqwest::Client::new();
-    let status: serde_json::Value =
-        http.get(format!("{api}/api/v1/status")).bearer_auth("t").send().await.unwrap().json().await.unwrap();
+    // The controller takes the counters at its next tick (0.5 s of wall time at 10×).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status: serde_json::Value =
+            http.get(format!("{api}/api/v1/status")).bearer_auth("t").send().await.unwrap().json().await.unwrap();
+        if status["classes"].as_array().unwrap().iter().any(|c| !c["attainment"].is_null()) {
+            break status;
+        }
+        let counts = svc.shared.router_stats.lock().unwrap().slo_counts;
+        assert!(Instant::now() < deadline, "no class shows attainment: {}; router {counts:?}", status["classes"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let counts = svc.shared.router_stats.lock().unwrap().slo_counts;
     let measured: Vec<&serde_json::Value> =
         status["classes"].as_array().unwrap().iter().filter(|c| !c["attainment"].is_null()).collect();
-    assert!(!measured.is_empty(), "no class shows attainment: {}", status["classes"]);
     let total_requests: u64 = counts.iter().map(|c| c[1]).sum();
     let total_gaps: u64 = counts.iter().map(|c| c[3]).sum();
     assert_eq!(total_requests, 5, "{counts:?}");

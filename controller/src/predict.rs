@@ -2,7 +2,9 @@
 //! is its prompt length (and `max_tokens`, when the client sends one). The
 //! predictor learns, from completed requests, how output lengths fall per
 //! prompt-length bucket, and predicts the most frequent output band, cut to
-//! the band of `max_tokens` when the client sends one (the engine stops there).
+//! the band of `max_tokens` when the client sends one (the engine stops there)
+//! and raised to the band of a lower bound the client guarantees (vLLM's
+//! `min_tokens`, or `max_tokens` with `ignore_eos`: the engine goes on that far).
 
 use telemetry_core::{ClassBoundaries, LengthBand, RequestClass};
 
@@ -36,12 +38,23 @@ impl OutputPredictor {
 
     /// The predicted class of a request at admission.
     pub fn predict(&self, input_tokens: u32, max_tokens: Option<u32>) -> RequestClass {
+        self.predict_within(input_tokens, None, max_tokens)
+    }
+
+    /// The predicted class of a request whose output is at least `min_tokens`
+    /// (when the client guarantees it) and at most `max_tokens`.
+    pub fn predict_within(&self, input_tokens: u32, min_tokens: Option<u32>, max_tokens: Option<u32>) -> RequestClass {
         let c = &self.counts[Self::bucket(input_tokens)];
         let learnt = (0..3).max_by_key(|&b| (c[b], std::cmp::Reverse(b))).unwrap_or(0);
+        // The engine goes on to min_tokens: the output reaches its band at least.
+        let best = match min_tokens {
+            Some(m) if m > 0 => learnt.max(band_index(self.output_band(m))),
+            _ => learnt,
+        };
         // The engine stops at max_tokens: the output is cut to its band at most.
         let best = match max_tokens {
-            Some(m) => learnt.min(band_index(self.output_band(m))),
-            None => learnt,
+            Some(m) => best.min(band_index(self.output_band(m))),
+            None => best,
         };
         let input = self.boundaries.classify(input_tokens, 1).input;
         RequestClass { input, output: LengthBand::ALL[best] }
@@ -110,5 +123,13 @@ mod tests {
         assert_eq!(p.predict(100, None).output, LengthBand::Long);
         assert_eq!(p.predict(100, Some(50)).output, LengthBand::Short);
         assert_eq!(p.predict(100, Some(200)).output, LengthBand::Medium);
+        // A guaranteed lower bound lifts a prediction the history keeps short.
+        let mut q = OutputPredictor::new(ClassBoundaries::default());
+        for _ in 0..10 {
+            q.learn(100, 20);
+        }
+        assert_eq!(q.predict(100, Some(400)).output, LengthBand::Short);
+        assert_eq!(q.predict_within(100, Some(400), Some(400)).output, LengthBand::Long);
+        assert_eq!(q.predict_within(100, Some(200), None).output, LengthBand::Medium);
     }
 }

@@ -14,7 +14,7 @@ pub mod trace;
 
 pub use class::{ClassBoundaries, LengthBand, RequestClass, CLASS_COUNT};
 pub use slo::{
-    cluster_interval_s, Balance, ClassSlo, SloRule, P99_ATTAINMENT, ROUTER_HELD_HEADER, TWIN_ARRIVAL_STAMP,
-    TWIN_TOKEN_STAMP,
+    cluster_interval_s, stamped_gap_s, unix_now_s, Balance, ClassSlo, SloRule, P99_ATTAINMENT, ROUTER_HELD_HEADER,
+    TWIN_ARRIVAL_STAMP, TWIN_SENT_STAMP, TWIN_TOKEN_STAMP,
 };
 pub use trace::{LengthSamples, Request, TraceError};

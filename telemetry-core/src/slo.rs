@@ -26,6 +26,26 @@ pub fn cluster_interval_s(wall_s: f64, engine_s: Option<f64>, held_s: f64, speed
     }
 }
 
+/// A gap between two tokens of a stamped twin engine, as a client would see
+/// it at real speed: the engine's gap by its own clock, plus how much longer
+/// the second token took than the first to travel from the engine to the
+/// client (`transport_s`: the wall time from the engine's send to the
+/// client's receipt, each token's, both read from the same machine's clock).
+/// An engine process late to send (a twin starved of CPU at 15×) delays both
+/// ends alike and counts nothing; a late router or client counts as it was.
+pub fn stamped_gap_s(engine_gap_s: f64, transport_s: f64, prev_transport_s: f64) -> f64 {
+    (engine_gap_s + transport_s - prev_transport_s).max(0.0)
+}
+
+/// The stamp field of a twin engine's streamed token: when it was sent, by the wall
+/// (seconds since the Unix epoch).
+pub const TWIN_SENT_STAMP: &str = "dynamollm_twin_sent_unix_s";
+
+/// Seconds since the Unix epoch now, by the wall.
+pub fn unix_now_s() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// The stamp field of a twin engine's streamed token (its time, s).
 pub const TWIN_TOKEN_STAMP: &str = "dynamollm_twin_t_s";
 /// The stamp field of a twin engine's first token: when the request reached it (its time, s).

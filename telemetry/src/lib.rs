@@ -19,7 +19,10 @@ pub mod stats;
 pub mod store;
 
 pub use telemetry_core::{class, sample, series, slo, trace};
-pub use telemetry_core::{cluster_interval_s, ROUTER_HELD_HEADER, TWIN_ARRIVAL_STAMP, TWIN_TOKEN_STAMP};
+pub use telemetry_core::{
+    cluster_interval_s, stamped_gap_s, unix_now_s, ROUTER_HELD_HEADER, TWIN_ARRIVAL_STAMP, TWIN_SENT_STAMP,
+    TWIN_TOKEN_STAMP,
+};
 pub use telemetry_core::{
     Balance, ClassBoundaries, ClassSlo, LengthBand, LengthSamples, Request, RequestClass, SloRule, TraceError,
     CLASS_COUNT, P99_ATTAINMENT,

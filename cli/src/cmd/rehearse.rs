@@ -324,6 +324,7 @@ async fn rehearse(
         }
     }
     let mut counts: Counts = [[0; 4]; CLASS_COUNT];
+    let mut engine_view = [[0u64; 2]; CLASS_COUNT];
     let mut errors = 0u64;
     let mut first_error = None;
     while let Some(done) = tasks.join_next().await {
@@ -340,6 +341,8 @@ async fn rehearse(
                 counts[c][0] += u64::from(t.ttft_s(speed) <= s.ttft_s);
                 counts[c][2] += t.gaps_s(speed).filter(|g| *g <= s.tbt_s).count() as u64;
                 counts[c][3] += t.gaps.len() as u64;
+                engine_view[c][0] += t.engine_gaps_s.iter().filter(|g| **g <= s.tbt_s).count() as u64;
+                engine_view[c][1] += t.engine_gaps_s.len() as u64;
             }
             Err(e) => {
                 errors += 1;
@@ -349,6 +352,22 @@ async fn rehearse(
     }
     if let Some(e) = first_error {
         eprintln!("rehearse: {errors} requests failed, the first: {e}");
+    }
+    // What the path to the clients added: the same gaps by the engines' stamps alone.
+    let shares: Vec<String> = RequestClass::ALL
+        .iter()
+        .filter(|c| engine_view[c.index()][1] > 0)
+        .map(|c| {
+            let (k, e) = (counts[c.index()], engine_view[c.index()]);
+            format!(
+                "{c} {:.2}% (clients {:.2}%)",
+                100.0 * e[0] as f64 / e[1] as f64,
+                100.0 * k[2] as f64 / k[3].max(1) as f64
+            )
+        })
+        .collect();
+    if !shares.is_empty() {
+        println!("TBT within the SLO by the engines' own stamps: {}", shares.join(", "));
     }
     let status: serde_json::Value =
         http.get(format!("{api}/api/v1/status")).bearer_auth(token.expose()).send().await?.json().await?;

@@ -62,6 +62,20 @@ fn q_s(h: &Histogram<u64>, q: f64) -> f64 {
     }
 }
 
+/// A GPU's measured mean power against its limit: a few percent over is the
+/// counter's and the timer's noise; beyond, the energy counter and the wall
+/// clock disagree (a sped-up engine, a counter of other GPUs), and no row is
+/// better than a false one.
+pub fn check_power(power_per_gpu_w: f64, limit_w: f64) -> Result<()> {
+    if !power_per_gpu_w.is_finite() || power_per_gpu_w > limit_w * 1.05 {
+        bail!(
+            "measured {power_per_gpu_w:.0} W per GPU, above the GPU's {limit_w:.0} W limit: the energy counter \
+             and the wall clock disagree"
+        );
+    }
+    Ok(())
+}
+
 impl HttpTarget {
     /// Connect: find the model, open the GPU device, check the GPUs exist.
     pub fn connect(o: HttpTargetOptions<'_>) -> Result<HttpTarget> {
@@ -275,18 +289,8 @@ impl Target for HttpTarget {
         let energy_j = (e1 - e0).max(0.0);
         let power_per_gpu_w = energy_j / elapsed / f64::from(p.tp);
         if let Some(limit) = self.device.power_limit_w(self.gpus[0])? {
-            // A few percent over the limit is the counter's and the timer's noise; beyond, the
-            // energy counter and the wall clock disagree, and no row is better than a false one.
-            if power_per_gpu_w > limit * 1.05 {
-                bail!(
-                    "{:?} TP{} at {} MHz, {} req/s: measured {power_per_gpu_w:.0} W per GPU, above the GPU's \
-                     {limit:.0} W limit: the energy counter and the wall clock disagree",
-                    p.class,
-                    p.tp,
-                    p.clock_mhz,
-                    p.load_rps
-                );
-            }
+            check_power(power_per_gpu_w, limit)
+                .with_context(|| format!("{} TP{} at {} MHz, {} req/s", p.class, p.tp, p.clock_mhz, p.load_rps))?;
         }
         Ok(ProfileRow {
             model: self.model.clone(),
@@ -305,5 +309,20 @@ impl Target for HttpTarget {
             requests: done,
             window_s: self.window.as_secs_f64(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_power;
+
+    /// 1,039 W per GPU on a 700 W H100 (a twin profiled at 10×) is an error naming both;
+    /// 690 W and 720 W (within the noise) are readings.
+    #[test]
+    fn power_above_the_gpus_limit_is_an_error() {
+        let e = check_power(1039.0, 700.0).unwrap_err().to_string();
+        assert!(e.contains("1039 W") && e.contains("700 W"), "{e}");
+        assert!(check_power(690.0, 700.0).is_ok() && check_power(720.0, 700.0).is_ok());
+        assert!(check_power(f64::NAN, 700.0).is_err());
     }
 }

@@ -462,8 +462,16 @@ async fn forward(State(st): State<Arc<RouterState>>, headers: HeaderMap, body: B
         .as_u64()
         .or_else(|| v["max_completion_tokens"].as_u64())
         .map(|m| m.min(u64::from(u32::MAX)) as u32);
-    let class =
-        st.predictor.lock().map(|p| p.predict(input, max_tokens)).unwrap_or_else(|_| st.boundaries.classify(input, 1));
+    // A lower bound the client guarantees: vLLM's `min_tokens`, or all of `max_tokens` with `ignore_eos`.
+    let min_tokens = v["min_tokens"]
+        .as_u64()
+        .map(|m| m.min(u64::from(u32::MAX)) as u32)
+        .or_else(|| max_tokens.filter(|_| v["ignore_eos"].as_bool() == Some(true)));
+    let class = st
+        .predictor
+        .lock()
+        .map(|p| p.predict_within(input, min_tokens, max_tokens))
+        .unwrap_or_else(|_| st.boundaries.classify(input, 1));
     let slo = Some(st.slos[class.index()]);
     st.shared.router_stats.lock().map(|mut r| *r.per_class.entry(class.to_string()).or_default() += 1).ok();
     let now = st.shared.clock.now_s();

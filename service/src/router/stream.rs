@@ -64,6 +64,10 @@ pub struct Measure {
     engine_last_s: Option<f64>,
     /// The latest stamp of the events being read.
     event_stamp_s: Option<f64>,
+    /// When the engine sent the latest of the events being read (Unix s).
+    event_sent_s: Option<f64>,
+    /// The latest token's travel from the engine to the router (wall s).
+    last_transport_s: Option<f64>,
 }
 
 impl Measure {
@@ -87,6 +91,8 @@ impl Measure {
             engine_arrived_s: None,
             engine_last_s: None,
             event_stamp_s: None,
+            event_sent_s: None,
+            last_transport_s: None,
         }
     }
 
@@ -126,6 +132,8 @@ impl Measure {
             return;
         }
         let stamp = self.event_stamp_s.take();
+        let transport = self.event_sent_s.take().map(|sent| (telemetry::unix_now_s() - sent).max(0.0));
+        let prev_transport = std::mem::replace(&mut self.last_transport_s, transport);
         match self.first_s {
             None => {
                 let engine = stamp.zip(self.engine_arrived_s).map(|(t, a)| (t - a).max(0.0));
@@ -139,7 +147,10 @@ impl Measure {
                 if stamp.is_some() {
                     self.engine_last_s = stamp;
                 }
-                let gap = self.interval((now_s - self.last_s).max(0.0), engine, 0.0);
+                let gap = match (engine, transport, prev_transport) {
+                    (Some(e), Some(t), Some(p)) => telemetry::stamped_gap_s(e, t, p),
+                    _ => self.interval((now_s - self.last_s).max(0.0), engine, 0.0),
+                };
                 if self.events.len() < MAX_EVENTS {
                     self.events.push((gap, tokens));
                 } else {
@@ -168,6 +179,9 @@ impl Measure {
             }
             if let Some(t) = v[telemetry::TWIN_TOKEN_STAMP].as_f64().filter(|t| t.is_finite()) {
                 self.event_stamp_s = Some(self.event_stamp_s.map_or(t, |s: f64| s.max(t)));
+            }
+            if let Some(s) = v[telemetry::TWIN_SENT_STAMP].as_f64().filter(|s| s.is_finite()) {
+                self.event_sent_s = Some(self.event_sent_s.map_or(s, |x: f64| x.max(s)));
             }
             if let Some(a) = v[telemetry::TWIN_ARRIVAL_STAMP].as_f64().filter(|a| a.is_finite()) {
                 self.engine_arrived_s.get_or_insert(a);
@@ -305,6 +319,29 @@ mod tests {
         raw.chunk(100.0 + second_wall * speed, event(" b").as_bytes());
         assert!((raw.events[0].0 - 0.13).abs() < 1e-9, "{:?}", raw.events);
         assert_eq!(raw.finish().counts, [1, 1, 0, 1]);
+    }
+
+    /// With the engine's send time stamped too, an engine late to send (its
+    /// process starved of CPU) delays both ends of a token's travel alike and
+    /// counts nothing: the gap is the engine's, 40 ms, however late by the
+    /// wall. A token 30 ms longer on its way than the one before (a late
+    /// router) makes the gap 30 ms longer.
+    #[test]
+    fn the_engines_send_stamp_tells_a_late_engine_from_a_late_path() {
+        let stamped = |t: f64, sent_ago_s: f64| {
+            let mut v = serde_json::json!({ "choices": [{ "index": 0, "delta": { "content": " w" } }] });
+            v[telemetry::TWIN_TOKEN_STAMP] = serde_json::json!(t);
+            v[telemetry::TWIN_SENT_STAMP] = serde_json::json!(telemetry::unix_now_s() - sent_ago_s);
+            format!("data: {v}\n\n")
+        };
+        let mut m = Measure::new(SLO, 0.0, 1).with_time(15.0, 0.0);
+        m.chunk(0.1, stamped(10.0, 0.001).as_bytes());
+        // A second of the wall later (15 s of service time), but only 1 ms on its way.
+        m.chunk(15.1, stamped(10.04, 0.001).as_bytes());
+        // 31 ms on its way.
+        m.chunk(15.2, stamped(10.08, 0.031).as_bytes());
+        assert!((m.events[0].0 - 0.04).abs() < 0.005, "{:?}", m.events);
+        assert!((m.events[1].0 - 0.07).abs() < 0.005, "{:?}", m.events);
     }
 
     #[test]
