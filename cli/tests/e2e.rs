@@ -269,6 +269,7 @@ tps = [4, 8]
 
 [cluster]
 kind = "external"
+gpus = 1024
 
 [router]
 listen = "127.0.0.1:0"

@@ -227,3 +227,33 @@ fn a_report_from_the_store_estimates_single_pool() {
     assert!(figure(&c.dom, "energy-kwh-observed").is_some());
     assert!(!c.dom.contains("chart-slo-hourly"), "the store has no SLO attainment to chart");
 }
+
+/// A run that holds its SLOs overall but misses one class's P99 SLO is
+/// marked in the report's key figures, its worst class beside the overall
+/// figure (the overall 99% hid a class at 98%), in the HTML and the JSON;
+/// a run that holds every class is not marked.
+#[test]
+fn a_run_that_misses_a_class_is_marked_beside_its_overall_attainment() {
+    let dir = tempfile::tempdir().unwrap();
+    for (instances, misses) in [("1", true), ("6", false)] {
+        let html = dir.path().join(format!("r{instances}.html"));
+        let json = dir.path().join(format!("r{instances}.json"));
+        for out in [&html, &json] {
+            let a = ["sim", "--instances", instances, "--hours", "0.1", "--quiet", "--report", out.to_str().unwrap()];
+            dynamollm(&a);
+        }
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let run = &v["runs"][0];
+        assert_eq!(run["misses_slo"], misses, "{instances} instances: {run}");
+        let (worst_class, worst) = (run["worst_class"][0].as_str().unwrap(), run["worst_class"][1].as_f64().unwrap());
+        assert_eq!(worst < 0.99, misses, "{worst_class} at {worst}");
+        let page = std::fs::read_to_string(&html).unwrap();
+        let row = &page[page.find("id=\"key-figures\"").unwrap()..];
+        let row = &row[..row.find("</table>").unwrap()];
+        let (v, text) = figure(row, "worst-class-single-pool").expect("a worst-class cell");
+        assert!((v - worst).abs() < 1e-12, "{v} vs {worst}");
+        assert!(text.starts_with(worst_class), "{text}");
+        assert_eq!(text.contains("misses its P99 SLO"), misses, "{text}");
+        assert_eq!(row.contains("class=\"misses-slo\""), misses, "{row}");
+    }
+}

@@ -233,6 +233,7 @@ fn core_config() -> CoreConfig {
         stale_after_s: 5.0,
         pool_names: (0..9).map(|p| format!("p{p}")).collect(),
         retire_ack_means_stopped: true,
+        declared_gpus: None,
     }
 }
 

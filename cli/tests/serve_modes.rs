@@ -5,7 +5,10 @@
 //!   dry-run with commands in flight sends none of them;
 //! - a state directory the service cannot write: nothing is sent, the service
 //!   is in failsafe and says why on the status API and `/metrics`, and acts
-//!   again once the state saves.
+//!   again once the state saves;
+//! - one telemetry message claiming 1e12 arrivals, and a real flood: the
+//!   message is refused and counted, the process stays small, and no spawn
+//!   takes the fleet past the GPUs the cluster declares.
 
 mod serve_support;
 
@@ -170,4 +173,63 @@ async fn a_state_that_cannot_be_saved_means_nothing_sent_and_failsafe_said() {
     .await;
     assert!(state_dir.join("state.json").exists());
     svc.stop().await.unwrap();
+}
+
+/// Peak resident memory of a process (kB), from `/proc/PID/status`.
+fn peak_rss_kb(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_arrivals_is_refused_and_the_fleet_stays_within_its_gpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = FakeCluster::new(&dir.path().join("cluster"));
+    let mut opts = Opts::new(&dir.path().join("state"), broker(), &unique_prefix("flood"));
+    opts.listen = format!("127.0.0.1:{}", free_port());
+    opts.stale_after_s = 600.0;
+    opts.gpus = 16;
+    let config = dir.path().join("dynamollm.toml");
+    std::fs::write(&config, config_text(&opts, &cluster)).unwrap();
+    let log = dir.path().join("service.log");
+    let api = Api::new(&opts.listen);
+    let svc = Proc::start(env!("CARGO_BIN_EXE_dynamollm"), &config, &log);
+    wait_for("the API", Duration::from_secs(20), || async { api.try_status().await.map(|_| ()) }).await;
+    // One message claiming 1e12 requests (it grew the service to 23.7 GB and killed it).
+    let mut s =
+        telemetry::mqtt::MqttSettings::new(&opts.mqtt.0, opts.mqtt.1, &format!("{}-evil", opts.prefix), &opts.prefix);
+    s.reconnect_initial = Duration::from_millis(50);
+    let evil = telemetry::mqtt::EdgePublisher::spawn(s, "site", "evil");
+    let flood = br#"{"ts_ms": 0, "arrivals": [{"class": "LL", "requests": 1e12, "tokens": 1e15}]}"#;
+    wait_for("the flood published", Duration::from_secs(10), || async {
+        evil.publish_raw(flood.to_vec()).await.map_err(|e| e.to_string())
+    })
+    .await;
+    wait_for("the flood refused", Duration::from_secs(20), || async {
+        let m = api.try_metrics().await?;
+        if gauge(&m, "rejected_arrivals") >= 1.0 {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    // And a real flood below the ceiling: 10 requests/s of every class, far more than 16 GPUs carry, for 10 s.
+    let c = cluster.clone();
+    let _feed =
+        Feeder::start(opts.mqtt.clone(), &opts.prefix, move || c.nodes(), Duration::from_millis(100), opts.speed, 10.0);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let nodes = cluster.nodes();
+    let gpus: u32 = nodes.values().sum();
+    assert!(gpus <= 16, "the fleet holds {gpus} GPUs of the 16 declared: {nodes:?}");
+    let kb = peak_rss_kb(svc.pid());
+    assert!(kb < 200 * 1024, "peak RSS {kb} kB");
+    let m = api.metrics().await;
+    assert!(gauge(&m, "rejected_arrivals") >= 1.0, "{m}");
+    // The plan wanted more (each pool may plan up to 16 GPUs): the spawns past them were not sent.
+    assert!(gauge(&m, "refused_over_gpus") >= 1.0, "{m}");
 }

@@ -20,6 +20,7 @@ fn two_on_one_node() -> ServiceCore {
         stale_after_s: 5.0,
         pool_names: (0..9).map(|p| format!("p{p}")).collect(),
         retire_ack_means_stopped: true,
+        declared_gpus: None,
     };
     let mut saved = ServiceCore::new(cfg.clone(), profile.clone(), 0.0).save(0.0);
     let record = |id: u32, gpus: Vec<u32>| InstanceRecord {

@@ -223,6 +223,7 @@ async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         g.with_label_values(&["unmatched_samples"]).set(c.counters.unmatched_samples as f64);
         g.with_label_values(&["rejected_arrivals"]).set(c.counters.rejected_arrivals as f64);
         g.with_label_values(&["cancelled_commands"]).set(c.counters.cancelled_commands as f64);
+        g.with_label_values(&["refused_over_gpus"]).set(c.counters.refused_over_gpus as f64);
         g.with_label_values(&["state_unsaved"]).set(if c.unsaved().is_some() { 1.0 } else { 0.0 });
         for (class, att) in c.class_attainment() {
             st.metrics.attainment.with_label_values(&[&class]).set(att.unwrap_or(f64::NAN));

@@ -192,6 +192,9 @@ pub struct ClusterSection {
     /// serve` and `demo` size it by replay, as `sim` does, when unset; without
     /// it the baseline is estimated from the profile, as on an external cluster).
     pub baseline_instances: Option<u32>,
+    /// External: the GPUs the cluster holds (required): no plan or spawn goes
+    /// past them, and the ceiling on believed arrival rates follows from them.
+    pub gpus: Option<u32>,
     /// External: read every placed instance's `<endpoint>/metrics` (vLLM or
     /// SGLang) this often (wall seconds; 0: never, engine telemetry comes over MQTT only).
     pub scrape_interval_s: f64,
@@ -224,6 +227,7 @@ impl Default for ClusterSection {
             seed: 1,
             physics: None,
             baseline_instances: None,
+            gpus: None,
             scrape_interval_s: 1.0,
             dcgm: Vec::new(),
         }
@@ -371,6 +375,17 @@ impl ServiceConfig {
         ] {
             if let Some(why) = setting.out_of_range(v) {
                 bail!("{origin}: {key} {why}");
+            }
+        }
+        if self.cluster.kind == "external" {
+            match self.cluster.gpus {
+                None => bail!(
+                    "{origin}: cluster.gpus: an external cluster must declare the GPUs it holds (no plan or spawn goes past them)"
+                ),
+                Some(g) if g == 0 || g > 1_000_000 => {
+                    bail!("{origin}: cluster.gpus must be a whole number in [1, 1000000], got {g}")
+                }
+                Some(_) => {}
             }
         }
         if let Some(r) = s.max_class_rps {

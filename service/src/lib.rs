@@ -255,6 +255,10 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     if let Some(b) = s.gpu_budget {
         c.gpu_budget = b;
     }
+    // An external cluster's declared GPUs bound every pool's plan (and the core every spawn).
+    if let (Some(g), false) = (cfg.cluster.gpus, cfg.cluster.kind == "twin") {
+        c.gpu_budget = c.gpu_budget.min(g);
+    }
     if !loops.scale && !loops.shard {
         c.fixed_instances = Some(s.fixed_instances.unwrap_or(4));
     }
@@ -279,6 +283,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             .map(|p| if pools == 1 { "all".to_string() } else { RequestClass::from_index(p).to_string() })
             .collect(),
         retire_ack_means_stopped: cfg.cluster.kind != "twin",
+        declared_gpus: cfg.cluster.gpus.filter(|_| cfg.cluster.kind != "twin"),
     };
     let dir = cfg.service.state_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create state_dir {}", dir.display()))?;

@@ -150,6 +150,7 @@ initial_class_rps = {{ {initial} }}
 
 [cluster]
 kind = "external"
+gpus = 4096
 scrape_interval_s = {scrape}
 
 [router]

@@ -123,6 +123,8 @@ pub struct Opts {
     pub exec_timeout_ms: u64,
     /// `[actuators.webhook]` lines (url, attempts, kinds…), taking set-clock from exec.
     pub webhook: Option<String>,
+    /// `[cluster] gpus`.
+    pub gpus: u32,
 }
 
 impl Opts {
@@ -136,6 +138,7 @@ impl Opts {
             prefix: prefix.to_string(),
             exec_timeout_ms: 20_000,
             webhook: None,
+            gpus: 1024,
         }
     }
 }
@@ -164,6 +167,7 @@ spawn_lead_s = 10.0
 
 [cluster]
 kind = "external"
+gpus = {gpus}
 
 [telemetry.mqtt]
 host = "{host}"
@@ -194,6 +198,7 @@ timeout_ms = {timeout}
         port = o.mqtt.1,
         prefix = o.prefix,
         timeout = o.exec_timeout_ms,
+        gpus = o.gpus,
     )
 }
 
@@ -363,6 +368,11 @@ impl Api {
         v["decisions"].as_array().unwrap().clone()
     }
 
+    pub async fn try_metrics(&self) -> Result<String, String> {
+        let r = self.http.get(format!("{}/metrics", self.base)).bearer_auth(TOKEN).send().await;
+        r.map_err(|e| e.to_string())?.text().await.map_err(|e| e.to_string())
+    }
+
     pub async fn metrics(&self) -> String {
         self.http.get(format!("{}/metrics", self.base)).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap()
     }
@@ -431,6 +441,11 @@ impl Proc {
             .spawn()
             .expect("cannot start dynamollm serve");
         Proc(Some(child))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
     }
 
     /// kill -9.

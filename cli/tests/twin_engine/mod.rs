@@ -104,6 +104,7 @@ initial_class_rps = {{ {rates} }}
 
 [cluster]
 kind = "external"
+gpus = 1024
 scrape_interval_s = 0.1
 
 [router]

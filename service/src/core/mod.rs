@@ -43,6 +43,9 @@ pub struct CoreConfig {
     /// backend drains and stops it before it answers); else it drains until
     /// telemetry reports it stopped (the twin).
     pub retire_ack_means_stopped: bool,
+    /// The GPUs the cluster declares it holds: no spawn or reshard takes the
+    /// fleet past them (`None`: the twin, which has no such limit).
+    pub declared_gpus: Option<u32>,
 }
 
 /// Counters for the service's own metrics.
@@ -64,6 +67,8 @@ pub struct CoreCounters {
     /// Commands decided but never sent: the mode changed (dry-run, failsafe) before
     /// they left, or the state that records them could not be saved.
     pub cancelled_commands: u64,
+    /// Spawns and reshards not sent: they would take the fleet past the declared GPUs.
+    pub refused_over_gpus: u64,
 }
 
 /// The service's state machine.
@@ -560,7 +565,25 @@ impl ServiceCore {
                     },
                     _ => false,
                 };
-            let sent = acts && !deferred;
+            // No command takes the fleet past the GPUs the cluster declares.
+            let extra_gpus = match d.action {
+                Action::Spawn { tp, .. } => tp,
+                Action::Reshard { instance, tp, .. } => {
+                    tp.saturating_sub(self.instances.get(&instance).map_or(0, |r| r.tp))
+                }
+                _ => 0,
+            };
+            let over = acts
+                && !deferred
+                && extra_gpus > 0
+                && self.cfg.declared_gpus.is_some_and(|g| self.gpus().saturating_add(extra_gpus) > g);
+            if over {
+                self.counters.refused_over_gpus += 1;
+                let g = self.cfg.declared_gpus.unwrap_or(0);
+                tracing::warn!(action = ?d.action, declared_gpus = g, "not sent: it would take the fleet past the declared GPUs");
+                d.reason = format!("{}; not sent: the fleet holds {} of the {g} GPUs declared", d.reason, self.gpus());
+            }
+            let sent = acts && !deferred && !over;
             let id = sent.then(|| {
                 let cmd = self.issue(&d.action, now_s, wall_ms);
                 let id = cmd.id.clone();
