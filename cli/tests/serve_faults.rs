@@ -397,6 +397,61 @@ async fn stale_telemetry_means_failsafe_within_a_clock_period() {
     eprintln!("stale test: {:?} wall ({} retire decisions held back)", started.elapsed(), held.len());
 }
 
+/// Engines that go silent while arrivals keep coming (router traffic, a
+/// gateway's counts): arrivals say nothing of the engines, so the service
+/// goes to failsafe and stays there, and no clock goes down while blind.
+/// (Any arrival used to refresh one global timestamp: 20 router requests
+/// took a service with its only engine frozen back to auto, and it lowered
+/// a clock.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_engines_with_traffic_still_mean_failsafe() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = FakeCluster::new(&dir.path().join("cluster"));
+    let opts = Opts::new(&dir.path().join("state"), broker(), &unique_prefix("frozen"));
+    let (svc, api) = start(&opts, &cluster).await;
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, f) = (cluster.clone(), frozen.clone());
+    let nodes = move || if f.load(Ordering::SeqCst) { BTreeMap::new() } else { c.nodes() };
+    let _feed = Feeder::start(opts.mqtt.clone(), &opts.prefix, nodes, Duration::from_millis(100), opts.speed, 0.5);
+    fleet_serving(&api, true).await;
+    // The engines freeze; the gateway's arrivals go on.
+    frozen.store(true, Ordering::SeqCst);
+    let frozen_ms = actuators::now_ms();
+    let fs = wait_for("failsafe", Duration::from_secs(10), || async {
+        let s = api.try_status().await?;
+        if s["mode"] == "failsafe" {
+            Ok(s)
+        } else {
+            Err(format!("mode {} lag {}", s["mode"], s["telemetry_lag_s"]))
+        }
+    })
+    .await;
+    let entered = fs["time_s"].as_f64().unwrap();
+    // 60 service seconds of traffic with the engines silent: failsafe all along.
+    loop {
+        let s = api.status().await;
+        assert_eq!(s["mode"], "failsafe", "arrivals took the service out of failsafe: {s}");
+        if s["time_s"].as_f64().unwrap() >= entered + 60.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lowered: Vec<Value> = api
+        .actions()
+        .await
+        .into_iter()
+        .filter(|r| {
+            kind(r) == "set-clock"
+                && r["action"]["clock_mhz"].as_u64().unwrap_or(1980) < 1980
+                && r["issued_at_ms"].as_u64().unwrap() >= frozen_ms
+        })
+        .collect();
+    assert!(lowered.is_empty(), "a clock went down while the engines were silent: {lowered:?}");
+    let m = api.metrics().await;
+    assert_eq!(metric(&m, "dynamollm_service{quantity=\"failsafe\"}"), 1.0);
+    svc.stop().await.unwrap();
+}
+
 /// A private Mosquitto (no persistence) that can be killed and started again on its port.
 struct Broker {
     bin: PathBuf,

@@ -103,7 +103,8 @@ pub struct ServiceCore {
     att_hist: controller::control::AttainmentHistory,
     decisions: VecDeque<DecisionRecord>,
     history: VecDeque<HistoryPoint>,
-    last_telemetry_s: f64,
+    /// When this core began listening (service s): a reading older than that counts from then.
+    hear_from_s: f64,
     last_tick_s: Option<f64>,
     observed_spawn_s: Vec<f64>,
     baseline: Baseline,
@@ -223,7 +224,7 @@ impl ServiceCore {
             att_hist: controller::control::AttainmentHistory::default(),
             decisions: VecDeque::new(),
             history: VecDeque::new(),
-            last_telemetry_s: now_s,
+            hear_from_s: now_s,
             last_tick_s: None,
             observed_spawn_s: Vec::new(),
             baseline,
@@ -448,9 +449,17 @@ impl ServiceCore {
         self.ctl.profile().slos()
     }
 
-    /// Seconds since the last telemetry.
+    /// How stale the cluster's telemetry is: the longest any serving instance
+    /// has gone without a GPU or engine reading of its own (service s). Router
+    /// traffic and arrival counts say nothing of the engines and do not count;
+    /// with nothing serving there is nothing to hear from (0).
     pub fn telemetry_lag_s(&self, now_s: f64) -> f64 {
-        (now_s - self.last_telemetry_s).max(0.0)
+        self.instances
+            .values()
+            .filter(|r| r.state == InstanceState::Serving && r.placement.is_some())
+            .map(|r| now_s - r.last_report_s.unwrap_or(r.spawned_at_s).max(self.hear_from_s))
+            .fold(0.0, f64::max)
+            .max(0.0)
     }
 
     pub(super) fn next_id(&mut self) -> ActionId {
@@ -473,14 +482,12 @@ impl ServiceCore {
         }
         self.last_recent = recent;
 
-        // Stale telemetry: failsafe within one tick of the deadline (nothing placed yet: nothing to hear from).
-        if !self.instances.values().any(|r| r.placement.is_some()) {
-            self.last_telemetry_s = self.last_telemetry_s.max(now_s);
-        }
+        // Stale telemetry: failsafe within one tick of the deadline, per serving instance.
         let lag = self.telemetry_lag_s(now_s);
         let was_stale = self.stale.is_some();
-        self.stale = (lag > self.cfg.stale_after_s)
-            .then(|| format!("no telemetry for {lag:.1} s (limit {:.1} s)", self.cfg.stale_after_s));
+        self.stale = (lag > self.cfg.stale_after_s).then(|| {
+            format!("a serving instance sent no telemetry for {lag:.1} s (limit {:.1} s)", self.cfg.stale_after_s)
+        });
         if self.stale.is_some() && !was_stale {
             self.counters.failsafe_entries += 1;
             tracing::warn!(lag_s = lag, "telemetry is stale: failsafe (top clocks, the fleet held as it is)");

@@ -11,7 +11,6 @@ impl ServiceCore {
             self.window_counts[c] = self.window_counts[c].saturating_add(n);
             self.minute_counts[c] = self.minute_counts[c].saturating_add(n);
         }
-        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
     }
 
     /// Cumulative per-class SLO counters: `[ttft_ok, ttft_n, gaps_ok, gaps_n]`.
@@ -61,7 +60,6 @@ impl ServiceCore {
 
     /// One instance's reading.
     pub fn observe_instance(&mut self, now_s: f64, r: &InstanceReport) {
-        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
         if r.state == ReportedState::Stopped {
             if let Some(rec) = self.instances.remove(&r.id) {
                 self.retired_energy_j += r.energy_j.max(rec.energy_j);
@@ -127,7 +125,6 @@ impl ServiceCore {
             return;
         };
         let Some(rec) = self.instances.get_mut(&id) else { return };
-        self.last_telemetry_s = self.last_telemetry_s.max(now_s);
         rec.last_report_s = Some(now_s);
         match sample {
             Sample::Gpu(g) => {
