@@ -300,6 +300,19 @@ async fn webhook_always_500_is_recorded_failed_after_the_configured_attempts() {
     eprintln!("webhook failure test: {:?} wall", started.elapsed());
 }
 
+/// The status once the service is in failsafe (within 10 s of wall time).
+async fn failsafe(api: &Api) -> Value {
+    wait_for("failsafe", Duration::from_secs(10), || async {
+        let s = api.try_status().await?;
+        if s["mode"] == "failsafe" {
+            Ok(s)
+        } else {
+            Err(format!("mode {} lag {}", s["mode"], s["telemetry_lag_s"]))
+        }
+    })
+    .await
+}
+
 /// Telemetry that stops puts the service in failsafe no later than
 /// `stale_after_s` + one clock period (5 s) of service time after the last
 /// sample: every lowered clock back to 1980, no retire while blind; auto
@@ -319,15 +332,7 @@ async fn stale_telemetry_means_failsafe_within_a_clock_period() {
 
     feed.on.store(false, Ordering::SeqCst);
     let stopped_ms = actuators::now_ms();
-    let fs = wait_for("failsafe", Duration::from_secs(10), || async {
-        let s = api.try_status().await?;
-        if s["mode"] == "failsafe" {
-            Ok(s)
-        } else {
-            Err(format!("mode {} lag {}", s["mode"], s["telemetry_lag_s"]))
-        }
-    })
-    .await;
+    let fs = failsafe(&api).await;
     let last_sample_s = fs["time_s"].as_f64().unwrap() - fs["telemetry_lag_s"].as_f64().unwrap();
     assert!(fs["failsafe_reason"].as_str().unwrap().contains("no telemetry"), "{fs}");
     // When it happened: the tick of the first failsafe decision.
@@ -417,15 +422,7 @@ async fn frozen_engines_with_traffic_still_mean_failsafe() {
     // The engines freeze; the gateway's arrivals go on.
     frozen.store(true, Ordering::SeqCst);
     let frozen_ms = actuators::now_ms();
-    let fs = wait_for("failsafe", Duration::from_secs(10), || async {
-        let s = api.try_status().await?;
-        if s["mode"] == "failsafe" {
-            Ok(s)
-        } else {
-            Err(format!("mode {} lag {}", s["mode"], s["telemetry_lag_s"]))
-        }
-    })
-    .await;
+    let fs = failsafe(&api).await;
     let entered = fs["time_s"].as_f64().unwrap();
     // 60 service seconds of traffic with the engines silent: failsafe all along.
     loop {

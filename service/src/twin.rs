@@ -42,14 +42,8 @@ pub fn backend(
     dir: &Path,
     timeout: Duration,
 ) -> anyhow::Result<(Dispatcher, mpsc::UnboundedReceiver<TwinEvent>)> {
-    let mut physics = match &cfg.cluster.physics {
-        Some(p) => sim::Physics::load(p)?,
-        None => sim::Physics::default_h100_llama70b(),
-    };
-    physics.router.balance = cfg.router.balance;
+    let (physics, workload) = physics_and_workload(cfg)?;
     let c = &cfg.cluster;
-    let workload =
-        Workload::from_options(c.trace.as_deref(), c.rates.as_deref(), c.lengths.as_deref(), c.scale, c.hours, c.seed)?;
     let slo = class_slos(
         &physics,
         &workload.slo_pairs,
@@ -77,6 +71,21 @@ pub fn backend(
     std::fs::create_dir_all(&audit_dir)?;
     let audit = Arc::new(AuditLog::open_in_dir(&audit_dir)?);
     Ok((Dispatcher::new(audit).with_backend(act as Arc<dyn Actuator>, timeout), events))
+}
+
+/// The twin `[cluster]` describes: its physics (the router's balance as
+/// `[router]` sets it) and the workload it replays. The live baseline is sized
+/// on the same two.
+pub fn physics_and_workload(cfg: &ServiceConfig) -> anyhow::Result<(Physics, Workload)> {
+    let c = &cfg.cluster;
+    let mut physics = match &c.physics {
+        Some(p) => sim::Physics::load(p)?,
+        None => sim::Physics::default_h100_llama70b(),
+    };
+    physics.router.balance = cfg.router.balance;
+    let workload =
+        Workload::from_options(c.trace.as_deref(), c.rates.as_deref(), c.lengths.as_deref(), c.scale, c.hours, c.seed)?;
+    Ok((physics, workload))
 }
 
 type Job = (Command, oneshot::Sender<Outcome>);

@@ -17,19 +17,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let mut cfg = ServiceConfig::load(&args.config)?;
     if cfg.cluster.kind == "twin" && cfg.cluster.baseline_instances.is_none() {
         // The live baseline on the twin: `single-pool` as `sim` sizes it, replayed beside the cluster.
-        let c = &cfg.cluster;
-        let physics = match &c.physics {
-            Some(p) => sim::Physics::load(p)?,
-            None => sim::Physics::default_h100_llama70b(),
-        };
-        let workload = sim::Workload::from_options(
-            c.trace.as_deref(),
-            c.rates.as_deref(),
-            c.lengths.as_deref(),
-            c.scale,
-            c.hours,
-            c.seed,
-        )?;
+        let (physics, workload) = serve::twin::physics_and_workload(&cfg)?;
         eprintln!("dynamollm serve: sizing the single-pool baseline by replay on the twin's workload…");
         let counts = super::sim::size_by_replay(
             &physics,
