@@ -148,7 +148,7 @@ fn parse_reply(stdout: &str) -> Result<Option<Reply>, String> {
 }
 
 /// Kill a whole process group (the shell and everything it started).
-fn kill_group(pgid: u32) {
+pub fn kill_group(pgid: u32) {
     // `kill -KILL -- -PGID`: no unsafe code, no extra dependency.
     let _ = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pgid}")])

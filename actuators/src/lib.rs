@@ -13,6 +13,7 @@
 //!   repeated), with counters for Prometheus.
 //! - [`reshard::MakeBeforeBreak`]: resharding as spawn → ready → route →
 //!   retire, rolled back on failure, resumable from the audit log.
+//! - [`signed`]: HMAC-signed commands, acks and heartbeats for edge agents.
 //! - [`config`]: the `[actuators]` TOML table and [`build`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod mqtt;
 pub mod nvml;
 pub mod reshard;
 pub mod secret;
+pub mod signed;
 pub mod webhook;
 
 pub use audit::{AuditError, AuditLog, AuditRecord, AuditState};
@@ -54,7 +56,7 @@ pub trait Actuator: Send + Sync {
 
 /// The last `max_chars` characters of `s` (for stderr tails and response
 /// bodies in error messages), cut on a character boundary.
-pub(crate) fn tail(s: &str, max_chars: usize) -> String {
+pub fn tail(s: &str, max_chars: usize) -> String {
     let s = s.trim();
     let n = s.chars().count();
     if n <= max_chars {

@@ -9,7 +9,15 @@
 //! is published again, up to the configured attempts; then timed out.
 //! The broker connection comes from [`MqttSettings::options`] (credentials
 //! and TLS included), with this backend's own client id.
+//!
+//! With a command key ([`crate::signed`]) every command goes signed and only
+//! acks signed with the same key are believed (an ack from anyone else is
+//! logged and ignored). While it runs it publishes the controller's
+//! heartbeat on `<prefix>/controller/heartbeat` (QoS 0, signed): agents that
+//! hear neither it nor a command for their `failsafe_after_s` unlock their
+//! clocks on their own.
 
+use crate::signed::{self, CommandKey, Heartbeat};
 use crate::{Ack, Action, ActionId, Actuator, Command, Outcome};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::time::{Duration, Instant};
@@ -17,7 +25,7 @@ use telemetry::mqtt::MqttSettings;
 use tokio::sync::{broadcast, watch};
 
 /// Behaviour of the MQTT backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct MqttActuatorOptions {
     /// How long to wait for an ack before publishing again.
     pub ack_timeout: Duration,
@@ -27,6 +35,10 @@ pub struct MqttActuatorOptions {
     pub default_node: Option<String>,
     /// Action kinds carried out (all when `None`).
     pub kinds: Option<Vec<String>>,
+    /// The key commands are signed with and acks checked against (none: unsigned).
+    pub key: Option<CommandKey>,
+    /// How often the heartbeat goes out (none: no heartbeat).
+    pub heartbeat: Option<Duration>,
 }
 
 /// The MQTT backend (see the module documentation). Dropping it stops its
@@ -38,6 +50,7 @@ pub struct MqttActuator {
     acks: broadcast::Sender<(String, Ack)>,
     subscribed: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for MqttActuator {
@@ -49,6 +62,9 @@ impl std::fmt::Debug for MqttActuator {
 impl Drop for MqttActuator {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(h) = &self.heartbeat {
+            h.abort();
+        }
     }
 }
 
@@ -72,6 +88,7 @@ impl MqttActuator {
         let prefix = settings.topic_prefix.trim_end_matches('/').to_string();
         let (tx, c, p) = (acks.clone(), client.clone(), prefix.clone());
         let broker = format!("{}:{}", settings.host, settings.port);
+        let key = options.key.clone();
         let task = tokio::spawn(async move {
             let mut backoff = telemetry::sink::Backoff::new(settings.reconnect_initial, settings.reconnect_max);
             let filter = format!("{p}/+/+/ack");
@@ -87,12 +104,14 @@ impl MqttActuator {
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = sub_tx.send(true);
                     }
-                    Ok(Event::Incoming(Packet::Publish(msg))) => match serde_json::from_slice::<Ack>(&msg.payload) {
-                        Ok(ack) => {
-                            let _ = tx.send((msg.topic.clone(), ack));
+                    Ok(Event::Incoming(Packet::Publish(msg))) => {
+                        match signed::open::<Ack>(&msg.payload, key.as_ref()) {
+                            Ok(ack) => {
+                                let _ = tx.send((msg.topic.clone(), ack));
+                            }
+                            Err(e) => tracing::warn!(topic = %msg.topic, "ack ignored: {e}"),
                         }
-                        Err(e) => tracing::warn!(topic = %msg.topic, error = %e, "malformed ack ignored"),
-                    },
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         let _ = sub_tx.send(false);
@@ -102,6 +121,21 @@ impl MqttActuator {
                 }
             }
         });
+        let heartbeat = options.heartbeat.map(|every| {
+            let (c, topic, key) = (client.clone(), signed::heartbeat_topic(&prefix), options.key.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Ok(body) = signed::seal(&Heartbeat { ts_ms: crate::now_ms() }, key.as_ref()) else { continue };
+                    // QoS 0, not queued for long: a heartbeat is only worth its freshness.
+                    if let Err(e) = c.try_publish(&topic, QoS::AtMostOnce, false, body) {
+                        tracing::debug!(%topic, "heartbeat not sent: {e}");
+                    }
+                }
+            })
+        });
         MqttActuator {
             client,
             prefix,
@@ -109,6 +143,7 @@ impl MqttActuator {
             acks,
             subscribed,
             task,
+            heartbeat,
         }
     }
 
@@ -158,9 +193,9 @@ impl Actuator for MqttActuator {
             Ok(t) => t,
             Err(reason) => return Outcome::Failed { reason, retryable: false },
         };
-        let body = match serde_json::to_vec(cmd) {
+        let body = match signed::seal(cmd, self.options.key.as_ref()) {
             Ok(b) => b,
-            Err(e) => return Outcome::Failed { reason: format!("mqtt: cannot encode: {e}"), retryable: false },
+            Err(e) => return Outcome::Failed { reason: format!("mqtt: {e}"), retryable: false },
         };
         let started = Instant::now();
         // Acks are only seen once subscribed: wait for it (bounded).

@@ -10,7 +10,10 @@ fn audit(dir: &tempfile::TempDir) -> Arc<AuditLog> {
 
 #[tokio::test]
 async fn a_full_config_builds_in_order() {
-    let cfg = ActuatorsConfig::from_toml(
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("command.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let cfg = ActuatorsConfig::from_toml(&format!(
         r#"
 order = ["webhook", "exec", "mqtt"]
 [exec]
@@ -32,8 +35,11 @@ ack_timeout_ms = 500
 attempts = 2
 default_node = "s/n"
 kinds = ["set-clock"]
+command_key_file = "{}"
+heartbeat_interval_ms = 1000
 "#,
-    )
+        key.display()
+    ))
     .unwrap();
     assert!(!format!("{cfg:?}").contains("tok-123"), "the token shows in Debug");
     let dir = tempfile::tempdir().unwrap();
@@ -61,6 +67,15 @@ async fn bad_configs_are_clear_errors() {
     let c = ActuatorsConfig::from_toml("[mqtt]\n").unwrap();
     let e = build(&c, audit(&dir), None).unwrap_err();
     assert!(e.to_string().contains("[telemetry.mqtt]"), "{e}");
+    // Commands to agents are signed unless the operator says otherwise, with a key long enough.
+    let settings = telemetry::mqtt::MqttSettings::new("127.0.0.1", 1, "c", "p");
+    let e = build(&c, audit(&dir), Some(&settings)).unwrap_err();
+    assert!(e.to_string().contains("actuators.mqtt.command_key_file: required"), "{e}");
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, "abc\n").unwrap();
+    let c = ActuatorsConfig::from_toml(&format!("[mqtt]\ncommand_key_file = \"{}\"\n", short.display())).unwrap();
+    let e = build(&c, audit(&dir), Some(&settings)).unwrap_err();
+    assert!(e.to_string().contains("command_key_file") && e.to_string().contains("fewer than 32"), "{e}");
     let c = ActuatorsConfig::from_toml("order = [\"exec\", \"ssh\"]").unwrap();
     let e = build(&c, audit(&dir), None).unwrap_err();
     assert!(e.to_string().contains("ssh"), "{e}");

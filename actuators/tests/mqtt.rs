@@ -107,6 +107,8 @@ fn options(ack_ms: u64, attempts: u32) -> MqttActuatorOptions {
         attempts,
         default_node: Some("s1/n1".into()),
         kinds: None,
+        key: None,
+        heartbeat: None,
     }
 }
 

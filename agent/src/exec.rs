@@ -19,13 +19,14 @@
 //! (`{"placement": {"node": …, "gpus": […], "endpoint": …}}`) that is the
 //! new instance's placement, otherwise stdout's last line is the detail.
 //! A non-zero exit is `Failed` (retryable) with the status and the end of
-//! stderr; no exit within `timeout_s` kills it and is `Failed` (retryable).
+//! stderr; no exit within `timeout_s` kills its whole process group and is
+//! `Failed` (retryable). The agent runs these beside its telemetry: a long
+//! spawn never holds up a reading.
 
 use actuators::{Action, Command, Outcome, Placement};
 use serde::Deserialize;
-use std::io::{Read, Write};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The `[agent.exec]` table: an argv template per action kind.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -73,8 +74,14 @@ impl ExecConfig {
     /// Check the templates: a program, and only the placeholders each kind
     /// has. The error is `(key, problem)`, the key under `[agent]`.
     pub fn check(&self) -> Result<(), (String, String)> {
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
-            return Err(("exec.timeout_s".into(), format!("{} must be > 0", self.timeout_s)));
+        // A millisecond to a day (a spawn may download weights); NaN is in no range.
+        let t = self.timeout_s;
+        if !(0.001..=86_400.0).contains(&t) {
+            let shown = if t != 0.0 && (t.abs() >= 1e9 || t.abs() < 1e-4) { format!("{t:e}") } else { format!("{t}") };
+            return Err((
+                "exec.timeout_s".into(),
+                format!("must be a number of seconds in [0.001, 86400], got {shown}"),
+            ));
         }
         for (kind, allowed) in PLACEHOLDERS {
             let Some(argv) = self.template(kind) else { continue };
@@ -143,61 +150,68 @@ impl ExecConfig {
         )
     }
 
-    /// Run the command's template (blocking: call it on the blocking pool).
-    pub fn run(&self, cmd: &Command, argv: &[String]) -> Outcome {
+    /// Run the command's template. Its process group is killed when it runs
+    /// past `timeout_s` (a shell's children included) and when the future is
+    /// dropped.
+    pub async fn run(&self, cmd: &Command, argv: &[String]) -> Outcome {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let failed = |reason: String, retryable: bool| Outcome::Failed { reason, retryable };
         let program = &argv[0];
         let input = match serde_json::to_vec(cmd) {
             Ok(b) => b,
             Err(e) => return failed(format!("cannot encode the command: {e}"), false),
         };
-        let mut child = match std::process::Command::new(program)
+        let mut child = match tokio::process::Command::new(program)
             .args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0)
             .spawn()
         {
             Ok(c) => c,
             Err(e) => return failed(format!("exec {program}: cannot start: {e}"), false),
         };
-        // Readers on threads, so a chatty program never blocks on a full pipe.
-        let pipe = |r: Option<Box<dyn Read + Send>>| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
+        let pid = child.id();
+        // Readers of their own, so a chatty program never blocks on a full pipe.
+        let reader = |r: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+            tokio::spawn(async move {
                 let mut buf = Vec::new();
                 if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut buf);
+                    let _ = r.read_to_end(&mut buf).await;
                 }
-                let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
-            });
-            rx
+                String::from_utf8_lossy(&buf).into_owned()
+            })
         };
-        let out = pipe(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
-        let err = pipe(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+        let out = reader(child.stdout.take().map(|s| Box::new(s) as _));
+        let err = reader(child.stderr.take().map(|s| Box::new(s) as _));
         if let Some(mut stdin) = child.stdin.take() {
             // A program that does not read its stdin is fine.
-            let _ = stdin.write_all(&input);
+            let _ = stdin.write_all(&input).await;
+            let _ = stdin.shutdown().await;
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(self.timeout_s);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return failed(format!("exec {program}: no exit within {} s; killed", self.timeout_s), true);
+        let status = match tokio::time::timeout(Duration::from_secs_f64(self.timeout_s), child.wait()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return failed(format!("exec {program}: {e}"), true),
+            Err(_) => {
+                if let Some(pid) = pid {
+                    actuators::exec::kill_group(pid);
                 }
-                Err(e) => return failed(format!("exec {program}: {e}"), true),
+                let _ = child.wait().await;
+                return failed(
+                    format!("exec {program}: no exit within {} s; its process group was killed", self.timeout_s),
+                    true,
+                );
             }
         };
         // A daemon the program started may hold its pipes open: read what
         // came, do not wait for their end.
-        let stdout = out.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
-        let stderr = err.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+        let grace = Duration::from_secs(2);
+        let stdout = tokio::time::timeout(grace, out).await.ok().and_then(Result::ok).unwrap_or_default();
+        let stderr = tokio::time::timeout(grace, err).await.ok().and_then(Result::ok).unwrap_or_default();
         if !status.success() {
-            return failed(format!("exec {program}: {status}: {}", tail(&stderr, 400)), true);
+            return failed(format!("exec {program}: {status}: {}", actuators::tail(&stderr, 400)), true);
         }
         let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
         #[derive(Deserialize)]
@@ -206,24 +220,15 @@ impl ExecConfig {
         }
         match serde_json::from_str::<Answer>(last) {
             Ok(a) => Outcome::Applied { placement: Some(a.placement), detail: format!("exec {program}: done") },
-            Err(_) => Outcome::Applied { placement: None, detail: format!("exec {program}: {}", tail(last, 200)) },
+            Err(_) => {
+                Outcome::Applied { placement: None, detail: format!("exec {program}: {}", actuators::tail(last, 200)) }
+            }
         }
     }
 }
 
 fn enum_name<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-}
-
-/// The last `max` characters of `s`, trimmed.
-fn tail(s: &str, max: usize) -> String {
-    let s = s.trim();
-    let n = s.chars().count();
-    if n <= max {
-        s.to_string()
-    } else {
-        format!("…{}", s.chars().skip(n - max).collect::<String>())
-    }
 }
 
 #[cfg(test)]
@@ -265,33 +270,51 @@ mod tests {
         assert_eq!(empty.check().unwrap_err().0, "exec.route");
     }
 
-    #[test]
-    fn exit_status_stdout_and_timeout_become_outcomes() {
+    #[tokio::test]
+    async fn exit_status_stdout_and_timeout_become_outcomes() {
         let dir = tempfile::tempdir().unwrap();
         let seen = dir.path().join("stdin.json");
         let sh = |script: &str| vec!["sh".to_string(), "-c".into(), script.into(), seen.display().to_string()];
         let cfg = ExecConfig { spawn: None, retire: None, reshard: None, route: None, timeout_s: 0.5 };
-        let ok = cfg.run(
-            &spawn_cmd(),
-            &sh("cat > \"$0\"; echo starting; echo '{\"placement\": {\"node\": \"e/n\", \"gpus\": [2, 3]}}'"),
-        );
+        let ok = cfg
+            .run(
+                &spawn_cmd(),
+                &sh("cat > \"$0\"; echo starting; echo '{\"placement\": {\"node\": \"e/n\", \"gpus\": [2, 3]}}'"),
+            )
+            .await;
         match ok {
             Outcome::Applied { placement: Some(p), .. } => assert_eq!((p.node.as_str(), p.gpus), ("e/n", vec![2, 3])),
             other => panic!("{other:?}"),
         }
         let stdin: Command = serde_json::from_slice(&std::fs::read(&seen).unwrap()).unwrap();
         assert_eq!(stdin, spawn_cmd());
-        match cfg.run(&spawn_cmd(), &sh("echo no GPUs free >&2; exit 3")) {
+        match cfg.run(&spawn_cmd(), &sh("echo no GPUs free >&2; exit 3")).await {
             Outcome::Failed { reason, retryable: true } => {
                 assert!(reason.contains("exit status: 3") && reason.ends_with("no GPUs free"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
-        match cfg.run(&spawn_cmd(), &sh("sleep 5")) {
+        // A shell whose child outlives it: the whole group goes at the timeout.
+        let child_pid = dir.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", child_pid.display());
+        match cfg.run(&spawn_cmd(), &sh(&script)).await {
             Outcome::Failed { reason, retryable: true } => assert!(reason.contains("no exit within 0.5 s"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        match cfg.run(&spawn_cmd(), &["/nonexistent/prog".to_string()]) {
+        let pid = std::fs::read_to_string(&child_pid).unwrap().trim().to_string();
+        let mut gone = false;
+        for _ in 0..100 {
+            // `kill -0` fails once the process is gone (a zombie reaped by init counts as gone).
+            let alive = std::process::Command::new("kill").args(["-0", &pid]).status().unwrap().success();
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "));
+            if !alive || zombie {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone, "the timed-out command's child {pid} survived");
+        match cfg.run(&spawn_cmd(), &["/nonexistent/prog".to_string()]).await {
             Outcome::Failed { reason, retryable: false } => assert!(reason.contains("cannot start"), "{reason}"),
             other => panic!("{other:?}"),
         }

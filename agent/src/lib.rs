@@ -43,6 +43,7 @@
 
 pub mod exec;
 
+use actuators::signed::{self, CommandKey, Heartbeat};
 use actuators::{Ack, Action, ActionId, Command, Outcome, Placement};
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
@@ -158,6 +159,33 @@ pub struct AgentConfig {
     /// (none: those actions are refused).
     #[serde(default)]
     pub exec: Option<exec::ExecConfig>,
+    /// The key the controller signs commands with (a file, first line, at
+    /// least 32 characters; the controller's `[actuators.mqtt]
+    /// command_key_file` holds the same). Required unless
+    /// `insecure_unsigned_commands`.
+    #[serde(default)]
+    pub command_key_file: Option<PathBuf>,
+    /// Take unsigned commands (any client that can publish on the broker
+    /// could then command this node's GPUs).
+    #[serde(default)]
+    pub insecure_unsigned_commands: bool,
+    /// A command issued longer ago than this (or this far in the future, by
+    /// the agent's clock) is refused as expired.
+    #[serde(default = "default_command_ttl_s")]
+    pub command_ttl_s: f64,
+    /// No heartbeat or command from the controller for this long (a broker
+    /// outage included): the agent unlocks the clocks it locked (the GPUs go
+    /// back to their top clocks) until the controller is heard again.
+    #[serde(default = "default_failsafe_after_s")]
+    pub failsafe_after_s: f64,
+}
+
+fn default_command_ttl_s() -> f64 {
+    60.0
+}
+
+fn default_failsafe_after_s() -> f64 {
+    30.0
 }
 
 fn default_interval_s() -> f64 {
@@ -219,11 +247,19 @@ impl AgentConfig {
                 return Err(bad("engine_url", format!("{u:?} is not a URL")));
             }
         }
-        if !(self.interval_s.is_finite() && self.interval_s >= 0.05) {
-            return Err(bad("interval_s", format!("{} must be at least 0.05", self.interval_s)));
+        let i = self.interval_s;
+        if !(0.05..=3_600.0).contains(&i) {
+            let shown = if i != 0.0 && (i.abs() >= 1e9 || i.abs() < 1e-4) { format!("{i:e}") } else { format!("{i}") };
+            return Err(bad("interval_s", format!("must be a number of seconds in [0.05, 3600], got {shown}")));
         }
-        if self.scrape_timeout_ms == 0 {
-            return Err(bad("scrape_timeout_ms", "must be at least 1".into()));
+        if !(1..=600_000).contains(&self.scrape_timeout_ms) {
+            return Err(bad("scrape_timeout_ms", format!("must be in [1, 600000], got {}", self.scrape_timeout_ms)));
+        }
+        for (key, v) in [("clock_min_mhz", self.clock_min_mhz), ("clock_max_mhz", self.clock_max_mhz)] {
+            // Left out: the GPU's own bound.
+            if let Some(v) = v.filter(|v| !(1..=100_000).contains(v)) {
+                return Err(bad(key, format!("must be a clock in MHz in [1, 100000] (or left out), got {v}")));
+            }
         }
         if let (Some(lo), Some(hi)) = (self.clock_min_mhz, self.clock_max_mhz) {
             if lo > hi {
@@ -241,6 +277,20 @@ impl AgentConfig {
         }
         if self.state_file.as_os_str().is_empty() {
             return Err(bad("state_file", "must be a file path".into()));
+        }
+        if self.command_key_file.is_none() && !self.insecure_unsigned_commands {
+            return Err(bad(
+                "command_key_file",
+                "required: the key the controller signs commands with (`openssl rand -hex 32`, the same file as the controller's [actuators.mqtt] command_key_file), or insecure_unsigned_commands = true".into(),
+            ));
+        }
+        for (key, v, lo, hi) in [
+            ("command_ttl_s", self.command_ttl_s, 1.0, 86_400.0),
+            ("failsafe_after_s", self.failsafe_after_s, 1.0, 86_400.0),
+        ] {
+            if !(v.is_finite() && (lo..=hi).contains(&v)) {
+                return Err(bad(key, format!("must be a number of seconds in [{lo}, {hi}], got {v}")));
+            }
         }
         Ok(())
     }
@@ -410,8 +460,10 @@ struct Node {
     cfg: AgentConfig,
     dev: Arc<dyn GpuDevice>,
     applied: AppliedIds,
-    /// GPUs this run locked (unlocked on shutdown).
+    /// GPUs this run locked (unlocked on shutdown and in failsafe).
     locked: BTreeSet<u32>,
+    /// Exec commands running now.
+    in_flight: std::collections::HashSet<ActionId>,
 }
 
 impl Node {
@@ -460,40 +512,67 @@ impl Node {
         }
     }
 
-    async fn handle(&mut self, cmd: Command) -> Outcome {
+    /// Start a command: its outcome now (clocks, refusals, a repeated id),
+    /// or `None` when it runs beside the loop (exec actions), its outcome
+    /// then coming on `done`.
+    async fn start(
+        &mut self,
+        cmd: Command,
+        done: &tokio::sync::mpsc::UnboundedSender<(Command, Outcome)>,
+    ) -> Option<Outcome> {
         if let Some(seen) = self.applied.get(&cmd.id) {
-            tracing::info!(id = %cmd.id, "command already applied; acknowledged again, not re-applied");
-            return Outcome::Applied {
+            tracing::info!(id = %cmd.id, "command already applied (a retry or a replay); acknowledged again, not re-applied");
+            return Some(Outcome::Applied {
                 placement: seen.placement.clone(),
                 detail: format!("already applied at {} ms (not re-applied): {}", seen.at_ms, seen.detail),
-            };
+            });
         }
-        let outcome = match &cmd.action {
-            Action::SetClock { clock_mhz, .. } => self.set_clock(*clock_mhz, cmd.placement.as_ref()).await,
+        match &cmd.action {
+            Action::SetClock { clock_mhz, .. } => {
+                let outcome = self.set_clock(*clock_mhz, cmd.placement.as_ref()).await;
+                self.finish(&cmd, &outcome);
+                Some(outcome)
+            }
             other => match self.cfg.exec.as_ref().and_then(|x| x.argv(&cmd).map(|argv| (x.clone(), argv))) {
                 Some((x, argv)) => {
-                    let (c, node) = (cmd.clone(), format!("{}/{}", self.cfg.site, self.cfg.node));
-                    match tokio::task::spawn_blocking(move || x.run(&c, &argv)).await {
-                        // A spawn's instance lives here unless the program says otherwise.
-                        Ok(Outcome::Applied { placement: None, detail }) if matches!(other, Action::Spawn { .. }) => {
-                            Outcome::Applied { placement: Some(Placement { node, ..Placement::default() }), detail }
-                        }
-                        Ok(o) => o,
-                        Err(e) => Outcome::Failed { reason: format!("exec task failed: {e}"), retryable: true },
+                    if !self.in_flight.insert(cmd.id.clone()) {
+                        tracing::info!(id = %cmd.id, "command still running; its ack comes when it ends");
+                        return None;
                     }
+                    let (node, is_spawn, done) = (
+                        format!("{}/{}", self.cfg.site, self.cfg.node),
+                        matches!(other, Action::Spawn { .. }),
+                        done.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let outcome = match x.run(&cmd, &argv).await {
+                            // A spawn's instance lives here unless the program says otherwise.
+                            Outcome::Applied { placement: None, detail } if is_spawn => {
+                                Outcome::Applied { placement: Some(Placement { node, ..Placement::default() }), detail }
+                            }
+                            o => o,
+                        };
+                        let _ = done.send((cmd, outcome));
+                    });
+                    None
                 }
                 None => {
                     let kind = other.kind();
-                    Outcome::Failed {
+                    Some(Outcome::Failed {
                         reason: format!(
                             "{kind} is not handled by the agent (no [agent.exec] {kind} command; or use an orchestrator backend)"
                         ),
                         retryable: false,
-                    }
+                    })
                 }
             },
-        };
-        if let Outcome::Applied { placement, detail } = &outcome {
+        }
+    }
+
+    /// Remember an applied command's id (so a retry is not applied again).
+    fn finish(&mut self, cmd: &Command, outcome: &Outcome) {
+        self.in_flight.remove(&cmd.id);
+        if let Outcome::Applied { placement, detail } = outcome {
             let entry = AppliedEntry {
                 id: cmd.id.clone(),
                 at_ms: now_ms(),
@@ -505,7 +584,6 @@ impl Node {
                 tracing::error!(id = %cmd.id, "{e}");
             }
         }
-        outcome
     }
 
     async fn reset_clocks(&mut self) {
@@ -529,21 +607,79 @@ impl Node {
     }
 }
 
-/// Parse a command payload; a bad one gives the error (naming the topic)
-/// and the id, when one can be read from it.
-pub fn parse_command(topic: &str, payload: &[u8]) -> Result<Command, (String, Option<ActionId>)> {
-    serde_json::from_slice::<Command>(payload).map_err(|e| {
-        let id = serde_json::from_slice::<serde_json::Value>(payload)
-            .ok()
-            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(|s| ActionId(s.to_string())));
-        (format!("mqtt topic {topic}: malformed command: {e}"), id)
-    })
+/// A command message the agent does not carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Why, naming the topic.
+    pub problem: String,
+    /// The id to answer `Failed` to: only for a message the controller
+    /// really sent (correctly signed, or any when no key is held) that the
+    /// agent cannot carry out. A forged message is never answered, so it
+    /// cannot fail a real command that shares its id.
+    pub ack_id: Option<ActionId>,
+}
+
+/// Read a command message: signed with `key` (when held), parsed, and issued
+/// within `ttl_ms` of `now_ms`.
+pub fn read_command(
+    topic: &str,
+    payload: &[u8],
+    key: Option<&CommandKey>,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Command, Refused> {
+    let cmd: Command = signed::open(payload, key).map_err(|e| {
+        let ack_id = match e {
+            signed::Refusal::Malformed(_) => signed::payload_id(payload).map(ActionId),
+            _ => None,
+        };
+        let problem = match &e {
+            signed::Refusal::Malformed(m) => format!("mqtt topic {topic}: malformed command: {m}"),
+            other => format!("mqtt topic {topic}: command refused: {other}"),
+        };
+        Refused { problem, ack_id }
+    })?;
+    if !signed::fresh(cmd.issued_at_ms, now_ms, ttl_ms) {
+        let age_s = (now_ms as f64 - cmd.issued_at_ms as f64) / 1000.0;
+        return Err(Refused {
+            problem: format!(
+                "mqtt topic {topic}: command {} refused: expired (issued {age_s:.1} s from now by the agent's clock; commands are taken within {:.0} s)",
+                cmd.id,
+                ttl_ms as f64 / 1000.0
+            ),
+            ack_id: Some(cmd.id),
+        });
+    }
+    Ok(cmd)
+}
+
+fn now_ms_u64() -> u64 {
+    actuators::now_ms()
+}
+
+fn log_outcome(id: &ActionId, outcome: &Outcome) {
+    match outcome {
+        Outcome::Applied { detail, .. } => tracing::info!(%id, "applied: {detail}"),
+        Outcome::Failed { reason, .. } => tracing::warn!(%id, "failed: {reason}"),
+        Outcome::TimedOut { .. } => {}
+    }
 }
 
 /// Run the agent until `shutdown` completes, then unlock the clocks it
 /// locked, publish the dead state and disconnect.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let settings = cfg.mqtt_settings()?;
+    let key = match &cfg.command_key_file {
+        Some(path) => Some(CommandKey::load(path).map_err(|problem| AgentError::Value {
+            origin: "[agent]".into(),
+            key: "command_key_file".into(),
+            problem,
+        })?),
+        None => {
+            tracing::warn!("insecure_unsigned_commands: commands are taken unsigned; anyone who can publish on the broker can command this node's GPUs");
+            None
+        }
+    };
     let applied = AppliedIds::load(&cfg.state_file)?;
     let (kind, twin_url) = (cfg.gpu, cfg.twin_url.clone());
     // The device is built (and later dropped) off the async threads: the
@@ -566,9 +702,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let cmd_topic = cfg.topic("cmd");
     let ack_topic = cfg.topic("ack");
     let state_topic = cfg.topic("state");
+    let heartbeat_topic = signed::heartbeat_topic(&cfg.mqtt.topic_prefix);
     let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel();
-    let publisher =
-        EdgePublisher::spawn_with(settings, &cfg.site, &cfg.node, std::slice::from_ref(&cmd_topic), Some(in_tx));
+    let publisher = EdgePublisher::spawn_with(
+        settings,
+        &cfg.site,
+        &cfg.node,
+        &[cmd_topic.clone(), heartbeat_topic.clone()],
+        Some(in_tx),
+    );
 
     let http =
         reqwest::Client::builder().timeout(Duration::from_millis(cfg.scrape_timeout_ms)).build().map_err(|e| {
@@ -580,47 +722,79 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut engine = EngineTracker::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cfg.interval_s));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut node = Node { cfg, dev, applied, locked: BTreeSet::new() };
+    let ttl_ms = (cfg.command_ttl_s * 1000.0) as u64;
+    let failsafe_after = Duration::from_secs_f64(cfg.failsafe_after_s);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Command, Outcome)>();
+    let mut node = Node { cfg, dev, applied, locked: BTreeSet::new(), in_flight: Default::default() };
+    // The controller gets `failsafe_after_s` from the start to be heard.
+    let mut heard = tokio::time::Instant::now();
+    let mut last_heartbeat_ms = 0u64;
+    let mut failsafe = false;
+    let mut refused = 0u64;
     tokio::pin!(shutdown);
 
     loop {
-        tokio::select! {
+        let ack = tokio::select! {
             () = &mut shutdown => break,
+            finished = done_rx.recv() => {
+                let Some((cmd, outcome)) = finished else { continue };
+                node.finish(&cmd, &outcome);
+                log_outcome(&cmd.id, &outcome);
+                Some(Ack { id: cmd.id, outcome })
+            }
             msg = in_rx.recv() => {
                 let Some(p) = msg else { break };
-                if p.topic != cmd_topic {
+                if p.topic == heartbeat_topic {
+                    match signed::open::<Heartbeat>(&p.payload, key.as_ref()) {
+                        Ok(hb) if hb.ts_ms > last_heartbeat_ms && signed::fresh(hb.ts_ms, now_ms_u64(), ttl_ms) => {
+                            last_heartbeat_ms = hb.ts_ms;
+                            heard = tokio::time::Instant::now();
+                        }
+                        Ok(hb) => tracing::debug!(ts_ms = hb.ts_ms, "a stale or repeated heartbeat; ignored"),
+                        Err(e) => {
+                            refused += 1;
+                            tracing::warn!(topic = %p.topic, refused, "heartbeat refused: {e}");
+                        }
+                    }
+                    None
+                } else if p.topic != cmd_topic {
                     tracing::warn!(topic = %p.topic, "message on an unexpected topic; ignored");
-                    continue;
-                }
-                let ack = match parse_command(&p.topic, &p.payload) {
-                    Ok(cmd) => {
-                        tracing::info!(id = %cmd.id, action = ?cmd.action, "command");
-                        let id = cmd.id.clone();
-                        let outcome = node.handle(cmd).await;
-                        match &outcome {
-                            Outcome::Applied { detail, .. } => tracing::info!(%id, "applied: {detail}"),
-                            Outcome::Failed { reason, .. } => tracing::warn!(%id, "failed: {reason}"),
-                            Outcome::TimedOut { .. } => {}
-                        }
-                        Some(Ack { id, outcome })
-                    }
-                    Err((problem, id)) => {
-                        tracing::error!("{problem}");
-                        id.map(|id| Ack { id, outcome: Outcome::Failed { reason: problem, retryable: false } })
-                    }
-                };
-                if let Some(ack) = ack {
-                    match serde_json::to_vec(&ack) {
-                        Ok(body) => {
-                            // Not awaited: a full queue (a long outage) must not stall the loop;
-                            // the controller times out and retries the same id, which is re-acked.
-                            if let Err(e) = publisher.client().try_publish(&ack_topic, QoS::AtLeastOnce, false, body) {
-                                tracing::error!(topic = %ack_topic, "cannot publish the ack: {e}");
+                    None
+                } else {
+                    match read_command(&p.topic, &p.payload, key.as_ref(), now_ms_u64(), ttl_ms) {
+                        Ok(cmd) => {
+                            heard = tokio::time::Instant::now();
+                            if failsafe {
+                                failsafe = false;
+                                tracing::info!("the controller is heard again: commands are applied");
                             }
+                            tracing::info!(id = %cmd.id, action = ?cmd.action, "command");
+                            let id = cmd.id.clone();
+                            node.start(cmd, &done_tx).await.map(|outcome| {
+                                log_outcome(&id, &outcome);
+                                Ack { id, outcome }
+                            })
                         }
-                        Err(e) => tracing::error!("cannot encode the ack: {e}"),
+                        Err(r) => {
+                            refused += 1;
+                            tracing::warn!(refused, "{}", r.problem);
+                            r.ack_id.map(|id| Ack { id, outcome: Outcome::Failed { reason: r.problem, retryable: false } })
+                        }
                     }
                 }
+            }
+            () = tokio::time::sleep_until(heard + failsafe_after), if !failsafe => {
+                failsafe = true;
+                let why = match publisher.last_error.lock().ok().and_then(|l| l.clone()) {
+                    Some(e) if publisher.errors.load(std::sync::atomic::Ordering::Relaxed) > 0 => format!("; the broker: {e}"),
+                    _ => String::new(),
+                };
+                tracing::warn!(
+                    "failsafe: no heartbeat or command from the controller for {:.1} s{why}; unlocking the clocks (top clocks) until it is heard again",
+                    heard.elapsed().as_secs_f64()
+                );
+                node.reset_clocks().await;
+                None
             }
             _ = tick.tick() => {
                 let ts = now_ms();
@@ -663,6 +837,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                         tracing::warn!("telemetry dropped: {e}");
                     }
                 }
+                None
+            }
+        };
+        if let Some(ack) = ack {
+            match signed::seal(&ack, key.as_ref()) {
+                Ok(body) => {
+                    // Not awaited: a full queue (a long outage) must not stall the loop;
+                    // the controller times out and retries the same id, which is re-acked.
+                    if let Err(e) = publisher.client().try_publish(&ack_topic, QoS::AtLeastOnce, false, body) {
+                        tracing::error!(topic = %ack_topic, "cannot publish the ack: {e}");
+                    }
+                }
+                Err(e) => tracing::error!("cannot encode the ack: {e}"),
             }
         }
     }
@@ -692,7 +879,7 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key() {
-        let base = "[agent]\nsite = \"s\"\nnode = \"n\"\ngpu = \"twin\"\ntwin_url = \"http://127.0.0.1:1\"\nstate_file = \"x.json\"\n[agent.mqtt]\nhost = \"127.0.0.1\"\n";
+        let base = "[agent]\nsite = \"s\"\nnode = \"n\"\ngpu = \"twin\"\ntwin_url = \"http://127.0.0.1:1\"\nstate_file = \"x.json\"\ninsecure_unsigned_commands = true\n[agent.mqtt]\nhost = \"127.0.0.1\"\n";
         let cfg = AgentConfig::from_toml_str(base).unwrap();
         assert_eq!(cfg.mqtt.client_id, "dynamollm-agent-s-n");
         assert_eq!(cfg.topic("cmd"), "dynamollm/s/n/cmd");
@@ -706,17 +893,53 @@ mod tests {
         let e =
             AgentConfig::from_toml_str(&base.replace("host = \"127.0.0.1\"", "host = \"h\"\ntls = true")).unwrap_err();
         assert!(e.to_string().starts_with("config <string>: agent.mqtt.ca_file: required"), "{e}");
+        let e = AgentConfig::from_toml_str(&base.replace("insecure_unsigned_commands = true\n", "")).unwrap_err();
+        assert!(e.to_string().starts_with("config <string>: agent.command_key_file: required"), "{e}");
+        let e =
+            AgentConfig::from_toml_str(&base.replace("state_file", "failsafe_after_s = 0.5\nstate_file")).unwrap_err();
+        assert!(
+            e.to_string().contains("agent.failsafe_after_s: must be a number of seconds in [1, 86400], got 0.5"),
+            "{e}"
+        );
         let e = AgentConfig::from_toml_str(&format!("{base}clock_min_mhz = 900\n")).unwrap_err();
         assert!(e.to_string().contains("clock_min_mhz"), "{e}");
     }
 
     #[test]
-    fn malformed_commands_name_the_topic_and_keep_the_id_when_there_is_one() {
-        let (e, id) = parse_command("p/s/n/cmd", br#"{"id": "a-1", "action": {"kind": "warp"}}"#).unwrap_err();
-        assert!(e.starts_with("mqtt topic p/s/n/cmd: malformed command: "), "{e}");
-        assert_eq!(id, Some(ActionId("a-1".into())));
-        let (_, id) = parse_command("t", b"\xff not json").unwrap_err();
-        assert_eq!(id, None);
+    fn commands_are_taken_signed_fresh_and_parsed() {
+        let key = CommandKey::new(&"k".repeat(40)).unwrap();
+        let now = 1_000_000;
+        let cmd = |id: &str, at: u64| Command {
+            id: ActionId(id.into()),
+            action: Action::SetClock { instance: actuators::InstanceId(0), clock_mhz: 1200 },
+            placement: None,
+            issued_at_ms: at,
+        };
+        let good = signed::seal(&cmd("a-1", now - 5_000), Some(&key)).unwrap();
+        assert_eq!(read_command("t", &good, Some(&key), now, 60_000).unwrap().id.0, "a-1");
+        // Unsigned, or signed with another key: refused, never answered.
+        let bare = serde_json::to_vec(&cmd("a-2", now)).unwrap();
+        let r = read_command("p/s/n/cmd", &bare, Some(&key), now, 60_000).unwrap_err();
+        assert!(r.problem.contains("not signed") && r.problem.contains("p/s/n/cmd"), "{r:?}");
+        assert_eq!(r.ack_id, None);
+        let other = signed::seal(&cmd("a-3", now), Some(&CommandKey::new(&"x".repeat(40)).unwrap())).unwrap();
+        let r = read_command("t", &other, Some(&key), now, 60_000).unwrap_err();
+        assert!(r.problem.contains("bad signature") && r.ack_id.is_none(), "{r:?}");
+        // Expired (and from the future): refused and answered.
+        let old = signed::seal(&cmd("a-4", now - 61_000), Some(&key)).unwrap();
+        let r = read_command("t", &old, Some(&key), now, 60_000).unwrap_err();
+        assert!(r.problem.contains("expired"), "{r:?}");
+        assert_eq!(r.ack_id, Some(ActionId("a-4".into())));
+        let ahead = signed::seal(&cmd("a-5", now + 61_000), Some(&key)).unwrap();
+        assert!(read_command("t", &ahead, Some(&key), now, 60_000).unwrap_err().problem.contains("expired"));
+        // Signed but not a command we know: answered with its id.
+        let sealed = signed::seal(&serde_json::json!({"id": "a-6", "action": {"kind": "warp"}}), Some(&key)).unwrap();
+        let r = read_command("t", &sealed, Some(&key), now, 60_000).unwrap_err();
+        assert!(r.problem.contains("malformed command"), "{r:?}");
+        assert_eq!(r.ack_id, Some(ActionId("a-6".into())));
+        // Without a key (insecure): bare commands go, garbage has no id.
+        assert!(read_command("t", &bare, None, now, 60_000).is_ok());
+        assert_eq!(read_command("t", b"\xff not json", None, now, 60_000).unwrap_err().ack_id, None);
     }
 
     #[test]

@@ -39,6 +39,9 @@ enum Command {
     Forecast(ForecastCommand),
     /// The node agent of an edge site: GPU and engine telemetry over MQTT, clock commands applied locally.
     Agent(cmd::agent::AgentArgs),
+    /// Check a service or agent config file: every key and range, and the files it names; prints what would run.
+    /// Checks the file only: it does not contact the broker, the store or any endpoint.
+    Check(cmd::check::CheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,15 +63,30 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Predictor(a) => cmd::predictor::run(&a).map(|_| true),
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
         Command::Agent(a) => cmd::agent::run(&a).map(|_| true),
+        Command::Check(a) => cmd::check::run(&a).map(|_| true),
     }
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    // A panic anywhere (any thread, any task of `serve` or `agent`) ends the process with
+    // status 101 after the usual message, so systemd restarts it instead of it running on
+    // with a dead task. Nothing in the binary catches panics.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(101);
+    }));
+    let cli = Cli::parse();
+    // The services log what an operator needs at info unless RUST_LOG says
+    // otherwise; the one-shot commands only their errors (they say what they do on stdout).
+    let default = match cli.command {
+        Command::Serve(_) | Command::Agent(_) => "info",
+        _ => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {

@@ -108,9 +108,10 @@ impl Manager {
             &cfg,
             format!(
                 "[agent]\nsite = \"e2e\"\nnode = \"i{id}\"\ngpu = \"twin\"\ntwin_url = \"{url}\"\nengine_url = \"{url}/metrics\"\n\
-                 instance = \"i{id}\"\ninterval_s = 0.05\nstate_file = \"{}\"\n\n[agent.mqtt]\nhost = \"{}\"\nport = {}\n\
+                 instance = \"i{id}\"\ninterval_s = 0.05\nstate_file = \"{}\"\ncommand_key_file = \"{}\"\n\n[agent.mqtt]\nhost = \"{}\"\nport = {}\n\
                  topic_prefix = \"{}\"\n",
                 self.dir.join(format!("agent-{id}.state")).display(),
+                self.dir.join("command.key").display(),
                 self.broker.0,
                 self.broker.1,
                 self.prefix
@@ -223,6 +224,9 @@ async fn serve_manages_twin_engines_and_agents_over_mqtt_for_an_hour() {
     let seed = 1;
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("e2e{}", std::process::id());
+    // Clock commands to the agents go signed with this key (both sides read it).
+    let command_key = dir.path().join("command.key");
+    std::fs::write(&command_key, "e2e-command-key-0123456789abcdef0123456789abcdef\n").unwrap();
     let manager = Arc::new(Manager {
         dir: dir.path().to_path_buf(),
         speed,
@@ -291,8 +295,10 @@ timeout_ms = 120000
 [actuators.mqtt]
 kinds = ["set-clock"]
 ack_timeout_ms = 3000
+command_key_file = "{command_key}"
 "#,
             state = dir.path().join("state").display(),
+            command_key = command_key.display(),
             initial = initial.join(", "),
             // 0.6: at 0.5 the energy sat at 0.967–1.007× single-pool's from run to
             // run (an extra spawn-retire cycle or not); 0.6 gave 0.839× with the

@@ -347,7 +347,7 @@ fn stale_telemetry_means_failsafe_within_one_clock_period() {
         "failsafe at {entered}, telemetry stale since {}",
         last_sample + 5.0
     );
-    assert!(core.stale_reason().unwrap().contains("no telemetry"));
+    assert!(core.stale_reason().unwrap().contains("telemetry for"), "{:?}", core.stale_reason());
     assert_eq!(retired, 0, "no scale-in while blind");
     assert_eq!(raised.len(), low, "every lowered clock goes back to the top, once");
     assert!(core.instances().all(|r| r.clock_mhz == 1980));
@@ -359,12 +359,78 @@ fn stale_telemetry_means_failsafe_within_one_clock_period() {
     assert_eq!(core.mode(), Mode::Auto);
 }
 
+/// Staleness per source: an instance whose engine page keeps coming but
+/// whose GPUs went silent is stale all the same (and the other way round);
+/// the reason names the instance and the source.
+#[test]
+fn each_source_of_an_instance_counts_on_its_own() {
+    for silent in ["GPU", "engine"] {
+        let mut core = core();
+        core.prime_rates([0.5; 9]);
+        let mut n = 0u32;
+        let mut t = 0.0;
+        while t <= 120.0 {
+            for c in core.tick(t, 0) {
+                let placement = matches!(c.action, Action::Spawn { .. }).then(|| {
+                    n += 1;
+                    Placement { node: format!("site/n{n}"), gpus: vec![], endpoint: None }
+                });
+                core.on_outcome(&c.id, &Outcome::Applied { placement, detail: String::new() });
+            }
+            samples(&mut core, t);
+            t += 5.0;
+        }
+        assert_eq!(core.mode(), Mode::Auto, "{silent}");
+        // From here on one source of every instance is silent, the other keeps coming.
+        let mut entered = None;
+        while t <= 180.0 {
+            let nodes: Vec<(String, u32)> =
+                core.instances().filter_map(|r| r.placement.as_ref().map(|p| (p.node.clone(), r.tp))).collect();
+            for (node, tp) in nodes {
+                let (site, node) = node.split_once('/').unwrap();
+                let tags = Tags::node(site, node);
+                if silent == "GPU" {
+                    let e =
+                        EngineSample { ts_ms: 0, tags, running: Some(1.0), waiting: Some(0.0), ..Default::default() };
+                    core.observe_sample(t, &Sample::Engine(e));
+                } else {
+                    for g in 0..tp {
+                        let tags = Tags { gpu: Some(g), ..tags.clone() };
+                        let s = GpuSample {
+                            ts_ms: 0,
+                            tags,
+                            power_w: 300.0,
+                            energy_j: None,
+                            sm_clock_mhz: None,
+                            util: None,
+                            temperature_c: None,
+                            throttle_reasons: None,
+                        };
+                        core.observe_sample(t, &Sample::Gpu(s));
+                    }
+                }
+            }
+            core.tick(t, 0);
+            if entered.is_none() && core.mode() == Mode::Failsafe {
+                entered = Some(t);
+            }
+            t += 5.0;
+        }
+        let entered = entered.unwrap_or_else(|| panic!("{silent} telemetry stopped and no failsafe"));
+        assert!(entered <= 120.0 + 5.0 + 5.0 + 1e-9, "{silent}: failsafe at {entered}");
+        let why = core.stale_reason().unwrap();
+        assert!(why.contains(&format!("sent no {silent} telemetry")) && why.contains("serving instance "), "{why}");
+    }
+}
+
 /// The saved state round-trips: a core restored from it plans the same next step.
 #[test]
 fn saved_state_restores_the_plan() {
     let mut a = core();
     a.prime_rates([1.0; 9]);
-    for c in a.tick(0.0, 0) {
+    let first = a.tick(0.0, 0);
+    let first_ids: std::collections::BTreeSet<_> = first.iter().map(|c| c.id.clone()).collect();
+    for c in first {
         a.on_outcome(
             &c.id,
             &Outcome::Applied {
@@ -385,6 +451,14 @@ fn saved_state_restores_the_plan() {
     let ids_a: Vec<_> = a.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
     let ids_b: Vec<_> = b.tick(5.0, 0).into_iter().map(|c| (c.id, c.action)).collect();
     assert_eq!(ids_a, ids_b, "the restored core continues with the same ids and actions");
+    // A state lost: a new core's ids are not the old ones (an agent that
+    // remembers applied ids would answer the new commands "already applied").
+    // The same decisions from a fresh state: the same actions, other ids.
+    let mut fresh = core();
+    fresh.prime_rates([1.0; 9]);
+    let new_ids: Vec<_> = fresh.tick(0.0, 0).into_iter().map(|c| c.id).collect();
+    assert_eq!(new_ids.len(), first_ids.len());
+    assert!(new_ids.iter().all(|id| !first_ids.contains(id)), "{new_ids:?} reuses {first_ids:?}");
     // A table in effect that differs from the controller's survives too.
     let split = ss_split_back();
     let back = ServiceCore::restore(
@@ -662,6 +736,8 @@ fn ss_split_back() -> ServiceCore {
         energy_j: 0.0,
         spawned_at_s: 0.0,
         last_report_s: None,
+        last_gpu_s: None,
+        last_engine_s: None,
         gpus: BTreeMap::new(),
         queues: BTreeMap::new(),
     };

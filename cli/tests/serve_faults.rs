@@ -334,7 +334,7 @@ async fn stale_telemetry_means_failsafe_within_a_clock_period() {
     let stopped_ms = actuators::now_ms();
     let fs = failsafe(&api).await;
     let last_sample_s = fs["time_s"].as_f64().unwrap() - fs["telemetry_lag_s"].as_f64().unwrap();
-    assert!(fs["failsafe_reason"].as_str().unwrap().contains("no telemetry"), "{fs}");
+    assert!(fs["failsafe_reason"].as_str().unwrap().contains("telemetry for"), "{fs}");
     // When it happened: the tick of the first failsafe decision.
     let d = api.decisions().await;
     let entered = d
@@ -422,6 +422,7 @@ async fn frozen_engines_with_traffic_still_mean_failsafe() {
     // The engines freeze; the gateway's arrivals go on.
     frozen.store(true, Ordering::SeqCst);
     let frozen_ms = actuators::now_ms();
+    let blind_after_ms = (opts.stale_after_s / opts.speed * 1000.0).ceil() as u64;
     let fs = failsafe(&api).await;
     let entered = fs["time_s"].as_f64().unwrap();
     // 60 service seconds of traffic with the engines silent: failsafe all along.
@@ -440,7 +441,9 @@ async fn frozen_engines_with_traffic_still_mean_failsafe() {
         .filter(|r| {
             kind(r) == "set-clock"
                 && r["action"]["clock_mhz"].as_u64().unwrap_or(1980) < 1980
-                && r["issued_at_ms"].as_u64().unwrap() >= frozen_ms
+                // Until stale_after_s has passed the readings are still fresh by the rule: decisions
+                // then are made on them. From that moment no clock may go down.
+                && r["issued_at_ms"].as_u64().unwrap() >= frozen_ms + blind_after_ms
         })
         .collect();
     assert!(lowered.is_empty(), "a clock went down while the engines were silent: {lowered:?}");
@@ -529,7 +532,7 @@ async fn broker_restart_failsafe_then_reconnect() {
     .await;
     let lag = down["telemetry_lag_s"].as_f64().unwrap();
     assert!(lag > opts.stale_after_s, "failsafe with a lag of {lag} s: {down}");
-    assert!(down["failsafe_reason"].as_str().unwrap().contains("no telemetry"), "{down}");
+    assert!(down["failsafe_reason"].as_str().unwrap().contains("telemetry for"), "{down}");
 
     broker.start();
     let back_at = Instant::now();

@@ -36,6 +36,8 @@ fn two_on_one_node() -> ServiceCore {
         energy_j: 0.0,
         spawned_at_s: 0.0,
         last_report_s: None,
+        last_gpu_s: None,
+        last_engine_s: None,
         gpus: BTreeMap::new(),
         queues: BTreeMap::new(),
     };

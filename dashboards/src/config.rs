@@ -17,6 +17,13 @@ pub const CAISO_LIKE_CSV: &str = include_str!("../../data/caiso-like-intensity.c
 /// Name of the bundled CAISO-like series in `carbon.csv`.
 pub const CAISO_LIKE: &str = "builtin:caiso-like";
 
+/// The highest grid intensity a key may give (gCO2e/kWh; coal is about 1,000).
+pub const MAX_G_PER_KWH: f64 = 10_000.0;
+/// The highest energy price a key may give ($/kWh).
+pub const MAX_USD_PER_KWH: f64 = 100.0;
+/// The highest GPU-hour price a key may give ($).
+pub const MAX_USD_PER_GPU_HOUR: f64 = 10_000.0;
+
 /// A configuration problem: names the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -175,6 +182,15 @@ pub struct AccountingConfig {
     pub sci: SciConfig,
 }
 
+/// A number as an error shows it: `1e300`, not three hundred digits.
+fn shown(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e9 || v.abs() < 1e-4) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
 /// Partial tables, as a user file gives them (merged over the defaults).
 fn merge(base: &mut toml::Value, over: toml::Value) {
     match (base, over) {
@@ -204,7 +220,10 @@ fn locate(user_text: &str, merged: &str, span: Option<std::ops::Range<usize>>, m
             line.split_once('=').map(|(k, _)| k.trim().to_string()).unwrap_or_default()
         })
         .unwrap_or_default();
-    let named = message.split('`').nth(1).unwrap_or("").to_string();
+    // Serde names the key in backticks only for unknown, missing or duplicate fields; in
+    // "invalid value: integer `-1`" the backticks hold the value.
+    let names_a_field = ["unknown field", "missing field", "duplicate field"].iter().any(|p| message.starts_with(p));
+    let named = if names_a_field { message.split('`').nth(1).unwrap_or("").to_string() } else { String::new() };
     let key = if named.is_empty() { from_span.as_str() } else { named.as_str() };
     let message = if named.is_empty() && !key.is_empty() { format!("`{key}`: {message}") } else { message.to_string() };
     let message = message.as_str();
@@ -288,12 +307,16 @@ impl AccountingConfig {
         let bad = |key: &str, problem: String| {
             Err(ConfigError::Invalid { source_name: source_name.into(), key: key.into(), problem })
         };
+        // `None` when lo ≤ v ≤ hi (NaN is never in range).
+        let range = |v: f64, lo: f64, hi: f64| {
+            (!(lo..=hi).contains(&v)).then(|| format!("must be in [{lo}, {hi}], got {}", shown(v)))
+        };
         let c = &self.carbon;
-        if !(c.constant_g_per_kwh.is_finite() && c.constant_g_per_kwh >= 0.0) {
-            return bad("carbon.constant_g_per_kwh", format!("must be ≥ 0, got {}", c.constant_g_per_kwh));
+        if let Some(p) = range(c.constant_g_per_kwh, 0.0, MAX_G_PER_KWH) {
+            return bad("carbon.constant_g_per_kwh", p);
         }
-        if !(c.pue.is_finite() && c.pue >= 1.0) {
-            return bad("carbon.pue", format!("must be ≥ 1, got {}", c.pue));
+        if let Some(p) = range(c.pue, 1.0, 10.0) {
+            return bad("carbon.pue", p);
         }
         if let Err(e) = crate::intensity::parse_time(&c.sim_start) {
             return bad("carbon.sim_start", e);
@@ -309,33 +332,36 @@ impl AccountingConfig {
             return bad("cost.gpu_sku", format!("`{}` has no price in cost.gpu_hour_usd", k.gpu_sku));
         }
         for (sku, p) in &k.gpu_hour_usd {
-            if !(p.is_finite() && *p >= 0.0) {
-                return bad(&format!("cost.gpu_hour_usd.{sku}"), format!("must be ≥ 0, got {p}"));
+            if let Some(p) = range(*p, 0.0, MAX_USD_PER_GPU_HOUR) {
+                return bad(&format!("cost.gpu_hour_usd.{sku}"), p);
             }
         }
-        if !(k.default_usd_per_kwh.is_finite() && k.default_usd_per_kwh >= 0.0) {
-            return bad("cost.default_usd_per_kwh", format!("must be ≥ 0, got {}", k.default_usd_per_kwh));
+        if let Some(p) = range(k.default_usd_per_kwh, 0.0, MAX_USD_PER_KWH) {
+            return bad("cost.default_usd_per_kwh", p);
         }
         if !(-14.0..=14.0).contains(&k.tariff_utc_offset_h) {
-            return bad("cost.tariff_utc_offset_h", format!("must be within ±14, got {}", k.tariff_utc_offset_h));
+            return bad(
+                "cost.tariff_utc_offset_h",
+                format!("must be within ±14, got {}", shown(k.tariff_utc_offset_h)),
+            );
         }
         for (i, p) in k.tariff.iter().enumerate() {
             if p.from_h > 23 || p.to_h == 0 || p.to_h > 24 || p.from_h == p.to_h {
                 return bad(&format!("cost.tariff[{i}]"), format!("hours {}..{} are not a period", p.from_h, p.to_h));
             }
-            if !(p.usd_per_kwh.is_finite() && p.usd_per_kwh >= 0.0) {
-                return bad(&format!("cost.tariff[{i}].usd_per_kwh"), format!("must be ≥ 0, got {}", p.usd_per_kwh));
+            if let Some(problem) = range(p.usd_per_kwh, 0.0, MAX_USD_PER_KWH) {
+                return bad(&format!("cost.tariff[{i}].usd_per_kwh"), problem);
             }
         }
         let s = &self.sci;
-        if !(s.embodied_kg_per_server.is_finite() && s.embodied_kg_per_server >= 0.0) {
-            return bad("sci.embodied_kg_per_server", format!("must be ≥ 0, got {}", s.embodied_kg_per_server));
+        if let Some(p) = range(s.embodied_kg_per_server, 0.0, 1e6) {
+            return bad("sci.embodied_kg_per_server", p);
         }
-        if s.gpus_per_server == 0 {
-            return bad("sci.gpus_per_server", "must be at least 1".into());
+        if !(1..=1024).contains(&s.gpus_per_server) {
+            return bad("sci.gpus_per_server", format!("must be in [1, 1024], got {}", s.gpus_per_server));
         }
-        if !(s.lifetime_years.is_finite() && s.lifetime_years > 0.0) {
-            return bad("sci.lifetime_years", format!("must be > 0, got {}", s.lifetime_years));
+        if let Some(p) = range(s.lifetime_years, 0.1, 100.0) {
+            return bad("sci.lifetime_years", p);
         }
         Ok(())
     }
@@ -371,6 +397,18 @@ mod tests {
         assert!(e.starts_with("e.toml: line 2: `gpus_per_server`: invalid type"), "{e}");
         let e = AccountingConfig::from_toml_str("[sci]\nlifetime_years = 0\n", "b.toml").unwrap_err().to_string();
         assert!(e.contains("sci.lifetime_years"), "{e}");
+        // A value serde quotes in backticks is not taken for the key.
+        let e = AccountingConfig::from_toml_str("[sci]\ngpus_per_server = -1\n", "f.toml").unwrap_err().to_string();
+        assert!(e.starts_with("f.toml: line 2: `gpus_per_server`: invalid value"), "{e}");
+        let e = AccountingConfig::from_toml_str("[sci]\ngpus_per_server = 1e300\n", "f.toml").unwrap_err().to_string();
+        assert!(e.contains("gpus_per_server"), "{e}");
+        for (key, v) in
+            [("carbon]\npue", "1e300"), ("cost]\ndefault_usd_per_kwh", "1e300"), ("sci]\nlifetime_years", "1e-10")]
+        {
+            let e = AccountingConfig::from_toml_str(&format!("[{key} = {v}\n"), "g.toml").unwrap_err().to_string();
+            let leaf = key.rsplit('\n').next().unwrap();
+            assert!(e.contains(leaf) && e.contains(v), "{e}");
+        }
         let e = AccountingConfig::from_toml_str("[cost]\ngpu_sku = \"B200\"\n", "c.toml").unwrap_err().to_string();
         assert!(e.contains("cost.gpu_sku") && e.contains("B200"), "{e}");
         let e = AccountingConfig::from_toml_str("[carbon]\nsource = \"watttime\"\n", "d.toml").unwrap_err().to_string();

@@ -27,6 +27,7 @@ pub struct ServiceMetrics {
     actions: IntCounterVec,
     gauges: GaugeVec,
     attainment: GaugeVec,
+    router_refused: IntCounterVec,
 }
 
 impl ServiceMetrics {
@@ -57,7 +58,31 @@ impl ServiceMetrics {
         )?;
         registry.register(Box::new(gauges.clone()))?;
         registry.register(Box::new(attainment.clone()))?;
-        Ok(ServiceMetrics { registry, loop_seconds, actions, gauges, attainment })
+        let router_refused = IntCounterVec::new(
+            Opts::new(
+                "dynamollm_router_refused_total",
+                "Connections and requests the request router turned away, by reason (max_connections, \
+                 header_timeout, head_too_large, unauthorized, body_too_large, body_timeout).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(router_refused.clone()))?;
+        Ok(ServiceMetrics { registry, loop_seconds, actions, gauges, attainment, router_refused })
+    }
+
+    /// Export another part's metrics (the InfluxDB sink's) on `/metrics`.
+    pub fn register(&self, f: impl FnOnce(&Registry) -> prometheus::Result<()>) -> prometheus::Result<()> {
+        f(&self.registry)
+    }
+
+    /// The router turned a connection or a request away.
+    pub fn observe_router_refused(&self, reason: &str) {
+        self.router_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Show a reason's counter at 0 before anything is refused for it.
+    pub fn observe_router_refused_zero(&self, reason: &str) {
+        self.router_refused.with_label_values(&[reason]);
     }
 
     /// One tick took this long.
@@ -228,6 +253,9 @@ async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         for (class, att) in c.class_attainment() {
             st.metrics.attainment.with_label_values(&[&class]).set(att.unwrap_or(f64::NAN));
         }
+    }
+    if let Ok(r) = st.router_stats.lock() {
+        st.metrics.gauges.with_label_values(&["router_connections"]).set(r.connections as f64);
     }
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&st.metrics.registry.gather(), &mut buf) {

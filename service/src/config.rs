@@ -19,6 +19,38 @@ pub fn token_matches(secret: &Secret, presented: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Why a client key cannot be one (a header value without spaces), if it cannot.
+fn client_key_flaw(k: &str) -> Option<&'static str> {
+    if k.is_empty() {
+        Some("is empty")
+    } else if k.chars().any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii()) {
+        Some("must be printable ASCII without spaces")
+    } else {
+        None
+    }
+}
+
+/// The shortest duration in seconds a key may give (a millisecond; for
+/// `router.tokenize_budget_ms`, a microsecond).
+pub const MIN_S: f64 = 0.001;
+/// A week (s): the longest loop period.
+pub const WEEK_S: f64 = 604_800.0;
+/// The highest request rate (requests/s) a key may give.
+pub const MAX_RPS: f64 = 1e9;
+/// The most GPUs a key may give.
+pub const MAX_GPUS: u32 = 1_000_000;
+/// The most instances a key may give.
+pub const MAX_INSTANCES: u32 = 100_000;
+
+/// A number as an error shows it: `1e300`, not three hundred digits.
+fn shown(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e9 || v.abs() < 1e-4) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
 /// `[service]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -254,8 +286,30 @@ pub struct RouterSection {
     /// The longest pause inside an answer (s); a stream as a whole has no limit.
     pub idle_timeout_s: f64,
     /// The key sent to the engines (`Authorization: Bearer …`) when a client
-    /// sends none; a client's own `Authorization` is always passed on.
+    /// sends none; a client's own `Authorization` is passed on unless
+    /// `client_keys` are set (then the engines get this key, or nothing).
     pub api_key: Option<Secret>,
+    /// Keys clients must present (`Authorization: Bearer <key>`, compared in
+    /// constant time); a request without one of them gets 401. None (and no
+    /// `client_keys_file`): no client authentication. With keys, a client's
+    /// key is the router's: it never reaches an engine.
+    pub client_keys: Vec<Secret>,
+    /// A file of client keys, one a line (blank lines and `#` lines
+    /// skipped), read at start; adds to `client_keys`.
+    pub client_keys_file: Option<PathBuf>,
+    /// Client connections held at once; one more is closed as soon as it is
+    /// accepted (and counted). Each holds a descriptor and, while its request
+    /// runs, one more to the engine: lowered at start to fit the open-files
+    /// limit with room left for the API and the state.
+    pub max_connections: u32,
+    /// A connection must send a whole request head within this (s) of
+    /// opening, or of its previous answer when kept alive, or it is closed; a
+    /// request body may pause no longer (408). Answers have no such limit.
+    pub header_timeout_s: f64,
+    /// The largest request head (request line and headers, bytes): 431 beyond.
+    pub max_header_bytes: u32,
+    /// The largest request body (bytes): 413 beyond.
+    pub max_body_bytes: u64,
     /// How prompt tokens are counted: `engine` (the engine's `/tokenize`,
     /// exact for its model, within `tokenize_budget_ms`, else the router's
     /// BPE) or `local` (the router's BPE only).
@@ -274,6 +328,12 @@ impl Default for RouterSection {
             first_byte_timeout_s: 600.0,
             idle_timeout_s: 120.0,
             api_key: None,
+            client_keys: Vec::new(),
+            client_keys_file: None,
+            max_connections: 16384,
+            header_timeout_s: 10.0,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 32 * 1024 * 1024,
             tokenize: "engine".into(),
             tokenize_budget_ms: 50.0,
         }
@@ -348,22 +408,7 @@ impl ServiceConfig {
         if s.policy == "oracle" {
             bail!("{origin}: service.policy: the oracle needs the future and runs only in `dynamollm sim`");
         }
-        for (key, v) in [
-            ("service.speed", s.speed),
-            ("service.stale_after_s", s.stale_after_s),
-            ("service.slo_multiplier", s.slo_multiplier),
-            ("service.action_timeout_s", s.action_timeout_s),
-            ("controller.scale_period_s", self.controller.scale_period_s),
-            ("controller.shard_period_s", self.controller.shard_period_s),
-            ("controller.clock_period_s", self.controller.clock_period_s),
-            ("controller.max_util", self.controller.max_util),
-            ("controller.clock_hold_s", self.controller.clock_hold_s),
-            ("cluster.scale", self.cluster.scale),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                bail!("{origin}: {key} must be a positive number, got {v}");
-            }
-        }
+        self.check_ranges(origin)?;
         use controller::control::Tuning;
         let c = &self.controller;
         for (key, setting, v) in [
@@ -377,29 +422,19 @@ impl ServiceConfig {
                 bail!("{origin}: {key} {why}");
             }
         }
-        if self.cluster.kind == "external" {
-            match self.cluster.gpus {
-                None => bail!(
-                    "{origin}: cluster.gpus: an external cluster must declare the GPUs it holds (no plan or spawn goes past them)"
-                ),
-                Some(g) if g == 0 || g > 1_000_000 => {
-                    bail!("{origin}: cluster.gpus must be a whole number in [1, 1000000], got {g}")
-                }
-                Some(_) => {}
-            }
-        }
-        if let Some(r) = s.max_class_rps {
-            if !(r.is_finite() && r > 0.0 && r <= 1e9) {
-                bail!("{origin}: service.max_class_rps must be a rate in (0, 1e9], got {r}");
-            }
+        if self.cluster.kind == "external" && self.cluster.gpus.is_none() {
+            bail!("{origin}: cluster.gpus: an external cluster must declare the GPUs it holds (no plan or spawn goes past them)");
         }
         if let Some(m) = &s.initial_class_rps {
             for (k, v) in m {
                 if telemetry::RequestClass::parse(k).is_err() {
                     bail!("{origin}: service.initial_class_rps.{k}: not a request class (SS, SM, SL, MS, MM, ML, LS, LM, LL)");
                 }
-                if !(v.is_finite() && *v >= 0.0) {
-                    bail!("{origin}: service.initial_class_rps.{k} must be a rate ≥ 0, got {v}");
+                if !(0.0..=MAX_RPS).contains(v) {
+                    bail!(
+                        "{origin}: service.initial_class_rps.{k} must be a rate in [0, {MAX_RPS}], got {}",
+                        shown(*v)
+                    );
                 }
             }
         }
@@ -423,9 +458,25 @@ impl ServiceConfig {
             ("router.first_byte_timeout_s", r.first_byte_timeout_s, 86_400.0),
             ("router.idle_timeout_s", r.idle_timeout_s, 86_400.0),
             ("router.tokenize_budget_ms", r.tokenize_budget_ms, 60_000.0),
+            ("router.header_timeout_s", r.header_timeout_s, 3_600.0),
         ] {
-            if !(v.is_finite() && v > 0.0 && v <= max) {
-                bail!("{origin}: {key} must be a number in (0, {max}], got {v}");
+            // Seconds from a millisecond, milliseconds from a microsecond: below, nothing could be done in time.
+            if !(v.is_finite() && v >= MIN_S && v <= max) {
+                bail!("{origin}: {key} must be a number in [{MIN_S}, {max}], got {}", shown(v));
+            }
+        }
+        for (key, v, min, max) in [
+            ("router.max_connections", u64::from(r.max_connections), 1, 1_000_000),
+            ("router.max_header_bytes", u64::from(r.max_header_bytes), 1024, 256 * 1024),
+            ("router.max_body_bytes", r.max_body_bytes, 1024, 1 << 30),
+        ] {
+            if !(min..=max).contains(&v) {
+                bail!("{origin}: {key} must be a whole number in [{min}, {max}], got {v}");
+            }
+        }
+        for (i, k) in r.client_keys.iter().enumerate() {
+            if let Some(why) = client_key_flaw(k.expose()) {
+                bail!("{origin}: router.client_keys[{i}] {why}");
             }
         }
         for (i, d) in self.cluster.dcgm.iter().enumerate() {
@@ -433,8 +484,9 @@ impl ServiceConfig {
                 bail!("{origin}: cluster.dcgm[{i}].url: {:?} is not an http(s) URL", d.url);
             }
         }
-        if !(self.cluster.scrape_interval_s.is_finite() && (0.0..=86_400.0).contains(&self.cluster.scrape_interval_s)) {
-            bail!("{origin}: cluster.scrape_interval_s must be in [0, 86400], got {}", self.cluster.scrape_interval_s);
+        let every = self.cluster.scrape_interval_s;
+        if !(every == 0.0 || (0.01..=86_400.0).contains(&every)) {
+            bail!("{origin}: cluster.scrape_interval_s must be 0 (off) or in [0.01, 86400], got {}", shown(every));
         }
         if let Some(l) = &self.controller.learn_from {
             if !matches!(l.as_str(), "clients" | "engines" | "none") {
@@ -453,19 +505,83 @@ impl ServiceConfig {
         Ok(())
     }
 
+    /// The numbers of `[service]`, `[controller]` and `[cluster]` (the
+    /// router's are checked beside its other keys): each finite and within
+    /// bounds, so that no duration, interval or count made from one is zero,
+    /// overflows or panics. 0 passes only where it means something
+    /// (`controller.spawn_lead_s`, `retire_min_age_s`, `clock_down_sigmas`,
+    /// `mix_hysteresis`; `cluster.seed`).
+    fn check_ranges(&self, origin: &str) -> Result<()> {
+        let (s, c, k) = (&self.service, &self.controller, &self.cluster);
+        let mut floats = vec![
+            ("service.speed", s.speed, 0.01, 10_000.0),
+            ("service.stale_after_s", s.stale_after_s, 0.1, 86_400.0),
+            ("service.slo_multiplier", s.slo_multiplier, 1.0, 1_000.0),
+            ("service.action_timeout_s", s.action_timeout_s, MIN_S, 86_400.0),
+            ("controller.scale_period_s", c.scale_period_s, 0.01, WEEK_S),
+            ("controller.shard_period_s", c.shard_period_s, 0.01, WEEK_S),
+            ("controller.clock_period_s", c.clock_period_s, 0.01, 3_600.0),
+            ("controller.max_util", c.max_util, 0.01, 1.0),
+            ("controller.spawn_lead_s", c.spawn_lead_s, 0.0, 86_400.0),
+            ("controller.clock_hold_s", c.clock_hold_s, MIN_S, 86_400.0),
+            ("cluster.scale", k.scale, 0.001, 1_000.0),
+        ];
+        if let Some(r) = s.max_class_rps {
+            floats.push(("service.max_class_rps", r, 0.001, MAX_RPS));
+        }
+        if let Some(h) = k.hours {
+            floats.push(("cluster.hours", h, 0.001, 100_000.0));
+        }
+        for (key, v, lo, hi) in floats {
+            // NaN is in no range.
+            if !(lo..=hi).contains(&v) {
+                bail!("{origin}: {key} must be a number in [{lo}, {hi}], got {}", shown(v));
+            }
+        }
+        for (key, v, lo, hi) in [
+            ("controller.gpu_budget", c.gpu_budget, 1, MAX_GPUS),
+            ("controller.fixed_instances", c.fixed_instances, 1, MAX_INSTANCES),
+            ("cluster.gpus", k.gpus, 1, MAX_GPUS),
+            ("cluster.baseline_instances", k.baseline_instances, 1, MAX_INSTANCES),
+        ] {
+            if let Some(v) = v.filter(|v| !(lo..=hi).contains(v)) {
+                bail!("{origin}: {key} must be a whole number in [{lo}, {hi}], got {v}");
+            }
+        }
+        Ok(())
+    }
+
     /// `[telemetry]`, parsed by the telemetry crate.
     pub fn telemetry_config(&self) -> Result<telemetry::config::TelemetryConfig> {
-        telemetry::config::TelemetryConfig::from_toml_str(&self.source.0)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
+        // Its errors read `config <file>: telemetry.<key>: …`.
+        telemetry::config::TelemetryConfig::from_toml_str_in(&self.source.0, &self.origin)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// `[actuators]`, parsed by the actuators crate.
     pub fn actuators_config(&self) -> Result<actuators::ActuatorsConfig> {
-        let body = match &self.actuators {
-            Some(v) => toml::to_string(v)?,
-            None => String::new(),
+        let a = if self.source.0.is_empty() {
+            // Built in code: the table as it is.
+            let body = match &self.actuators {
+                Some(v) => toml::to_string(v)?,
+                None => String::new(),
+            };
+            actuators::ActuatorsConfig::from_toml(&body).map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))?
+        } else {
+            // From the document, so that a TOML error shows the file's own line.
+            #[derive(Deserialize)]
+            struct Doc {
+                #[serde(default)]
+                actuators: Option<actuators::ActuatorsConfig>,
+            }
+            let doc: Doc = toml::from_str(&self.source.0)
+                .map_err(|e| anyhow::anyhow!("{}: [actuators]: {}", self.origin, e.to_string().trim_end()))?;
+            let a = doc.actuators.unwrap_or_default();
+            a.check_ranges().map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))?;
+            a
         };
-        actuators::ActuatorsConfig::from_toml(&body).map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))
+        a.validate().map_err(|e| anyhow::anyhow!("{}: {e}", self.origin))?;
+        Ok(a)
     }
 
     /// Where an external cluster's controller learns from: `clients`, `engines` or `none`.
@@ -475,6 +591,31 @@ impl ServiceConfig {
             None if self.router.listen.is_some() => "clients",
             None => "engines",
         }
+    }
+
+    /// The router's client keys: `router.client_keys` and the lines of
+    /// `router.client_keys_file` (empty: no client authentication).
+    pub fn router_client_keys(&self) -> Result<Vec<Secret>> {
+        let mut keys = self.router.client_keys.clone();
+        if let Some(p) = &self.router.client_keys_file {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("router.client_keys_file: cannot read {}", p.display()))?;
+            let before = keys.len();
+            for (n, line) in text.lines().enumerate() {
+                let k = line.trim();
+                if k.is_empty() || k.starts_with('#') {
+                    continue;
+                }
+                if let Some(why) = client_key_flaw(k) {
+                    bail!("router.client_keys_file: {} line {}: the key {why}", p.display(), n + 1);
+                }
+                keys.push(Secret::new(k));
+            }
+            if keys.len() == before {
+                bail!("router.client_keys_file: {} holds no key", p.display());
+            }
+        }
+        Ok(keys)
     }
 
     /// The bearer token, from `token` or `token_file`.

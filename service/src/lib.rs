@@ -144,6 +144,8 @@ pub struct Shared {
     pub router_balance: telemetry::Balance,
     /// Where telemetry goes: the embedded store (`[telemetry.store]`), when enabled.
     pub store: Option<telemetry::ingest::StoreWriter>,
+    /// And the InfluxDB v2 sink (`[telemetry.influx]` with a `url`), with its spool.
+    pub influx: Option<telemetry::sink::InfluxSink>,
     /// Wall time (ms since the Unix epoch) of service time zero: samples are stamped from it.
     pub epoch_ms: i64,
 }
@@ -177,6 +179,23 @@ impl RunningService {
         let r = task.await.context("the service task panicked")?;
         drop(shutdown);
         r
+    }
+}
+
+/// Raise this process's soft open-files limit to its hard limit (each of the
+/// router's client connections, and each engine connection, is a
+/// descriptor), logged; returns the soft limit now (`None` where unknown).
+pub fn raise_open_files_limit() -> Option<u64> {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => {
+            tracing::info!(soft, hard = before.map(|b| b.1), was = before.map(|b| b.0), "open-files limit");
+            Some(soft)
+        }
+        Err(e) => {
+            tracing::warn!(soft = before.map(|b| b.0), "cannot raise the open-files limit: {e}");
+            before.map(|b| b.0)
+        }
     }
 }
 
@@ -269,6 +288,7 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
 /// cluster backend and the loop. Returns once the API listens.
 pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     let token = cfg.token()?;
+    let open_files = raise_open_files_limit();
     let mut profile = match &cfg.service.profile {
         Some(p) => ProfileTable::load(p)?,
         None => ProfileTable::bundled(),
@@ -333,6 +353,18 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     } else {
         None
     };
+    // The InfluxDB v2 sink: every point the store gets goes there too, through its spool
+    // (a relative spool_dir lives under state_dir).
+    let influx = match telemetry::sink::SinkOptions::from_config(&tcfg.influx) {
+        Some(mut o) => {
+            if o.spool_dir.is_relative() {
+                o.spool_dir = dir.join(&o.spool_dir);
+            }
+            tracing::info!(url = %o.url, bucket = %o.bucket, spool = %o.spool_dir.display(), "InfluxDB sink on");
+            Some(telemetry::sink::InfluxSink::spawn(o).with_context(|| format!("{}: telemetry.influx", cfg.origin))?)
+        }
+        None => None,
+    };
     let unstarted = Arc::new(router::Unstarted::default());
     let mut samples_rx: Option<mpsc::Receiver<telemetry::sample::Sample>> = None;
     let mut scrape_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, Duration)> = None;
@@ -393,8 +425,12 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
                 Duration::from_secs(tcfg.store.maintenance_interval_s.max(1)),
             )
         }),
+        influx,
         epoch_ms: wall_ms() as i64,
     });
+    if let Some(sink) = &shared.influx {
+        shared.metrics.register(|r| sink.stats.register(r)).context("InfluxDB sink metrics")?;
+    }
     if let Some((tx, every)) = scrape_tx {
         for d in cfg.cluster.dcgm.clone() {
             keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::dcgm(d, tx.clone(), every)))));
@@ -419,15 +455,15 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             let listener =
                 tokio::net::TcpListener::bind(l).await.with_context(|| format!("router: cannot listen on {l}"))?;
             let addr = listener.local_addr()?;
-            let app = router::router(shared.clone(), router::RouterSettings::from_config(&cfg));
-            // Tokens go out one small write at a time: without TCP_NODELAY, Nagle holds each
-            // until the client acknowledges the previous one (delayed ACKs add tens of ms).
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            });
+            let app = router::router(shared.clone(), router::RouterSettings::from_config(&cfg)?);
+            let limits = router::conn::ConnLimits::from_config(&cfg.router, open_files);
+            tracing::info!(
+                %addr,
+                max_connections = limits.max_connections,
+                client_keys = !cfg.router.client_keys.is_empty() || cfg.router.client_keys_file.is_some(),
+                "router up"
+            );
+            tokio::spawn(router::conn::serve(listener, app, limits, shared.clone()));
             Some(addr)
         }
         None => None,
@@ -475,6 +511,17 @@ fn twin_backend(
     _timeout: Duration,
 ) -> Result<(Dispatcher, mpsc::UnboundedReceiver<TwinEvent>)> {
     anyhow::bail!("{}: cluster.kind = \"twin\" needs the service built with its `twin` feature", cfg.origin)
+}
+
+/// Telemetry points to the embedded store and the InfluxDB sink (one copy each).
+async fn write_points(shared: &Shared, points: Vec<telemetry::sample::Point>) {
+    if let Some(sink) = &shared.influx {
+        // Never holds up the loop: a sink that far behind drops (and counts) the points.
+        sink.try_send(points.clone());
+    }
+    if let Some(w) = &shared.store {
+        w.write(points).await;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -539,9 +586,7 @@ async fn run_loop(
                 if let Ok(mut core) = shared.core.lock() {
                     core.observe_sample(now, &sample);
                 }
-                if let Some(w) = &shared.store {
-                    w.write(sample.points()).await;
-                }
+                write_points(&shared, sample.points()).await;
             }
             Some(ev) = async { match twin_events.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
                 match ev {
@@ -559,9 +604,9 @@ async fn run_loop(
                         } else {
                             Vec::new()
                         };
-                        if let Some(w) = &shared.store {
+                        if shared.store.is_some() || shared.influx.is_some() {
                             let ts_ms = shared.epoch_ms + (now_s * 1000.0) as i64;
-                            w.write(gpu_counters.samples(ts_ms, &instances, &pools, &arrivals, &arrival_tokens)).await;
+                            write_points(&shared, gpu_counters.samples(ts_ms, &instances, &pools, &arrivals, &arrival_tokens)).await;
                         }
                     }
                     TwinEvent::Tick { now_s, done } => {
@@ -616,6 +661,14 @@ async fn run_loop(
     let now = clock.now_s();
     let saved = shared.core.lock().map(|c| c.save(now)).map_err(|_| anyhow::anyhow!("poisoned"))?;
     save_state(&dir, &saved)?;
+    if let Some(sink) = &shared.influx {
+        // What the server does not take in time stays in the spool for the next start.
+        if tokio::time::timeout(Duration::from_secs(5), sink.flush()).await.is_err() {
+            tracing::warn!(
+                "shutdown: the InfluxDB server did not take everything within 5 s; the rest waits in the spool"
+            );
+        }
+    }
     if let Some(w) = &shared.store {
         if let Err(e) = w.flush().await {
             tracing::error!("shutdown: the telemetry store did not flush: {e}");

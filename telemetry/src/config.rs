@@ -300,8 +300,11 @@ impl Default for MqttConfig {
 impl MqttConfig {
     /// Checks that need no file: `password`/`password_file` go with
     /// `username` (and not both), `tls` needs `ca_file`, the client
-    /// certificate and key come together, and the TLS files are only set
-    /// with `tls`. Errors name the key (`mqtt.…`).
+    /// certificate and key come together, the TLS files are only set
+    /// with `tls`, and the numbers are in range (`port` 1–65535,
+    /// `keep_alive_s` 1–65535, `reconnect_initial_ms` 1 ms–1 h,
+    /// `reconnect_max_ms` from `reconnect_initial_ms` to 1 h). Errors name
+    /// the key (`mqtt.…`).
     pub fn check(&self) -> Result<(), crate::mqtt::MqttConfigError> {
         let bad = |key: &'static str, problem: &str| crate::mqtt::MqttConfigError { key, problem: problem.into() };
         if self.password.is_some() && self.password_file.is_some() {
@@ -327,6 +330,17 @@ impl MqttConfig {
         if self.client_cert_file.is_some() != self.client_key_file.is_some() {
             let key = if self.client_cert_file.is_some() { "mqtt.client_key_file" } else { "mqtt.client_cert_file" };
             return Err(bad(key, "client_cert_file and client_key_file go together"));
+        }
+        for (key, v, lo, hi) in [
+            ("mqtt.port", u64::from(self.port), 1, 65_535),
+            // MQTT carries the keep-alive as 16-bit seconds; rumqttc wants at least 1.
+            ("mqtt.keep_alive_s", self.keep_alive_s, 1, 65_535),
+            ("mqtt.reconnect_initial_ms", self.reconnect_initial_ms, 1, MAX_INTERVAL_MS),
+            ("mqtt.reconnect_max_ms", self.reconnect_max_ms, self.reconnect_initial_ms.max(1), MAX_INTERVAL_MS),
+        ] {
+            if let Some(problem) = out_of_range(v, lo, hi) {
+                return Err(bad(key, &problem));
+            }
         }
         Ok(())
     }
@@ -377,6 +391,14 @@ fn default_scrape_timeout_ms() -> u64 {
     2000
 }
 
+/// The longest interval, delay or timeout in milliseconds a key may give (an hour).
+pub const MAX_INTERVAL_MS: u64 = 3_600_000;
+
+/// `None` when `lo <= v <= hi`, else what is wrong (`must be in [lo, hi], got v`).
+pub fn out_of_range(v: u64, lo: u64, hi: u64) -> Option<String> {
+    (!(lo..=hi).contains(&v)).then(|| format!("must be in [{lo}, {hi}], got {v}"))
+}
+
 #[derive(Deserialize)]
 struct Document {
     #[serde(default)]
@@ -388,6 +410,11 @@ impl TelemetryConfig {
     /// are other crates' business). A document without it gives the defaults.
     pub fn from_toml_str(text: &str) -> Result<TelemetryConfig, ConfigError> {
         Self::parse(text, "<string>")
+    }
+
+    /// As [`TelemetryConfig::from_toml_str`], with `origin` (the file) named in errors.
+    pub fn from_toml_str_in(text: &str, origin: &str) -> Result<TelemetryConfig, ConfigError> {
+        Self::parse(text, origin)
     }
 
     /// Read and parse a config file.
@@ -410,14 +437,24 @@ impl TelemetryConfig {
             key,
             problem: problem.into(),
         };
-        if self.store.flush_interval_ms == 0 {
-            return Err(bad("store.flush_interval_ms", "must be at least 1"));
-        }
-        if self.influx.batch_points == 0 {
-            return Err(bad("influx.batch_points", "must be at least 1"));
-        }
-        if self.influx.retry_initial_ms == 0 || self.influx.retry_max_ms < self.influx.retry_initial_ms {
-            return Err(bad("influx.retry_max_ms", "retry delays must satisfy 0 < retry_initial_ms <= retry_max_ms"));
+        let (s, i) = (&self.store, &self.influx);
+        for (key, v, lo, hi) in [
+            ("store.flush_interval_ms", s.flush_interval_ms, 1, MAX_INTERVAL_MS),
+            ("store.raw_retention_h", s.raw_retention_h, 1, 87_600),
+            ("store.minute_retention_d", s.minute_retention_d, 1, 36_500),
+            ("store.hour_retention_d", s.hour_retention_d, 1, 36_500),
+            ("store.maintenance_interval_s", s.maintenance_interval_s, 1, 86_400),
+            ("influx.batch_points", i.batch_points as u64, 1, 100_000),
+            ("influx.batch_interval_ms", i.batch_interval_ms, 1, MAX_INTERVAL_MS),
+            ("influx.timeout_ms", i.timeout_ms, 1, MAX_INTERVAL_MS),
+            ("influx.retry_initial_ms", i.retry_initial_ms, 1, MAX_INTERVAL_MS),
+            ("influx.retry_max_ms", i.retry_max_ms, i.retry_initial_ms.max(1), MAX_INTERVAL_MS),
+            ("influx.spool_max_mb", i.spool_max_mb, 1, 1 << 20),
+            ("gpu.interval_ms", self.gpu.interval_ms, 1, MAX_INTERVAL_MS),
+        ] {
+            if let Some(problem) = out_of_range(v, lo, hi) {
+                return Err(bad(key, &problem));
+            }
         }
         if let Some(url) = &self.influx.url {
             if reqwest::Url::parse(url).is_err() {
@@ -427,12 +464,14 @@ impl TelemetryConfig {
         if let Err(e) = self.mqtt.check() {
             return Err(ConfigError::Value { origin: origin.into(), key: e.key, problem: e.problem });
         }
-        if self.gpu.interval_ms == 0 {
-            return Err(bad("gpu.interval_ms", "must be at least 1"));
-        }
         for e in &self.engines {
             if reqwest::Url::parse(&e.url).is_err() {
                 return Err(bad("engines.url", &format!("{:?} is not a URL", e.url)));
+            }
+            for (key, v) in [("engines.interval_ms", e.interval_ms), ("engines.timeout_ms", e.timeout_ms)] {
+                if let Some(problem) = out_of_range(v, 1, MAX_INTERVAL_MS) {
+                    return Err(bad(key, &format!("{problem} (engine {})", e.url)));
+                }
             }
         }
         Ok(())
@@ -482,6 +521,33 @@ instance = "i0"
         assert!(e.contains("batch_pointz"), "{e}");
         assert!(e.contains("dynamollm.toml"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_name_the_key() {
+        for (table, key, v) in [
+            ("store", "flush_interval_ms", "0"),
+            ("store", "raw_retention_h", "9999999999999"),
+            ("store", "maintenance_interval_s", "0"),
+            ("influx", "batch_points", "100000000"),
+            ("influx", "retry_max_ms", "100"),
+            ("influx", "spool_max_mb", "0"),
+            ("mqtt", "port", "0"),
+            ("mqtt", "keep_alive_s", "0"),
+            ("mqtt", "keep_alive_s", "70000"),
+            ("mqtt", "reconnect_max_ms", "50"),
+            ("gpu", "interval_ms", "0"),
+        ] {
+            let e = TelemetryConfig::from_toml_str_in(&format!("[telemetry.{table}]\n{key} = {v}\n"), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("t.toml") && e.contains(&format!("telemetry.{table}.{key}")) && e.contains(v), "{e}");
+        }
+        let e = TelemetryConfig::from_toml_str(
+            "[[telemetry.engines]]\nurl = \"http://e:8000/metrics\"\ninstance = \"i\"\ntimeout_ms = 0\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("telemetry.engines.timeout_ms"), "{e}");
     }
 
     #[test]

@@ -49,14 +49,15 @@ pub struct BoundArgs {
     /// pool is searched with its classes' lengths mixed as in the whole workload.
     #[arg(long, value_enum, default_value_t = PoolBy::Class)]
     pub pool_by: PoolBy,
-    /// Most GPUs one pool may hold.
-    #[arg(long, default_value_t = 1024)]
+    /// Most GPUs one pool may hold (1 to 1000000).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_gpus: u32,
-    /// SLO multiplier: P99 TTFT and TBT within this multiple of the class's median request alone on TP8 at max clock.
-    #[arg(long, default_value_t = 5.0)]
+    /// SLO multiplier: P99 TTFT and TBT within this multiple of the class's median request alone on TP8 at max clock
+    /// (1 to 1000).
+    #[arg(long, default_value_t = 5.0, value_parser = super::flag::slo_multiplier)]
     pub slo_multiplier: f64,
     /// Energy (kWh) of a run to compare with, e.g. `single-pool`'s from `dynamollm sim`.
-    #[arg(long, value_name = "KWH")]
+    #[arg(long, value_name = "KWH", value_parser = super::flag::kwh)]
     pub baseline_kwh: Option<f64>,
     /// A `dynamollm sim --report` of the same workload (`.json` or `.csv`): every policy in it is
     /// set beside the reference pool by pool (its classes' energy summed).

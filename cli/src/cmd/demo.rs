@@ -19,17 +19,17 @@ use std::time::Duration;
 /// Options of `dynamollm demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Multiply the load of the Conversation hour.
-    #[arg(long, default_value_t = 1.0)]
+    /// Multiply the load of the Conversation hour (0.001 to 1000).
+    #[arg(long, default_value_t = 1.0, value_parser = super::flag::scale)]
     pub scale: f64,
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Twin seconds per wall second (60: the hour in a minute).
-    #[arg(long, default_value_t = 60.0)]
+    /// Twin seconds per wall second (60: the hour in a minute; 0.01 to 10000).
+    #[arg(long, default_value_t = 60.0, value_parser = super::flag::speed)]
     pub speed: f64,
-    /// Replay only this many hours of the trace.
-    #[arg(long)]
+    /// Replay only this many hours of the trace (0.001 to 100000).
+    #[arg(long, value_parser = super::flag::hours)]
     pub hours: Option<f64>,
     /// The API and live page address (port 0: any free port).
     #[arg(long, default_value = DEFAULT_LISTEN)]

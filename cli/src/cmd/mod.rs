@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bound;
+pub mod check;
 pub mod demo;
 pub mod forecast;
 pub mod predictor;
@@ -49,11 +50,11 @@ pub struct WorkloadArgs {
     /// An Azure trace whose token lengths the Poisson arrivals draw from.
     #[arg(long, value_name = "FILE")]
     pub lengths: Option<PathBuf>,
-    /// Multiply the load.
-    #[arg(long, default_value_t = 1.0)]
+    /// Multiply the load (0.001 to 1000).
+    #[arg(long, default_value_t = 1.0, value_parser = flag::scale)]
     pub scale: f64,
-    /// Replay only the first H hours.
-    #[arg(long, value_name = "H")]
+    /// Replay only the first H hours (0.001 to 100000).
+    #[arg(long, value_name = "H", value_parser = flag::hours)]
     pub hours: Option<f64>,
     /// Seed: the same seed gives the same numbers.
     #[arg(long, default_value_t = 1)]
@@ -88,4 +89,62 @@ pub fn progress_bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Parsers of numeric flags with their ranges: clap refuses a value out of
+/// range before anything runs (exit 2, the flag and value named).
+pub mod flag {
+    fn in_range(s: &str, lo: f64, hi: f64) -> Result<f64, String> {
+        let v: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("must be a number in [{lo}, {hi}]"))
+        }
+    }
+
+    /// A speed-up: virtual seconds per wall second, 0.01 to 10000.
+    pub fn speed(s: &str) -> Result<f64, String> {
+        in_range(s, 0.01, 10_000.0)
+    }
+
+    /// A load multiplier, 0.001 to 1000.
+    pub fn scale(s: &str) -> Result<f64, String> {
+        in_range(s, 0.001, 1_000.0)
+    }
+
+    /// Hours of a trace to replay, 0.001 to 100000.
+    pub fn hours(s: &str) -> Result<f64, String> {
+        in_range(s, 0.001, 100_000.0)
+    }
+
+    /// An SLO multiplier, 1 to 1000 (below 1 no request could meet its SLO).
+    pub fn slo_multiplier(s: &str) -> Result<f64, String> {
+        in_range(s, 1.0, 1_000.0)
+    }
+
+    /// A share, 0 to 1.
+    pub fn share(s: &str) -> Result<f64, String> {
+        in_range(s, 0.0, 1.0)
+    }
+
+    /// A measurement window in seconds, 1 to a week.
+    pub fn window_s(s: &str) -> Result<f64, String> {
+        in_range(s, 1.0, 604_800.0)
+    }
+
+    /// A request rate (requests/s), 0.001 to 1000000.
+    pub fn rate(s: &str) -> Result<f64, String> {
+        in_range(s, 0.001, 1e6)
+    }
+
+    /// A relative tolerance, 0.0001 to 1.
+    pub fn tolerance(s: &str) -> Result<f64, String> {
+        in_range(s, 1e-4, 1.0)
+    }
+
+    /// An energy in kWh, 0.000001 to 1e9.
+    pub fn kwh(s: &str) -> Result<f64, String> {
+        in_range(s, 1e-6, 1e9)
+    }
 }

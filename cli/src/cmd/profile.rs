@@ -21,34 +21,34 @@ pub struct ProfileArgs {
     #[arg(long, default_value = "all")]
     pub classes: String,
     /// TP degrees (a real target serves one: give that one).
-    #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
+    #[arg(long, default_value = "2,4,8", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
     pub tp: Vec<u32>,
     /// Clocks: LO:HI:STEP (HI always included), a comma list, or `current` (do not set clocks).
     #[arg(long, alias = "clock", default_value = "800:1980:200")]
     pub clocks: String,
-    /// Explicit loads in requests/s instead of the adaptive grid.
-    #[arg(long, value_delimiter = ',')]
+    /// Explicit loads in requests/s instead of the adaptive grid (each 0.001 to 1000000).
+    #[arg(long, value_delimiter = ',', value_parser = super::flag::rate)]
     pub loads: Option<Vec<f64>>,
     /// The profile file (rows already there are kept and skipped).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// Measurement window per point, seconds (virtual on the twin). Default: 300 on the twin, 60 on a URL.
-    #[arg(long)]
+    /// Measurement window per point, seconds (virtual on the twin; 1 s to a week). Default: 300 on the twin, 60 on a URL.
+    #[arg(long, value_parser = super::flag::window_s)]
     pub window_s: Option<f64>,
-    /// On the twin, windows last long enough for at least this many requests.
-    #[arg(long, default_value_t = 5000)]
+    /// On the twin, windows last long enough for at least this many requests (1 to 100000000).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub min_requests: u64,
     /// Request lengths per class come from this Azure trace (default: the bundled Conversation trace).
     #[arg(long, value_name = "FILE")]
     pub lengths: Option<PathBuf>,
-    /// SLO = this × the class's unloaded latency (for the capacity probe and the grid).
-    #[arg(long, default_value_t = 5.0)]
+    /// SLO = this × the class's unloaded latency (for the capacity probe and the grid; 1 to 1000).
+    #[arg(long, default_value_t = 5.0, value_parser = super::flag::slo_multiplier)]
     pub slo_multiplier: f64,
-    /// Refine a load interval when linear interpolation misses its midpoint by more than this.
-    #[arg(long, default_value_t = 0.02)]
+    /// Refine a load interval when linear interpolation misses its midpoint by more than this (0.0001 to 1).
+    #[arg(long, default_value_t = 0.02, value_parser = super::flag::tolerance)]
     pub refine_tolerance: f64,
-    /// How many times an interval may be halved.
-    #[arg(long, default_value_t = 2)]
+    /// How many times an interval may be halved (0 to 10; 0: no refinement).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
     pub refine_depth: u32,
     /// Random seed.
     #[arg(long, default_value_t = 1)]
@@ -65,8 +65,8 @@ pub struct ProfileArgs {
     /// GPU name to record (default: what the GPU device reports).
     #[arg(long)]
     pub gpu_name: Option<String>,
-    /// First GPU index of the instance on the device (it uses `tp` GPUs from there).
-    #[arg(long, default_value_t = 0)]
+    /// First GPU index of the instance on the device (it uses `tp` GPUs from there; 0 to 1023).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1023))]
     pub first_gpu: u32,
     /// Hide the progress bar.
     #[arg(long)]

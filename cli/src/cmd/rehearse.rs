@@ -34,11 +34,12 @@ const MANAGER_PY: &str = include_str!("../../../deploy/twin-cluster-manager.py")
 pub struct RehearseArgs {
     #[command(flatten)]
     pub workload: WorkloadArgs,
-    /// Service seconds per wall second: the engines, the service and the replay all run this much faster.
-    #[arg(long, default_value_t = 15.0)]
+    /// Service seconds per wall second: the engines, the service and the replay all run this much faster
+    /// (0.01 to 100).
+    #[arg(long, default_value_t = 15.0, value_parser = speed)]
     pub speed: f64,
-    /// Engines on one 8-GPU node at most (2: two TP4 engines share a node).
-    #[arg(long, default_value_t = 1)]
+    /// Engines on one 8-GPU node at most (2: two TP4 engines share a node; 1 to 8).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub engines_per_node: u32,
     /// Write the figures as JSON.
     #[arg(long, value_name = "FILE")]
@@ -95,6 +96,15 @@ pub struct Rehearsal {
     pub live_savings_ratio: f64,
     /// Wall seconds of the whole rehearsal.
     pub wall_s: f64,
+}
+
+/// `--speed`: 0.01 to 100 (past it the machine, not the cluster, sets the latencies).
+fn speed(s: &str) -> Result<f64, String> {
+    let v = super::flag::speed(s)?;
+    if v > 100.0 {
+        return Err("must be a number in [0.01, 100]".into());
+    }
+    Ok(v)
 }
 
 /// Per class `[ttft_ok, ttft_n, gaps_ok, gaps_n]` as clients measured.

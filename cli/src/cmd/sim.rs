@@ -60,7 +60,7 @@ pub struct SimArgs {
     pub mix_hysteresis: Option<f64>,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::flag::share)]
     pub predictor_accuracy: f64,
     #[command(flatten)]
     pub workload: WorkloadArgs,
@@ -68,8 +68,9 @@ pub struct SimArgs {
     /// or per class for multi-pool (e.g. `SS=2,LS=5`).
     #[arg(long, value_name = "N")]
     pub instances: Option<String>,
-    /// SLO multiplier: P99 TTFT and TBT within this multiple of the class's median request alone on TP8 at max clock.
-    #[arg(long, default_value_t = 5.0)]
+    /// SLO multiplier: P99 TTFT and TBT within this multiple of the class's median request alone on TP8 at max clock
+    /// (1 to 1000).
+    #[arg(long, default_value_t = 5.0, value_parser = super::flag::slo_multiplier)]
     pub slo_multiplier: f64,
     /// Write the run as one JSON object.
     #[arg(long, value_name = "FILE")]
@@ -96,12 +97,18 @@ pub struct SimArgs {
     pub physics: PhysicsArgs,
 }
 
+/// The most instances `--instances` may give one pool.
+pub const MAX_INSTANCES: u32 = service::config::MAX_INSTANCES;
+
 /// Parse `--instances` for a policy.
 pub fn parse_instances(policy: Policy, text: &str) -> Result<Vec<u32>> {
     let pools = policy.pool_count();
     if let Ok(n) = text.trim().parse::<u32>() {
         if n == 0 {
             bail!("--instances 0: a cluster with no instance serves nothing (every request would be turned away)");
+        }
+        if n > MAX_INSTANCES {
+            bail!("--instances {n}: at most {MAX_INSTANCES} per pool");
         }
         return Ok(vec![n; pools]);
     }
@@ -114,6 +121,9 @@ pub fn parse_instances(policy: Policy, text: &str) -> Result<Vec<u32>> {
             part.split_once('=').ok_or_else(|| anyhow::anyhow!("--instances: `{part}` is not CLASS=N (e.g. SS=2)"))?;
         let class = telemetry::RequestClass::parse(k).map_err(|e| anyhow::anyhow!("--instances: {e}"))?;
         let n: u32 = v.trim().parse().map_err(|_| anyhow::anyhow!("--instances: `{v}` is not a whole number"))?;
+        if n > MAX_INSTANCES {
+            bail!("--instances {part}: at most {MAX_INSTANCES} per pool");
+        }
         counts[policy.pool_of(class)] = n;
     }
     if counts.iter().all(|&n| n == 0) {

@@ -26,21 +26,21 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: String,
-    /// Tensor-parallel degree of the instance.
-    #[arg(long, default_value_t = 8)]
+    /// Tensor-parallel degree of the instance (1 to 8).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub tp: u32,
-    /// GPU clock at start (and after a reset).
-    #[arg(long, default_value_t = 1980)]
+    /// GPU clock at start (and after a reset), MHz (1 to 100000).
+    #[arg(long, default_value_t = 1980, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub clock_mhz: u32,
-    /// Virtual seconds per wall second (latencies the clients see shrink by this factor).
-    #[arg(long, default_value_t = 1.0)]
+    /// Virtual seconds per wall second (latencies the clients see shrink by this factor; 0.01 to 10000).
+    #[arg(long, default_value_t = 1.0, value_parser = super::flag::speed)]
     pub speed: f64,
     /// Model name served.
     #[arg(long)]
     pub model: Option<String>,
     /// Count first tokens and token gaps against per-class SLOs of this multiple of
-    /// each class's median request alone on TP8 at max clock (`dynamollm_twin_slo_total`).
-    #[arg(long, default_value_t = 5.0)]
+    /// each class's median request alone on TP8 at max clock (`dynamollm_twin_slo_total`; 1 to 1000).
+    #[arg(long, default_value_t = 5.0, value_parser = super::flag::slo_multiplier)]
     pub slo_multiplier: f64,
     /// The trace whose lengths give the class medians (default: the bundled Conversation trace).
     #[arg(long, value_name = "FILE")]
@@ -58,11 +58,11 @@ pub struct AccuracyArgs {
     /// The profile to check (default: the bundled one).
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
-    /// Measurement window, as for `dynamollm profile`.
-    #[arg(long, default_value_t = 300.0)]
+    /// Measurement window, as for `dynamollm profile` (1 s to a week).
+    #[arg(long, default_value_t = 300.0, value_parser = super::flag::window_s)]
     pub window_s: f64,
-    /// Minimum requests per window, as for `dynamollm profile`.
-    #[arg(long, default_value_t = 5000)]
+    /// Minimum requests per window, as for `dynamollm profile` (1 to 100000000).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub min_requests: u64,
     /// Request lengths per class come from this Azure trace; give the one the profile was made with
     /// (default: the bundled Conversation trace).

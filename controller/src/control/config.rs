@@ -214,17 +214,20 @@ pub const SIZE_SCALE_MEMORY_S: f64 = 86_400.0;
 /// The default of `ControllerConfig::mix_hysteresis`.
 pub const MIX_HYSTERESIS: f64 = 0.04;
 
+/// The longest `retire_min_age_s` (a week).
+pub const MAX_RETIRE_MIN_AGE_S: f64 = 604_800.0;
+
 /// The controller settings that both the service config and `sim`'s flags take: one range
 /// check each, so the two cannot drift apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tuning {
-    /// `retire_min_age_s`: seconds, at least 0.
+    /// `retire_min_age_s`: seconds, 0 to a week.
     RetireMinAgeS,
-    /// `clock_margin_floor`: above 0, at most 1.
+    /// `clock_margin_floor`: at least 0.1, at most 1.
     ClockMarginFloor,
     /// `attainment_comfort`: above [`ATTAINMENT_TARGET`], at most 1.
     AttainmentComfort,
-    /// `clock_down_sigmas`: at least 0.
+    /// `clock_down_sigmas`: 0 to 100.
     ClockDownSigmas,
     /// `mix_hysteresis`: at least 0, below 1.
     MixHysteresis,
@@ -234,15 +237,20 @@ impl Tuning {
     /// `None` when `v` is in the setting's range, else what it must be and what it was.
     pub fn out_of_range(self, v: f64) -> Option<String> {
         let (ok, must) = match self {
-            Tuning::RetireMinAgeS => (v.is_finite() && v >= 0.0, "a number of seconds ≥ 0".to_string()),
-            Tuning::ClockMarginFloor => (v > 0.0 && v <= 1.0, "above 0 and at most 1".to_string()),
+            Tuning::RetireMinAgeS => (
+                (0.0..=MAX_RETIRE_MIN_AGE_S).contains(&v),
+                format!("a number of seconds in [0, {MAX_RETIRE_MIN_AGE_S}]"),
+            ),
+            Tuning::ClockMarginFloor => ((0.1..=1.0).contains(&v), "at least 0.1 and at most 1".to_string()),
             Tuning::AttainmentComfort => {
                 (v > ATTAINMENT_TARGET && v <= 1.0, format!("above the {ATTAINMENT_TARGET} target and at most 1"))
             }
-            Tuning::ClockDownSigmas => (v.is_finite() && v >= 0.0, "a number ≥ 0".to_string()),
+            Tuning::ClockDownSigmas => ((0.0..=100.0).contains(&v), "a number in [0, 100]".to_string()),
             Tuning::MixHysteresis => ((0.0..1.0).contains(&v), "at least 0 and below 1".to_string()),
         };
-        (!ok).then(|| format!("must be {must}, got {v}"))
+        // `1e300`, not three hundred digits.
+        let shown = if v != 0.0 && (v.abs() >= 1e9 || v.abs() < 1e-4) { format!("{v:e}") } else { format!("{v}") };
+        (!ok).then(|| format!("must be {must}, got {shown}"))
     }
 }
 /// The most the learnt capacity may exceed the profile's single-instance capacity

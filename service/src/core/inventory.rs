@@ -258,6 +258,8 @@ impl ServiceCore {
                         energy_j: 0.0,
                         spawned_at_s: now_s,
                         last_report_s: None,
+                        last_gpu_s: None,
+                        last_engine_s: None,
                         gpus: BTreeMap::new(),
                         queues: BTreeMap::new(),
                     },

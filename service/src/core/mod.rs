@@ -80,6 +80,8 @@ pub struct ServiceCore {
     instances: BTreeMap<InstanceId, InstanceRecord>,
     retired_energy_j: f64,
     seq: u64,
+    /// This state's run tag, in every command id: ids stay unique after a state loss.
+    run: String,
     pending: BTreeMap<ActionId, Command>,
     /// For each clock, retire or reshard command in flight, the instance as it was before it
     /// (to undo in the inventory what the command did not do).
@@ -209,6 +211,7 @@ impl ServiceCore {
             instances: BTreeMap::new(),
             retired_energy_j: 0.0,
             seq: 0,
+            run: new_run_tag(),
             pending: BTreeMap::new(),
             before: BTreeMap::new(),
             window_counts: [0; CLASS_COUNT],
@@ -255,6 +258,9 @@ impl ServiceCore {
         core.ctl = Controller::restore(cfg.controller, profile, saved.controller)?;
         core.instances = saved.instances.into_iter().map(|r| (r.id, r)).collect();
         core.seq = saved.seq;
+        if let Some(run) = saved.run.filter(|r| !r.is_empty()) {
+            core.run = run;
+        }
         core.operator_mode = saved.mode;
         core.pending = saved.pending.into_iter().map(|c| (c.id.clone(), c)).collect();
         core.retired_energy_j = saved.retired_energy_j;
@@ -276,6 +282,7 @@ impl ServiceCore {
             controller: self.ctl.snapshot(),
             instances: self.instances.values().cloned().collect(),
             seq: self.seq,
+            run: Some(self.run.clone()),
             mode: self.operator_mode,
             pending: self.pending.values().cloned().collect(),
             retired_energy_j: self.retired_energy_j,
@@ -454,17 +461,34 @@ impl ServiceCore {
     /// traffic and arrival counts say nothing of the engines and do not count;
     /// with nothing serving there is nothing to hear from (0).
     pub fn telemetry_lag_s(&self, now_s: f64) -> f64 {
+        self.stalest(now_s).map_or(0.0, |(lag, _, _)| lag.max(0.0))
+    }
+
+    /// The serving instance heard from longest ago, per source: each source
+    /// an instance has reported from (its GPUs, its engine) counts on its
+    /// own, so an engine page that keeps coming does not cover GPUs gone
+    /// silent, nor the other way round. `(lag s, instance, source)`.
+    pub fn stalest(&self, now_s: f64) -> Option<(f64, InstanceId, &'static str)> {
+        let floor = |t: f64| t.max(self.hear_from_s);
         self.instances
             .values()
             .filter(|r| r.state == InstanceState::Serving && r.placement.is_some())
-            .map(|r| now_s - r.last_report_s.unwrap_or(r.spawned_at_s).max(self.hear_from_s))
-            .fold(0.0, f64::max)
-            .max(0.0)
+            .flat_map(|r| {
+                let sources = [("GPU", r.last_gpu_s), ("engine", r.last_engine_s)];
+                let seen: Vec<(f64, InstanceId, &'static str)> =
+                    sources.iter().filter_map(|&(name, t)| t.map(|t| (now_s - floor(t), r.id, name))).collect();
+                if seen.is_empty() {
+                    vec![(now_s - floor(r.last_report_s.unwrap_or(r.spawned_at_s)), r.id, "any")]
+                } else {
+                    seen
+                }
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
     }
 
     pub(super) fn next_id(&mut self) -> ActionId {
         self.seq += 1;
-        ActionId(format!("a{:010}", self.seq))
+        ActionId(format!("a{}-{:010}", self.run, self.seq))
     }
 
     /// One control step: the commands to send now. Every command is also in
@@ -483,10 +507,12 @@ impl ServiceCore {
         self.last_recent = recent;
 
         // Stale telemetry: failsafe within one tick of the deadline, per serving instance.
-        let lag = self.telemetry_lag_s(now_s);
+        let stalest = self.stalest(now_s);
+        let lag = stalest.map_or(0.0, |s| s.0);
         let was_stale = self.stale.is_some();
-        self.stale = (lag > self.cfg.stale_after_s).then(|| {
-            format!("a serving instance sent no telemetry for {lag:.1} s (limit {:.1} s)", self.cfg.stale_after_s)
+        self.stale = stalest.filter(|s| s.0 > self.cfg.stale_after_s).map(|(lag, id, source)| {
+            let what = if source == "any" { "telemetry".to_string() } else { format!("{source} telemetry") };
+            format!("serving instance {} sent no {what} for {lag:.1} s (limit {:.1} s)", id.0, self.cfg.stale_after_s)
         });
         if self.stale.is_some() && !was_stale {
             self.counters.failsafe_entries += 1;
@@ -632,4 +658,12 @@ impl ServiceCore {
         }
         out
     }
+}
+
+/// A tag for a new state: the wall clock in nanoseconds, hex. A state made
+/// later never has the same, so command ids never repeat across state loss
+/// (an agent that remembers an old id would answer "already applied").
+fn new_run_tag() -> String {
+    let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:x}", ns as u64 ^ u64::from(std::process::id()).rotate_left(48))
 }

@@ -127,6 +127,11 @@ impl ServiceCore {
         let Some(rec) = self.instances.get_mut(&id) else { return };
         rec.last_report_s = Some(now_s);
         match sample {
+            Sample::Gpu(_) => rec.last_gpu_s = Some(now_s),
+            Sample::Engine(_) => rec.last_engine_s = Some(now_s),
+            Sample::Arrivals(_) => {}
+        }
+        match sample {
             Sample::Gpu(g) => {
                 let e = g.energy_j.unwrap_or(rec.gpus.get(&g.tags.gpu.unwrap_or(0)).map_or(0.0, |x| x.1));
                 rec.gpus.insert(g.tags.gpu.unwrap_or(0), (g.power_w, e));

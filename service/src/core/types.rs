@@ -100,6 +100,12 @@ pub struct InstanceRecord {
     pub spawned_at_s: f64,
     /// Last report (s).
     pub last_report_s: Option<f64>,
+    /// Last GPU reading of its own (s), once it has had one.
+    #[serde(default)]
+    pub last_gpu_s: Option<f64>,
+    /// Last engine reading of its own (s), once it has had one.
+    #[serde(default)]
+    pub last_engine_s: Option<f64>,
     /// Per GPU index: the last power (W) and energy counter (J) telemetry gave.
     #[serde(default)]
     pub gpus: BTreeMap<u32, (f64, f64)>,
@@ -170,6 +176,9 @@ pub struct SavedState {
     pub instances: Vec<InstanceRecord>,
     /// The last command sequence number used.
     pub seq: u64,
+    /// The run tag in command ids (absent in older saves: a new one).
+    #[serde(default)]
+    pub run: Option<String>,
     /// The operator's mode.
     pub mode: Mode,
     /// Commands sent and not yet answered (re-sent with the same ids after a restart).

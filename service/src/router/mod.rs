@@ -14,6 +14,16 @@
 //! comes back untouched, with no limit on a stream's length: only connecting,
 //! the first byte and a pause inside a stream have timeouts.
 //!
+//! It holds under abuse ([`conn`]): at most `max_connections` client
+//! connections at once (one more is closed as soon as it is accepted, so it
+//! holds no descriptor, and counted), a request head within
+//! `header_timeout_s` of opening or of the previous answer (else the
+//! connection is closed), heads and bodies of bounded size (431, 413) and a
+//! body that pauses no longer than `header_timeout_s` (408). With
+//! `client_keys` set, every request must carry one of them as its bearer
+//! token (401 otherwise), and the engines get the configured engine key, or
+//! no `Authorization`, never the client's.
+//!
 //! It measures what the client sees ([`stream`]): each streamed answer's time
 //! to first token and token gaps, judged against the class's SLOs, fed to the
 //! controller as the per-class SLO counters it learns capacity and clock
@@ -27,6 +37,7 @@
 //! again, whole, to an instance of another pool. The client sees one answer;
 //! its time to first token counts from its first arrival.
 
+pub mod conn;
 pub mod mover;
 pub mod stream;
 
@@ -36,8 +47,10 @@ use crate::config::RouterSection;
 use crate::openai;
 use crate::Shared;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -82,6 +95,21 @@ pub struct RouterStats {
     pub tokenized_locally: u64,
     /// Per class, the SLO counters measured on the answers (`[ttft_ok, ttft_n, gaps_ok, gaps_n]`).
     pub slo_counts: [[u64; 4]; CLASS_COUNT],
+    /// Client connections open now.
+    pub connections: u64,
+    /// Connections closed as soon as accepted: `max_connections` were open.
+    pub connections_refused: u64,
+    /// Connections closed for sending no whole request head within `header_timeout_s`
+    /// (of opening, or of the previous answer).
+    pub connections_timed_out: u64,
+    /// Requests whose head was over `max_header_bytes` (431).
+    pub heads_too_large: u64,
+    /// Requests without one of the client keys (401).
+    pub unauthorized: u64,
+    /// Requests whose body was over `max_body_bytes` (413).
+    pub bodies_too_large: u64,
+    /// Requests whose body paused longer than `header_timeout_s` (408).
+    pub bodies_timed_out: u64,
 }
 
 /// The router's settings, from `[router]`.
@@ -93,8 +121,14 @@ pub struct RouterSettings {
     pub first_byte_timeout: Duration,
     /// The longest pause inside an answer.
     pub idle_timeout: Duration,
-    /// The key sent to engines when the client sends no `Authorization`.
+    /// The key sent to engines when the client sends no `Authorization` (always, with client keys).
     pub api_key: Option<actuators::Secret>,
+    /// The keys clients must present (empty: none asked for).
+    pub client_keys: Vec<actuators::Secret>,
+    /// The largest request body (bytes).
+    pub max_body_bytes: usize,
+    /// The longest pause inside a request body (the head's limit: `header_timeout_s`).
+    pub body_timeout: Duration,
     /// Ask the engine's `/tokenize` for prompt lengths.
     pub tokenize_on_engine: bool,
     /// How long a `/tokenize` may take before the router counts itself.
@@ -104,18 +138,22 @@ pub struct RouterSettings {
 }
 
 impl RouterSettings {
-    /// From the `[router]` table (and where the controller learns from).
-    pub fn from_config(cfg: &crate::config::ServiceConfig) -> RouterSettings {
+    /// From the `[router]` table (and where the controller learns from);
+    /// fails when `client_keys_file` cannot be read.
+    pub fn from_config(cfg: &crate::config::ServiceConfig) -> anyhow::Result<RouterSettings> {
         let r: &RouterSection = &cfg.router;
-        RouterSettings {
+        Ok(RouterSettings {
             connect_timeout: Duration::from_secs_f64(r.connect_timeout_s),
             first_byte_timeout: Duration::from_secs_f64(r.first_byte_timeout_s),
             idle_timeout: Duration::from_secs_f64(r.idle_timeout_s),
             api_key: r.api_key.clone(),
+            client_keys: cfg.router_client_keys()?,
+            max_body_bytes: usize::try_from(r.max_body_bytes).unwrap_or(usize::MAX),
+            body_timeout: Duration::from_secs_f64(r.header_timeout_s),
             tokenize_on_engine: r.tokenize == "engine",
             tokenize_budget: Duration::from_secs_f64(r.tokenize_budget_ms / 1000.0),
             feed_attainment: cfg.learn_from() == "clients",
-        }
+        })
     }
 }
 
@@ -164,22 +202,101 @@ pub fn router(shared: Arc<Shared>, settings: RouterSettings) -> Router {
         token_cache: Mutex::new(HashMap::new()),
         models: Mutex::new(None),
     });
+    let (max_body, body_timeout) = (st.settings.max_body_bytes, st.settings.body_timeout);
     Router::new()
         .route("/v1/completions", post(|s, h, b| forward(s, h, b, "/v1/completions")))
         .route("/v1/chat/completions", post(|s, h, b| forward(s, h, b, "/v1/chat/completions")))
         .route("/v1/models", get(models))
+        .layer(middleware::from_fn_with_state(st.clone(), admit))
+        // Bodies are read whole (the class needs the prompt) up to this many bytes.
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_timeout))
         .with_state(st)
 }
 
-/// The `Authorization` an engine gets: the client's, else the configured key.
-fn upstream_auth(st: &RouterState, headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)
+/// Before a body is read: a request without one of the client keys (when
+/// there are some) gets 401; one that declares a body over the limit, 413.
+async fn admit(State(st): State<Arc<RouterState>>, req: Request, next: Next) -> Response {
+    if !st.settings.client_keys.is_empty() {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim());
+        // Every key is compared (no early exit), each in constant time.
+        let known = presented.is_some_and(|p| {
+            st.settings.client_keys.iter().fold(false, |any, k| any | crate::config::token_matches(k, p))
+        });
+        if !known {
+            st.refused(conn::Refusal::Unauthorized);
+            let mut r = openai::error(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown API key: send `Authorization: Bearer <key>` with a key the router was given",
+            );
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| st.settings.api_key.as_ref().map(|k| format!("Bearer {}", k.expose())))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > st.settings.max_body_bytes as u64) {
+        return st.body_too_large();
+    }
+    next.run(req).await
+}
+
+/// The `Authorization` an engine gets: the client's, else the configured
+/// key; with client keys, the configured key only (the client's key is the router's).
+fn upstream_auth(st: &RouterState, headers: &HeaderMap) -> Option<String> {
+    let engine_key = || st.settings.api_key.as_ref().map(|k| format!("Bearer {}", k.expose()));
+    if !st.settings.client_keys.is_empty() {
+        return engine_key();
+    }
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string).or_else(engine_key)
 }
 impl RouterState {
+    /// Count a request or connection turned away (status and `/metrics`).
+    fn refused(&self, why: conn::Refusal) {
+        conn::count_refusal(&self.shared, why);
+    }
+
+    /// 413 for a body over `max_body_bytes`, counted.
+    fn body_too_large(&self) -> Response {
+        self.refused(conn::Refusal::BodyTooLarge);
+        openai::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {} bytes (router.max_body_bytes)", self.settings.max_body_bytes),
+        )
+    }
+
+    /// A body that could not be read, in OpenAI's shape: over the limit (413),
+    /// paused too long (408), or cut off.
+    fn body_error(&self, e: BytesRejection) -> Response {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return self.body_too_large();
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if c.is::<tower_http::timeout::TimeoutError>() {
+                self.refused(conn::Refusal::BodyTimedOut);
+                return openai::error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body paused longer than {:.0} s (router.header_timeout_s)",
+                        self.settings.body_timeout.as_secs_f64()
+                    ),
+                );
+            }
+            cause = c.source();
+        }
+        openai::error(e.status(), e.body_text())
+    }
+
     /// Add one answer's SLO verdict to its class's counters and hand the
     /// cumulative counters to the controller (as the twin does).
     fn record(&self, class: usize, v: Verdict) {
@@ -400,7 +517,7 @@ impl Drop for Flight {
     }
 }
 
-/// `GET /v1/models`: what a serving engine lists (with the client's key),
+/// `GET /v1/models`: what a serving engine lists (asked with the key [`upstream_auth`] gives),
 /// kept for [`MODELS_TTL`]; 503 while no instance serves.
 async fn models(State(st): State<Arc<RouterState>>, headers: HeaderMap) -> Response {
     let auth = upstream_auth(&st, &headers);
@@ -442,7 +559,16 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
     r
 }
 
-async fn forward(State(st): State<Arc<RouterState>>, headers: HeaderMap, body: Bytes, path: &'static str) -> Response {
+async fn forward(
+    State(st): State<Arc<RouterState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    path: &'static str,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return st.body_error(e),
+    };
     let arrived = st.shared.clock.now_s();
     let v: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,

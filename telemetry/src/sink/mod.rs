@@ -308,6 +308,19 @@ impl InfluxSink {
         let _ = self.tx.send(Msg::Points(points)).await;
     }
 
+    /// Queue points without waiting: when the sink's queue is full (its
+    /// batcher far behind) they are dropped and counted in `points_dropped`.
+    pub fn try_send(&self, points: Vec<Point>) -> bool {
+        let n = points.len() as u64;
+        match self.tx.try_send(Msg::Points(points)) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.points_dropped.inc_by(n);
+                false
+            }
+        }
+    }
+
     /// Seal the current batch and wait until everything queued so far has been
     /// acknowledged by the server (through the spool if there is an outage).
     pub async fn flush(&self) {
