@@ -88,14 +88,17 @@ impl MqttActuator {
         let prefix = settings.topic_prefix.trim_end_matches('/').to_string();
         let (tx, c, p) = (acks.clone(), client.clone(), prefix.clone());
         let broker = format!("{}:{}", settings.host, settings.port);
+        let client_id = settings.client_id.clone();
         let key = options.key.clone();
         let task = tokio::spawn(async move {
             let mut backoff = telemetry::sink::Backoff::new(settings.reconnect_initial, settings.reconnect_max);
             let filter = format!("{p}/+/+/ack");
+            let mut flaps = telemetry::mqtt::FlapWatch::new(&client_id);
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
+                        flaps.connected();
                         tracing::info!(%broker, "MQTT actuator connected");
                         if let Err(e) = c.try_subscribe(&filter, QoS::AtLeastOnce) {
                             tracing::warn!(%broker, error = %e, "cannot subscribe to acks");
@@ -115,7 +118,11 @@ impl MqttActuator {
                     Ok(_) => {}
                     Err(e) => {
                         let _ = sub_tx.send(false);
-                        tracing::warn!(%broker, error = %e, "MQTT actuator connection error");
+                        let problem = telemetry::mqtt::connection_problem(&e);
+                        tracing::warn!(%broker, "MQTT actuator connection error: {problem}");
+                        if let Some(hint) = flaps.dropped() {
+                            tracing::warn!(%broker, "{hint}");
+                        }
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }

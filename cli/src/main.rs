@@ -39,8 +39,11 @@ enum Command {
     Forecast(ForecastCommand),
     /// The node agent of an edge site: GPU and engine telemetry over MQTT, clock commands applied locally.
     Agent(cmd::agent::AgentArgs),
-    /// Check a service or agent config file: every key and range, and the files it names; prints what would run.
-    /// Checks the file only: it does not contact the broker, the store or any endpoint.
+    /// The same controller settings on traffic they were not tuned on: the Coding week, its curve with
+    /// Conversation lengths, the Conversation hour at several scales, each at several seeds, in one table.
+    Robustness(cmd::robustness::RobustnessArgs),
+    /// Check a service or agent config file: every key and range, the files it names, and (unless --offline)
+    /// the broker, store and endpoints it names; prints what would run.
     Check(cmd::check::CheckArgs),
 }
 
@@ -64,6 +67,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
         Command::Agent(a) => cmd::agent::run(&a).map(|_| true),
         Command::Check(a) => cmd::check::run(&a).map(|_| true),
+        Command::Robustness(a) => cmd::robustness::run(&a).map(|rows| rows.iter().all(|r| r.holds)),
     }
 }
 

@@ -6,6 +6,7 @@
 use actuators::signed::{self, CommandKey};
 use actuators::{Ack, Action, Command, InstanceId, Outcome, PoolId};
 use agent::AgentConfig;
+mod serve_support;
 mod twin_engine;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use std::time::{Duration, Instant};
@@ -367,6 +368,28 @@ fn the_binary_names_the_key_of_a_bad_config() {
     assert!(err.contains("intervl_s") && err.contains("agent.toml"), "{err}");
 }
 
+/// An agent run in this process from a config, with a watcher on its node's topics, alive.
+struct InProcess {
+    w: Watcher,
+    cmd_topic: String,
+    stop: oneshot::Sender<()>,
+    agent: tokio::task::JoinHandle<Result<(), agent::AgentError>>,
+}
+
+async fn run_agent(toml: &str, host: &str, port: u16, prefix: &str) -> InProcess {
+    let cfg = AgentConfig::from_toml_str(toml).unwrap();
+    let cmd_topic = cfg.topic("cmd");
+    let node_topics = format!("{}/{}/{}/#", cfg.mqtt.topic_prefix, cfg.site, cfg.node);
+    let mut w = Watcher::new(host, port, &format!("{prefix}-w"), &node_topics).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(agent::run(cfg, async {
+        let _ = stopped.await;
+    }));
+    w.wait_for("the alive state", "/state", |p| state(p) == "alive").await;
+    InProcess { w, cmd_topic, stop, agent }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_templates_carry_out_other_actions_once_per_id() {
     let (host, port) = broker();
@@ -397,15 +420,7 @@ timeout_s = 10
         log = log.display(),
         key = key_file(dir.path()),
     );
-    let cfg = AgentConfig::from_toml_str(&toml).unwrap();
-    let cmd_topic = cfg.topic("cmd");
-    let mut w = Watcher::new(&host, port, &format!("{prefix}-w"), &format!("{prefix}/edge1/n3/#")).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let agent = tokio::spawn(agent::run(cfg, async {
-        let _ = stopped.await;
-    }));
-    w.wait_for("the alive state", "/state", |p| state(p) == "alive").await;
+    let InProcess { mut w, cmd_topic, stop, agent } = run_agent(&toml, &host, port, &prefix).await;
     let cmd = signed_cmd;
     let spawn = Action::Spawn {
         instance: InstanceId(9),
@@ -571,31 +586,6 @@ async fn the_binary_refuses_unsigned_forged_expired_and_replayed_commands() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// A private Mosquitto that can be killed.
-fn private_broker(dir: &std::path::Path) -> (Child, u16) {
-    let bin = std::env::var("DYNAMOLLM_TEST_MOSQUITTO_BIN").unwrap_or_else(|_| {
-        panic!("DYNAMOLLM_TEST_MOSQUITTO_BIN is not set: run the tests through scripts/test (it installs Mosquitto)")
-    });
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
-    let child = Child(
-        std::process::Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "mosquitto did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, port)
-}
-
 /// Wait until the twin's clock reads `mhz`; how long it took.
 async fn clock_reaches(http: &reqwest::Client, base: &str, mhz: u32, within: Duration) -> Duration {
     let t0 = Instant::now();
@@ -615,7 +605,8 @@ async fn the_agent_fails_safe_when_the_controller_or_the_broker_goes() {
     use actuators::mqtt::{MqttActuator, MqttActuatorOptions};
     use actuators::Actuator;
     let dir = tempfile::tempdir().unwrap();
-    let (mut broker, port) = private_broker(dir.path());
+    let mut broker = serve_support::Broker::new(dir.path());
+    let port = broker.port;
     let base = twin().await;
     let http = reqwest::Client::new();
     let prefix = format!("agentfs{}", std::process::id());
@@ -678,8 +669,7 @@ async fn the_agent_fails_safe_when_the_controller_or_the_broker_goes() {
     let outcome = ctl.apply(&lock_1200("fs-2")).await;
     assert!(outcome.is_applied(), "{outcome:?}");
     assert_eq!(clock(&http, &base).await.clock_mhz, 1200);
-    broker.0.kill().unwrap();
-    let _ = broker.0.wait();
+    broker.kill();
     let lost = clock_reaches(&http, &base, 1980, Duration::from_millis(2400)).await;
     eprintln!("broker lost: top clocks after {lost:?} (failsafe_after_s = 2)");
     drop(ctl);
@@ -719,15 +709,7 @@ timeout_s = 10
         log = log.display(),
         key = key_file(dir.path()),
     );
-    let cfg = AgentConfig::from_toml_str(&toml).unwrap();
-    let cmd_topic = cfg.topic("cmd");
-    let mut w = Watcher::new(&host, port, &format!("{prefix}-w"), &format!("{prefix}/edge1/n6/#")).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let agent = tokio::spawn(agent::run(cfg, async {
-        let _ = stopped.await;
-    }));
-    w.wait_for("the alive state", "/state", |p| state(p) == "alive").await;
+    let InProcess { mut w, cmd_topic, stop, agent } = run_agent(&toml, &host, port, &prefix).await;
     let spawn = Action::Spawn {
         instance: InstanceId(3),
         pool: PoolId(0),

@@ -408,3 +408,59 @@ fn bound_names_the_flag_of_a_bad_option() {
         assert!(err.contains(flag) && err.contains(value), "{flag} {value}: {err}");
     }
 }
+
+/// The robustness suite, cut short: its table and JSON agree with a `sim`
+/// of the same scenario (one computation), and an unknown scenario is named.
+#[test]
+fn the_robustness_suite_reports_what_sim_measures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("rows.json");
+    let out = dynamollm(&[
+        "robustness",
+        "--only",
+        "conv-hour-x2",
+        "--seeds",
+        "3",
+        "--hours",
+        "0.1",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("conv-hour-x2") && stdout.contains("dynamollm holds in"), "{stdout}");
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let row = &rows[0];
+    assert_eq!(
+        (row["scenario"].as_str(), row["seed"].as_u64(), row["scale"].as_f64()),
+        (Some("conv-hour-x2"), Some(3), Some(2.0))
+    );
+    assert_eq!(out.status.success(), row["holds"].as_bool().unwrap(), "exit status follows `holds`");
+    let sim_json = dir.path().join("sim.json");
+    let sim = dynamollm(&[
+        "sim",
+        "--compare",
+        "single-pool,dynamollm",
+        "--scale",
+        "2",
+        "--seed",
+        "3",
+        "--hours",
+        "0.1",
+        "--quiet",
+        "--json",
+        sim_json.to_str().unwrap(),
+    ]);
+    assert!(sim.status.success(), "{}", String::from_utf8_lossy(&sim.stderr));
+    let sim: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sim_json).unwrap()).unwrap();
+    let energy = |policy: &str| {
+        sim["runs"].as_array().unwrap().iter().find(|r| r["policy"] == policy).unwrap()["energy_kwh"].as_f64().unwrap()
+    };
+    let d = &row["dynamollm"];
+    assert!((d["energy_kwh"].as_f64().unwrap() - energy("dynamollm")).abs() < 1e-9, "{row}\n{sim}");
+    assert!((row["single_pool"]["energy_kwh"].as_f64().unwrap() - energy("single-pool")).abs() < 1e-9);
+    assert!((d["energy_ratio"].as_f64().unwrap() - energy("dynamollm") / energy("single-pool")).abs() < 1e-12);
+    let bad = dynamollm(&["robustness", "--only", "nope", "--quiet"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no scenario \"nope\""));
+}

@@ -4,6 +4,9 @@
 //! send, sends it once the server is back, and in the end the server holds
 //! every point the service produced.
 
+mod serve_support;
+
+use serve_support::metric;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -91,12 +94,6 @@ impl Drop for Vm {
             let _ = c.wait();
         }
     }
-}
-
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} on /metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -368,14 +368,23 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     let unstarted = Arc::new(router::Unstarted::default());
     let mut samples_rx: Option<mpsc::Receiver<telemetry::sample::Sample>> = None;
     let mut scrape_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, Duration)> = None;
+    let mut prom_tx: Option<(mpsc::Sender<telemetry::sample::Sample>, telemetry::prom_query::PromSource)> = None;
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let (dispatcher, twin_events) = if twin {
         let (d, events) =
             twin_backend(&cfg, &mut core, clock.clone(), routing_rx, pools, ccfg.clock_period_s, &dir, timeout)?;
         (d, Some(events))
     } else {
-        let mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt)
+        let mut mqtt = telemetry::mqtt::MqttSettings::from_config(&tcfg.mqtt)
             .map_err(|e| anyhow::anyhow!("{}: telemetry.{e}", cfg.origin))?;
+        // Left at its default, the client id is this process's own: two controllers on one
+        // broker with the shipped id would throw each other off. (The agents' ids are their
+        // site and node: stable, so the broker keeps their commands while they are away.)
+        if let Some(m) = mqtt.as_mut() {
+            if tcfg.mqtt.client_id == telemetry::config::MqttConfig::default().client_id {
+                m.client_id = telemetry::mqtt::process_client_id(&m.client_id);
+            }
+        }
         let audit = Arc::new(match &store {
             Some(s) => AuditLog::in_store(s.clone())?,
             None => AuditLog::open_in_dir(&dir)?,
@@ -392,6 +401,11 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         let (tx, rx) = mpsc::channel(4096);
         if cfg.cluster.scrape_interval_s > 0.0 {
             scrape_tx = Some((tx.clone(), Duration::from_secs_f64(cfg.cluster.scrape_interval_s)));
+        }
+        if let Some(src) = telemetry::prom_query::PromSource::from_config(&tcfg.prometheus)
+            .map_err(|e| anyhow::anyhow!("{}: telemetry.{e}", cfg.origin))?
+        {
+            prom_tx = Some((tx.clone(), src));
         }
         if let Some(m) = mqtt {
             let mut m = m;
@@ -436,6 +450,23 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::dcgm(d, tx.clone(), every)))));
         }
         keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::engines(shared.clone(), tx, every)))));
+    }
+    if let Some((tx, src)) = prom_tx {
+        tracing::info!(url = %src.url, every_s = src.interval.as_secs_f64(), "engine and GPU telemetry from Prometheus");
+        if cfg.cluster.scrape_interval_s > 0.0 {
+            tracing::warn!(
+                "telemetry.prometheus and cluster.scrape_interval_s both read the engines: each engine's \
+                 samples arrive twice (set scrape_interval_s = 0 to read them from Prometheus only)"
+            );
+        }
+        if src.interval.as_secs_f64() * cfg.service.speed >= cfg.service.stale_after_s {
+            tracing::warn!(
+                interval_s = src.interval.as_secs_f64(),
+                stale_after_s = cfg.service.stale_after_s,
+                "telemetry.prometheus.interval_s is not below service.stale_after_s: expect failsafe between queries"
+            );
+        }
+        keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::prometheus(shared.clone(), tx, src)))));
     }
     let listener = tokio::net::TcpListener::bind(&cfg.service.listen)
         .await

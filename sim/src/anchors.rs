@@ -1,4 +1,4 @@
-//! Calibration: measures in the twin each anchor of `TWIN-PHYSICS.md`
+//! Calibration: measures in the twin each calibration anchor of docs/twin.md
 //! (A1–A6) and says whether it holds. These are independent public
 //! measurements; the physics file is tuned to them, never to the controller.
 

@@ -1,7 +1,7 @@
 //! sim: the digital twin — DGX H100 servers serving Llama-2-70B with a
 //! vLLM-like engine (continuous batching, chunked prefill, paged KV cache),
 //! per-GPU power with exactly integrated energy, instance lifecycle with the
-//! reconfiguration delays of `TWIN-PHYSICS.md`, and trace replay in virtual
+//! reconfiguration delays of the twin's calibration anchors (docs/twin.md), and trace replay in virtual
 //! time. Its physics is read from a data file; the controller never reads it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

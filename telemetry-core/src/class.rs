@@ -1,6 +1,6 @@
 //! Request classes: input length × output length, three bands each (nine
 //! classes). The cut points are configuration; the defaults are those of
-//! `TWIN-PHYSICS.md`.
+//! the twin's calibration anchors (docs/twin.md).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -31,6 +31,10 @@
 //! [telemetry.gpu]            # NVML (or the twin's fake device)
 //! interval_ms = 1000
 //!
+//! [telemetry.prometheus]     # engine and GPU telemetry from a query API (off unless url is set)
+//! url = "http://prometheus:9090"
+//! interval_s = 1.0
+//!
 //! [[telemetry.engines]]      # engine /metrics pages to scrape
 //! url = "http://127.0.0.1:8000/metrics"
 //! instance = "i0"
@@ -89,6 +93,8 @@ pub struct TelemetryConfig {
     pub gpu: GpuConfig,
     /// Engine pages to scrape.
     pub engines: Vec<EngineTarget>,
+    /// Engine and GPU telemetry from a Prometheus-compatible query API.
+    pub prometheus: PrometheusConfig,
 }
 
 impl Default for TelemetryConfig {
@@ -101,6 +107,7 @@ impl Default for TelemetryConfig {
             mqtt: MqttConfig::default(),
             gpu: GpuConfig::default(),
             engines: Vec::new(),
+            prometheus: PrometheusConfig::default(),
         }
     }
 }
@@ -264,7 +271,9 @@ pub struct MqttConfig {
     pub client_cert_file: Option<PathBuf>,
     /// PEM private key of `client_cert_file`.
     pub client_key_file: Option<PathBuf>,
-    /// Client id (stable: the broker keeps the session, and queues QoS 1 messages, across reconnects).
+    /// Client id (the broker keeps the session, and queues QoS 1 messages, across reconnects).
+    /// Left at its default, `serve` makes it its own (`dynamollm-controller-<host>-<pid>`) and
+    /// the agent `dynamollm-agent-<site>-<node>`.
     pub client_id: String,
     /// First topic level.
     pub topic_prefix: String,
@@ -383,6 +392,128 @@ pub struct EngineTarget {
     pub timeout_ms: u64,
 }
 
+/// `[telemetry.prometheus]`: engine and GPU telemetry read from a
+/// Prometheus-compatible query API (Prometheus, Thanos, VictoriaMetrics) that
+/// already scrapes the engines (and the DCGM exporters), instead of (or
+/// beside) the service's own scrapes; off unless `url` is set.
+///
+/// Every `interval_s` the service asks `<url>/api/v1/query` for the latest
+/// value of each series it reads (vLLM's and SGLang's engine series, DCGM's
+/// and the twin's GPU series). An engine series belongs to the placed
+/// instance whose endpoint's `host:port` equals its `instance_label`; a DCGM
+/// series to the instance placed on the node whose name (after the site,
+/// `dc1/node7` → `node7`) equals its `node_label` and that holds its `gpu`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// Base URL of the query API (`http://prometheus:9090`; a path prefix,
+    /// such as VictoriaMetrics cluster's `/select/0/prometheus`, is kept).
+    pub url: Option<String>,
+    /// Bearer token sent with every query (printed as `***`).
+    pub token: Option<Secret>,
+    /// A file holding the token (first line), instead of `token`.
+    pub token_file: Option<PathBuf>,
+    /// Query interval (s); keep it below `service.stale_after_s`.
+    pub interval_s: f64,
+    /// Timeout of one query.
+    pub timeout_ms: u64,
+    /// The label holding an engine series' `host:port` (Prometheus' `instance`).
+    pub instance_label: String,
+    /// The label holding a DCGM series' node name (the exporter's `Hostname`);
+    /// a series without it is placed by its `instance_label`'s host.
+    pub node_label: String,
+    /// Extra label matchers every query carries (`job="vllm", cluster="prod"`):
+    /// for a server that holds more than this cluster, or the same engine twice.
+    pub selector: String,
+    /// The largest answer read (MiB); a larger one is refused, naming its size.
+    pub max_response_mb: u64,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        PrometheusConfig {
+            url: None,
+            token: None,
+            token_file: None,
+            interval_s: 1.0,
+            timeout_ms: 2000,
+            instance_label: "instance".into(),
+            node_label: "Hostname".into(),
+            selector: String::new(),
+            max_response_mb: 64,
+        }
+    }
+}
+
+impl PrometheusConfig {
+    /// The query interval.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.interval_s)
+    }
+
+    /// The bearer token: `token`, or the first line of `token_file` (read now;
+    /// an unreadable or empty file is an error naming it). `None`: no header.
+    pub fn bearer(&self) -> Result<Option<Secret>, String> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        let Some(p) = &self.token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| format!("prometheus.token_file: cannot read {}: {e}", p.display()))?;
+        let t = text.lines().next().unwrap_or("").trim();
+        if t.is_empty() {
+            return Err(format!("prometheus.token_file: {} is empty", p.display()));
+        }
+        Ok(Some(Secret::new(t)))
+    }
+
+    /// Checks that need no file; errors name the key (`prometheus.…`).
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if let Some(url) = &self.url {
+            if reqwest::Url::parse(url).map_or(true, |u| !matches!(u.scheme(), "http" | "https") || u.host().is_none())
+            {
+                return Err(("prometheus.url", format!("{url:?} is not an http(s) URL")));
+            }
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err(("prometheus.token_file", "set either token or token_file, not both".into()));
+        }
+        if self.token.as_ref().is_some_and(|t| {
+            t.expose().is_empty() || t.expose().chars().any(|c| c.is_control() || c.is_whitespace() || !c.is_ascii())
+        }) {
+            return Err(("prometheus.token", "must be printable ASCII without spaces".into()));
+        }
+        let i = self.interval_s;
+        if !(0.1..=3_600.0).contains(&i) {
+            return Err(("prometheus.interval_s", format!("must be in [0.1, 3600], got {i}")));
+        }
+        for (key, v, lo, hi) in [
+            ("prometheus.timeout_ms", self.timeout_ms, 1, MAX_INTERVAL_MS),
+            ("prometheus.max_response_mb", self.max_response_mb, 1, 4096),
+        ] {
+            if let Some(problem) = out_of_range(v, lo, hi) {
+                return Err((key, problem));
+            }
+        }
+        for (key, l) in
+            [("prometheus.instance_label", &self.instance_label), ("prometheus.node_label", &self.node_label)]
+        {
+            let ok = l.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err((key, format!("{l:?} is not a label name ([a-zA-Z_][a-zA-Z0-9_]*)")));
+            }
+        }
+        if self.selector.contains(['{', '}']) || self.selector.chars().any(char::is_control) {
+            return Err((
+                "prometheus.selector",
+                format!("{:?} must be label matchers without braces, like job=\"vllm\"", self.selector),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_scrape_ms() -> u64 {
     1000
 }
@@ -463,6 +594,9 @@ impl TelemetryConfig {
         }
         if let Err(e) = self.mqtt.check() {
             return Err(ConfigError::Value { origin: origin.into(), key: e.key, problem: e.problem });
+        }
+        if let Err((key, problem)) = self.prometheus.check() {
+            return Err(bad(key, &problem));
         }
         for e in &self.engines {
             if reqwest::Url::parse(&e.url).is_err() {
@@ -548,6 +682,48 @@ instance = "i0"
         )
         .unwrap_err();
         assert!(e.to_string().contains("telemetry.engines.timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn prometheus_keys_are_read_and_checked() {
+        let cfg = TelemetryConfig::from_toml_str(
+            "[telemetry.prometheus]\nurl = \"http://prom:9090\"\ntoken = \"t0k\"\ninterval_s = 0.5\nselector = 'job=\"vllm\"'\n",
+        )
+        .unwrap();
+        let p = &cfg.prometheus;
+        assert_eq!(p.url.as_deref(), Some("http://prom:9090"));
+        assert_eq!((p.interval_s, p.timeout_ms, p.max_response_mb), (0.5, 2000, 64));
+        assert_eq!((p.instance_label.as_str(), p.node_label.as_str()), ("instance", "Hostname"));
+        assert_eq!(format!("{:?}", p.token), "Some(***)");
+        assert_eq!(TelemetryConfig::default().prometheus.url, None);
+        for (line, key) in [
+            ("url = \"prom:9090\"", "prometheus.url"),
+            ("url = \"ftp://prom\"", "prometheus.url"),
+            ("interval_s = 0.0", "prometheus.interval_s"),
+            ("interval_s = nan", "prometheus.interval_s"),
+            ("timeout_ms = 0", "prometheus.timeout_ms"),
+            ("max_response_mb = 0", "prometheus.max_response_mb"),
+            ("instance_label = \"in stance\"", "prometheus.instance_label"),
+            ("node_label = \"\"", "prometheus.node_label"),
+            ("selector = \"}} or vector(1) {{\"", "prometheus.selector"),
+            ("token = \"a b\"", "prometheus.token"),
+            ("token = \"x\"\ntoken_file = \"/t\"", "prometheus.token_file"),
+            ("instance_lable = \"x\"", "instance_lable"),
+        ] {
+            let e = TelemetryConfig::from_toml_str_in(&format!("[telemetry.prometheus]\n{line}\n"), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("t.toml") && e.contains(key), "{line}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "s3cret\nignored\n").unwrap();
+        let p = PrometheusConfig { token_file: Some(f.clone()), ..PrometheusConfig::default() };
+        assert_eq!(p.bearer().unwrap().unwrap().expose(), "s3cret");
+        std::fs::write(&f, "\n").unwrap();
+        assert!(p.bearer().unwrap_err().contains("is empty"));
+        let gone = PrometheusConfig { token_file: Some(dir.path().join("no")), ..PrometheusConfig::default() };
+        assert!(gone.bearer().unwrap_err().contains("prometheus.token_file: cannot read"));
     }
 
     #[test]

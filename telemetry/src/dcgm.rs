@@ -10,7 +10,7 @@
 //! and are passed over.
 
 use crate::sample::{GpuSample, Tags};
-use crate::scrape::{parse_line, ScrapeError};
+use crate::scrape::{page_samples, SampleLine, ScrapeError};
 use std::collections::BTreeMap;
 
 /// The most power one GPU can plausibly draw (W): a reading above it is refused.
@@ -89,14 +89,34 @@ pub fn parse_dcgm_page(text: &str, page: &str) -> Result<GpuPage, ScrapeError> {
 /// Read the GPUs of a page whose series `names` gives. A page with no GPU
 /// reading at all is an error.
 pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<GpuPage, ScrapeError> {
+    let line_err = |n: usize, problem: String| ScrapeError::Line { page: page.into(), line: n + 1, problem };
+    let out = gpu_page_from(page_samples(text), names, &line_err);
+    if out.gpus.is_empty() {
+        let first = out.errors.first().map(|e| format!(" (first error: {e})")).unwrap_or_default();
+        return Err(ScrapeError::Page {
+            page: page.into(),
+            problem: format!("no GPU readings ({}){first}", names.power_w),
+        });
+    }
+    Ok(out)
+}
+
+/// The GPUs of a set of samples (a page's lines, or the series of a
+/// Prometheus query's answer): one computation for both. Each sample comes
+/// with its place (a line's or a series' index) or why it could not be read;
+/// `err` turns a place and a problem into the error that names it. A sample
+/// that cannot be read, or holds an implausible value, costs only itself.
+pub(crate) fn gpu_page_from<'a>(
+    samples: impl IntoIterator<Item = (usize, Result<SampleLine<'a>, String>)>,
+    names: &GpuSeries,
+    err: &dyn Fn(usize, String) -> ScrapeError,
+) -> GpuPage {
     let mut out = GpuPage::default();
-    let line_err = |line: usize, problem: String| ScrapeError::Line { page: page.into(), line, problem };
-    for (n, line) in text.lines().enumerate() {
-        let sample = match parse_line(line) {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err((byte, problem)) => {
-                out.errors.push(line_err(n + 1, format!("byte {}: {problem}", byte + 1)));
+    for (n, sample) in samples {
+        let sample = match sample {
+            Ok(s) => s,
+            Err(problem) => {
+                out.errors.push(err(n, problem));
                 continue;
             }
         };
@@ -120,7 +140,7 @@ pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<GpuPa
             continue;
         }
         let Some(index) = label("gpu").and_then(|g| g.parse::<u32>().ok()) else {
-            out.errors.push(line_err(n + 1, format!("{} has no numeric gpu label", sample.name)));
+            out.errors.push(err(n, format!("{} has no numeric gpu label", sample.name)));
             continue;
         };
         let v = sample.value;
@@ -132,7 +152,7 @@ pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<GpuPa
             _ => (300.0, "°C"),
         };
         if !v.is_finite() || v < 0.0 || v > max {
-            out.errors.push(line_err(n + 1, format!("{} is {v} {what}, outside 0..={max}", sample.name)));
+            out.errors.push(err(n, format!("{} is {v} {what}, outside 0..={max}", sample.name)));
             continue;
         }
         let g = out.gpus.entry(index).or_insert_with(|| GpuReading { index, ..GpuReading::default() });
@@ -147,14 +167,7 @@ pub fn parse_gpu_page(text: &str, page: &str, names: &GpuSeries) -> Result<GpuPa
             _ => g.temperature_c = Some(v),
         }
     }
-    if out.gpus.is_empty() {
-        let first = out.errors.first().map(|e| format!(" (first error: {e})")).unwrap_or_default();
-        return Err(ScrapeError::Page {
-            page: page.into(),
-            problem: format!("no GPU readings ({}){first}", names.power_w),
-        });
-    }
-    Ok(out)
+    out
 }
 
 impl GpuPage {

@@ -13,6 +13,7 @@ pub mod dcgm;
 pub mod gpu;
 pub mod ingest;
 pub mod mqtt;
+pub mod prom_query;
 pub mod scrape;
 pub mod sink;
 pub mod stats;

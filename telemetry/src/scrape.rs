@@ -38,6 +38,16 @@ pub enum ScrapeError {
         /// What is wrong.
         problem: String,
     },
+    /// One series of a Prometheus query's answer; the other series are still read.
+    #[error("query {url} series {series}: {problem}")]
+    Series {
+        /// The query API's URL.
+        url: String,
+        /// The series (`name{label="value",…}`, cut short when long).
+        series: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// The engine that wrote a page.
@@ -91,6 +101,25 @@ const NAMES: &[(&str, EngineKind, Field)] = &[
     ("sglang:prompt_tokens_total", EngineKind::Sglang, Field::PromptTokens),
     ("sglang:generation_tokens_total", EngineKind::Sglang, Field::GenerationTokens),
 ];
+
+/// Every series name an engine page is read from (histograms as their
+/// `_bucket`, `_sum` and `_count` series): what a query for engine metrics asks for.
+pub fn engine_series_names() -> Vec<String> {
+    let mut out = Vec::new();
+    for &(base, _, field) in NAMES {
+        if matches!(field, Field::Ttft | Field::Tbt | Field::E2e) {
+            out.extend(["_bucket", "_sum", "_count"].map(|p| format!("{base}{p}")));
+        } else {
+            out.push(base.to_string());
+        }
+    }
+    out
+}
+
+/// Whether a series is one an engine page is read from.
+pub(crate) fn is_engine_series(name: &str) -> bool {
+    classify(name).is_some()
+}
 
 fn classify(name: &str) -> Option<(usize, EngineKind, Field, Part)> {
     for (i, &(base, kind, field)) in NAMES.iter().enumerate() {
@@ -396,10 +425,37 @@ pub fn parse_line(line: &str) -> Result<Option<SampleLine<'_>>, (usize, String)>
 /// [`EnginePage::errors`]; the page is an error only when it holds no engine
 /// metric at all.
 pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeError> {
+    let line_err = |n: usize, problem: String| ScrapeError::Line { page: page.into(), line: n + 1, problem };
+    engine_page_from(page_samples(text), &line_err).map_err(|errors| {
+        let lines = text.lines().count();
+        let first = errors.first().map(|e| format!(" (first error: {e})")).unwrap_or_default();
+        ScrapeError::Page { page: page.into(), problem: format!("no vLLM or SGLang metrics in {lines} lines{first}") }
+    })
+}
+
+/// The samples of a page's lines, each with its 0-based line number, or why
+/// the line could not be read (blank and comment lines left out).
+pub(crate) fn page_samples(text: &str) -> impl Iterator<Item = (usize, Result<SampleLine<'_>, String>)> {
+    text.lines().enumerate().filter_map(|(n, line)| match parse_line(line) {
+        Ok(Some(s)) => Some((n, Ok(s))),
+        Ok(None) => None,
+        Err((byte, problem)) => Some((n, Err(format!("byte {}: {problem}", byte + 1)))),
+    })
+}
+
+/// The engine metrics of a set of samples (a page's lines, or the series of
+/// a Prometheus query's answer): one computation for both. Each sample comes
+/// with its place (a line's or a series' index) or why it could not be read;
+/// `err` turns a place and a problem into the error that names it. A sample
+/// that cannot be read, or holds an impossible value, costs only itself.
+/// `Err` (with the errors met) when no sample is an engine metric.
+pub(crate) fn engine_page_from<'a>(
+    samples: impl IntoIterator<Item = (usize, Result<SampleLine<'a>, String>)>,
+    err: &dyn Fn(usize, String) -> ScrapeError,
+) -> Result<EnginePage, Vec<ScrapeError>> {
     let mut kind = None;
     let mut models: BTreeMap<String, EngineMetrics> = BTreeMap::new();
     let mut errors = Vec::new();
-    let line_err = |line: usize, problem: String| ScrapeError::Line { page: page.into(), line, problem };
     // First pass: every engine line, checked. Which name each field is read
     // from and which tensor-parallel rank stands for its replica are decided
     // once the whole page is known.
@@ -414,12 +470,11 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
         labels: Vec<(&'a str, String)>,
     }
     let mut read: Vec<Read<'_>> = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let sample = match parse_line(line) {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err((byte, problem)) => {
-                errors.push(line_err(n + 1, format!("byte {}: {problem}", byte + 1)));
+    for (n, sample) in samples {
+        let sample = match sample {
+            Ok(s) => s,
+            Err(problem) => {
+                errors.push(err(n, problem));
                 continue;
             }
         };
@@ -427,11 +482,11 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
         let model = sample.labels.iter().find(|(l, _)| *l == "model_name").map(|(_, v)| v.clone()).unwrap_or_default();
         let v = sample.value;
         if part != Part::Bucket && !v.is_finite() {
-            errors.push(line_err(n + 1, format!("{} is {v}", sample.name)));
+            errors.push(err(n, format!("{} is {v}", sample.name)));
             continue;
         }
         if v < 0.0 {
-            errors.push(line_err(n + 1, format!("{} is negative ({v})", sample.name)));
+            errors.push(err(n, format!("{} is negative ({v})", sample.name)));
             continue;
         }
         let le = if part == Part::Bucket {
@@ -440,12 +495,12 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
                 Some(t) => match t.parse::<f64>() {
                     Ok(x) if !x.is_nan() => Some(x),
                     _ => {
-                        errors.push(line_err(n + 1, format!("bucket bound le={t:?} is not a number")));
+                        errors.push(err(n, format!("bucket bound le={t:?} is not a number")));
                         continue;
                     }
                 },
                 None => {
-                    errors.push(line_err(n + 1, format!("{} has no le label", sample.name)));
+                    errors.push(err(n, format!("{} has no le label", sample.name)));
                     continue;
                 }
             }
@@ -521,12 +576,7 @@ pub fn parse_engine_page(text: &str, page: &str) -> Result<EnginePage, ScrapeErr
         }
     }
     let Some(kind) = kind else {
-        let lines = text.lines().count();
-        let first = errors.first().map(|e| format!(" (first error: {e})")).unwrap_or_default();
-        return Err(ScrapeError::Page {
-            page: page.into(),
-            problem: format!("no vLLM or SGLang metrics in {lines} lines{first}"),
-        });
+        return Err(errors);
     };
     Ok(EnginePage { kind, models, errors })
 }

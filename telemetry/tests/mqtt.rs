@@ -190,3 +190,41 @@ async fn oversized_messages_are_dropped_and_counted_and_telemetry_goes_on() {
     assert_eq!(collector.connects.load(std::sync::atomic::Ordering::Relaxed), 1, "the collector reconnected");
     pump.abort();
 }
+
+/// Logs captured in memory (the test's own subscriber).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Two processes with one client id take turns being thrown off by the
+/// broker: the log says so and names the id, instead of only "connection
+/// closed" over and over. (A single client with its own id says nothing of the kind.)
+#[tokio::test]
+async fn two_clients_with_one_client_id_are_told_why_they_keep_dropping() {
+    let logs = Captured::default();
+    let w = logs.clone();
+    let sub = tracing_subscriber::fmt().with_ansi(false).with_writer(move || w.clone()).finish();
+    let _guard = tracing::subscriber::set_default(sub);
+    let (host, port) = shared_broker();
+    let prefix = unique("flap");
+    let id = format!("{prefix}-twin-id");
+    let a = EdgePublisher::spawn(settings(&host, port, &id, &prefix), "s", "a");
+    let b = EdgePublisher::spawn(settings(&host, port, &id, &prefix), "s", "b");
+    let own = EdgePublisher::spawn(settings(&host, port, &format!("{prefix}-own"), &prefix), "s", "c");
+    let text = || String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    wait_until("the taken-client-id hint", Duration::from_secs(20), || text().contains("same client id")).await;
+    let log = text();
+    assert!(log.contains(&format!("same client id \"{id}\"")), "{log}");
+    assert!(log.matches("same client id").count() <= 2, "said more than once per client: {log}");
+    assert!(!log.contains(&format!("{prefix}-own\" ")), "the client with its own id was blamed: {log}");
+    drop((a, b, own));
+}

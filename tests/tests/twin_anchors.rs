@@ -1,4 +1,4 @@
-//! Calibration: every anchor of TWIN-PHYSICS.md measured in the twin, and
+//! Calibration: every anchor of docs/twin.md measured in the twin, and
 //! every one must hold (docs/twin.md says how A3 holds and where the twin's
 //! reasons differ from the paper's).
 

@@ -5,9 +5,13 @@
 //! ending in `_file`, and `profile`, `physics`, `trace`, `rates`,
 //! `lengths`, `carbon.csv`) must exist and be readable, and those with a
 //! form (profile, physics, PEM certificates and keys, tokens) must parse.
-//! Prints a summary of what would run and exits 0; on a problem prints
-//! each found to stderr, naming the file and key, and exits 2. It contacts
-//! nothing: no broker, store, engine or endpoint.
+//! Then, unless `--offline`, it tries what the config names, each within a
+//! few seconds: the MQTT broker (a real CONNECT with the config's
+//! credentials and TLS, under a client id of its own), the InfluxDB server
+//! (`/health`), Prometheus (a query), the webhook's and DCGM exporters' hosts, and an agent's
+//! engine page (which must read as a vLLM or SGLang page) and twin. Prints a
+//! summary of what would run and exits 0; on a problem prints each found to
+//! stderr, naming the file and key, and exits 2.
 
 use anyhow::{bail, Result};
 use std::fmt::Write as _;
@@ -20,6 +24,9 @@ pub struct CheckArgs {
     /// table; see deploy/dynamollm-agent.toml).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// Check the file only: do not try the broker, the store or any endpoint it names.
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// What a check found: problems (the file would not run) and notes (it would, but look).
@@ -40,6 +47,15 @@ pub fn run(args: &CheckArgs) -> Result<()> {
     let is_agent = text.parse::<toml::Table>().map(|t| t.contains_key("agent")).unwrap_or(false);
     let mut f = Findings::default();
     let summary = if is_agent { check_agent(path, &origin, &mut f) } else { check_service(path, &origin, &mut f) };
+    if f.problems.is_empty() && !args.offline {
+        let probes = if is_agent { agent_probes(path) } else { service_probes(path) };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        for (key, probe) in probes {
+            if let Err(problem) = rt.block_on(probe.run()) {
+                f.problems.push(format!("{origin}: {key}: {problem}"));
+            }
+        }
+    }
     for n in &f.notes {
         eprintln!("note: {n}");
     }
@@ -250,7 +266,7 @@ fn check_service(path: &Path, origin: &str, f: &mut Findings) -> Option<String> 
     let (s, c, k) = (&cfg.service, &cfg.controller, &cfg.cluster);
     let mut out = String::new();
     let _ = writeln!(out, "{origin}: a service config (`dynamollm serve`); no problem found");
-    let _ = writeln!(out, "  (checks the file; does not contact the broker or endpoints)");
+    let _ = writeln!(out, "  (the broker, store and endpoints it names answered, unless --offline)");
     let _ = writeln!(out, "  mode:       {}", s.mode);
     let _ = writeln!(
         out,
@@ -377,7 +393,7 @@ fn check_agent(path: &Path, origin: &str, f: &mut Findings) -> Option<String> {
     }
     let mut out = String::new();
     let _ = writeln!(out, "{origin}: a node agent config (`dynamollm agent`); no problem found");
-    let _ = writeln!(out, "  (checks the file; does not contact the broker or endpoints)");
+    let _ = writeln!(out, "  (the broker, store and endpoints it names answered, unless --offline)");
     let _ = writeln!(out, "  node:       {}/{} (topics {})", cfg.site, cfg.node, cfg.topic("…"));
     if let Some(b) = &broker {
         let tls = if b.tls.is_some() { "TLS" } else { "plain" };
@@ -413,4 +429,110 @@ fn check_agent(path: &Path, origin: &str, f: &mut Findings) -> Option<String> {
     let _ = writeln!(out, "  exec:       {exec}");
     let _ = writeln!(out, "  state file: {}", cfg.state_file.display());
     Some(out)
+}
+
+/// How long one probe may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Something the config names, to be tried.
+enum Probe {
+    /// An MQTT broker: CONNECT with the config's credentials and TLS.
+    Broker(Box<telemetry::mqtt::MqttSettings>),
+    /// An HTTP URL that must answer (any status but a server error).
+    Http(String),
+    /// A host:port that must accept a TCP connection (no request: a webhook would act on one).
+    Tcp(String),
+    /// An engine's metrics page: must answer 200 and read as a vLLM or SGLang page.
+    EnginePage(String),
+}
+
+impl Probe {
+    async fn run(self) -> Result<(), String> {
+        let http = || reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().map_err(|e| e.to_string());
+        match self {
+            Probe::Broker(s) => {
+                let mut s = *s;
+                use rumqttc::{AsyncClient, Event, Packet};
+                // A session of its own, clean: the service's queued messages are not touched.
+                s.client_id = format!("{}-check-{}", s.client_id, std::process::id());
+                let broker = s.broker();
+                let mut o = s.options();
+                o.set_clean_session(true);
+                let (client, mut el) = AsyncClient::new(o, 8);
+                let r = tokio::time::timeout(PROBE_TIMEOUT, async {
+                    loop {
+                        match el.poll().await {
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                            Ok(_) => {}
+                            Err(e) => return Err(telemetry::mqtt::connection_problem(&e)),
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())));
+                let _ = client.try_disconnect();
+                r.map_err(|e| format!("cannot connect to the broker {broker}: {e}"))
+            }
+            Probe::Http(url) => match http()?.get(&url).send().await {
+                Ok(r) if r.status().is_server_error() => Err(format!("{url} answered {}", r.status())),
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("cannot reach {url}: {e}")),
+            },
+            Probe::Tcp(url) => {
+                let u = reqwest::Url::parse(&url).map_err(|e| format!("{url:?}: {e}"))?;
+                let host = u.host_str().unwrap_or_default().to_string();
+                let port = u.port_or_known_default().unwrap_or(80);
+                match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("cannot reach {host}:{port} ({url}): {e}")),
+                    Err(_) => Err(format!("no answer from {host}:{port} ({url}) within {} s", PROBE_TIMEOUT.as_secs())),
+                }
+            }
+            Probe::EnginePage(url) => {
+                let text = telemetry::scrape::fetch(&http()?, &url).await.map_err(|e| format!("{url}: {e}"))?;
+                telemetry::scrape::parse_engine_page(&text, &url).map(|_| ()).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+fn service_probes(path: &Path) -> Vec<(String, Probe)> {
+    let mut out = Vec::new();
+    let Ok(cfg) = service::config::ServiceConfig::load(path) else { return out };
+    if let Ok(t) = cfg.telemetry_config() {
+        if let Ok(Some(s)) = telemetry::mqtt::MqttSettings::from_config(&t.mqtt) {
+            out.push(("telemetry.mqtt.host".to_string(), Probe::Broker(Box::new(s))));
+        }
+        if let Some(url) = &t.influx.url {
+            out.push(("telemetry.influx.url".into(), Probe::Http(format!("{}/health", url.trim_end_matches('/')))));
+        }
+        if let Some(url) = &t.prometheus.url {
+            let q = format!("{}/api/v1/query?query=1", url.trim_end_matches('/'));
+            out.push(("telemetry.prometheus.url".into(), Probe::Http(q)));
+        }
+    }
+    for (i, d) in cfg.cluster.dcgm.iter().enumerate() {
+        out.push((format!("cluster.dcgm[{i}].url"), Probe::Http(d.url.clone())));
+    }
+    if let Ok(a) = cfg.actuators_config() {
+        if let Some(w) = &a.webhook {
+            out.push(("actuators.webhook.url".into(), Probe::Tcp(w.url.clone())));
+        }
+    }
+    out
+}
+
+fn agent_probes(path: &Path) -> Vec<(String, Probe)> {
+    let mut out = Vec::new();
+    let Ok(cfg) = agent::AgentConfig::load(path) else { return out };
+    if let Ok(s) = cfg.mqtt_settings() {
+        out.push(("agent.mqtt.host".to_string(), Probe::Broker(Box::new(s))));
+    }
+    if let Some(u) = &cfg.engine_url {
+        out.push(("agent.engine_url".into(), Probe::EnginePage(u.clone())));
+    }
+    if let Some(u) = &cfg.twin_url {
+        out.push(("agent.twin_url".into(), Probe::Http(format!("{}/admin/clock", u.trim_end_matches('/')))));
+    }
+    out
 }

@@ -46,7 +46,7 @@ pub struct DemoArgs {
     /// No progress bars or live summary.
     #[arg(long)]
     pub quiet: bool,
-    /// Also write the run's figures to this file as JSON (see [`DemoJson`]).
+    /// Also write the run's figures to this file as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
     /// Keep the service's state and telemetry store here (default: a temporary

@@ -9,6 +9,7 @@ pub mod predictor;
 pub mod profile;
 pub mod rehearse;
 pub mod report;
+pub mod robustness;
 pub mod serve;
 pub mod sim;
 pub mod twin;

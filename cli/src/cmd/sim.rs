@@ -353,6 +353,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         clock_down_sigmas: args.clock_down_sigmas,
         mix_hysteresis: args.mix_hysteresis,
         quiet: args.quiet,
+        tables: true,
     };
     let reports = run_policies(
         &physics,
@@ -421,6 +422,8 @@ pub struct RunOptions {
     pub mix_hysteresis: Option<f64>,
     /// No progress bars.
     pub quiet: bool,
+    /// Print each policy's table as it ends (the robustness suite prints its own).
+    pub tables: bool,
 }
 
 impl RunOptions {
@@ -436,6 +439,7 @@ impl RunOptions {
             clock_down_sigmas: None,
             mix_hysteresis: None,
             quiet,
+            tables: true,
         }
     }
 }
@@ -473,7 +477,7 @@ pub fn run_policies(
                 let sized = instances.is_none();
                 let (report, counts) =
                     run_policy(physics, policy, workload, instances, opts.slo_multiplier, opts.quiet)?;
-                if policies.contains(&policy) {
+                if policies.contains(&policy) && opts.tables {
                     print!("{}", report.table());
                     println!(
                         "  instances: {} ({})",
@@ -522,14 +526,16 @@ pub fn run_policies(
                     },
                     opts.quiet,
                 )?;
-                print!("{}", report.table());
-                let mut acts: Vec<_> = summary.actions.iter().collect();
-                acts.sort();
-                println!(
-                    "  controller: {} steps, actions {}",
-                    summary.steps,
-                    acts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
-                );
+                if opts.tables {
+                    print!("{}", report.table());
+                    let mut acts: Vec<_> = summary.actions.iter().collect();
+                    acts.sort();
+                    println!(
+                        "  controller: {} steps, actions {}",
+                        summary.steps,
+                        acts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                    );
+                }
                 report
             }
         };

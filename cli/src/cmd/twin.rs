@@ -12,7 +12,7 @@ use std::path::PathBuf;
 /// `dynamollm twin` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum TwinCommand {
-    /// Measure the calibration anchors A1–A6 of TWIN-PHYSICS.md in the twin.
+    /// Measure the calibration anchors of docs/twin.md in the twin.
     Anchors(AnchorsArgs),
     /// Check a profile against fresh twin measurements at held-out loads (MAPE per class).
     Accuracy(AccuracyArgs),

@@ -7,6 +7,7 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -461,4 +462,64 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A private Mosquitto (no persistence) that can be killed and started again on its port.
+pub struct Broker {
+    bin: PathBuf,
+    conf: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn new(dir: &Path) -> Broker {
+        let bin = PathBuf::from(std::env::var("DYNAMOLLM_TEST_MOSQUITTO_BIN").unwrap_or_else(|_| {
+            panic!(
+                "DYNAMOLLM_TEST_MOSQUITTO_BIN is not set: run the tests through scripts/test (it installs Mosquitto)"
+            )
+        }));
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        let mut b = Broker { bin, conf, port, child: None };
+        b.start();
+        b
+    }
+
+    pub fn start(&mut self) {
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "mosquitto did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A series' value on a `/metrics` page (the first line starting with `series`).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
 }

@@ -45,7 +45,70 @@ pub fn connection_problem(e: &rumqttc::ConnectionError) -> String {
             };
             format!("the broker refused the connection: {why}")
         }
+        rumqttc::ConnectionError::Tls(e) => format!(
+            "TLS: {e} (check that ca_file is the CA that signed the broker's certificate, that the host name is in \
+             that certificate, and the client certificate and key when the broker asks for one)"
+        ),
         other => other.to_string(),
+    }
+}
+
+/// `<base>-<host>-<pid>`: a client id of this process's own.
+pub fn process_client_id(base: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect::<String>())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!("{base}-{host}-{}", std::process::id())
+}
+
+/// Tells a taken client id from other trouble: a broker drops the older of
+/// two connections with the same client id, so two processes sharing one
+/// take turns being thrown off just after they connect. Fed every ConnAck
+/// and every connection error; says so once, naming the id.
+#[derive(Debug)]
+pub struct FlapWatch {
+    client_id: String,
+    connected_at: Option<std::time::Instant>,
+    quick_drops: u32,
+    said: bool,
+}
+
+impl FlapWatch {
+    /// Drops within this long of a ConnAck count as quick.
+    pub const QUICK: Duration = Duration::from_secs(3);
+    /// Quick drops in a row before the hint.
+    pub const IN_A_ROW: u32 = 3;
+
+    /// A watch for the client id `client_id`.
+    pub fn new(client_id: &str) -> FlapWatch {
+        FlapWatch { client_id: client_id.to_string(), connected_at: None, quick_drops: 0, said: false }
+    }
+
+    /// A ConnAck came.
+    pub fn connected(&mut self) {
+        self.connected_at = Some(std::time::Instant::now());
+    }
+
+    /// The connection failed: the hint, once, when it has failed quickly after connecting
+    /// [`Self::IN_A_ROW`] times in a row.
+    pub fn dropped(&mut self) -> Option<String> {
+        match self.connected_at.take() {
+            Some(t) if t.elapsed() < Self::QUICK => self.quick_drops += 1,
+            Some(_) => self.quick_drops = 0,
+            None => {}
+        }
+        (self.quick_drops >= Self::IN_A_ROW && !self.said).then(|| {
+            self.said = true;
+            format!(
+                "the broker closed the connection {} times right after accepting it: another client is probably \
+                 connected with the same client id {:?} (a broker drops the older of two); give each process its \
+                 own client_id",
+                self.quick_drops, self.client_id
+            )
+        })
     }
 }
 
@@ -297,11 +360,17 @@ impl MqttCollector {
         let task = tokio::spawn(async move {
             let mut backoff = Backoff::new(settings.reconnect_initial, settings.reconnect_max);
             let prefix = settings.topic_prefix.clone();
+            let mut flaps = FlapWatch::new(&settings.client_id);
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
-                        cn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        flaps.connected();
+                        if cn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                            tracing::info!(%broker, client_id = %settings.client_id, "MQTT collector connected");
+                        } else {
+                            tracing::info!(%broker, "MQTT collector connected again");
+                        }
                         for t in ["telemetry", "state"] {
                             if let Err(e) = client.try_subscribe(format!("{prefix}/+/+/{t}"), QoS::AtLeastOnce) {
                                 st.record_error(&MqttError::Connection {
@@ -366,6 +435,9 @@ impl MqttCollector {
                             broker: broker.clone(),
                             problem: connection_problem(&e),
                         });
+                        if let Some(hint) = flaps.dropped() {
+                            tracing::warn!(%broker, "{hint}");
+                        }
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }
@@ -428,11 +500,17 @@ impl EdgePublisher {
         let broker = settings.broker();
         let task = tokio::spawn(async move {
             let mut backoff = Backoff::new(settings.reconnect_initial, settings.reconnect_max);
+            let mut flaps = FlapWatch::new(&settings.client_id);
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
-                        cn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        flaps.connected();
+                        if cn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                            tracing::info!(%broker, client_id = %settings.client_id, "MQTT connected");
+                        } else {
+                            tracing::info!(%broker, "MQTT connected again");
+                        }
                         let _ = c.try_publish(&state_topic, QoS::AtLeastOnce, true, state_payload(NodeState::Alive));
                         for t in &subscribe {
                             if let Err(e) = c.try_subscribe(t, QoS::AtLeastOnce) {
@@ -466,6 +544,9 @@ impl EdgePublisher {
                         er.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let e = MqttError::Connection { broker: broker.clone(), problem: connection_problem(&e) };
                         tracing::warn!("{e}");
+                        if let Some(hint) = flaps.dropped() {
+                            tracing::warn!(%broker, "{hint}");
+                        }
                         if let Ok(mut l) = le.lock() {
                             *l = Some(e);
                         }
@@ -551,6 +632,23 @@ impl EdgePublisher {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_quick_drops_in_a_row_mean_a_taken_client_id() {
+        let mut w = super::FlapWatch::new("ctl-1");
+        w.connected();
+        assert_eq!(w.dropped(), None);
+        assert_eq!(w.dropped(), None, "a drop with no connection before it counts for nothing");
+        w.connected();
+        assert_eq!(w.dropped(), None);
+        w.connected();
+        let hint = w.dropped().expect("three quick drops in a row");
+        assert!(hint.contains("same client id \"ctl-1\"") && hint.contains("3 times"), "{hint}");
+        w.connected();
+        assert_eq!(w.dropped(), None, "said once");
+        let id = super::process_client_id("dynamollm-controller");
+        assert!(id.starts_with("dynamollm-controller-") && id.ends_with(&format!("-{}", std::process::id())), "{id}");
+    }
+
     use super::*;
 
     #[test]
