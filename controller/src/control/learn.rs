@@ -24,13 +24,19 @@ impl Controller {
                     (!stale_dip).then_some(a)
                 })
                 .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
+            // A pool the hour guard has just taken: its capacity drops at once (window or not).
+            let cut = self.hour_guard_capacity(pool, obs);
             // At most one adjustment per attainment window: the window's samples must be new.
-            if obs.now_s - self.learnt_at[pool] < self.cfg.attainment_window_s - 1e-9 {
+            if !cut && obs.now_s - self.learnt_at[pool] < self.cfg.attainment_window_s - 1e-9 {
                 continue;
             }
             // On a dip, clocks below the top in a pool whose clock margin is learnt (one prompt
             // band): the clock loop may have cut too close.
+            // A pool on the hour guard has no hour left for a margin that climbs a step a window:
+            // a dip there shrinks its capacity.
+            let guarded = self.hour_guarded(pool);
             let lowered = worst.is_some_and(|a| a < ATTAINMENT_TARGET)
+                && !guarded
                 && !self.mixes_bands(pool)
                 && obs.instances.iter().any(|i| {
                     i.pool.0 as usize == pool
@@ -43,6 +49,10 @@ impl Controller {
             let s = &mut self.util_scale[pool];
             let margin = &mut self.clock_margin[pool];
             match worst {
+                _ if cut => {
+                    self.learnt_at[pool] = obs.now_s;
+                    short.push(pool);
+                }
                 // A sharp dip: fewer instances than the load needs now.
                 Some(a) if a < ATTAINMENT_TARGET && sharp => {
                     *margin = (*margin * step).min(ceiling);
@@ -61,7 +71,8 @@ impl Controller {
                     self.learnt_at[pool] = obs.now_s;
                     short.push(pool);
                 }
-                Some(a) if a >= comfort && (*s < MAX_CAPACITY_SCALE || *margin > floor + 1e-12) => {
+                // Not while the hour guard holds the pool: its hour has no room for a step back.
+                Some(a) if a >= comfort && !guarded && (*s < MAX_CAPACITY_SCALE || *margin > floor + 1e-12) => {
                     *margin = (*margin * decay).max(floor);
                     // A pool of instances behind least-outstanding routing queues less than the one
                     // instance the profile measured: let live telemetry raise the capacity too.

@@ -18,7 +18,10 @@
 //!
 //! and a **backlog guard** every step: an instance whose queue grows gets the
 //! top clock at once, hands half its unstarted requests to a pool mate with
-//! no queue (else to the next-larger class's pool), and its pool is re-planned.
+//! no queue (else to the next-larger class's pool), and its pool is re-planned;
+//! and an **hour guard** every step: a class whose misses over the last hour
+//! pass its P99 budget puts its pool on guard (capacity cut to what its fleet
+//! shows, re-planned at once, no retires) until the hour recovers.
 //!
 //! This file holds the controller's state and `step`, which runs the loops in
 //! order; each loop lives in a module of its own: `scale` (budgets, merging
@@ -188,6 +191,17 @@ pub struct Controller {
     /// Pools with spawns waiting for a full fixed cluster's GPUs: re-planned
     /// every step until the GPUs freed for them are taken.
     short_of_gpus: std::collections::BTreeSet<usize>,
+    /// The hour guard's steps over the last hour (see [`Controller::hour_guard`]; not persisted:
+    /// a restarted controller watches a fresh hour).
+    hour_log: std::collections::VecDeque<guard::HourSample>,
+    /// Each class's arrivals since the controller began (estimated from its rates).
+    hour_arrived: [f64; CLASS_COUNT],
+    /// When the hour guard last sampled (s).
+    hour_last_s: f64,
+    /// Per pool, the class whose hour heads below the P99 target, if any.
+    hour_short: Vec<Option<guard::HourShort>>,
+    /// Per pool, whether the hour guard put it on guard this step.
+    hour_tripped: Vec<bool>,
 }
 
 impl Controller {
@@ -232,6 +246,11 @@ impl Controller {
             starting_w_per_gpu,
             free_gpus: None,
             short_of_gpus: std::collections::BTreeSet::new(),
+            hour_log: std::collections::VecDeque::new(),
+            hour_arrived: [0.0; CLASS_COUNT],
+            hour_last_s: f64::NEG_INFINITY,
+            hour_short: vec![None; pools],
+            hour_tripped: vec![false; pools],
         }
     }
 
@@ -442,6 +461,7 @@ impl Controller {
             }
         }
         let short = if self.cfg.loops.scale || self.cfg.loops.shard || self.cfg.loops.clock {
+            self.hour_guard(now_s, obs);
             self.learn_capacity(obs)
         } else {
             Vec::new()

@@ -308,6 +308,11 @@ impl Controller {
                 if to_free == Some(0) {
                     break;
                 }
+                // A pool the hour guard holds keeps its instances: its hour has no room for a cut
+                // that turns out one too far (a full fixed cluster's new mix still takes their GPUs).
+                if has_traffic && to_free.is_none() && self.hour_guarded(pool) {
+                    continue;
+                }
                 // Capacity left after this one goes must carry the current load…
                 let rest = members.iter().filter(|m| {
                     m.state == InstanceState::Serving && m.id != i.id && !self.retiring.contains_key(&m.id)
