@@ -289,6 +289,32 @@ impl Drop for Child {
     }
 }
 
+/// An agent config file for the binary: site `edge1`, node `node`, the twin at `base` as its
+/// GPUs, the shared broker, the tests' command key; `extra` lines go into `[agent]`.
+fn binary_config(
+    dir: &std::path::Path,
+    base: &str,
+    node: &str,
+    interval_s: f64,
+    extra: &str,
+    prefix: &str,
+) -> std::path::PathBuf {
+    let (host, port) = broker();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nsite = \"edge1\"\nnode = \"{node}\"\ngpu = \"twin\"\ntwin_url = \"{base}\"\ninterval_s = {interval_s}\n\
+             state_file = \"{}\"\ncommand_key_file = \"{}\"\n{extra}\
+             [agent.mqtt]\nhost = \"{host}\"\nport = {port}\ntopic_prefix = \"{prefix}\"\n",
+            dir.join("applied.json").display(),
+            key_file(dir),
+        ),
+    )
+    .unwrap();
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_stops_cleanly_on_sigterm_and_its_last_will_covers_a_kill() {
     let (host, port) = broker();
@@ -296,17 +322,7 @@ async fn the_binary_stops_cleanly_on_sigterm_and_its_last_will_covers_a_kill() {
     let http = reqwest::Client::new();
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("agentbin{}-{}", std::process::id(), telemetry::sample::now_ms());
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nsite = \"edge1\"\nnode = \"n2\"\ngpu = \"twin\"\ntwin_url = \"{base}\"\ninterval_s = 0.5\n\
-             state_file = \"{}\"\ncommand_key_file = \"{}\"\n[agent.mqtt]\nhost = \"{host}\"\nport = {port}\ntopic_prefix = \"{prefix}\"\n",
-            dir.path().join("applied.json").display(),
-            key_file(dir.path()),
-        ),
-    )
-    .unwrap();
+    let config = binary_config(dir.path(), &base, "n2", 0.5, "", &prefix);
     let mut w = Watcher::new(&host, port, &format!("{prefix}-w"), &format!("{prefix}/edge1/n2/#")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut child = Child(
@@ -488,18 +504,7 @@ async fn the_binary_refuses_unsigned_forged_expired_and_replayed_commands() {
     let http = reqwest::Client::new();
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("agentsec{}-{}", std::process::id(), telemetry::sample::now_ms());
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nsite = \"edge1\"\nnode = \"n5\"\ngpu = \"twin\"\ntwin_url = \"{base}\"\ninterval_s = 0.2\n\
-             state_file = \"{}\"\ncommand_key_file = \"{}\"\ncommand_ttl_s = 2\n\
-             [agent.mqtt]\nhost = \"{host}\"\nport = {port}\ntopic_prefix = \"{prefix}\"\n",
-            dir.path().join("applied.json").display(),
-            key_file(dir.path()),
-        ),
-    )
-    .unwrap();
+    let config = binary_config(dir.path(), &base, "n5", 0.2, "command_ttl_s = 2\n", &prefix);
     let log_path = dir.path().join("agent.log");
     let mut w = Watcher::new(&host, port, &format!("{prefix}-w"), &format!("{prefix}/edge1/n5/#")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
