@@ -16,6 +16,8 @@
 //! - The HTTP API (axum) is in [`api`].
 #![forbid(unsafe_code)]
 
+pub use state::{audit_path, load_state, save_state, state_path, store_dir};
+
 pub mod api;
 pub mod config;
 pub mod core;
@@ -23,6 +25,7 @@ pub mod openai;
 pub mod reports;
 pub mod router;
 pub mod scrape;
+mod state;
 #[cfg(feature = "twin")]
 pub mod twin;
 
@@ -32,7 +35,7 @@ use config::{Secret, ServiceConfig};
 use controller::control::{ControllerConfig, Loops};
 use controller::policy::Policy;
 use controller::profile::ProfileTable;
-use core::{CoreConfig, Mode, SavedState, ServiceCore};
+use core::{CoreConfig, Mode, ServiceCore};
 use reports::{TwinEvent, TwinTotals};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -196,52 +199,6 @@ pub fn raise_open_files_limit() -> Option<u64> {
             tracing::warn!(soft = before.map(|b| b.0), "cannot raise the open-files limit: {e}");
             before.map(|b| b.0)
         }
-    }
-}
-
-/// The embedded store's directory when `[telemetry.store] data_dir` is not set.
-pub fn store_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("telemetry")
-}
-
-/// Where a real cluster's audit log is: in the embedded store's file when the
-/// store is on, else `actuators-audit.redb` in the state directory.
-pub fn audit_path(state_dir: &Path) -> PathBuf {
-    let in_store = store_dir(state_dir).join(telemetry::store::FILE_NAME);
-    if in_store.exists() {
-        in_store
-    } else {
-        state_dir.join("actuators-audit.redb")
-    }
-}
-
-/// Where the state file lives.
-pub fn state_path(dir: &Path) -> PathBuf {
-    dir.join("state.json")
-}
-
-/// Write the state atomically (temp file, fsync, rename).
-pub fn save_state(dir: &Path, s: &SavedState) -> Result<()> {
-    let tmp = dir.join("state.json.tmp");
-    let text = serde_json::to_vec(s)?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, state_path(dir)).with_context(|| format!("cannot replace {}", state_path(dir).display()))
-}
-
-/// Read a saved state, if there is one.
-pub fn load_state(dir: &Path) -> Result<Option<SavedState>> {
-    let p = state_path(dir);
-    match std::fs::read(&p) {
-        Ok(bytes) => {
-            Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{}: not a saved state", p.display()))?))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod collect;
 pub mod config;
 pub mod dcgm;
 pub mod gpu;
+pub mod histogram;
 pub mod ingest;
 pub mod mqtt;
 pub mod prom_query;
