@@ -331,7 +331,10 @@ impl Default for RouterSection {
             client_keys: Vec::new(),
             client_keys_file: None,
             max_connections: 16384,
-            header_timeout_s: 10.0,
+            // Longer than clients keep idle connections in their pools (reqwest 90 s): a server that
+            // closes a kept-alive connection just as a client reuses it fails that request (a POST is
+            // not retried). max_connections and the descriptor fitting bound what idle ones may hold.
+            header_timeout_s: 100.0,
             max_header_bytes: 64 * 1024,
             max_body_bytes: 32 * 1024 * 1024,
             tokenize: "engine".into(),
