@@ -42,6 +42,10 @@ enum Command {
     /// The same controller settings on traffic they were not tuned on: the Coding week, its curve with
     /// Conversation lengths, the Conversation hour at several scales, each at several seeds, in one table.
     Robustness(cmd::robustness::RobustnessArgs),
+    /// What dynamollm would have saved on a fleet, from its history in Prometheus: the workload and the
+    /// fleet's layout read, replayed in the twin under that layout and under dynamollm, beside the
+    /// measured energy.
+    Assess(cmd::assess::AssessArgs),
     /// Check a service or agent config file: every key and range, the files it names, and (unless --offline)
     /// the broker, store and endpoints it names; prints what would run.
     Check(cmd::check::CheckArgs),
@@ -67,6 +71,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Forecast(ForecastCommand::Backtest(a)) => cmd::forecast::backtest(&a).map(|_| true),
         Command::Agent(a) => cmd::agent::run(&a).map(|_| true),
         Command::Check(a) => cmd::check::run(&a).map(|_| true),
+        Command::Assess(a) => cmd::assess::run(&a).map(|_| true),
         Command::Robustness(a) => cmd::robustness::run(&a).map(|rows| rows.iter().all(|r| r.holds)),
     }
 }

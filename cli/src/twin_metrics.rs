@@ -24,6 +24,11 @@ pub const E2E_BUCKETS_S: [f64; 21] = [
     1920.0, 7680.0,
 ];
 
+/// vLLM's request-length buckets (`build_1_2_5_buckets(max_model_len)`), for a
+/// context of 8,192 tokens: 1, 2, 5, 10, … 5,000 tokens.
+pub const LENGTH_BUCKETS_TOKENS: [f64; 12] =
+    [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
+
 /// Every metric of one served engine.
 pub struct EngineMetrics {
     registry: Registry,
@@ -33,6 +38,10 @@ pub struct EngineMetrics {
     pub inter_token: Histogram,
     /// `vllm:e2e_request_latency_seconds`.
     pub e2e: Histogram,
+    /// `vllm:request_prompt_tokens`: each finished request's prompt length.
+    pub request_prompt_tokens: Histogram,
+    /// `vllm:request_generation_tokens`: each finished request's output length.
+    pub request_generation_tokens: Histogram,
     /// `vllm:num_requests_running`.
     pub running: IntGauge,
     /// `vllm:num_requests_waiting`.
@@ -79,6 +88,10 @@ impl EngineMetrics {
             "Histogram of end to end request latency in seconds.",
             &E2E_BUCKETS_S,
         )?;
+        let request_prompt_tokens =
+            hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", &LENGTH_BUCKETS_TOKENS)?;
+        let request_generation_tokens =
+            hist("vllm:request_generation_tokens", "Number of generation tokens processed.", &LENGTH_BUCKETS_TOKENS)?;
         let running = IntGauge::with_opts(labelled(Opts::new(
             "vllm:num_requests_running",
             "Number of requests in model execution batches.",
@@ -134,6 +147,8 @@ impl EngineMetrics {
             ttft,
             inter_token,
             e2e,
+            request_prompt_tokens,
+            request_generation_tokens,
             running,
             waiting,
             kv_usage,

@@ -252,6 +252,8 @@ impl Engine {
                             self.metrics.generation_tokens.inc();
                         }
                         self.metrics.e2e.observe(at_s - s.arrival_v);
+                        self.metrics.request_prompt_tokens.observe(f64::from(s.input_tokens));
+                        self.metrics.request_generation_tokens.observe(f64::from(s.sent));
                         self.metrics.success.inc();
                         let _ = s.tx.send(Out::Done { prompt_tokens: s.input_tokens, completion_tokens: s.sent });
                     }

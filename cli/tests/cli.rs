@@ -464,3 +464,21 @@ fn the_robustness_suite_reports_what_sim_measures() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no scenario \"nope\""));
 }
+
+#[test]
+fn assess_names_what_it_cannot_read() {
+    // Nothing listens on port 9: the URL is named.
+    let out = dynamollm(&["assess", "--prometheus", "http://127.0.0.1:9", "--from", "1000", "--to", "4600"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http://127.0.0.1:9/api/v1/query"), "{err}");
+    for (from, to, says) in [("4600", "1000", "--to must be after --from"), ("yesterday", "1000", "--from")] {
+        let out = dynamollm(&["assess", "--prometheus", "http://127.0.0.1:9", "--from", from, "--to", to]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err} should say {says}");
+    }
+    let out = dynamollm(&["assess", "--prometheus", "not a url", "--from", "1000", "--to", "4600"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--prometheus \"not a url\""));
+}

@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod histogram;
 pub mod ingest;
 pub mod mqtt;
+pub mod prom_history;
 pub mod prom_query;
 pub mod scrape;
 pub mod sink;

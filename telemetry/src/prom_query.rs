@@ -438,7 +438,7 @@ impl PromSource {
 }
 
 /// An error and its sources, one line (reqwest's own says only "error sending request").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -451,7 +451,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// A response's body as text, refused past `max` bytes (by its declared
 /// length, or as it arrives).
-async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<String, String> {
+pub(crate) async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<String, String> {
     let too_big = |n: String| format!("the answer is {n} bytes, over the {} MiB read (max_response_mb)", max >> 20);
     if let Some(n) = resp.content_length().filter(|&n| n > max as u64) {
         return Err(too_big(n.to_string()));

@@ -1,6 +1,7 @@
 //! The commands of the `dynamollm` binary, one module each.
 
 pub mod agent;
+pub mod assess;
 pub mod bound;
 pub mod check;
 pub mod demo;
