@@ -40,6 +40,15 @@ pub struct SimReport {
     pub avg_gpus: f64,
     /// Most GPUs held at once.
     pub peak_gpus: u32,
+    /// The highest one-second mean of the cluster's GPU power (W).
+    pub peak_power_w: f64,
+    /// Cost, GPU-hours and energy, by the accounting's prices ($; `sim` fills it, from the same
+    /// computation as its `--report`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Carbon, operational and embodied, by the accounting's intensity series (kg; `sim` fills it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub carbon_kg: Option<f64>,
     /// Latency percentiles and attainment over all classes.
     #[serde(flatten)]
     pub latency: LatencySummary,
@@ -89,6 +98,9 @@ impl SimReport {
             gpu_hours: totals.gpu_seconds / 3600.0,
             avg_gpus: if hours > 0.0 { totals.gpu_seconds / totals.duration_s } else { 0.0 },
             peak_gpus: totals.peak_gpus,
+            peak_power_w: totals.peak_power_w,
+            cost_usd: None,
+            carbon_kg: None,
             latency: all,
             classes,
             wall_s,

@@ -61,7 +61,7 @@ fn bad_controller_settings_are_refused_with_their_flag_named() {
     refused("--mix-hysteresis", "1.5");
 }
 
-const FIELDS: [&str; 20] = [
+const FIELDS: [&str; 23] = [
     "policy",
     "trace",
     "seed",
@@ -72,6 +72,9 @@ const FIELDS: [&str; 20] = [
     "gpu_hours",
     "avg_gpus",
     "peak_gpus",
+    "peak_power_w",
+    "cost_usd",
+    "carbon_kg",
     "ttft_p50_s",
     "ttft_p99_s",
     "tbt_p50_s",

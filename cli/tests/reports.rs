@@ -101,7 +101,13 @@ fn a_compare_runs_report_loads_clean_and_matches_its_json_and_csv() {
     let sim: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sim_json).unwrap()).unwrap();
     for (r, s) in j["runs"].as_array().unwrap().iter().zip(sim["runs"].as_array().unwrap()) {
         assert_eq!(r["policy"], s["policy"]);
-        for (a, b) in [("energy_kwh", "energy_kwh"), ("gpu_hours", "gpu_hours"), ("requests", "requests_total")] {
+        for (a, b) in [
+            ("energy_kwh", "energy_kwh"),
+            ("gpu_hours", "gpu_hours"),
+            ("requests", "requests_total"),
+            ("cost_usd", "cost_usd"),
+            ("carbon_kg", "carbon_kg"),
+        ] {
             let (x, y) = (r[a].as_f64().unwrap(), s[b].as_f64().unwrap());
             assert!((x - y).abs() <= 1e-9 * y.abs().max(1.0), "{a}: report {x}, sim {y}");
         }
@@ -256,4 +262,53 @@ fn a_run_that_misses_a_class_is_marked_beside_its_overall_attainment() {
         assert_eq!(text.contains("misses its P99 SLO"), misses, "{text}");
         assert_eq!(row.contains("class=\"misses-slo\""), misses, "{row}");
     }
+}
+
+/// `sim --intensity` swaps the carbon intensity series and nothing else: a constant
+/// 500 g/kWh series gives 500 g per facility kWh plus the same embodied carbon.
+#[test]
+fn sim_json_prices_carbon_with_the_intensity_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let series = dir.path().join("flat.csv");
+    std::fs::write(&series, "time,g_co2e_per_kwh,signal\n2024-04-01T00:00:00Z,500,average\n").unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let json = dir.path().join("sim.json");
+        let mut a = vec!["sim", "--policy", "single-pool", "--hours", "0.1", "--instances", "2", "--quiet"];
+        a.extend(extra);
+        a.extend(["--json", json.to_str().unwrap()]);
+        dynamollm(&a);
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let bundled = run(&[]);
+    let flat = run(&["--intensity", series.to_str().unwrap()]);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    assert_eq!(f(&bundled, "energy_kwh"), f(&flat, "energy_kwh"));
+    assert_eq!(f(&bundled, "cost_usd"), f(&flat, "cost_usd"));
+    assert!(f(&bundled, "peak_power_w") > 0.0 && f(&bundled, "peak_power_w") <= 16.0 * 700.0);
+    // Mean power below the peak.
+    assert!(f(&bundled, "energy_kwh") * 3.6e6 / f(&bundled, "duration_s") < f(&bundled, "peak_power_w"));
+    // The difference of the two runs' carbon is all operational: (500 − the bundled mean) g per kWh.
+    let report = dir.path().join("r.json");
+    let flat_report: serde_json::Value = {
+        dynamollm(&[
+            "sim",
+            "--policy",
+            "single-pool",
+            "--hours",
+            "0.1",
+            "--instances",
+            "2",
+            "--quiet",
+            "--intensity",
+            series.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+    };
+    let r = &flat_report["runs"][0];
+    let operational = f(r, "carbon_operational_kg");
+    assert!((operational / (f(r, "facility_energy_kwh") * 0.5) - 1.0).abs() < 1e-9, "{operational}");
+    assert!((f(r, "carbon_kg") - f(&flat, "carbon_kg")).abs() < 1e-12);
+    assert_ne!(f(&bundled, "carbon_kg"), f(&flat, "carbon_kg"));
 }

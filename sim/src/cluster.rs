@@ -88,6 +88,9 @@ pub struct RunTotals {
     pub requests_rejected: u64,
     /// Per-minute timeline (energy, GPUs, clocks, tokens per pool; arrivals per class).
     pub timeline: Timeline,
+    /// The highest one-second mean of the cluster's GPU power (W): each whole
+    /// second's energy, idle and starting instances included.
+    pub peak_power_w: f64,
 }
 
 /// A cluster being simulated.
@@ -115,6 +118,11 @@ pub struct Cluster<'p> {
     pool_gpus: Vec<u32>,
     pool_stopped_energy_j: Vec<f64>,
     recorder: Recorder,
+    /// The next whole second the peak power is measured at, the cluster's energy at the one
+    /// before (J), and the highest one-second mean power so far (W).
+    peak_next_s: f64,
+    peak_last_energy_j: f64,
+    peak_power_w: f64,
 }
 
 impl<'p> Cluster<'p> {
@@ -171,6 +179,9 @@ impl<'p> Cluster<'p> {
             pool_gpus: vec![0; spec.pools.len()],
             pool_stopped_energy_j: vec![0.0; spec.pools.len()],
             recorder: Recorder::new(spec.pools.iter().map(|p| p.name.clone()).collect(), TIMELINE_STEP_S),
+            peak_next_s: 1.0,
+            peak_last_energy_j: 0.0,
+            peak_power_w: 0.0,
         };
         for s in &spec.instances {
             cluster.add_instance(s.pool, s.tp, s.clock_mhz, Lifecycle::Serving);
@@ -263,7 +274,8 @@ impl<'p> Cluster<'p> {
         self.recorder.close(t, &energy, &self.pool_gpu_seconds, &self.pool_gpus, &clock, requests);
     }
 
-    /// Close every timeline interval ending at or before `t`.
+    /// Close every timeline interval ending at or before `t`, and measure
+    /// the power of every whole second ending by then.
     #[inline]
     fn record_until(&mut self, t: f64) {
         while self.recorder.next_s <= t {
@@ -271,6 +283,25 @@ impl<'p> Cluster<'p> {
             self.record(at);
             self.recorder.next_s += self.recorder.timeline.step_s;
         }
+        while self.peak_next_s <= t {
+            let at = self.peak_next_s;
+            let e = self.energy_at(at);
+            self.peak_power_w = self.peak_power_w.max(e - self.peak_last_energy_j);
+            self.peak_last_energy_j = e;
+            self.peak_next_s += 1.0;
+        }
+    }
+
+    /// The cluster's GPU energy at `t` (J; no event pending before `t`): its
+    /// stopped instances' and its live ones' so far, running steps metered in part.
+    fn energy_at(&self, t: f64) -> f64 {
+        let live: f64 = self
+            .pools
+            .iter()
+            .flat_map(|p| p.members.iter())
+            .map(|&m| self.instances[m].metered_energy_at(self.physics, t))
+            .sum();
+        self.pool_stopped_energy_j.iter().sum::<f64>() + live
     }
 
     fn schedule(&mut self, inst: usize, next: Next) {
@@ -594,6 +625,7 @@ impl<'p> Cluster<'p> {
             requests_rejected: self.requests_rejected,
             stats: self.stats,
             timeline: self.recorder.timeline,
+            peak_power_w: self.peak_power_w,
         }
     }
 }

@@ -285,6 +285,26 @@ impl Instance {
         }
     }
 
+    /// Energy so far at `t` as a power meter sees it: like [`Instance::energy_at`], with the
+    /// running step counted in proportion to its time done (a step's energy spread over it).
+    pub fn metered_energy_at(&self, physics: &Physics, t: f64) -> f64 {
+        match self.phase {
+            Some(p) => {
+                let n = p.steps_done_by(t);
+                let mut e = self.energy_j + p.energy_of(n) * f64::from(self.tp);
+                if n < p.steps {
+                    let (t0, t1) = (p.start_s + p.time_of(n), p.start_s + p.time_of(n + 1));
+                    if t1 > t0 {
+                        let f = ((t - t0) / (t1 - t0)).clamp(0.0, 1.0);
+                        e += f * (p.energy_of(n + 1) - p.energy_of(n)) * f64::from(self.tp);
+                    }
+                }
+                e
+            }
+            None => self.energy_at(physics, t),
+        }
+    }
+
     /// Energy spent by time `t` (J), counting the phase in progress and idle time.
     pub fn energy_at(&self, physics: &Physics, t: f64) -> f64 {
         match self.phase {

@@ -55,3 +55,30 @@ fn timeline_sums_to_the_totals_across_spawns_and_retirements() {
     let tokens: f64 = tl.points.iter().flat_map(|p| p.pools.iter()).flat_map(|p| p.tokens_by_class).sum();
     assert!(tokens > 0.0);
 }
+
+#[test]
+fn peak_power_is_the_highest_one_second_mean_of_the_cluster() {
+    let p = Physics::default_h100_llama70b();
+    let spec = ClusterSpec {
+        pools: vec![PoolSpec { name: "all".into(), classes: RequestClass::ALL.to_vec() }],
+        instances: vec![
+            InstanceSpec { pool: 0, tp: 8, clock_mhz: 1980 },
+            InstanceSpec { pool: 0, tp: 8, clock_mhz: 1980 },
+        ],
+    };
+    let idle_w = 16.0 * p.idle_power_w(1980.0);
+    // Idle all along: the peak is the idle power.
+    let idle = Cluster::new(&p, &spec, ClassBoundaries::default(), NO_SLO).finish(120.0);
+    assert!((idle.peak_power_w / idle_w - 1.0).abs() < 1e-9, "{} vs {idle_w}", idle.peak_power_w);
+    // Idle for a minute, then a burst: the peak is above the idle power and the run's mean
+    // power, and within the GPUs' power limit.
+    let mut c = Cluster::new(&p, &spec, ClassBoundaries::default(), NO_SLO);
+    for k in 0..400 {
+        c.arrive(&Request { arrival_s: 60.0 + k as f64 * 0.05, input_tokens: 2000, output_tokens: 200 });
+    }
+    c.drain();
+    let t = c.finish(240.0);
+    let mean_w = t.energy_j / t.duration_s;
+    assert!(t.peak_power_w > mean_w && mean_w > idle_w, "peak {} mean {mean_w} idle {idle_w}", t.peak_power_w);
+    assert!(t.peak_power_w <= 16.0 * p.gpu.tdp_w + 1e-6, "peak {} over the power limit", t.peak_power_w);
+}

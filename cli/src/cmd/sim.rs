@@ -82,9 +82,14 @@ pub struct SimArgs {
     /// The policy the report compares against (default: single-pool when it ran); must be one that ran.
     #[arg(long, value_name = "POLICY")]
     pub baseline: Option<String>,
-    /// A TOML file whose `[carbon]`, `[cost]` and `[sci]` tables override the report's defaults.
+    /// A TOML file whose `[carbon]`, `[cost]` and `[sci]` tables override the accounting's defaults
+    /// (for `--report` and the JSON's `cost_usd` and `carbon_kg`).
     #[arg(long, value_name = "FILE")]
     pub accounting: Option<PathBuf>,
+    /// A carbon intensity series (CSV `time,g_per_kwh`, or `builtin:caiso-like`) in place of the
+    /// accounting's `[carbon]` source.
+    #[arg(long, value_name = "FILE")]
+    pub intensity: Option<String>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -326,10 +331,14 @@ pub fn run(args: &SimArgs) -> Result<()> {
         None => (policies.len() > 1 && policies.contains(&Policy::SinglePool))
             .then(|| Policy::SinglePool.name().to_string()),
     };
-    let accounting = match &args.accounting {
+    let mut accounting = match &args.accounting {
         Some(p) => dashboards::config::AccountingConfig::load(p)?,
         None => dashboards::config::AccountingConfig::default(),
     };
+    if let Some(series) = &args.intensity {
+        accounting.carbon.source = dashboards::config::IntensitySourceKind::Csv;
+        accounting.carbon.csv = series.clone();
+    }
     let profile = match &args.profile {
         Some(p) => ProfileTable::load(p)?,
         None => ProfileTable::bundled(),
@@ -366,6 +375,16 @@ pub fn run(args: &SimArgs) -> Result<()> {
     if let Some(w) = decisions.as_mut() {
         w.flush().context("writing decisions")?;
     }
+    // Cost and carbon of each run: the report's own figures (one computation for both).
+    let source = format!("dynamollm sim, trace {}, seed {}", workload.name, workload.seed);
+    let report = super::report::sim_report(&reports, baseline.as_deref(), &accounting, &source)?;
+    let mut reports = reports;
+    for r in &mut reports {
+        if let Some(f) = report.runs.iter().find(|f| f.policy == r.policy) {
+            r.cost_usd = Some(f.cost_usd);
+            r.carbon_kg = Some(f.carbon_kg);
+        }
+    }
     if args.compare.is_some() {
         print!("{}", compare_table(&reports));
         if let Some(path) = &args.json {
@@ -375,8 +394,6 @@ pub fn run(args: &SimArgs) -> Result<()> {
         write_json(path, &reports[0])?;
     }
     if let Some(path) = &args.report {
-        let source = format!("dynamollm sim, trace {}, seed {}", workload.name, workload.seed);
-        let report = super::report::sim_report(&reports, baseline.as_deref(), &accounting, &source)?;
         super::report::write_report(&report, super::report::Format::of_path(path), path)?;
         println!("\nreport: {}", path.display());
         if baseline.is_none() {
@@ -558,12 +575,13 @@ pub fn compare_table(reports: &[SimReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n{:<16} {:>11} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>10} {:>9} {:>11}",
+        "\n{:<16} {:>11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>11} {:>10} {:>9} {:>11}",
         "policy",
         "energy kWh",
         "vs single",
         "GPU-hours",
         "avg GPUs",
+        "peak kW",
         "TTFT p99",
         "TBT p99",
         "worst class",
@@ -575,12 +593,13 @@ pub fn compare_table(reports: &[SimReport]) -> String {
         let worst = r.classes.values().map(|c| c.latency.slo_attainment).fold(1.0, f64::min);
         let _ = writeln!(
             s,
-            "{:<16} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>10} {:>9} {:>11}{}",
+            "{:<16} {:>11.2} {:>8.3}× {:>10.1} {:>9.1} {:>9.1} {:>9.3}s {:>7.1}ms {:>10.2}% {:>10} {:>9} {:>11}{}",
             r.policy,
             r.energy_kwh,
             base.map_or(f64::NAN, |b| r.energy_kwh / b),
             r.gpu_hours,
             r.avg_gpus,
+            r.peak_power_w / 1e3,
             r.latency.ttft_p99_s,
             r.latency.tbt_p99_s * 1e3,
             worst * 100.0,
