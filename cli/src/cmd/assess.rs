@@ -222,6 +222,7 @@ pub fn run(args: &AssessArgs) -> Result<Assessment> {
         attainment_comfort: None,
         clock_down_sigmas: None,
         mix_hysteresis: None,
+        power_budget: None,
         decisions: None,
         future: None,
     };

@@ -110,6 +110,11 @@ pub mod flag {
         in_range(s, 0.01, 10_000.0)
     }
 
+    /// A power (W), 1 W to 1 GW.
+    pub fn power_w(s: &str) -> Result<f64, String> {
+        in_range(s, 1.0, 1e9)
+    }
+
     /// A load multiplier, 0.001 to 1000.
     pub fn scale(s: &str) -> Result<f64, String> {
         in_range(s, 0.001, 1_000.0)

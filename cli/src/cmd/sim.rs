@@ -58,6 +58,15 @@ pub struct SimArgs {
     /// decides). The oracle, whose changes are free, never holds back.
     #[arg(long, value_name = "H")]
     pub mix_hysteresis: Option<f64>,
+    /// A site power budget (W) the controlled policies keep: what the fleet draws at its clocks and
+    /// load (from the profile and the power measured), idle and starting instances included, stays
+    /// under it less 15%. The static policies ignore it.
+    #[arg(long, value_name = "W", value_parser = super::flag::power_w)]
+    pub power_budget_w: Option<f64>,
+    /// Under --power-budget-w, the classes by rank, highest first (e.g. `SS,SM,MS`): the lowest-ranked
+    /// pools' clocks go down first, then they give up instances. Classes left out follow, short prompts first.
+    #[arg(long, value_name = "LIST", requires = "power_budget_w")]
+    pub class_priority: Option<String>,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0, value_parser = super::flag::share)]
@@ -215,6 +224,8 @@ pub struct ControlledRun<'a> {
     pub clock_down_sigmas: Option<f64>,
     /// `ControllerConfig::mix_hysteresis` (default: the config's).
     pub mix_hysteresis: Option<f64>,
+    /// A site power budget, and the class ranks it degrades by.
+    pub power_budget: Option<PowerBudget>,
     /// Where decisions go.
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
@@ -250,6 +261,10 @@ pub fn run_controlled_policy(
     }
     if let Some(h) = run.mix_hysteresis {
         cfg.mix_hysteresis = h;
+    }
+    if let Some(b) = run.power_budget {
+        cfg.power_budget_w = Some(b.power_w);
+        cfg.class_priority = b.class_priority;
     }
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
     if !loops.scale && !loops.shard {
@@ -361,6 +376,13 @@ pub fn run(args: &SimArgs) -> Result<()> {
         attainment_comfort: args.attainment_comfort,
         clock_down_sigmas: args.clock_down_sigmas,
         mix_hysteresis: args.mix_hysteresis,
+        power_budget: match args.power_budget_w {
+            Some(power_w) => Some(PowerBudget {
+                power_w,
+                class_priority: parse_class_priority(args.class_priority.as_deref().unwrap_or(""))?,
+            }),
+            None => None,
+        },
         quiet: args.quiet,
         tables: true,
     };
@@ -437,10 +459,45 @@ pub struct RunOptions {
     pub clock_down_sigmas: Option<f64>,
     /// `ControllerConfig::mix_hysteresis` (default: the config's).
     pub mix_hysteresis: Option<f64>,
+    /// A site power budget the controlled policies keep (`ControllerConfig::power_budget_w`), with
+    /// the class ranks it degrades by.
+    pub power_budget: Option<PowerBudget>,
     /// No progress bars.
     pub quiet: bool,
     /// Print each policy's table as it ends (the robustness suite prints its own).
     pub tables: bool,
+}
+
+/// A site power budget for the controlled policies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PowerBudget {
+    /// The budget (W).
+    pub power_w: f64,
+    /// Each class's rank (0 first; see `ControllerConfig::class_priority`).
+    pub class_priority: [u8; telemetry::CLASS_COUNT],
+}
+
+/// Parse `--class-priority`: class names, highest rank first; classes left out follow in their
+/// default order (short prompts first).
+pub fn parse_class_priority(text: &str) -> Result<[u8; telemetry::CLASS_COUNT]> {
+    let mut order: Vec<usize> = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let c = telemetry::RequestClass::ALL
+            .iter()
+            .find(|c| c.name() == name)
+            .ok_or_else(|| anyhow::anyhow!("--class-priority: `{name}` is not a class (SS, SM, … LL)"))?;
+        if order.contains(&c.index()) {
+            bail!("--class-priority: {name} is given twice");
+        }
+        order.push(c.index());
+    }
+    let rest: Vec<usize> = (0..telemetry::CLASS_COUNT).filter(|c| !order.contains(c)).collect();
+    order.extend(rest);
+    let mut rank = [0u8; telemetry::CLASS_COUNT];
+    for (r, &c) in order.iter().enumerate() {
+        rank[c] = r as u8;
+    }
+    Ok(rank)
 }
 
 impl RunOptions {
@@ -455,6 +512,7 @@ impl RunOptions {
             attainment_comfort: None,
             clock_down_sigmas: None,
             mix_hysteresis: None,
+            power_budget: None,
             quiet,
             tables: true,
         }
@@ -538,6 +596,7 @@ pub fn run_policies(
                         attainment_comfort: opts.attainment_comfort,
                         clock_down_sigmas: opts.clock_down_sigmas,
                         mix_hysteresis: opts.mix_hysteresis,
+                        power_budget: opts.power_budget,
                         decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                         future: future.as_ref(),
                     },

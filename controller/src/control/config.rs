@@ -82,6 +82,17 @@ pub struct ControllerConfig {
     pub max_clock_mhz: u32,
     /// Most GPUs the cluster may hold.
     pub gpu_budget: u32,
+    /// A site power budget (W) the fleet may never exceed: what every
+    /// instance may draw at its clock (the most power per GPU the profile
+    /// shows there), idle and starting instances included, stays under it
+    /// less `power_headroom`. `None`: no budget.
+    pub power_budget_w: Option<f64>,
+    /// The share of the power budget kept free (0 to below 1).
+    pub power_headroom: f64,
+    /// Each class's rank under the power budget (0 first): when the budget
+    /// cannot carry the load, the pools of the lowest-ranked classes have
+    /// their clocks lowered first, then lose instances to higher-ranked pools.
+    pub class_priority: [u8; telemetry_core::CLASS_COUNT],
     /// Clock changes need this relative power gain (unless the SLO forces them).
     pub clock_hysteresis: f64,
     /// Hold a new clock at least this long (s) unless the SLO forces a change.
@@ -173,6 +184,11 @@ impl ControllerConfig {
             tps: if loops.shard { vec![2, 4, 8] } else { vec![8] },
             max_clock_mhz,
             gpu_budget: u32::MAX,
+            power_budget_w: None,
+            // With BURST_SIGMAS (budget.rs) for the fleet's spread, 2% more is kept free.
+            power_headroom: 0.02,
+            // Short prompts first (interactive chat), long prompts (batch-like) last.
+            class_priority: std::array::from_fn(|c| c as u8),
             clock_hysteresis: 0.03,
             clock_hold_s: 30.0,
             // On the week-long Coding curve (seeds 1–3), 1 took the clock changes from 82,657, 88,097

@@ -30,6 +30,7 @@
 //! computes from profiles; `config` and `observe` hold the settings and what
 //! the controller is given each step.
 
+mod budget;
 mod clock;
 mod config;
 mod guard;
@@ -191,6 +192,15 @@ pub struct Controller {
     /// Pools with spawns waiting for a full fixed cluster's GPUs: re-planned
     /// every step until the GPUs freed for them are taken.
     short_of_gpus: std::collections::BTreeSet<usize>,
+    /// The least and the most power per GPU the profile shows at each (TP, clock) (W): what the power budget counts.
+    max_power: BTreeMap<(u32, u32), (f64, f64)>,
+    /// The load the power budget counts this step (per class, requests/s).
+    budget_load: Demand,
+    /// Under a power budget: the power left this step for spawns, every instance at its lowest
+    /// clock (W). `None` without a budget.
+    free_power_w: Option<f64>,
+    /// Pools the spawn gate refused this step, and the degree each wanted.
+    preempt_wanted: Vec<(usize, u32)>,
     /// The hour guard's steps over the last hour (see [`Controller::hour_guard`]; not persisted:
     /// a restarted controller watches a fresh hour).
     hour_log: std::collections::VecDeque<guard::HourSample>,
@@ -220,6 +230,7 @@ impl Controller {
                 .fold(f64::INFINITY, f64::min)
         };
         let starting_w_per_gpu = [least(true), least(false), 0.0].into_iter().find(|w| w.is_finite()).unwrap_or(0.0);
+        let max_power = budget::power_range_table(&profile);
         Controller {
             cfg,
             profile,
@@ -246,6 +257,10 @@ impl Controller {
             starting_w_per_gpu,
             free_gpus: None,
             short_of_gpus: std::collections::BTreeSet::new(),
+            max_power,
+            budget_load: [0.0; CLASS_COUNT],
+            free_power_w: None,
+            preempt_wanted: Vec::new(),
             hour_log: std::collections::VecDeque::new(),
             hour_arrived: [0.0; CLASS_COUNT],
             hour_last_s: f64::NEG_INFINITY,
@@ -511,6 +526,10 @@ impl Controller {
             std::array::from_fn(|c| obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]) * self.cfg.observed_margin);
         let plan_scale: Demand = std::array::from_fn(|c| obs.class_peak_scale.map_or(0.0, |p| p[c]).max(recent[c]));
         let plan_shard: Demand = std::array::from_fn(|c| obs.class_peak_shard.map_or(0.0, |p| p[c]).max(recent[c]));
+        if self.cfg.power_budget_w.is_some() {
+            self.learn_max_power(obs);
+        }
+        self.free_power_w = self.power_room_at_step_start(obs, &recent);
         let guard = self.backlog_guard(now_s, obs, &mut out);
         if scale_due || !self.started {
             self.last_scale_s = now_s;
@@ -565,7 +584,7 @@ impl Controller {
                     self.share_fixed_gpus(total, &plan_shard);
                 }
             }
-            for pool in 0..self.plans.len() {
+            for pool in self.pools_by_rank() {
                 self.shard_pool(now_s, pool, &plan_shard, &live, obs, &mut out);
             }
         } else if self.cfg.loops.scale {
@@ -602,6 +621,10 @@ impl Controller {
             let load_now: Demand = std::array::from_fn(|c| obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]));
             self.clock_loop(now_s, obs, &load_now, &guard, &mut out);
         }
+        for (pool, tp) in std::mem::take(&mut self.preempt_wanted) {
+            self.preempt_for(now_s, pool, tp, &live, &mut out);
+        }
+        self.fit_clocks_to_budget(now_s, obs, &mut out);
         self.started = true;
         out
     }

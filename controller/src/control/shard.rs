@@ -187,6 +187,8 @@ impl Controller {
         let mut all_target_serving = true;
         // GPUs the spawns that found the fixed cluster full wanted.
         let mut short_gpus: u32 = 0;
+        // A degree the power budget had no room for.
+        let mut short_power: Option<u32> = None;
         for (&tp, &n) in &target {
             let pending = self.spawning.values().filter(|(p, t, _)| *p == pool && *t == tp).count() as u32;
             let mut have = by_tp(tp, &[InstanceState::Serving, InstanceState::Starting]) + pending;
@@ -222,6 +224,12 @@ impl Controller {
                 });
             }
             for _ in have..n {
+                let need_w = self.floor_draw_w(tp);
+                if !super::budget::take_power(&mut self.free_power_w, need_w) {
+                    // The power budget has no room: a lower-ranked pool gives up an instance (below).
+                    short_power.get_or_insert(tp);
+                    break;
+                }
                 if !take_gpus(&mut self.free_gpus, tp) {
                     // The fixed cluster is full: what is beyond the target goes first (below).
                     short_gpus += tp;
@@ -253,6 +261,9 @@ impl Controller {
                     slo_margin: mix_margin,
                 });
             }
+        }
+        if let Some(tp) = short_power {
+            self.preempt_wanted.push((pool, tp));
         }
         // Break: retire extras only when the target mix is serving and the rest carries the current load.
         // On a full fixed cluster the extras go first (while the rest carries the current load), as

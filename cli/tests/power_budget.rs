@@ -1,0 +1,64 @@
+//! A site power budget in the twin (`sim --power-budget-w`): the bundled
+//! Conversation hour at eight times its load, under a budget of 70% and of
+//! 30% of what `single-pool` (27 × TP8, what replay sizes for it) peaks at.
+//! The twin's one-second power never passes the budget; at 70% every class
+//! holds its P99 SLOs; at 30% the load cannot be carried, and the classes
+//! ranked last (long prompts) are the ones that lose.
+
+use std::process::Command;
+
+fn sim(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let mut a = vec!["sim", "--scale", "8", "--quiet", "--json", json.to_str().unwrap()];
+    a.extend(args);
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamollm")).args(&a).output().unwrap();
+    assert!(out.status.success(), "{a:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+fn attainment(run: &serde_json::Value, class: &str) -> f64 {
+    run["classes"][class]["slo_attainment"].as_f64().unwrap()
+}
+
+#[test]
+fn the_fleet_stays_under_the_budget_and_degrades_the_last_ranked_classes_first() {
+    let single = sim(&["--policy", "single-pool", "--instances", "27"]);
+    let peak_w = single["peak_power_w"].as_f64().unwrap();
+    assert!(peak_w > 0.0);
+    let free = sim(&["--policy", "dynamollm"]);
+    for share in [0.7, 0.3] {
+        let budget_w = share * peak_w;
+        let run = sim(&["--policy", "dynamollm", "--power-budget-w", &format!("{budget_w}")]);
+        let got = run["peak_power_w"].as_f64().unwrap();
+        assert!(got <= budget_w, "{share}: peak {got:.0} W over the budget {budget_w:.0} W");
+        if share == 0.7 {
+            // The budget allows the load: every class holds.
+            for (c, v) in run["classes"].as_object().unwrap() {
+                let a = v["slo_attainment"].as_f64().unwrap();
+                assert!(a >= 0.99, "{c} at {a} under a budget that allows the load");
+            }
+        } else {
+            // Too little for the load: the short prompts (ranked first) hold, the long ones lose,
+            // and the fleet spends less than without the budget.
+            for c in ["SS", "SM", "SL"] {
+                assert!(attainment(&run, c) >= 0.99, "{c} at {}", attainment(&run, c));
+            }
+            for c in ["LM", "LL"] {
+                assert!(attainment(&run, c) < 0.9, "{c} at {} kept its share", attainment(&run, c));
+            }
+            assert!(run["requests_rejected"].as_u64().unwrap() > 0);
+            assert!(run["energy_kwh"].as_f64().unwrap() < free["energy_kwh"].as_f64().unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_class_priority_names_classes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamollm"))
+        .args(["sim", "--policy", "dynamollm", "--power-budget-w", "50000", "--class-priority", "SS,XX", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`XX` is not a class"));
+}
