@@ -95,8 +95,9 @@ async fn assess_reads_an_hour_from_prometheus_and_replays_it_within_five_percent
     let from = unix_now();
     let wall = Instant::now();
     let sent = replay(&engines).await;
-    // The engines idle a little after the last answer, then two scrapes more.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The engines idle after the last answer long enough for a scrape (1 s apart) to see its counters
+    // even on a busy machine (at 1 s one run lost the last request's increment), then two scrapes more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let to = unix_now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     eprintln!("replayed {sent} requests in {:.1} s wall", wall.elapsed().as_secs_f64());

@@ -78,3 +78,32 @@ fn a_misspelt_key_is_named() {
     let cfg = example_with("mix_hysteresis", "0.04", "0.1").unwrap();
     assert_eq!(service::controller_config(&cfg, &profile).unwrap().mix_hysteresis, 0.1);
 }
+
+#[test]
+fn the_budget_section_reaches_the_controller() {
+    let profile = dynamollm::profile::ProfileTable::bundled();
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace(
+        "# [budget]                        # a site power budget (default: none)\n# power_w = 60000.0",
+        "[budget]\npower_w = 60000.0",
+    );
+    let text = text.replace("# priority = [\"SS\", \"SM\", \"MS\"]", "priority = [\"LL\", \"SS\"]");
+    let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
+    let c = service::controller_config(&cfg, &profile).unwrap();
+    assert_eq!(c.power_budget_w, Some(60000.0));
+    // LL first, SS second, the rest in the default order after them.
+    assert_eq!(c.class_priority, [1, 2, 3, 4, 5, 6, 7, 8, 0]);
+    // Without the section: no budget.
+    let none = ServiceConfig::load(&deploy("dynamollm.toml")).unwrap();
+    assert_eq!(service::controller_config(&none, &profile).unwrap().power_budget_w, None);
+    for (bad, says) in
+        [("priority = [\"LL\", \"XL\"]", "\"XL\" is not a class"), ("priority = [\"LL\", \"LL\"]", "twice")]
+    {
+        let t = text.replace("priority = [\"LL\", \"SS\"]", bad);
+        let e = ServiceConfig::parse(&t, "deploy/dynamollm.toml").unwrap_err().to_string();
+        assert!(e.contains("budget.priority") && e.contains(says), "{e}");
+    }
+    let e = ServiceConfig::parse(&text.replace("power_w = 60000.0", "power_w = -5.0"), "deploy/dynamollm.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("budget.power_w") && e.contains("-5"), "{e}");
+}

@@ -60,5 +60,5 @@ fn a_class_priority_names_classes() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("`XX` is not a class"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"XX\" is not a class"));
 }

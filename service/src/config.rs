@@ -353,6 +353,18 @@ impl std::fmt::Debug for Source {
     }
 }
 
+/// `[budget]`: a site power budget the controller keeps (see the operator guide).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSection {
+    /// The budget (W): what the fleet may draw at its clocks and load, idle and starting
+    /// instances included, stays under it. `None`: no budget.
+    pub power_w: Option<f64>,
+    /// The classes by rank, highest first (default short prompts first): when the budget cannot
+    /// carry the load, the last-ranked classes' pools are slowed first and wait longest for instances.
+    pub priority: Option<Vec<String>>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -365,6 +377,8 @@ pub struct ServiceConfig {
     pub cluster: ClusterSection,
     /// `[router]`.
     pub router: RouterSection,
+    /// `[budget]`: a site power budget.
+    pub budget: BudgetSection,
     /// `[telemetry]` (checked by the telemetry crate).
     pub telemetry: Option<toml::Value>,
     /// `[actuators]` (checked by the actuators crate).
@@ -491,6 +505,9 @@ impl ServiceConfig {
         if !(every == 0.0 || (0.01..=86_400.0).contains(&every)) {
             bail!("{origin}: cluster.scrape_interval_s must be 0 (off) or in [0.01, 86400], got {}", shown(every));
         }
+        if let Some(p) = &self.budget.priority {
+            class_priority(p).map_err(|e| anyhow::anyhow!("{origin}: budget.priority: {e}"))?;
+        }
         if let Some(l) = &self.controller.learn_from {
             if !matches!(l.as_str(), "clients" | "engines" | "none") {
                 bail!("{origin}: controller.learn_from: {l:?} is not `clients`, `engines` or `none`");
@@ -534,6 +551,9 @@ impl ServiceConfig {
         }
         if let Some(h) = k.hours {
             floats.push(("cluster.hours", h, 0.001, 100_000.0));
+        }
+        if let Some(w) = self.budget.power_w {
+            floats.push(("budget.power_w", w, 1.0, 1e9));
         }
         for (key, v, lo, hi) in floats {
             // NaN is in no range.
@@ -639,4 +659,27 @@ impl ServiceConfig {
         }
         bail!("service.token (or service.token_file) is required: every endpoint but /healthz and /readyz asks for it")
     }
+}
+
+/// Each class's rank from a priority list (class names, highest first; classes left out follow,
+/// short prompts first).
+pub fn class_priority(names: &[String]) -> std::result::Result<[u8; telemetry::CLASS_COUNT], String> {
+    let mut order: Vec<usize> = Vec::new();
+    for name in names {
+        let c = telemetry::RequestClass::ALL
+            .iter()
+            .find(|c| c.name() == name.trim())
+            .ok_or_else(|| format!("{name:?} is not a class (SS, SM, … LL)"))?;
+        if order.contains(&c.index()) {
+            return Err(format!("{name} is given twice"));
+        }
+        order.push(c.index());
+    }
+    let rest: Vec<usize> = (0..telemetry::CLASS_COUNT).filter(|c| !order.contains(c)).collect();
+    order.extend(rest);
+    let mut rank = [0u8; telemetry::CLASS_COUNT];
+    for (r, &c) in order.iter().enumerate() {
+        rank[c] = r as u8;
+    }
+    Ok(rank)
 }

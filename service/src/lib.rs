@@ -238,6 +238,10 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     if !loops.scale && !loops.shard {
         c.fixed_instances = Some(s.fixed_instances.unwrap_or(4));
     }
+    c.power_budget_w = cfg.budget.power_w;
+    if let Some(p) = &cfg.budget.priority {
+        c.class_priority = config::class_priority(p).map_err(|e| anyhow::anyhow!("budget.priority: {e}"))?;
+    }
     Ok(c)
 }
 

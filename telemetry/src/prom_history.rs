@@ -12,9 +12,9 @@
 //! costs only itself.
 
 use crate::config::Secret;
+use crate::prom_query::{answer_elements, cut};
 use crate::scrape::ScrapeError;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -82,27 +82,6 @@ pub struct RangeAnswer {
 }
 
 #[derive(Deserialize)]
-struct Envelope<'a> {
-    status: String,
-    #[serde(default, rename = "errorType")]
-    error_type: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default, borrow)]
-    data: Option<Data<'a>>,
-    #[serde(default)]
-    warnings: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-struct Data<'a> {
-    #[serde(rename = "resultType")]
-    result_type: String,
-    #[serde(borrow)]
-    result: &'a RawValue,
-}
-
-#[derive(Deserialize)]
 struct Element {
     #[serde(default)]
     metric: BTreeMap<String, String>,
@@ -119,23 +98,8 @@ struct Element {
 /// it is left out. More than [`MAX_SAMPLES`] samples in all is an error.
 pub fn parse_matrix(body: &str, url: &str) -> Result<RangeAnswer, ScrapeError> {
     let page_err = |problem: String| ScrapeError::Page { page: url.into(), problem };
-    let env: Envelope<'_> =
-        serde_json::from_str(body).map_err(|e| page_err(format!("not a query answer (JSON: {e})")))?;
-    if env.status != "success" {
-        let what = env.error_type.as_deref().unwrap_or("error");
-        let why = env.error.as_deref().unwrap_or("(no message)");
-        return Err(page_err(format!("the query failed: {what}: {}", cut(why, 500))));
-    }
-    let data = env.data.ok_or_else(|| page_err("a successful answer without data".into()))?;
-    if data.result_type != "matrix" {
-        return Err(page_err(format!("result type {:?}, not a range vector", cut(&data.result_type, 40))));
-    }
-    let elements: Vec<&RawValue> = serde_json::from_str(data.result.get())
-        .map_err(|e| page_err(format!("the result is not a list of series (JSON: {e})")))?;
-    let mut out = RangeAnswer::default();
-    for w in env.warnings.unwrap_or_default().iter().take(10) {
-        out.errors.push(page_err(format!("the server warns: {}", cut(w, 500))));
-    }
+    let (elements, errors) = answer_elements(body, url, "matrix", "a range vector")?;
+    let mut out = RangeAnswer { series: Vec::new(), errors };
     let mut total = 0usize;
     for (i, raw) in elements.into_iter().enumerate() {
         let series_err = |series: String, problem: String| ScrapeError::Series { url: url.into(), series, problem };
@@ -192,17 +156,6 @@ pub fn parse_matrix(body: &str, url: &str) -> Result<RangeAnswer, ScrapeError> {
 fn describe(name: &str, labels: &BTreeMap<String, String>) -> String {
     let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={:?}", cut(v, 80))).collect();
     cut(&format!("{name}{{{}}}", inner.join(",")), 300)
-}
-
-fn cut(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// The range query for `metric` with the extra `selector` matchers over the

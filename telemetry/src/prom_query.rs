@@ -134,12 +134,16 @@ struct Element {
     histogram: Option<serde::de::IgnoredAny>,
 }
 
-/// Read the JSON answer of an instant query (`/api/v1/query`, result type
-/// `vector`). An answer that is not one (not JSON, `status: error`, another
-/// result type) is an error naming `url`; an element that is not a series
-/// with a number (a native histogram, a value that is not a number, no
-/// `__name__`) is an error naming `url` and the series, and only it is left out.
-pub fn parse_answer(body: &str, url: &str) -> Result<Answer, ScrapeError> {
+/// The elements of a query answer of result type `want` (`vector`, `matrix`), and
+/// the server's warnings as errors naming `url`. An answer that is not one (not
+/// JSON, `status: error`, another result type) is an error naming `url`; `what`
+/// names the wanted type in it ("an instant vector").
+pub(crate) fn answer_elements<'a>(
+    body: &'a str,
+    url: &str,
+    want: &str,
+    what: &str,
+) -> Result<(Vec<&'a RawValue>, Vec<ScrapeError>), ScrapeError> {
     let page_err = |problem: String| ScrapeError::Page { page: url.into(), problem };
     let env: Envelope<'_> =
         serde_json::from_str(body).map_err(|e| page_err(format!("not a query answer (JSON: {e})")))?;
@@ -149,15 +153,29 @@ pub fn parse_answer(body: &str, url: &str) -> Result<Answer, ScrapeError> {
         return Err(page_err(format!("the query failed: {what}: {}", cut(why, 500))));
     }
     let data = env.data.ok_or_else(|| page_err("a successful answer without data".into()))?;
-    if data.result_type != "vector" {
-        return Err(page_err(format!("result type {:?}, not an instant vector", cut(&data.result_type, 40))));
+    if data.result_type != want {
+        return Err(page_err(format!("result type {:?}, not {what}", cut(&data.result_type, 40))));
     }
     let elements: Vec<&RawValue> = serde_json::from_str(data.result.get())
         .map_err(|e| page_err(format!("the result is not a list of series (JSON: {e})")))?;
-    let mut out = Answer { series: Vec::with_capacity(elements.len()), errors: Vec::new() };
-    for w in env.warnings.unwrap_or_default().iter().take(10) {
-        out.errors.push(page_err(format!("the server warns: {}", cut(w, 500))));
-    }
+    let warnings = env
+        .warnings
+        .unwrap_or_default()
+        .iter()
+        .take(10)
+        .map(|w| page_err(format!("the server warns: {}", cut(w, 500))))
+        .collect();
+    Ok((elements, warnings))
+}
+
+/// Read the JSON answer of an instant query (`/api/v1/query`, result type
+/// `vector`). An answer that is not one (not JSON, `status: error`, another
+/// result type) is an error naming `url`; an element that is not a series
+/// with a number (a native histogram, a value that is not a number, no
+/// `__name__`) is an error naming `url` and the series, and only it is left out.
+pub fn parse_answer(body: &str, url: &str) -> Result<Answer, ScrapeError> {
+    let (elements, errors) = answer_elements(body, url, "vector", "an instant vector")?;
+    let mut out = Answer { series: Vec::with_capacity(elements.len()), errors };
     for (i, raw) in elements.into_iter().enumerate() {
         let series_err = |series: String, problem: String| ScrapeError::Series { url: url.into(), series, problem };
         let e: Element = match serde_json::from_str(raw.get()) {
@@ -197,7 +215,7 @@ pub fn parse_answer(body: &str, url: &str) -> Result<Answer, ScrapeError> {
     Ok(out)
 }
 
-fn cut(s: &str, max: usize) -> String {
+pub(crate) fn cut(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

@@ -278,6 +278,10 @@ fn check_service(path: &Path, origin: &str, f: &mut Findings) -> Option<String> 
         "  loops:      clock every {} s, shard every {} s, scale every {} s (service seconds; speed {}×)",
         c.clock_period_s, c.shard_period_s, c.scale_period_s, s.speed
     );
+    if let Some(w) = cfg.budget.power_w {
+        let order = cfg.budget.priority.as_ref().map_or("short prompts first".to_string(), |p| p.join(" > "));
+        let _ = writeln!(out, "  budget:     {w:.0} W of power; classes ranked {order}");
+    }
     if twin {
         let what = match (&k.trace, &k.rates) {
             (Some(t), _) => format!("trace {}", t.display()),

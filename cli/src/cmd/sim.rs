@@ -58,9 +58,10 @@ pub struct SimArgs {
     /// decides). The oracle, whose changes are free, never holds back.
     #[arg(long, value_name = "H")]
     pub mix_hysteresis: Option<f64>,
-    /// A site power budget (W) the controlled policies keep: what the fleet draws at its clocks and
-    /// load (from the profile and the power measured), idle and starting instances included, stays
-    /// under it less 15%. The static policies ignore it.
+    /// A site power budget (W) the controlled policies keep: what the fleet may draw in a second at
+    /// its clocks and load (from the profile and the power measured, plus one standard deviation of
+    /// its spread), idle and starting instances included, stays 2% under it. The static policies
+    /// ignore it.
     #[arg(long, value_name = "W", value_parser = super::flag::power_w)]
     pub power_budget_w: Option<f64>,
     /// Under --power-budget-w, the classes by rank, highest first (e.g. `SS,SM,MS`): the lowest-ranked
@@ -478,26 +479,10 @@ pub struct PowerBudget {
 }
 
 /// Parse `--class-priority`: class names, highest rank first; classes left out follow in their
-/// default order (short prompts first).
+/// default order (short prompts first). The service's `budget.priority` reads the same way.
 pub fn parse_class_priority(text: &str) -> Result<[u8; telemetry::CLASS_COUNT]> {
-    let mut order: Vec<usize> = Vec::new();
-    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let c = telemetry::RequestClass::ALL
-            .iter()
-            .find(|c| c.name() == name)
-            .ok_or_else(|| anyhow::anyhow!("--class-priority: `{name}` is not a class (SS, SM, … LL)"))?;
-        if order.contains(&c.index()) {
-            bail!("--class-priority: {name} is given twice");
-        }
-        order.push(c.index());
-    }
-    let rest: Vec<usize> = (0..telemetry::CLASS_COUNT).filter(|c| !order.contains(c)).collect();
-    order.extend(rest);
-    let mut rank = [0u8; telemetry::CLASS_COUNT];
-    for (r, &c) in order.iter().enumerate() {
-        rank[c] = r as u8;
-    }
-    Ok(rank)
+    let names: Vec<String> = text.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect();
+    service::config::class_priority(&names).map_err(|e| anyhow::anyhow!("--class-priority: {e}"))
 }
 
 impl RunOptions {
