@@ -17,7 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_dynamollm");
 const VALUES: [&str; 4] = ["0", "-1", "1e-10", "1e300"];
 
 /// (dotted key, value) pairs that `check` accepts, each with why it means something.
-const ALLOWED: [(&str, &str, &str); 18] = [
+const ALLOWED: [(&str, &str, &str); 20] = [
     ("cluster.seed", "0", "a seed like any other"),
     ("controller.spawn_lead_s", "0", "engines that serve as soon as spawned (warm standby)"),
     ("controller.spawn_lead_s", "1e-10", "a lead time ≥ 0, however short"),
@@ -36,6 +36,8 @@ const ALLOWED: [(&str, &str, &str); 18] = [
     ("cost.default_usd_per_kwh", "1e-10", "a price ≥ 0, however small"),
     ("sci.embodied_kg_per_server", "0", "no embodied emissions counted"),
     ("sci.embodied_kg_per_server", "1e-10", "embodied emissions ≥ 0, however small"),
+    ("objective.carbon_usd_per_t", "0", "carbon priced at nothing"),
+    ("objective.carbon_usd_per_t", "1e-10", "a carbon price ≥ 0, however small"),
 ];
 
 /// The other classes of `service.initial_class_rps`'s example accept what SS does.

@@ -107,3 +107,29 @@ fn the_budget_section_reaches_the_controller() {
         .to_string();
     assert!(e.contains("budget.power_w") && e.contains("-5"), "{e}");
 }
+
+#[tokio::test]
+async fn the_objective_section_reaches_the_controller() {
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace(
+        "# [objective]                     # what the plan minimises (default: energy alone)\n# kind = \"cost\"",
+        "[objective]\nkind = \"cost\"",
+    );
+    let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
+    let o = service::objective_of(&cfg, 0.0).await.unwrap();
+    assert_eq!(o.name, "cost");
+    // $2.99 per GPU-hour against $0.09-0.20 per kWh × PUE 1.2: a GPU weighs 12-28 kW.
+    assert!(o.gpu_w.iter().all(|&w| (12_000.0..28_000.0).contains(&w)), "{:?}", &o.gpu_w[..4]);
+    assert!(o.terms.contains("$2.99/GPU-h"), "{}", o.terms);
+    // Without the section: energy alone.
+    let none = ServiceConfig::load(&deploy("dynamollm.toml")).unwrap();
+    assert!(!service::objective_of(&none, 0.0).await.unwrap().weighs_gpus());
+    for (bad, says) in [
+        ("kind = \"speed\"", "objective.kind: `speed` is not an objective"),
+        ("kind = \"cost\"\ngpu_hours = 1.0", "go with kind = \"weights\""),
+        ("kind = \"weights\"\nenergy_kwh = -1.0", "objective.energy_kwh must be in [0"),
+    ] {
+        let t = text.replace("kind = \"cost\"", bad);
+        let e = ServiceConfig::parse(&t, "deploy/dynamollm.toml").unwrap_err().to_string();
+        assert!(e.contains("deploy/dynamollm.toml") && e.contains(says), "{e}");
+    }
+}

@@ -31,6 +31,8 @@ pub struct RunInput {
     pub requests_rejected: u64,
     /// Most GPUs held at once.
     pub peak_gpus: u32,
+    /// The highest one-second mean of the run's GPU power (W), where measured.
+    pub peak_power_w: Option<f64>,
 }
 
 /// Ratios of a run to the baseline's (1.0: the same; 0.62: 38% less).
@@ -80,6 +82,8 @@ pub struct RunFigures {
     pub avg_gpus: f64,
     /// Most GPUs held.
     pub peak_gpus: u32,
+    /// The highest one-second mean of the GPU power (W), where measured.
+    pub peak_power_w: Option<f64>,
     /// Carbon, operational + embodied (kg).
     pub carbon_kg: f64,
     /// Operational carbon (kg).
@@ -179,6 +183,7 @@ fn figures(run: &RunInput, a: &Account) -> RunFigures {
         gpu_hours: a.gpu_seconds / 3600.0,
         avg_gpus: if duration_s > 0.0 { a.gpu_seconds / duration_s } else { 0.0 },
         peak_gpus: run.peak_gpus,
+        peak_power_w: run.peak_power_w,
         carbon_kg: a.carbon_g / 1000.0,
         carbon_operational_kg: a.carbon_operational_g / 1000.0,
         carbon_embodied_kg: a.carbon_embodied_g / 1000.0,
@@ -353,7 +358,7 @@ td.miss,tr.misses-slo td:first-child{{color:#b42318;font-weight:600}}
             base = esc(self.baseline.as_deref().unwrap_or("none"))
         );
         // Key figures.
-        h.push_str("<h2>Key figures</h2>\n<table id=\"key-figures\"><tr><th>policy</th><th>energy kWh</th><th>carbon kg</th><th>cost $</th><th>SLO attainment</th><th>worst class</th><th>energy vs baseline</th><th>carbon vs baseline</th><th>cost vs baseline</th><th>GPU-hours</th><th>SCI g/request</th><th>SCI g/1k tokens</th><th>mean gCO2e/kWh</th></tr>\n");
+        h.push_str("<h2>Key figures</h2>\n<table id=\"key-figures\"><tr><th>policy</th><th>energy kWh</th><th>carbon kg</th><th>cost $</th><th>SLO attainment</th><th>worst class</th><th>energy vs baseline</th><th>carbon vs baseline</th><th>cost vs baseline</th><th>GPU-hours</th><th>peak kW</th><th>SCI g/request</th><th>SCI g/1k tokens</th><th>mean gCO2e/kWh</th></tr>\n");
         for r in &self.runs {
             let id = id_of(&r.policy);
             let cell = |name: &str, v: Option<f64>| match v {
@@ -373,7 +378,7 @@ td.miss,tr.misses-slo td:first-child{{color:#b42318;font-weight:600}}
             };
             let _ = writeln!(
                 h,
-                "<tr{}><td>{}{}</td>{}{}{}{}{}{}{}{}{}{}{}{}</tr>",
+                "<tr{}><td>{}{}</td>{}{}{}{}{}{}{}{}{}{}{}{}{}</tr>",
                 if r.misses_slo { r#" class="misses-slo""# } else { "" },
                 esc(&r.policy),
                 if r.misses_slo { " ✗" } else { "" },
@@ -386,6 +391,7 @@ td.miss,tr.misses-slo td:first-child{{color:#b42318;font-weight:600}}
                 cell("carbon-ratio", b.map(|b| b.carbon_ratio)),
                 cell("cost-ratio", b.map(|b| b.cost_ratio)),
                 cell("gpu-hours", Some(r.gpu_hours)),
+                cell("peak-kw", r.peak_power_w.map(|w| w / 1e3)),
                 cell("sci-g-per-request", Some(r.sci_g_per_request)),
                 cell("sci-g-per-1k-tokens", Some(r.sci_g_per_1k_tokens)),
                 cell("mean-intensity", Some(r.mean_intensity_g_per_kwh)),
@@ -412,6 +418,11 @@ td.miss,tr.misses-slo td:first-child{{color:#b42318;font-weight:600}}
                 }
             }
             h.push_str("</p>\n");
+        }
+        if self.runs.len() > 1 {
+            h.push_str("<h2>Side by side</h2><div class=\"charts\">\n");
+            h.push_str(&self.side_by_side_chart());
+            h.push_str("</div>\n");
         }
         h.push_str("<h2>Over time</h2><div class=\"charts\">\n");
         h.push_str(&self.time_charts());
@@ -556,6 +567,51 @@ td.miss,tr.misses-slo td:first-child{{color:#b42318;font-weight:600}}
             ));
         }
         s
+    }
+
+    /// Every run's energy, GPU-hours, carbon, cost and peak power as a share of the baseline's
+    /// (else the first run's), with each run's worst class attainment: runs under different
+    /// objectives (or policies) set against each other on every measure at once.
+    fn side_by_side_chart(&self) -> String {
+        let base =
+            self.baseline.as_ref().and_then(|b| self.runs.iter().find(|r| &r.policy == b)).unwrap_or(&self.runs[0]);
+        let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+        let mut categories: Vec<String> =
+            ["energy", "GPU-hours", "carbon", "cost"].iter().map(|s| s.to_string()).collect();
+        let with_peak = self.runs.iter().all(|r| r.peak_power_w.is_some());
+        if with_peak {
+            categories.push("peak power".into());
+        }
+        let with_slo = self.runs.iter().all(|r| r.worst_class.is_some());
+        if with_slo {
+            categories.push("worst class SLO".into());
+        }
+        let series: Vec<(String, Vec<f64>)> = self
+            .runs
+            .iter()
+            .map(|r| {
+                let mut v = vec![
+                    ratio(r.energy_kwh, base.energy_kwh),
+                    ratio(r.gpu_hours, base.gpu_hours),
+                    ratio(r.carbon_kg, base.carbon_kg),
+                    ratio(r.cost_usd, base.cost_usd),
+                ];
+                if with_peak {
+                    v.push(ratio(r.peak_power_w.unwrap_or(0.0), base.peak_power_w.unwrap_or(0.0)));
+                }
+                if with_slo {
+                    v.push(r.worst_class.as_ref().map_or(0.0, |w| w.1));
+                }
+                (r.policy.clone(), v)
+            })
+            .collect();
+        bar_chart(
+            "chart-side-by-side",
+            &format!("Each run against {} (SLO: the worst class's attainment)", base.policy),
+            "share",
+            &categories,
+            &series,
+        )
     }
 
     fn class_charts(&self) -> String {

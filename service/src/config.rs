@@ -379,6 +379,8 @@ pub struct ServiceConfig {
     pub router: RouterSection,
     /// `[budget]`: a site power budget.
     pub budget: BudgetSection,
+    /// `[objective]`: what the plan minimises.
+    pub objective: crate::objective::ObjectiveSection,
     /// `[telemetry]` (checked by the telemetry crate).
     pub telemetry: Option<toml::Value>,
     /// `[actuators]` (checked by the actuators crate).
@@ -505,6 +507,7 @@ impl ServiceConfig {
         if !(every == 0.0 || (0.01..=86_400.0).contains(&every)) {
             bail!("{origin}: cluster.scrape_interval_s must be 0 (off) or in [0.01, 86400], got {}", shown(every));
         }
+        crate::objective::ObjectiveSpec::of_section(&self.objective).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         if let Some(p) = &self.budget.priority {
             class_priority(p).map_err(|e| anyhow::anyhow!("{origin}: budget.priority: {e}"))?;
         }

@@ -21,6 +21,7 @@ pub use state::{audit_path, load_state, save_state, state_path, store_dir};
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod objective;
 pub mod openai;
 pub mod reports;
 pub mod router;
@@ -245,6 +246,28 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
     Ok(c)
 }
 
+/// The controller's objective from `[objective]` and the accounting's prices (`[carbon]`,
+/// `[cost]`, `[sci]`), hour by hour from `start_unix_s` (service time zero). The intensity
+/// series is read only for an objective that weighs carbon (an API source is asked here).
+pub async fn objective_of(cfg: &ServiceConfig, start_unix_s: f64) -> Result<controller::control::Objective> {
+    let spec = objective::ObjectiveSpec::of_section(&cfg.objective)?;
+    if spec.name == "energy" {
+        return Ok(controller::control::Objective::energy());
+    }
+    let acc = dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::task::spawn_blocking(move || {
+        let intensity = if spec.weights.carbon_kg > 0.0 {
+            dashboards::intensity::IntensitySeries::from_config(&acc, start_unix_s, start_unix_s + 7.0 * 86_400.0)
+                .map_err(|e| anyhow::anyhow!("objective {}: the carbon intensity: {e}", spec.name))?
+        } else {
+            dashboards::intensity::IntensitySeries::constant(0.0)
+        };
+        Ok(spec.build(&acc, &intensity, start_unix_s))
+    })
+    .await?
+}
+
 /// Start the service: bind the API, recover or create the state, start the
 /// cluster backend and the loop. Returns once the API listens.
 pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
@@ -257,7 +280,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     profile.set_slo_multiplier(cfg.service.slo_multiplier);
     let ccfg = controller_config(&cfg, &profile)?;
     let pools = if ccfg.loops.pools { CLASS_COUNT } else { 1 };
-    let core_cfg = CoreConfig {
+    let mut core_cfg = CoreConfig {
         controller: ccfg.clone(),
         stale_after_s: cfg.service.stale_after_s,
         pool_names: (0..pools)
@@ -272,6 +295,14 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     // A twin starts afresh every time (it is the cluster); a real cluster's state is recovered.
     let saved = if twin { None } else { load_state(&dir)? };
     let offset = saved.as_ref().map_or(0.0, |s| s.saved_at_s);
+    // The objective's hours: service time zero is `offset` seconds before now.
+    let unix_now_s =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let objective = objective_of(&cfg, unix_now_s - offset).await?;
+    if objective.weighs_gpus() {
+        tracing::info!(objective = %objective.name, terms = %objective.terms, "the plan weighs GPUs held against energy");
+    }
+    core_cfg.controller.objective = objective;
     let clock = if twin {
         ServiceClock::cluster_kept(cfg.service.speed, offset)
     } else {

@@ -223,6 +223,7 @@ pub fn run(args: &AssessArgs) -> Result<Assessment> {
         clock_down_sigmas: None,
         mix_hysteresis: None,
         power_budget: None,
+        objective: controller::control::Objective::energy(),
         decisions: None,
         future: None,
     };
@@ -364,6 +365,7 @@ fn report_of(a: &Assessment, h: &FleetHistory, cfg: &AccountingConfig) -> Result
         worst_class_by_hour: Vec::new(),
         requests_rejected: 0,
         peak_gpus: a.gpus_seen as u32,
+        peak_power_w: None,
     };
     for (m, iv) in measured.timeline.intervals.iter_mut().enumerate() {
         let energy_j = h.energy_j_per_minute.get(m).copied().unwrap_or(0.0);

@@ -127,6 +127,7 @@ pub fn run_input_of(r: &SimReport, start_unix_s: f64) -> Option<RunInput> {
         worst_class_by_hour: r.worst_class_by_hour.clone(),
         requests_rejected: r.requests_rejected,
         peak_gpus: r.peak_gpus,
+        peak_power_w: Some(r.peak_power_w),
     })
 }
 
@@ -330,6 +331,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         worst_class_by_hour: Vec::new(),
         requests_rejected: 0,
         peak_gpus: peak,
+        peak_power_w: None,
     }];
     let mut notes = vec![
         "From the telemetry store: per minute, a GPU's energy is the rise of its energy counter (its mean power × \
@@ -358,6 +360,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             worst_class_by_hour: Vec::new(),
             requests_rejected: 0,
             peak_gpus: peak.div_ceil(8).max(1) * 8,
+            peak_power_w: None,
         });
     }
     let source = format!("telemetry store {} from {} to {}", store_dir.display(), args.from, args.to);

@@ -68,6 +68,17 @@ pub struct SimArgs {
     /// pools' clocks go down first, then they give up instances. Classes left out follow, short prompts first.
     #[arg(long, value_name = "LIST", requires = "power_budget_w")]
     pub class_priority: Option<String>,
+    /// What the controlled policies' plans minimise: `energy` (the default), `cost` (GPU rental
+    /// and energy at the time-of-use tariff), `carbon` (operational at the intensity series, and
+    /// the embodied share of the GPUs held), or weights (`energy_kwh=1,gpu_hours=0.2`; keys
+    /// energy_kwh, gpu_hours, carbon_kg, cost_usd). A comma list of the names (`energy,cost,carbon`)
+    /// runs each controlled policy once per objective, side by side, named `POLICY (OBJECTIVE)`.
+    /// The prices: the accounting's (`--accounting`, `--intensity`).
+    #[arg(long, value_name = "OBJECTIVE", default_value = "energy")]
+    pub objective: String,
+    /// A carbon price ($ per tonne CO2e) the cost objective adds.
+    #[arg(long, value_name = "USD")]
+    pub carbon_usd_per_t: Option<f64>,
     /// The share of requests whose output class the router predicts right (the rest go to another
     /// output band's pool): a sensitivity study of output-length prediction.
     #[arg(long, default_value_t = 1.0, value_parser = super::flag::share)]
@@ -227,6 +238,8 @@ pub struct ControlledRun<'a> {
     pub mix_hysteresis: Option<f64>,
     /// A site power budget, and the class ranks it degrades by.
     pub power_budget: Option<PowerBudget>,
+    /// What the plan minimises.
+    pub objective: controller::control::Objective,
     /// Where decisions go.
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
@@ -263,6 +276,7 @@ pub fn run_controlled_policy(
     if let Some(h) = run.mix_hysteresis {
         cfg.mix_hysteresis = h;
     }
+    cfg.objective = run.objective;
     if let Some(b) = run.power_budget {
         cfg.power_budget_w = Some(b.power_w);
         cfg.class_priority = b.class_priority;
@@ -355,6 +369,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         accounting.carbon.source = dashboards::config::IntensitySourceKind::Csv;
         accounting.carbon.csv = series.clone();
     }
+    let objectives = objectives(&args.objective, args.carbon_usd_per_t, &accounting, workload.span_s.unwrap_or(0.0))?;
     let profile = match &args.profile {
         Some(p) => ProfileTable::load(p)?,
         None => ProfileTable::bundled(),
@@ -377,6 +392,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         attainment_comfort: args.attainment_comfort,
         clock_down_sigmas: args.clock_down_sigmas,
         mix_hysteresis: args.mix_hysteresis,
+        objectives,
         power_budget: match args.power_budget_w {
             Some(power_w) => Some(PowerBudget {
                 power_w,
@@ -460,6 +476,9 @@ pub struct RunOptions {
     pub clock_down_sigmas: Option<f64>,
     /// `ControllerConfig::mix_hysteresis` (default: the config's).
     pub mix_hysteresis: Option<f64>,
+    /// What the controlled policies' plans minimise: each runs once per objective (named
+    /// `POLICY (OBJECTIVE)` when there are several, else `POLICY`).
+    pub objectives: Vec<controller::control::Objective>,
     /// A site power budget the controlled policies keep (`ControllerConfig::power_budget_w`), with
     /// the class ranks it degrades by.
     pub power_budget: Option<PowerBudget>,
@@ -476,6 +495,36 @@ pub struct PowerBudget {
     pub power_w: f64,
     /// Each class's rank (0 first; see `ControllerConfig::class_priority`).
     pub class_priority: [u8; telemetry::CLASS_COUNT],
+}
+
+/// The objectives of `--objective` (one, or a comma list of preset names) with the
+/// accounting's prices over a run of `span_s` from its `sim_start`.
+pub fn objectives(
+    text: &str,
+    carbon_usd_per_t: Option<f64>,
+    accounting: &dashboards::config::AccountingConfig,
+    span_s: f64,
+) -> Result<Vec<controller::control::Objective>> {
+    let words: Vec<&str> = if text.contains('=') {
+        vec![text]
+    } else {
+        text.split(',').map(str::trim).filter(|w| !w.is_empty()).collect()
+    };
+    let specs = words
+        .iter()
+        .map(|w| service::objective::ObjectiveSpec::parse(w, carbon_usd_per_t))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| anyhow::anyhow!("--objective: {e}"))?;
+    if specs.is_empty() {
+        bail!("--objective: name one: energy, cost, carbon, or weights such as energy_kwh=1,gpu_hours=0.2");
+    }
+    let start = accounting.sim_start_unix_s();
+    let intensity = if specs.iter().any(|s| s.weights.carbon_kg > 0.0) {
+        dashboards::intensity::IntensitySeries::from_config(accounting, start, start + span_s.max(3600.0))?
+    } else {
+        dashboards::intensity::IntensitySeries::constant(0.0)
+    };
+    Ok(specs.iter().map(|s| s.build(accounting, &intensity, start)).collect())
 }
 
 /// Parse `--class-priority`: class names, highest rank first; classes left out follow in their
@@ -497,6 +546,7 @@ impl RunOptions {
             attainment_comfort: None,
             clock_down_sigmas: None,
             mix_hysteresis: None,
+            objectives: vec![controller::control::Objective::energy()],
             power_budget: None,
             quiet,
             tables: true,
@@ -518,6 +568,7 @@ pub fn run_policies(
     let future = if needs_future { Some(count_minutes(workload)?) } else { None };
     let mut single_counts: Option<Vec<u32>> = None;
     let mut reports: Vec<SimReport> = Vec::new();
+    let mut controlled_last: Option<SimReport> = None;
     let static_first: Vec<Policy> = {
         // Static baselines run first: scale-freq reuses single-pool's layout, scale-shard and
         // scale-inst its cluster.
@@ -562,42 +613,54 @@ pub fn run_policies(
                 report
             }
             Some(_) => {
-                let single = match (&single_counts, &opts.instances) {
-                    (Some(c), _) => c[0],
-                    (None, Some(t)) => parse_instances(Policy::SinglePool, t)?[0],
-                    (None, None) => 0,
-                };
-                let (report, summary) = run_controlled_policy(
-                    physics,
-                    policy,
-                    workload,
-                    opts.slo_multiplier,
-                    ControlledRun {
-                        profile,
-                        single_pool_instances: single,
-                        warm_spawn: opts.warm_spawn,
-                        retire_min_age_s: opts.retire_min_age_s,
-                        clock_margin_floor: opts.clock_margin_floor,
-                        attainment_comfort: opts.attainment_comfort,
-                        clock_down_sigmas: opts.clock_down_sigmas,
-                        mix_hysteresis: opts.mix_hysteresis,
-                        power_budget: opts.power_budget,
-                        decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
-                        future: future.as_ref(),
-                    },
-                    opts.quiet,
-                )?;
-                if opts.tables {
-                    print!("{}", report.table());
-                    let mut acts: Vec<_> = summary.actions.iter().collect();
-                    acts.sort();
-                    println!(
-                        "  controller: {} steps, actions {}",
-                        summary.steps,
-                        acts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
-                    );
+                for (k, objective) in opts.objectives.iter().enumerate() {
+                    let single = match (&single_counts, &opts.instances) {
+                        (Some(c), _) => c[0],
+                        (None, Some(t)) => parse_instances(Policy::SinglePool, t)?[0],
+                        (None, None) => 0,
+                    };
+                    let (report, summary) = run_controlled_policy(
+                        physics,
+                        policy,
+                        workload,
+                        opts.slo_multiplier,
+                        ControlledRun {
+                            profile,
+                            single_pool_instances: single,
+                            warm_spawn: opts.warm_spawn,
+                            retire_min_age_s: opts.retire_min_age_s,
+                            clock_margin_floor: opts.clock_margin_floor,
+                            attainment_comfort: opts.attainment_comfort,
+                            clock_down_sigmas: opts.clock_down_sigmas,
+                            mix_hysteresis: opts.mix_hysteresis,
+                            power_budget: opts.power_budget,
+                            objective: objective.clone(),
+                            decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
+                            future: future.as_ref(),
+                        },
+                        opts.quiet,
+                    )?;
+                    let mut report = report;
+                    if opts.objectives.len() > 1 {
+                        report.policy = format!("{} ({})", report.policy, objective.name);
+                    }
+                    if opts.tables {
+                        print!("{}", report.table());
+                        let mut acts: Vec<_> = summary.actions.iter().collect();
+                        acts.sort();
+                        println!(
+                            "  controller: {} steps, actions {}",
+                            summary.steps,
+                            acts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                        );
+                    }
+                    if k + 1 < opts.objectives.len() {
+                        reports.push(report);
+                    } else {
+                        controlled_last = Some(report);
+                    }
                 }
-                report
+                controlled_last.take().expect("at least one objective")
             }
         };
         if policies.contains(&policy) {

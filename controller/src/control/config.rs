@@ -93,6 +93,9 @@ pub struct ControllerConfig {
     /// cannot carry the load, the pools of the lowest-ranked classes have
     /// their clocks lowered first, then lose instances to higher-ranked pools.
     pub class_priority: [u8; telemetry_core::CLASS_COUNT],
+    /// What the plan minimises: energy alone (the default), or energy and the GPUs held
+    /// weighed by prices hour by hour (see [`super::Objective`]).
+    pub objective: super::Objective,
     /// Clock changes need this relative power gain (unless the SLO forces them).
     pub clock_hysteresis: f64,
     /// Hold a new clock at least this long (s) unless the SLO forces a change.
@@ -189,6 +192,7 @@ impl ControllerConfig {
             power_headroom: 0.02,
             // Short prompts first (interactive chat), long prompts (batch-like) last.
             class_priority: std::array::from_fn(|c| c as u8),
+            objective: super::Objective::energy(),
             clock_hysteresis: 0.03,
             clock_hold_s: 30.0,
             // On the week-long Coding curve (seeds 1–3), 1 took the clock changes from 82,657, 88,097
@@ -212,6 +216,14 @@ impl ControllerConfig {
         }
     }
 }
+
+/// Above this weight of a GPU (W, see `Objective`), the learnt clock margin stays at 1
+/// (`Controller::margin_floor`). On the week-long Coding curve the default floor (0.85)
+/// against 1 saves 91.7 kWh for 426.7 more GPU-hours (seed 1) and 75.3 kWh for 714.7 (seed 2):
+/// about 215 and 105 W of GPU power per GPU held more. The cost objective weighs a GPU at
+/// 12–28 kW (the floor goes to 1: its cost falls 2.5% and 6.6% at seeds 1 and 2), the carbon
+/// objective at 37–113 W with the bundled intensity week (the floor stays).
+pub const FLOOR_EXCHANGE_W: f64 = 200.0;
 
 /// The default of `ControllerConfig::clock_down_sigmas`.
 pub const CLOCK_DOWN_SIGMAS: f64 = 1.0;

@@ -13,7 +13,7 @@ impl Controller {
         let mut short = Vec::new();
         let (step, decay, ceiling) =
             (self.cfg.clock_margin_step, self.cfg.clock_margin_decay, self.cfg.observed_margin.max(1.0));
-        let floor = self.cfg.clock_margin_floor.min(1.0);
+        let floor = self.margin_floor();
         let comfort = self.cfg.attainment_comfort;
         for pool in 0..self.plans.len() {
             let worst = (0..CLASS_COUNT)

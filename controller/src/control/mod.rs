@@ -35,12 +35,14 @@ mod clock;
 mod config;
 mod guard;
 mod learn;
+mod objective;
 mod observe;
 pub mod plan;
 mod scale;
 mod shard;
 
 pub use config::*;
+pub use objective::Objective;
 pub use observe::*;
 
 use crate::profile::ProfileTable;
@@ -212,6 +214,8 @@ pub struct Controller {
     hour_short: Vec<Option<guard::HourShort>>,
     /// Per pool, whether the hour guard put it on guard this step.
     hour_tripped: Vec<bool>,
+    /// What one GPU held weighs this step (W): the objective's mean over the coming scale period.
+    gpu_w: f64,
 }
 
 impl Controller {
@@ -266,6 +270,7 @@ impl Controller {
             hour_last_s: f64::NEG_INFINITY,
             hour_short: vec![None; pools],
             hour_tripped: vec![false; pools],
+            gpu_w: 0.0,
         }
     }
 
@@ -408,7 +413,20 @@ impl Controller {
         if self.mixes_bands(pool) {
             self.cfg.observed_margin
         } else {
-            self.clock_margin[pool]
+            self.clock_margin[pool].max(self.margin_floor())
+        }
+    }
+
+    /// The lowest the learnt clock margin goes now: `clock_margin_floor`, or 1 while the
+    /// objective weighs a GPU above [`FLOOR_EXCHANGE_W`]. A margin below 1 lowers clocks
+    /// below what the profile allows for the load, which saves energy but dips attainment
+    /// more often, and each dip costs GPUs: where GPUs weigh more than that energy, clocks
+    /// stay where the profile puts them.
+    fn margin_floor(&self) -> f64 {
+        if self.gpu_w > FLOOR_EXCHANGE_W {
+            1.0
+        } else {
+            self.cfg.clock_margin_floor.min(1.0)
         }
     }
 
@@ -465,6 +483,7 @@ impl Controller {
     /// One control step at time `now_s`.
     pub fn step(&mut self, now_s: f64, obs: &Observations) -> Vec<Decision> {
         let mut out = Vec::new();
+        self.gpu_w = self.cfg.objective.gpu_w_over(now_s, now_s + self.cfg.scale_period_s);
         for &s in &obs.observed_spawn_s {
             // The overhead table learns the spawn time (EWMA).
             self.cfg.spawn_lead_s = 0.7 * self.cfg.spawn_lead_s + 0.3 * s;
@@ -540,8 +559,9 @@ impl Controller {
                 let d = self.pool_demand(pool, &plan_scale);
                 let total: f64 = d.iter().sum();
                 let budget = if self.cfg.loops.scale || !self.started {
+                    let gpu_w = self.gpu_w;
                     self.planner(pool, &d)
-                        .best_mix(total, self.cfg.gpu_budget, u32::from(total > 0.0))
+                        .best_mix_weighted(total, self.cfg.gpu_budget, u32::from(total > 0.0), gpu_w)
                         .map(|m| m.gpus)
                         .unwrap_or(0)
                 } else {

@@ -260,6 +260,12 @@ impl Planner {
     /// turn is taken as the main one (its count within ±3 of what carries the
     /// demand alone) topped up with up to 3 instances of each other degree.
     pub fn best_mix(&self, demand_rps: f64, gpu_budget: u32, min_instances: u32) -> Option<Mix> {
+        self.best_mix_weighted(demand_rps, gpu_budget, min_instances, 0.0)
+    }
+
+    /// [`Planner::best_mix`] under an objective that weighs each GPU of the mix as `gpu_w`
+    /// watts besides its power (see `Objective`): the mix least in `power_w + gpu_w × gpus`.
+    pub fn best_mix_weighted(&self, demand_rps: f64, gpu_budget: u32, min_instances: u32, gpu_w: f64) -> Option<Mix> {
         if self.options.is_empty() {
             return None;
         }
@@ -280,6 +286,7 @@ impl Planner {
                 return;
             }
             if let Some(w) = self.power_of(&opts, counts, demand_rps) {
+                let w = w + gpu_w * f64::from(gpus);
                 if best.as_ref().is_none_or(|(b, _)| w < *b - 1e-9) {
                     best = Some((w, counts.to_vec()));
                 }
@@ -359,15 +366,30 @@ impl Planner {
         fleet: &std::collections::BTreeMap<u32, u32>,
         demand_rps: f64,
     ) -> Option<(std::collections::BTreeMap<u32, u32>, f64)> {
+        self.best_sub_fleet_weighted(fleet, demand_rps, 0.0)
+    }
+
+    /// [`Planner::best_sub_fleet`] under an objective that weighs each GPU as `gpu_w` watts
+    /// besides its power: returns the part and its `power_w + gpu_w × gpus`.
+    pub fn best_sub_fleet_weighted(
+        &self,
+        fleet: &std::collections::BTreeMap<u32, u32>,
+        demand_rps: f64,
+        gpu_w: f64,
+    ) -> Option<(std::collections::BTreeMap<u32, u32>, f64)> {
+        let weighed = |f: &std::collections::BTreeMap<u32, u32>| {
+            self.power_of_fleet(f, demand_rps)
+                .map(|w| w + gpu_w * f64::from(f.iter().map(|(tp, n)| tp * n).sum::<u32>()))
+        };
         let mut kept = fleet.clone();
         kept.retain(|_, n| *n > 0);
-        let mut w = self.power_of_fleet(&kept, demand_rps)?;
+        let mut w = weighed(&kept)?;
         loop {
             let mut best: Option<(u32, f64)> = None;
             for &tp in kept.keys() {
                 let mut fewer = kept.clone();
                 *fewer.get_mut(&tp).expect("a key of kept") -= 1;
-                if let Some(x) = self.power_of_fleet(&fewer, demand_rps) {
+                if let Some(x) = weighed(&fewer) {
                     if x < w - 1e-9 && best.is_none_or(|(_, b)| x < b) {
                         best = Some((tp, x));
                     }
@@ -450,6 +472,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_weighed_gpu_trades_power_for_fewer_gpus() {
+        let profile = ProfileTable::bundled();
+        let mut traded = false;
+        for c in [0usize, 4, 8] {
+            let p = Planner::new(&profile, &[2, 4, 8], &demand(c, 1.0), 0.7);
+            for rps in [0.5, 5.0, 40.0] {
+                let least = p.best_mix(rps, 100_000, 1).unwrap();
+                assert_eq!(p.best_mix_weighted(rps, 100_000, 1, 0.0), Some(least.clone()), "no weight: least power");
+                for gpu_w in [50.0, 500.0, 20_000.0] {
+                    let m = p.best_mix_weighted(rps, 100_000, 1, gpu_w).unwrap();
+                    let score = |m: &Mix| m.power_w + gpu_w * f64::from(m.gpus);
+                    assert!(m.gpus <= least.gpus, "class {c} {rps} rps at {gpu_w} W: {m:?} vs {least:?}");
+                    assert!(m.power_w >= least.power_w - 1e-6 && score(&m) <= score(&least) + 1e-6);
+                    traded |= m.gpus < least.gpus;
+                    // The part of a fleet kept under the weight carries the demand, weighs what it says, and
+                    // weighs no more than the whole fleet.
+                    let fleet: std::collections::BTreeMap<u32, u32> = [(2, 6), (4, 3), (8, 2)].into();
+                    let gpus =
+                        |f: &std::collections::BTreeMap<u32, u32>| f64::from(f.iter().map(|(t, n)| t * n).sum::<u32>());
+                    if let Some((b, w)) = p.best_sub_fleet_weighted(&fleet, rps, gpu_w) {
+                        let own = p.power_of_fleet(&b, rps).expect("it carries the demand") + gpu_w * gpus(&b);
+                        assert!((own - w).abs() < 1e-6, "{b:?}: {w} vs {own}");
+                        assert!(w <= p.power_of_fleet(&fleet, rps).unwrap() + gpu_w * gpus(&fleet) + 1e-6);
+                    }
+                }
+            }
+        }
+        assert!(traded, "some weight bought fewer GPUs");
     }
 
     #[test]

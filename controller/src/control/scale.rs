@@ -26,7 +26,8 @@ impl Controller {
     pub(super) fn needed_gpus(&mut self, pool: usize, plan: &Demand, gpu_budget: u32) -> Option<Option<u32>> {
         let d = self.pool_demand(pool, plan);
         let total: f64 = d.iter().sum();
-        (total > 0.0).then(|| self.planner(pool, &d).best_mix(total, gpu_budget, 1).map(|m| m.gpus))
+        let gpu_w = self.gpu_w;
+        (total > 0.0).then(|| self.planner(pool, &d).best_mix_weighted(total, gpu_budget, 1, gpu_w).map(|m| m.gpus))
     }
 
     /// A fixed cluster's GPUs shared among the pools: each pool's share of
@@ -58,7 +59,11 @@ impl Controller {
         }
     }
 
-    /// Power of the best mix for a demand vector (W), or ∞ when none fits.
+    /// Power of the best mix for a demand vector (W), or ∞ when none fits. Merging and splitting
+    /// pools weighs power alone under every objective: with GPUs weighed in, one pool for two
+    /// classes nearly always looks cheaper (fewer partly used instances), and merged output
+    /// bands hold their SLOs worse than the profile says (measured on the Conversation hour at
+    /// ×8: the cost objective merged five pools and missed a class's P99 with more GPU-hours).
     pub(super) fn mix_power(&mut self, d: &Demand) -> f64 {
         let total: f64 = d.iter().sum();
         if total <= 0.0 {

@@ -61,13 +61,44 @@ impl Controller {
         if new_gpus == 0 {
             return None;
         }
-        let (kept, kept_w) = planner.best_sub_fleet(&current, demand_rps)?;
-        let gain_j = (kept_w - target_w) * (self.cfg.shard_period_s - self.cfg.spawn_lead_s).max(0.0);
-        let cost_j = f64::from(new_gpus) * self.starting_w_per_gpu * self.cfg.spawn_lead_s;
+        // Under an objective that weighs GPUs, each GPU counts `gpu_w` besides its power, the new
+        // ones' too while they start.
+        let gpu_w = self.gpu_w;
+        let (kept, kept_score) = planner.best_sub_fleet_weighted(&current, demand_rps, gpu_w)?;
+        let kept_w = kept_score - gpu_w * f64::from(kept.iter().map(|(tp, n)| tp * n).sum::<u32>());
+        let target_w = target_w + gpu_w * f64::from(target.iter().map(|(tp, n)| tp * n).sum::<u32>());
+        let gain_j = (kept_score - target_w) * (self.cfg.shard_period_s - self.cfg.spawn_lead_s).max(0.0);
+        let cost_j = f64::from(new_gpus) * (self.starting_w_per_gpu + gpu_w) * self.cfg.spawn_lead_s;
         // A new mix that saves less than `mix_hysteresis` of the power is not worth the churn either:
         // the load that made it look better a period ago often turns back the next.
-        let small = kept_w - target_w < self.cfg.mix_hysteresis * kept_w;
+        let small = kept_score - target_w < self.cfg.mix_hysteresis * kept_score;
         (gain_j <= cost_j || small).then_some((kept, kept_w))
+    }
+
+    /// Under an objective that weighs GPUs, what decided a pool's mix, for the reasons: the
+    /// weight of a GPU this hour and the prices behind it, and the least-power mix it was
+    /// chosen over where they differ. Empty under energy alone.
+    fn objective_terms(
+        &self,
+        planner: &Planner,
+        mix: &plan::Mix,
+        total: f64,
+        budget: u32,
+        min_instances: u32,
+    ) -> String {
+        if self.gpu_w <= 0.0 || !self.cfg.loops.shard {
+            return String::new();
+        }
+        let o = &self.cfg.objective;
+        let budget = budget.max(planner.options.iter().map(|o| o.tp).min().unwrap_or(8));
+        let versus = match planner.best_mix(total, budget, min_instances) {
+            Some(e) if e.gpus != mix.gpus || (e.power_w - mix.power_w).abs() > 1e-6 => format!(
+                ": {} GPUs at {:.0} W chosen over the least-power {} GPUs at {:.0} W",
+                mix.gpus, mix.power_w, e.gpus, e.power_w
+            ),
+            _ => ": the least-power mix is also the objective's".to_string(),
+        };
+        format!("; objective {} ({}): a GPU weighs {:.0} W this period{versus}", o.name, o.terms, self.gpu_w)
     }
 
     /// Serving instances of a degree beyond its target, fewest requests
@@ -118,8 +149,10 @@ impl Controller {
         let budget = self.plans[pool].budget_gpus;
         let has_traffic = total > 0.0;
         let min_instances = u32::from(has_traffic);
+        let gpu_w = self.gpu_w;
         let mix = if self.cfg.loops.shard {
-            planner.best_mix(total, budget.max(planner.options.iter().map(|o| o.tp).min().unwrap_or(8)), min_instances)
+            let budget = budget.max(planner.options.iter().map(|o| o.tp).min().unwrap_or(8));
+            planner.best_mix_weighted(total, budget, min_instances, gpu_w)
         } else {
             // TP8 only: with the scale loop what the demand needs, within the cluster (`gpu_budget`);
             // without it the fixed count, or the budget's and at least what the demand needs.
@@ -137,6 +170,7 @@ impl Controller {
             })
         };
         let Some(mix) = mix else { return };
+        let why_objective = self.objective_terms(&planner, &mix, total, budget, min_instances);
         let mut target: BTreeMap<u32, u32> = BTreeMap::new();
         for p in &mix.parts {
             *target.entry(p.tp).or_default() += p.count;
@@ -211,7 +245,7 @@ impl Controller {
                     source: "shard-loop",
                     action: Action::Reshard { instance: i.id, tp, path: actuators_core::ReshardPath::InPlace },
                     reason: format!(
-                        "pool {} needs {n}×TP{tp} for {total:.2} req/s planned; TP{} instance {} is beyond the target {:?}: it grows in place, no new instance",
+                        "pool {} needs {n}×TP{tp} for {total:.2} req/s planned; TP{} instance {} is beyond the target {:?}: it grows in place, no new instance{why_objective}",
                         pool_name(pool, self.cfg.loops.pools),
                         i.tp,
                         i.id.0,
@@ -250,7 +284,7 @@ impl Controller {
                         from: if self.cfg.warm_spawn { SpawnFrom::WarmStandby } else { SpawnFrom::Cold },
                     },
                     reason: format!(
-                        "pool {} needs {n}×TP{tp} for {total:.2} req/s planned (forecast peak over the next {:.0} s + lead {:.0} s)",
+                        "pool {} needs {n}×TP{tp} for {total:.2} req/s planned (forecast peak over the next {:.0} s + lead {:.0} s){why_objective}",
                         pool_name(pool, self.cfg.loops.pools),
                         self.cfg.shard_period_s,
                         self.cfg.spawn_lead_s
@@ -353,7 +387,7 @@ impl Controller {
                     source: if self.cfg.loops.scale { "scale-loop" } else { "shard-loop" },
                     action: Action::Retire { instance: i.id },
                     reason: format!(
-                        "pool {} target is {:?} for {total:.2} req/s; TP{tp} instance not needed (remaining capacity {left:.2} req/s ≥ current {current_rps:.2}){why}",
+                        "pool {} target is {:?} for {total:.2} req/s; TP{tp} instance not needed (remaining capacity {left:.2} req/s ≥ current {current_rps:.2}){why}{why_objective}",
                         pool_name(pool, self.cfg.loops.pools),
                         target
                     ),
