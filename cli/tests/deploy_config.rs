@@ -133,3 +133,29 @@ async fn the_objective_section_reaches_the_controller() {
         assert!(e.contains("deploy/dynamollm.toml") && e.contains(says), "{e}");
     }
 }
+
+#[test]
+fn a_budget_schedule_reaches_the_controller_and_bad_hours_are_named() {
+    let profile = dynamollm::profile::ProfileTable::bundled();
+    let base = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace(
+        "# [budget]                        # a site power budget (default: none)\n# power_w = 60000.0",
+        "[budget]\npower_w = 60000.0\nutc_offset_h = -7.0\nschedule = [{ from_h = 16, to_h = 21, power_w = 40000.0 }]",
+    );
+    let cfg = ServiceConfig::parse(&base, "deploy/dynamollm.toml").unwrap();
+    let c = service::controller_config(&cfg, &profile).unwrap();
+    assert_eq!(c.power_budget_periods, [controller::control::BudgetPeriod { from_h: 16, to_h: 21, power_w: 40000.0 }]);
+    assert_eq!(c.power_budget_at(17.0 * 3600.0), Some(40000.0));
+    assert_eq!(c.power_budget_at(12.0 * 3600.0), Some(60000.0));
+    for (bad, says) in [
+        ("from_h = 16, to_h = 25", "budget.schedule[0]: hours 16-25"),
+        ("from_h = 16, to_h = 16", "not the same"),
+        ("from_h = 16, to_h = 21, power_w = 0.0", "budget.schedule[0].power_w must be in [1, 1e9]"),
+    ] {
+        let t = base.replace("from_h = 16, to_h = 21", bad);
+        let t = if bad.contains("power_w") { t.replace(", power_w = 40000.0", "") } else { t };
+        let e = ServiceConfig::parse(&t, "deploy/dynamollm.toml").unwrap_err().to_string();
+        assert!(e.contains("deploy/dynamollm.toml") && e.contains(says), "{bad}: {e}");
+    }
+    let e = ServiceConfig::parse(&base.replace("utc_offset_h = -7.0", "utc_offset_h = 30.0"), "x").unwrap_err();
+    assert!(e.to_string().contains("budget.utc_offset_h"), "{e}");
+}

@@ -62,3 +62,33 @@ fn a_class_priority_names_classes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"XX\" is not a class"));
 }
+
+#[test]
+fn a_schedule_gives_its_hours_their_budget_and_leaves_the_others() {
+    let single = sim(&["--policy", "single-pool", "--instances", "27"]);
+    let budget_w = format!("{}", 0.5 * single["peak_power_w"].as_f64().unwrap());
+    let constant = sim(&["--policy", "dynamollm", "--power-budget-w", &budget_w]);
+    // The Conversation hour is hour 0 of its day: a period over it is the constant budget…
+    let over = sim(&["--policy", "dynamollm", "--power-budget-schedule", &format!("23-1={budget_w}")]);
+    // …and one that misses it leaves the hour without a budget.
+    let free = sim(&["--policy", "dynamollm"]);
+    let missed = sim(&["--policy", "dynamollm", "--power-budget-schedule", &format!("1-23={budget_w}")]);
+    for k in ["energy_kwh", "peak_power_w", "gpu_hours"] {
+        assert_eq!(over[k], constant[k], "{k}");
+        assert_eq!(missed[k], free[k], "{k}");
+    }
+    assert!(constant["peak_power_w"].as_f64().unwrap() < free["peak_power_w"].as_f64().unwrap());
+    for (bad, says) in [
+        ("16-21", "not FROM-TO=W"),
+        ("5-5=100", "not the same"),
+        ("0-25=100", "0-23 to 1-24"),
+        ("1-2=0", "power_w must be in"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dynamollm"))
+            .args(["sim", "--policy", "dynamollm", "--quiet", "--power-budget-schedule", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{bad}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -363,6 +363,47 @@ pub struct BudgetSection {
     /// The classes by rank, highest first (default short prompts first): when the budget cannot
     /// carry the load, the last-ranked classes' pools are slowed first and wait longest for instances.
     pub priority: Option<Vec<String>>,
+    /// Hours of the day with a budget of their own (`[[budget.schedule]]`: `from_h`, `to_h`,
+    /// `power_w`); the first holding an hour wins, other hours have `power_w` (or none).
+    pub schedule: Vec<BudgetPeriodSection>,
+    /// Hours east of UTC the schedule's hours count in (default 0: UTC).
+    pub utc_offset_h: f64,
+}
+
+/// One `[[budget.schedule]]` period.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetPeriodSection {
+    /// First hour (0–23).
+    pub from_h: u32,
+    /// The hour after the last (1–24; smaller than `from_h` wraps past midnight).
+    pub to_h: u32,
+    /// The budget in those hours (W).
+    pub power_w: f64,
+}
+
+/// Check budget periods (hours and power in range; `key` names them in errors).
+pub fn budget_periods(
+    periods: &[BudgetPeriodSection],
+    key: &str,
+) -> std::result::Result<Vec<controller::control::BudgetPeriod>, String> {
+    periods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if p.from_h > 23 || !(1..=24).contains(&p.to_h) || p.from_h == p.to_h {
+                return Err(format!(
+                    "{key}[{i}]: hours {}-{} must be from 0-23 to 1-24 and not the same",
+                    p.from_h, p.to_h
+                ));
+            }
+            if !(1.0..=1e9).contains(&p.power_w) {
+                let shown = if p.power_w.abs() >= 1e9 { format!("{:e}", p.power_w) } else { format!("{}", p.power_w) };
+                return Err(format!("{key}[{i}].power_w must be in [1, 1e9] W, got {shown}"));
+            }
+            Ok(controller::control::BudgetPeriod { from_h: p.from_h, to_h: p.to_h, power_w: p.power_w })
+        })
+        .collect()
 }
 
 /// The whole file.
@@ -558,6 +599,8 @@ impl ServiceConfig {
         if let Some(w) = self.budget.power_w {
             floats.push(("budget.power_w", w, 1.0, 1e9));
         }
+        floats.push(("budget.utc_offset_h", self.budget.utc_offset_h, -24.0, 24.0));
+        budget_periods(&self.budget.schedule, "budget.schedule").map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         for (key, v, lo, hi) in floats {
             // NaN is in no range.
             if !(lo..=hi).contains(&v) {

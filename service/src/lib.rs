@@ -240,6 +240,8 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
         c.fixed_instances = Some(s.fixed_instances.unwrap_or(4));
     }
     c.power_budget_w = cfg.budget.power_w;
+    c.power_budget_periods =
+        config::budget_periods(&cfg.budget.schedule, "budget.schedule").map_err(anyhow::Error::msg)?;
     if let Some(p) = &cfg.budget.priority {
         c.class_priority = config::class_priority(p).map_err(|e| anyhow::anyhow!("budget.priority: {e}"))?;
     }
@@ -303,6 +305,9 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
         tracing::info!(objective = %objective.name, terms = %objective.terms, "the plan weighs GPUs held against energy");
     }
     core_cfg.controller.objective = objective;
+    // The budget schedule's hours: the local time of day at service time zero.
+    core_cfg.controller.budget_day_offset_s =
+        (unix_now_s - offset + cfg.budget.utc_offset_h * 3600.0).rem_euclid(86_400.0);
     let clock = if twin {
         ServiceClock::cluster_kept(cfg.service.speed, offset)
     } else {

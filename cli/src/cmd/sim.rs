@@ -64,9 +64,14 @@ pub struct SimArgs {
     /// ignore it.
     #[arg(long, value_name = "W", value_parser = super::flag::power_w)]
     pub power_budget_w: Option<f64>,
-    /// Under --power-budget-w, the classes by rank, highest first (e.g. `SS,SM,MS`): the lowest-ranked
+    /// Hours of the run's day with a budget of their own: `FROM-TO=W` periods, comma separated
+    /// (hour 0 is the run's start; `16-21=40000,21-6=70000`; a period may wrap past midnight).
+    /// Other hours have --power-budget-w, or no budget.
+    #[arg(long, value_name = "LIST")]
+    pub power_budget_schedule: Option<String>,
+    /// Under a power budget, the classes by rank, highest first (e.g. `SS,SM,MS`): the lowest-ranked
     /// pools' clocks go down first, then they give up instances. Classes left out follow, short prompts first.
-    #[arg(long, value_name = "LIST", requires = "power_budget_w")]
+    #[arg(long, value_name = "LIST")]
     pub class_priority: Option<String>,
     /// What the controlled policies' plans minimise: `energy` (the default), `cost` (GPU rental
     /// and energy at the time-of-use tariff), `carbon` (operational at the intensity series, and
@@ -278,7 +283,8 @@ pub fn run_controlled_policy(
     }
     cfg.objective = run.objective;
     if let Some(b) = run.power_budget {
-        cfg.power_budget_w = Some(b.power_w);
+        cfg.power_budget_w = b.power_w;
+        cfg.power_budget_periods = b.periods;
         cfg.class_priority = b.class_priority;
     }
     cfg.spawn_lead_s = if run.warm_spawn { physics.lifecycle.warm_start_s } else { physics.lifecycle.cold_start_s };
@@ -393,12 +399,18 @@ pub fn run(args: &SimArgs) -> Result<()> {
         clock_down_sigmas: args.clock_down_sigmas,
         mix_hysteresis: args.mix_hysteresis,
         objectives,
-        power_budget: match args.power_budget_w {
-            Some(power_w) => Some(PowerBudget {
+        power_budget: match (args.power_budget_w, &args.power_budget_schedule) {
+            (None, None) => {
+                if args.class_priority.is_some() {
+                    bail!("--class-priority ranks classes under a power budget: add --power-budget-w or --power-budget-schedule");
+                }
+                None
+            }
+            (power_w, schedule) => Some(PowerBudget {
                 power_w,
+                periods: parse_budget_schedule(schedule.as_deref().unwrap_or(""))?,
                 class_priority: parse_class_priority(args.class_priority.as_deref().unwrap_or(""))?,
             }),
-            None => None,
         },
         quiet: args.quiet,
         tables: true,
@@ -489,10 +501,12 @@ pub struct RunOptions {
 }
 
 /// A site power budget for the controlled policies.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PowerBudget {
-    /// The budget (W).
-    pub power_w: f64,
+    /// The budget (W) outside the periods (`None`: none there).
+    pub power_w: Option<f64>,
+    /// Hours of the run's day with a budget of their own.
+    pub periods: Vec<controller::control::BudgetPeriod>,
     /// Each class's rank (0 first; see `ControllerConfig::class_priority`).
     pub class_priority: [u8; telemetry::CLASS_COUNT],
 }
@@ -525,6 +539,23 @@ pub fn objectives(
         dashboards::intensity::IntensitySeries::constant(0.0)
     };
     Ok(specs.iter().map(|s| s.build(accounting, &intensity, start)).collect())
+}
+
+/// Parse `--power-budget-schedule`: `FROM-TO=W` periods, comma separated, checked as the
+/// service's `[[budget.schedule]]` is.
+pub fn parse_budget_schedule(text: &str) -> Result<Vec<controller::control::BudgetPeriod>> {
+    let mut raw = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || anyhow::anyhow!("--power-budget-schedule: `{part}` is not FROM-TO=W (e.g. 16-21=40000)");
+        let (hours, w) = part.split_once('=').ok_or_else(bad)?;
+        let (from, to) = hours.split_once('-').ok_or_else(bad)?;
+        raw.push(service::config::BudgetPeriodSection {
+            from_h: from.trim().parse().map_err(|_| bad())?,
+            to_h: to.trim().parse().map_err(|_| bad())?,
+            power_w: w.trim().parse().map_err(|_| bad())?,
+        });
+    }
+    service::config::budget_periods(&raw, "--power-budget-schedule").map_err(anyhow::Error::msg)
 }
 
 /// Parse `--class-priority`: class names, highest rank first; classes left out follow in their
@@ -633,7 +664,7 @@ pub fn run_policies(
                             attainment_comfort: opts.attainment_comfort,
                             clock_down_sigmas: opts.clock_down_sigmas,
                             mix_hysteresis: opts.mix_hysteresis,
-                            power_budget: opts.power_budget,
+                            power_budget: opts.power_budget.clone(),
                             objective: objective.clone(),
                             decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                             future: future.as_ref(),

@@ -1,4 +1,4 @@
-//! The site power budget (`ControllerConfig::power_budget_w`): the fleet
+//! The site power budget (`ControllerConfig::power_budget_w`, or its hour's period): the fleet
 //! never asks for more power than the budget less its headroom. What the
 //! fleet draws is counted per pool from the profile: each instance's power at
 //! its clock and its share of the pool's load (the load seen now, with the
@@ -93,7 +93,7 @@ impl Controller {
     /// The pools, highest rank first (by index without a budget).
     pub(super) fn pools_by_rank(&self) -> Vec<usize> {
         let mut v: Vec<usize> = (0..self.plans.len()).collect();
-        if self.cfg.power_budget_w.is_some() {
+        if self.budget_w.is_some() {
             v.sort_by_key(|&p| (self.pool_rank(p), p));
         }
         v
@@ -101,7 +101,7 @@ impl Controller {
 
     /// The budget less its headroom (W), when there is a budget.
     fn power_limit_w(&self) -> Option<f64> {
-        self.cfg.power_budget_w.map(|b| b * (1.0 - self.cfg.power_headroom))
+        self.budget_w.map(|b| b * (1.0 - self.cfg.power_headroom))
     }
 
     /// What the fleet is: every instance observed (at the clock asked for it
@@ -251,7 +251,7 @@ impl Controller {
             reason: format!(
                 "power budget {:.0} W: pool {} (rank {rank}) needs a TP{tp} the budget has no room for; pool {} (rank {}) \
                  gives up its TP{} instance {}",
-                self.cfg.power_budget_w.unwrap_or(0.0),
+                self.budget_w.unwrap_or(0.0),
                 pool_name(pool, self.cfg.loops.pools),
                 pool_name(v.pool.0 as usize, self.cfg.loops.pools),
                 self.pool_rank(v.pool.0 as usize),
@@ -307,7 +307,7 @@ impl Controller {
             format!(
                 "power budget {:.0} W (less {:.0}% headroom): the fleet would draw {before:.0} W at the clocks asked \
                  ({total:.0} W after); pool {} (rank {}) goes to {} MHz",
-                this.cfg.power_budget_w.unwrap_or(0.0),
+                this.budget_w.unwrap_or(0.0),
                 100.0 * this.cfg.power_headroom,
                 pool_name(d.pool, this.cfg.loops.pools),
                 this.pool_rank(d.pool),

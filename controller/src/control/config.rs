@@ -87,6 +87,12 @@ pub struct ControllerConfig {
     /// shows there), idle and starting instances included, stays under it
     /// less `power_headroom`. `None`: no budget.
     pub power_budget_w: Option<f64>,
+    /// Hours of the day with a budget of their own (the first period holding the hour wins;
+    /// other hours have `power_budget_w`, or no budget where that is `None`).
+    pub power_budget_periods: Vec<BudgetPeriod>,
+    /// What to add to the controller's time (s) for the time of day the periods count in:
+    /// 0 where hour 0 is the controller's start.
+    pub budget_day_offset_s: f64,
     /// The share of the power budget kept free (0 to below 1).
     pub power_headroom: f64,
     /// Each class's rank under the power budget (0 first): when the budget
@@ -140,7 +146,37 @@ pub struct ControllerConfig {
     pub attainment_lookback_s: f64,
 }
 
+/// A period of the day with a power budget of its own: hours `[from_h, to_h)`, wrapping past
+/// midnight where `to_h` ≤ `from_h`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BudgetPeriod {
+    /// First hour (0–23).
+    pub from_h: u32,
+    /// The hour after the last (1–24).
+    pub to_h: u32,
+    /// The budget in those hours (W).
+    pub power_w: f64,
+}
+
+impl BudgetPeriod {
+    /// Whether hour `h` (0–23) is in the period.
+    pub fn holds(&self, h: u32) -> bool {
+        if self.from_h < self.to_h {
+            (self.from_h..self.to_h).contains(&h)
+        } else {
+            h >= self.from_h || h < self.to_h
+        }
+    }
+}
+
 impl ControllerConfig {
+    /// The power budget at controller time `now_s` (W): the period holding that hour of the
+    /// day, else `power_budget_w`.
+    pub fn power_budget_at(&self, now_s: f64) -> Option<f64> {
+        let h = (((now_s + self.budget_day_offset_s) / 3600.0).floor().rem_euclid(24.0)) as u32;
+        self.power_budget_periods.iter().find(|p| p.holds(h)).map(|p| p.power_w).or(self.power_budget_w)
+    }
+
     /// Defaults for a set of loops.
     pub fn new(loops: Loops, max_clock_mhz: u32) -> ControllerConfig {
         ControllerConfig {
@@ -188,6 +224,8 @@ impl ControllerConfig {
             max_clock_mhz,
             gpu_budget: u32::MAX,
             power_budget_w: None,
+            power_budget_periods: Vec::new(),
+            budget_day_offset_s: 0.0,
             // With BURST_SIGMAS (budget.rs) for the fleet's spread, 2% more is kept free.
             power_headroom: 0.02,
             // Short prompts first (interactive chat), long prompts (batch-like) last.
@@ -287,3 +325,34 @@ impl Tuning {
 /// 4× 0.555×, 4.5× 0.561× and 5× 0.578× (the learner overshoots and backs off more),
 /// every class ≥ 99.6% throughout.
 pub const MAX_CAPACITY_SCALE: f64 = 4.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_of_an_hour_is_its_periods_else_the_constant() {
+        let mut c = ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980);
+        assert_eq!(c.power_budget_at(0.0), None);
+        c.power_budget_w = Some(100.0);
+        c.power_budget_periods = vec![
+            BudgetPeriod { from_h: 16, to_h: 21, power_w: 40.0 },
+            BudgetPeriod { from_h: 22, to_h: 2, power_w: 70.0 },
+        ];
+        let at = |c: &ControllerConfig, h: f64| c.power_budget_at(h * 3600.0 + 1.0);
+        assert_eq!(at(&c, 15.0), Some(100.0));
+        assert_eq!(at(&c, 16.0), Some(40.0));
+        assert_eq!(at(&c, 20.0), Some(40.0));
+        assert_eq!(at(&c, 21.0), Some(100.0));
+        assert_eq!(at(&c, 23.0), Some(70.0), "a period wraps past midnight");
+        assert_eq!(at(&c, 25.0), Some(70.0), "the day repeats");
+        assert_eq!(at(&c, 26.0), Some(100.0));
+        // The day's hours count from the offset: at time zero it is 16:00.
+        c.budget_day_offset_s = 16.0 * 3600.0;
+        assert_eq!(c.power_budget_at(1.0), Some(40.0));
+        // Without the constant, hours outside every period have no budget.
+        c.power_budget_w = None;
+        c.budget_day_offset_s = 0.0;
+        assert_eq!(c.power_budget_at(6.0 * 3600.0), None);
+    }
+}

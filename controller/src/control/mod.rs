@@ -216,6 +216,8 @@ pub struct Controller {
     hour_tripped: Vec<bool>,
     /// What one GPU held weighs this step (W): the objective's mean over the coming scale period.
     gpu_w: f64,
+    /// The power budget this step (W), if any (`ControllerConfig::power_budget_at`).
+    budget_w: Option<f64>,
 }
 
 impl Controller {
@@ -271,6 +273,7 @@ impl Controller {
             hour_short: vec![None; pools],
             hour_tripped: vec![false; pools],
             gpu_w: 0.0,
+            budget_w: None,
         }
     }
 
@@ -484,6 +487,7 @@ impl Controller {
     pub fn step(&mut self, now_s: f64, obs: &Observations) -> Vec<Decision> {
         let mut out = Vec::new();
         self.gpu_w = self.cfg.objective.gpu_w_over(now_s, now_s + self.cfg.scale_period_s);
+        self.budget_w = self.cfg.power_budget_at(now_s);
         for &s in &obs.observed_spawn_s {
             // The overhead table learns the spawn time (EWMA).
             self.cfg.spawn_lead_s = 0.7 * self.cfg.spawn_lead_s + 0.3 * s;
@@ -545,7 +549,7 @@ impl Controller {
             std::array::from_fn(|c| obs.class_rps_recent[c].max(obs.class_rps_smoothed[c]) * self.cfg.observed_margin);
         let plan_scale: Demand = std::array::from_fn(|c| obs.class_peak_scale.map_or(0.0, |p| p[c]).max(recent[c]));
         let plan_shard: Demand = std::array::from_fn(|c| obs.class_peak_shard.map_or(0.0, |p| p[c]).max(recent[c]));
-        if self.cfg.power_budget_w.is_some() {
+        if self.budget_w.is_some() {
             self.learn_max_power(obs);
         }
         self.free_power_w = self.power_room_at_step_start(obs, &recent);
