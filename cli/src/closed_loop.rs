@@ -206,6 +206,10 @@ pub fn run_controlled(
                 w.write_all(b"\n")?;
             }
         }
+        // Pools the power budget holds short: what they turn away is turned away for the budget.
+        for pool in 0..ctl.plans().len() {
+            cluster.set_power_held(pool, ctl.power_held(pool));
+        }
         // Route classes as the controller says, once the new pool serves (make before break).
         for class in RequestClass::ALL {
             let want = ctl.routing().pool_of[class.index()] as usize;

@@ -8,13 +8,21 @@
 use std::process::Command;
 
 fn sim(args: &[&str]) -> serde_json::Value {
+    sim_out(args).0
+}
+
+/// The run's JSON and the table it printed.
+fn sim_out(args: &[&str]) -> (serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
     let mut a = vec!["sim", "--scale", "8", "--quiet", "--json", json.to_str().unwrap()];
     a.extend(args);
     let out = Command::new(env!("CARGO_BIN_EXE_dynamollm")).args(&a).output().unwrap();
     assert!(out.status.success(), "{a:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+    (
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    )
 }
 
 fn attainment(run: &serde_json::Value, class: &str) -> f64 {
@@ -29,7 +37,7 @@ fn the_fleet_stays_under_the_budget_and_degrades_the_last_ranked_classes_first()
     let free = sim(&["--policy", "dynamollm"]);
     for share in [0.7, 0.3] {
         let budget_w = share * peak_w;
-        let run = sim(&["--policy", "dynamollm", "--power-budget-w", &format!("{budget_w}")]);
+        let (run, table) = sim_out(&["--policy", "dynamollm", "--power-budget-w", &format!("{budget_w}")]);
         let got = run["peak_power_w"].as_f64().unwrap();
         assert!(got <= budget_w, "{share}: peak {got:.0} W over the budget {budget_w:.0} W");
         if share == 0.7 {
@@ -48,6 +56,10 @@ fn the_fleet_stays_under_the_budget_and_degrades_the_last_ranked_classes_first()
                 assert!(attainment(&run, c) < 0.9, "{c} at {} kept its share", attainment(&run, c));
             }
             assert!(run["requests_rejected"].as_u64().unwrap() > 0);
+            // Turned away for the budget, and said so per class.
+            let rejected = table.lines().find(|l| l.trim_start().starts_with("rejected:")).expect("a rejected line");
+            assert!(rejected.contains("LL") && rejected.contains("(power-budget)"), "{rejected}");
+            assert!(!rejected.contains("no-serving-instance"), "{rejected}");
             assert!(run["energy_kwh"].as_f64().unwrap() < free["energy_kwh"].as_f64().unwrap());
         }
     }

@@ -101,6 +101,8 @@ pub struct Cluster<'p> {
     pub instances: Vec<Instance>,
     pools: Vec<Pool>,
     class_pool: [Option<usize>; CLASS_COUNT],
+    /// Per pool: whether the controller holds it without instances for the power budget.
+    power_held: Vec<bool>,
     events: BinaryHeap<Event>,
     seq: u64,
     /// Statistics so far.
@@ -164,6 +166,7 @@ impl<'p> Cluster<'p> {
             instances: Vec::new(),
             pools: spec.pools.iter().map(|_| Pool { members: Vec::new() }).collect(),
             class_pool,
+            power_held: vec![false; spec.pools.len()],
             events: BinaryHeap::new(),
             seq: 0,
             stats: Stats::new(slo),
@@ -209,6 +212,14 @@ impl<'p> Cluster<'p> {
     /// Route a class to a pool (or nowhere: its requests are rejected).
     pub fn set_route(&mut self, class: RequestClass, pool: Option<usize>) {
         self.class_pool[class.index()] = pool;
+    }
+
+    /// The controller holds `pool` short of instances for the site power budget (or no longer):
+    /// while it has no serving instance, its requests are turned away for the budget.
+    pub fn set_power_held(&mut self, pool: usize, held: bool) {
+        if let Some(h) = self.power_held.get_mut(pool) {
+            *h = held;
+        }
     }
 
     /// The pool a class is routed to.
@@ -462,6 +473,8 @@ impl<'p> Cluster<'p> {
         let serving = self.pools[pool].members.iter().any(|&m| self.instances[m].state == Lifecycle::Serving);
         if serving {
             RejectReason::TooLarge
+        } else if self.power_held.get(pool).copied().unwrap_or(false) {
+            RejectReason::PowerBudget
         } else {
             RejectReason::NoServingInstance
         }

@@ -27,11 +27,15 @@ pub enum RejectReason {
     NoServingInstance,
     /// Its prompt and output do not fit any serving instance's KV cache.
     TooLarge,
+    /// Its pool has no serving instance because the site power budget has no room for one
+    /// (the controller says so: see `Cluster::set_power_held`).
+    PowerBudget,
 }
 
 impl RejectReason {
     /// Every reason, in the order of [`ClassStats::rejected_by`].
-    pub const ALL: [RejectReason; 3] = [RejectReason::NoPool, RejectReason::NoServingInstance, RejectReason::TooLarge];
+    pub const ALL: [RejectReason; 4] =
+        [RejectReason::NoPool, RejectReason::NoServingInstance, RejectReason::TooLarge, RejectReason::PowerBudget];
 
     /// The reason in words, as the table and logs print it.
     pub fn as_str(self) -> &'static str {
@@ -39,6 +43,7 @@ impl RejectReason {
             RejectReason::NoPool => "no-pool",
             RejectReason::NoServingInstance => "no-serving-instance",
             RejectReason::TooLarge => "too-large",
+            RejectReason::PowerBudget => "power-budget",
         }
     }
 
@@ -82,7 +87,7 @@ pub struct ClassStats {
     /// Requests turned away (no serving instance, or too large for any KV cache).
     pub rejected: u64,
     /// Requests turned away, by reason (indexed as [`RejectReason::ALL`]).
-    pub rejected_by: [u64; 3],
+    pub rejected_by: [u64; 4],
     /// Requests that finished.
     pub completed: u64,
     /// TTFT histogram (µs).
@@ -107,7 +112,7 @@ impl ClassStats {
         ClassStats {
             requests: 0,
             rejected: 0,
-            rejected_by: [0; 3],
+            rejected_by: [0; 4],
             completed: 0,
             ttft: new_hist(),
             tbt: new_hist(),

@@ -203,6 +203,8 @@ pub struct Controller {
     free_power_w: Option<f64>,
     /// Pools the spawn gate refused this step, and the degree each wanted.
     preempt_wanted: Vec<(usize, u32)>,
+    /// Pools whose last plan the spawn gate cut short (the power budget had no room).
+    power_short: std::collections::BTreeSet<usize>,
     /// The hour guard's steps over the last hour (see [`Controller::hour_guard`]; not persisted:
     /// a restarted controller watches a fresh hour).
     hour_log: std::collections::VecDeque<guard::HourSample>,
@@ -267,6 +269,7 @@ impl Controller {
             budget_load: [0.0; CLASS_COUNT],
             free_power_w: None,
             preempt_wanted: Vec::new(),
+            power_short: std::collections::BTreeSet::new(),
             hour_log: std::collections::VecDeque::new(),
             hour_arrived: [0.0; CLASS_COUNT],
             hour_last_s: f64::NEG_INFINITY,
@@ -337,6 +340,12 @@ impl Controller {
             c.clock_margin = st.clock_margin;
         }
         Ok(c)
+    }
+
+    /// Whether the power budget cut `pool`'s last plan short (a spawn it wanted had no room):
+    /// what it turns away while it has no serving instance is turned away for the budget.
+    pub fn power_held(&self, pool: usize) -> bool {
+        self.power_short.contains(&pool)
     }
 
     /// The settings.

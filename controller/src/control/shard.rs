@@ -298,6 +298,9 @@ impl Controller {
         }
         if let Some(tp) = short_power {
             self.preempt_wanted.push((pool, tp));
+            self.power_short.insert(pool);
+        } else {
+            self.power_short.remove(&pool);
         }
         // Break: retire extras only when the target mix is serving and the rest carries the current load.
         // On a full fixed cluster the extras go first (while the rest carries the current load), as
