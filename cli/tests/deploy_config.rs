@@ -159,3 +159,48 @@ fn a_budget_schedule_reaches_the_controller_and_bad_hours_are_named() {
     let e = ServiceConfig::parse(&base.replace("utc_offset_h = -7.0", "utc_offset_h = 30.0"), "x").unwrap_err();
     assert!(e.to_string().contains("budget.utc_offset_h"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_carbon_objective_plans_with_the_forecast_of_an_intensity_api() {
+    // Electricity Maps on loopback, answering its forecast endpoint with a recorded-shape body
+    // (dashboards/tests/fixtures/em-forecast.json: 150, 121 and 108 gCO2e/kWh).
+    let body =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards/tests/fixtures/em-forecast.json"))
+            .unwrap();
+    let app = axum::Router::new().route(
+        "/v3/carbon-intensity/forecast",
+        axum::routing::get(move || {
+            let b = body.clone();
+            async move { ([("content-type", "application/json")], b) }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
+        .unwrap()
+        .replace(
+            "# [objective]                     # what the plan minimises (default: energy alone)\n# kind = \"cost\"",
+            "[objective]\nkind = \"carbon\"",
+        )
+        .replace(
+            "source = \"csv\"",
+            &format!("source = \"electricity-maps\"\nelectricity_maps = {{ url = \"{url}\", zone = \"US-CAL-CISO\", token = \"k\" }}"),
+        );
+    let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
+    assert!(service::objective_is_live(&cfg), "an API source is read again while the service runs");
+    assert!(!service::objective_is_live(&ServiceConfig::load(&deploy("dynamollm.toml")).unwrap()));
+    let o = service::objective_of(&cfg, 0.0).await.unwrap();
+    assert_eq!(o.name, "carbon");
+    assert!(o.terms.contains("108–150 g/kWh"), "{}", o.terms);
+    // Each hour's weight is the embodied grams of a GPU-hour over the grams of a watt-hour at that
+    // hour's forecast intensity (PUE 1.2).
+    let acc = dashboards::config::AccountingConfig::default();
+    let embodied = dashboards::accounting::embodied_g(&acc, 3600.0);
+    let mut seen: Vec<i64> = o.gpu_w.iter().map(|w| (w * 1000.0).round() as i64).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    let want: Vec<i64> =
+        [150.0, 121.0, 108.0].iter().map(|g| (embodied / (g * 1.2 / 1000.0) * 1000.0).round() as i64).collect();
+    assert_eq!(seen, want);
+}

@@ -203,6 +203,30 @@ impl IntensitySeries {
     }
 }
 
+impl IntensitySeries {
+    /// The intensity a plan looks ahead with: an API source's forecast (Electricity Maps'
+    /// `forecast`, WattTime's MOER `forecast`), else the configured series. Like any series it
+    /// repeats outside its span.
+    pub fn outlook_from_config(
+        cfg: &AccountingConfig,
+        from_s: f64,
+        to_s: f64,
+    ) -> Result<IntensitySeries, IntensityError> {
+        match cfg.carbon.source {
+            IntensitySourceKind::ElectricityMaps => {
+                ElectricityMaps::new(cfg.carbon.electricity_maps.clone().expect("validated")).forecast()
+            }
+            _ => IntensitySeries::from_config(cfg, from_s, to_s),
+        }
+    }
+
+    /// Whether the configured source changes while a service runs (an API): a plan's outlook
+    /// from it is read again from time to time.
+    pub fn source_is_live(cfg: &AccountingConfig) -> bool {
+        matches!(cfg.carbon.source, IntensitySourceKind::ElectricityMaps | IntensitySourceKind::Watttime)
+    }
+}
+
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(20)).build().expect("an HTTP client builds")
 }

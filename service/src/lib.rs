@@ -250,7 +250,8 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
 
 /// The controller's objective from `[objective]` and the accounting's prices (`[carbon]`,
 /// `[cost]`, `[sci]`), hour by hour from `start_unix_s` (service time zero). The intensity
-/// series is read only for an objective that weighs carbon (an API source is asked here).
+/// is read only for an objective that weighs carbon: an API source's forecast, asked here
+/// (and again every hour by the running service, [`OBJECTIVE_REFRESH`]).
 pub async fn objective_of(cfg: &ServiceConfig, start_unix_s: f64) -> Result<controller::control::Objective> {
     let spec = objective::ObjectiveSpec::of_section(&cfg.objective)?;
     if spec.name == "energy" {
@@ -260,7 +261,9 @@ pub async fn objective_of(cfg: &ServiceConfig, start_unix_s: f64) -> Result<cont
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     tokio::task::spawn_blocking(move || {
         let intensity = if spec.weights.carbon_kg > 0.0 {
-            dashboards::intensity::IntensitySeries::from_config(&acc, start_unix_s, start_unix_s + 7.0 * 86_400.0)
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            dashboards::intensity::IntensitySeries::outlook_from_config(&acc, now, now + 7.0 * 86_400.0)
                 .map_err(|e| anyhow::anyhow!("objective {}: the carbon intensity: {e}", spec.name))?
         } else {
             dashboards::intensity::IntensitySeries::constant(0.0)
@@ -268,6 +271,17 @@ pub async fn objective_of(cfg: &ServiceConfig, start_unix_s: f64) -> Result<cont
         Ok(spec.build(&acc, &intensity, start_unix_s))
     })
     .await?
+}
+
+/// How often a running service reads an API intensity source's forecast again for its objective.
+pub const OBJECTIVE_REFRESH: Duration = Duration::from_secs(3600);
+
+/// Whether the objective reads a live intensity source (an API) and so wants refreshing.
+pub fn objective_is_live(cfg: &ServiceConfig) -> bool {
+    let Ok(spec) = objective::ObjectiveSpec::of_section(&cfg.objective) else { return false };
+    spec.weights.carbon_kg > 0.0
+        && dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin)
+            .is_ok_and(|a| dashboards::intensity::IntensitySeries::source_is_live(&a))
 }
 
 /// Start the service: bind the API, recover or create the state, start the
@@ -447,6 +461,26 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::dcgm(d, tx.clone(), every)))));
         }
         keep.push(Box::new(AbortOnDrop(tokio::spawn(scrape::engines(shared.clone(), tx, every)))));
+    }
+    if objective_is_live(&cfg) {
+        let (c, sh, t0) = (cfg.clone(), shared.clone(), unix_now_s - offset);
+        keep.push(Box::new(AbortOnDrop(tokio::spawn(async move {
+            let mut every = tokio::time::interval(OBJECTIVE_REFRESH);
+            // The first tick is now, and the objective was built a moment ago.
+            every.tick().await;
+            loop {
+                every.tick().await;
+                match objective_of(&c, t0).await {
+                    Ok(o) => {
+                        tracing::info!(objective = %o.name, terms = %o.terms, "the objective's intensity forecast read again");
+                        if let Ok(mut core) = sh.core.lock() {
+                            core.set_objective(o);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "the objective's intensity forecast could not be read again; the last one stays"),
+                }
+            }
+        }))));
     }
     if let Some((tx, src)) = prom_tx {
         tracing::info!(url = %src.url, every_s = src.interval.as_secs_f64(), "engine and GPU telemetry from Prometheus");

@@ -348,6 +348,11 @@ impl Controller {
         self.power_short.contains(&pool)
     }
 
+    /// A new objective (prices or an intensity forecast read again); the next step plans with it.
+    pub fn set_objective(&mut self, objective: Objective) {
+        self.cfg.objective = objective;
+    }
+
     /// The settings.
     pub fn config(&self) -> &ControllerConfig {
         &self.cfg

@@ -389,6 +389,12 @@ impl ServiceCore {
         self.stale.as_deref()
     }
 
+    /// A new objective for the plan (its prices or intensity forecast read again).
+    pub fn set_objective(&mut self, objective: controller::control::Objective) {
+        self.cfg.controller.objective = objective.clone();
+        self.ctl.set_objective(objective);
+    }
+
     /// Set the operator's mode.
     pub fn set_mode(&mut self, mode: Mode) {
         self.operator_mode = mode;
