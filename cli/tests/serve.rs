@@ -842,3 +842,54 @@ fn a_failed_clock_command_is_sent_again() {
     assert!(again - at <= 60.0, "sent again at {again} s, failed at {at} s");
     eprintln!("clock {clock_mhz} MHz of instance {} failed at {at} s, sent again at {again} s", instance.0);
 }
+
+/// On an external cluster the savings are measured against the static fleet the operator
+/// declares (`cluster.baseline_instances`): TP8 instances at the top clock drawing the
+/// profile's power at the load seen. Without it, an estimate sized for the highest load seen.
+#[test]
+fn an_external_clusters_savings_are_measured_against_the_declared_static_fleet() {
+    let run = |declared: Option<u32>| {
+        let mut core = core();
+        if let Some(n) = declared {
+            core.set_baseline_instances(n);
+        }
+        core.prime_rates([0.5; 9]);
+        let mut n = 0u32;
+        let mut t = 0.0;
+        while t <= 600.0 {
+            for c in core.tick(t, 0) {
+                let placement = matches!(c.action, Action::Spawn { .. }).then(|| {
+                    n += 1;
+                    Placement { node: format!("site/n{n}"), gpus: vec![], endpoint: None }
+                });
+                core.on_outcome(&c.id, &Outcome::Applied { placement, detail: String::new() });
+            }
+            core.observe_arrivals(t, &[2; 9]);
+            samples(&mut core, t);
+            t += 5.0;
+        }
+        core.totals()
+    };
+    let (estimate, six, twelve) = (run(None), run(Some(6)), run(Some(12)));
+    // The fleet is the same; only what it is measured against changes.
+    assert_eq!(estimate.energy_j, six.energy_j);
+    assert!(six.energy_j > 0.0);
+    // 3.6 req/s: the estimate sizes one TP8 instance for it; six draw more, twelve about twice
+    // six's idle power more again.
+    assert!(
+        six.baseline_power_w > estimate.baseline_power_w,
+        "{} vs {}",
+        six.baseline_power_w,
+        estimate.baseline_power_w
+    );
+    assert!(
+        twelve.baseline_power_w > 1.5 * six.baseline_power_w,
+        "{} vs {}",
+        twelve.baseline_power_w,
+        six.baseline_power_w
+    );
+    assert!(twelve.baseline_energy_j > six.baseline_energy_j && six.baseline_energy_j > estimate.baseline_energy_j);
+    for t in [&estimate, &six, &twelve] {
+        assert!((t.savings_ratio - (1.0 - t.energy_j / t.baseline_energy_j)).abs() < 1e-12);
+    }
+}

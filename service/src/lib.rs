@@ -337,6 +337,13 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     if let Some(r) = cfg.service.max_class_rps {
         core.set_max_class_rps(r);
     }
+    if let (false, Some(n)) = (twin, cfg.cluster.baseline_instances) {
+        core.set_baseline_instances(n);
+        tracing::info!(
+            instances = n,
+            "savings are measured against a static fleet of this many TP8 instances at the top clock"
+        );
+    }
     tracing::info!(max_class_rps = core.max_class_rps(), "arrival telemetry beyond this rate per class is refused");
     if !recovered {
         core.set_mode(Mode::parse(&cfg.service.mode).map_err(anyhow::Error::msg)?);

@@ -147,6 +147,9 @@ pub fn run(args: &RehearseArgs) -> Result<()> {
     // The operator knows today's load: the first fleet is planned for the first minutes' rates.
     let first = crate::closed_loop::count_minutes(&workload.first_hours(5.0 / 60.0))?.peak(0, 5);
     let initial: Vec<String> = RequestClass::ALL.iter().map(|c| format!("{c} = {}", first[c.index()])).collect();
+    // The live savings are measured against the static fleet sim sizes for the trace (the
+    // smallest TP8 count whose replay holds every class's P99), as `demo` and `serve` on the twin do.
+    let single = super::sim::size_by_replay(&physics, Policy::SinglePool, &workload, SLO_MULTIPLIER, true)?;
     let toml = format!(
         r#"
 [service]
@@ -162,6 +165,7 @@ initial_class_rps = {{ {initial} }}
 kind = "external"
 gpus = 4096
 scrape_interval_s = {scrape}
+baseline_instances = {baseline}
 
 [router]
 listen = "127.0.0.1:0"
@@ -181,6 +185,7 @@ timeout_ms = 900000
         speed = args.speed,
         initial = initial.join(", "),
         scrape = (1.0 / args.speed).max(0.05),
+        baseline = single.first().copied().unwrap_or(1),
         line = line.replace('\\', "\\\\").replace('"', "\\\""),
     );
     let cfg = ServiceConfig::parse(&toml, "rehearse")?;

@@ -163,6 +163,8 @@ const ROUTE_RETRY_MAX_S: f64 = 300.0;
 struct Baseline {
     planner: Planner,
     max_clock_mhz: u32,
+    /// The static fleet the operator declares (`cluster.baseline_instances`), else sized here.
+    fixed_instances: Option<u32>,
     peak_rps: f64,
     energy_j: f64,
     power_w: f64,
@@ -175,6 +177,7 @@ impl Baseline {
         Baseline {
             planner: Planner::new(profile, &[8], &shares, 1.0),
             max_clock_mhz,
+            fixed_instances: None,
             peak_rps: 0.0,
             energy_j: 0.0,
             power_w: 0.0,
@@ -189,7 +192,10 @@ impl Baseline {
         if cap <= 0.0 {
             return 0.0;
         }
-        let n = (self.peak_rps / cap).ceil().max(1.0);
+        let n = match self.fixed_instances {
+            Some(k) => f64::from(k.max(1)),
+            None => (self.peak_rps / cap).ceil().max(1.0),
+        };
         let per = self.planner.power_at(8, self.max_clock_mhz, (rps / n).min(cap)).unwrap_or(0.0);
         n * per
     }
@@ -311,6 +317,13 @@ impl ServiceCore {
         } else {
             self.operator_mode
         }
+    }
+
+    /// On an external cluster: the static fleet the savings are measured against, `n` TP8
+    /// instances at the top clock (the profile's power at the load seen), in place of the
+    /// estimate sized from the profile for the highest load seen.
+    pub fn set_baseline_instances(&mut self, n: u32) {
+        self.baseline.fixed_instances = Some(n);
     }
 
     /// The replayed `single-pool` baseline (the twin's): its energy so far (J) and power now (W).
