@@ -893,3 +893,27 @@ fn an_external_clusters_savings_are_measured_against_the_declared_static_fleet()
         assert!((t.savings_ratio - (1.0 - t.energy_j / t.baseline_energy_j)).abs() < 1e-12);
     }
 }
+
+/// A tick's commands go out in one lane per instance: a spawn and the clock of the same
+/// instance in order, other instances' commands beside them (a set-clock never waits behind
+/// another instance's spawn, which takes minutes on a real cluster); routes share a lane.
+#[test]
+fn a_ticks_commands_go_out_one_lane_per_instance() {
+    use actuators::{ActionId, Command, InstanceId, PoolId, SpawnFrom};
+    let cmd = |id: &str, action: Action| Command { id: ActionId(id.into()), action, placement: None, issued_at_ms: 0 };
+    let (a, b, c) = (InstanceId(1), InstanceId(2), InstanceId(3));
+    let cmds = vec![
+        cmd(
+            "spawn-a",
+            Action::Spawn { instance: a, pool: PoolId(0), tp: 8, clock_mhz: 1980, from: SpawnFrom::WarmStandby },
+        ),
+        cmd("clock-b", Action::SetClock { instance: b, clock_mhz: 1600 }),
+        cmd("clock-a", Action::SetClock { instance: a, clock_mhz: 1400 }),
+        cmd("route-ss", Action::Route { class: "SS".into(), pool: PoolId(1) }),
+        cmd("retire-c", Action::Retire { instance: c }),
+        cmd("route-sm", Action::Route { class: "SM".into(), pool: PoolId(1) }),
+    ];
+    let lanes: Vec<Vec<String>> =
+        service::lanes(cmds).into_iter().map(|l| l.into_iter().map(|c| c.id.0).collect()).collect();
+    assert_eq!(lanes, [vec!["spawn-a", "clock-a"], vec!["clock-b"], vec!["route-ss", "route-sm"], vec!["retire-c"]]);
+}

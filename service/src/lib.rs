@@ -824,19 +824,34 @@ async fn dispatch(shared: &Shared, cmd: &Command) -> Outcome {
     outcome
 }
 
-/// Send one tick's commands in order (a spawn before the clock of the same
-/// instance); each only while the mode of `epoch` holds.
+/// Send one tick's commands, each only while the mode of `epoch` holds: one lane per
+/// instance, in the tick's order (a spawn before the clock of the same instance), the
+/// lanes side by side, so that no command waits behind another instance's (a real spawn
+/// takes minutes, and a clock raised for a rising load must not wait for it).
 fn send(shared: &Arc<Shared>, cmds: Vec<Command>, epoch: u64, out: &mpsc::UnboundedSender<(ActionId, Outcome)>) {
-    if cmds.is_empty() {
-        return;
-    }
-    let shared = shared.clone();
-    let out = out.clone();
-    tokio::spawn(async move {
-        for cmd in cmds {
-            if let Some(outcome) = dispatch_if_allowed(&shared, &cmd, epoch).await {
-                let _ = out.send((cmd.id.clone(), outcome));
+    for lane in lanes(cmds) {
+        let shared = shared.clone();
+        let out = out.clone();
+        tokio::spawn(async move {
+            for cmd in lane {
+                if let Some(outcome) = dispatch_if_allowed(&shared, &cmd, epoch).await {
+                    let _ = out.send((cmd.id.clone(), outcome));
+                }
             }
+        });
+    }
+}
+
+/// A tick's commands by the instance each concerns (routes, which concern none, share a
+/// lane), each lane in the tick's order, the lanes in the order of their first command.
+pub fn lanes(cmds: Vec<Command>) -> Vec<Vec<Command>> {
+    let mut lanes: Vec<(Option<actuators::InstanceId>, Vec<Command>)> = Vec::new();
+    for cmd in cmds {
+        let key = cmd.action.instance();
+        match lanes.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, lane)) => lane.push(cmd),
+            None => lanes.push((key, vec![cmd])),
         }
-    });
+    }
+    lanes.into_iter().map(|(_, lane)| lane).collect()
 }
