@@ -66,12 +66,12 @@ impl Controller {
         let gpu_w = self.gpu_w;
         let (kept, kept_score) = planner.best_sub_fleet_weighted(&current, demand_rps, gpu_w)?;
         let kept_w = kept_score - gpu_w * f64::from(kept.iter().map(|(tp, n)| tp * n).sum::<u32>());
-        let target_w = target_w + gpu_w * f64::from(target.iter().map(|(tp, n)| tp * n).sum::<u32>());
-        let gain_j = (kept_score - target_w) * (self.cfg.shard_period_s - self.cfg.spawn_lead_s).max(0.0);
+        let target_score = target_w + gpu_w * f64::from(target.iter().map(|(tp, n)| tp * n).sum::<u32>());
+        let gain_j = (kept_score - target_score) * (self.cfg.shard_period_s - self.cfg.spawn_lead_s).max(0.0);
         let cost_j = f64::from(new_gpus) * (self.starting_w_per_gpu + gpu_w) * self.cfg.spawn_lead_s;
         // A new mix that saves less than `mix_hysteresis` of the power is not worth the churn either:
         // the load that made it look better a period ago often turns back the next.
-        let small = kept_score - target_w < self.cfg.mix_hysteresis * kept_score;
+        let small = kept_score - target_score < self.cfg.mix_hysteresis * kept_score;
         (gain_j <= cost_j || small).then_some((kept, kept_w))
     }
 
