@@ -314,7 +314,16 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
     // The objective's hours: service time zero is `offset` seconds before now.
     let unix_now_s =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    let objective = objective_of(&cfg, unix_now_s - offset).await?;
+    let objective = match objective_of(&cfg, unix_now_s - offset).await {
+        Ok(o) => o,
+        // An intensity API that does not answer at start does not stop the service: it plans for
+        // energy alone until the hourly read succeeds.
+        Err(e) if objective_is_live(&cfg) => {
+            tracing::error!(error = %e, "the objective's intensity forecast could not be read: energy alone until it can (read again every hour)");
+            controller::control::Objective::energy()
+        }
+        Err(e) => return Err(e),
+    };
     if objective.weighs_gpus() {
         tracing::info!(objective = %objective.name, terms = %objective.terms, "the plan weighs GPUs held against energy");
     }
