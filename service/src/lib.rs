@@ -21,7 +21,11 @@ pub use state::{audit_path, load_state, save_state, state_path, store_dir};
 pub mod api;
 pub mod config;
 pub mod core;
+mod dispatch;
 pub mod objective;
+pub use dispatch::lanes;
+use dispatch::{dispatch_if_allowed, send};
+pub use objective::{objective_is_live, objective_of, OBJECTIVE_REFRESH};
 pub mod openai;
 pub mod reports;
 pub mod router;
@@ -246,42 +250,6 @@ pub fn controller_config(cfg: &ServiceConfig, profile: &ProfileTable) -> Result<
         c.class_priority = config::class_priority(p).map_err(|e| anyhow::anyhow!("budget.priority: {e}"))?;
     }
     Ok(c)
-}
-
-/// The controller's objective from `[objective]` and the accounting's prices (`[carbon]`,
-/// `[cost]`, `[sci]`), hour by hour from `start_unix_s` (service time zero). The intensity
-/// is read only for an objective that weighs carbon: an API source's forecast, asked here
-/// (and again every hour by the running service, [`OBJECTIVE_REFRESH`]).
-pub async fn objective_of(cfg: &ServiceConfig, start_unix_s: f64) -> Result<controller::control::Objective> {
-    let spec = objective::ObjectiveSpec::of_section(&cfg.objective)?;
-    if spec.name == "energy" {
-        return Ok(controller::control::Objective::energy());
-    }
-    let acc = dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    tokio::task::spawn_blocking(move || {
-        let intensity = if spec.weights.carbon_kg > 0.0 {
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-            dashboards::intensity::IntensitySeries::outlook_from_config(&acc, now, now + 7.0 * 86_400.0)
-                .map_err(|e| anyhow::anyhow!("objective {}: the carbon intensity: {e}", spec.name))?
-        } else {
-            dashboards::intensity::IntensitySeries::constant(0.0)
-        };
-        Ok(spec.build(&acc, &intensity, start_unix_s))
-    })
-    .await?
-}
-
-/// How often a running service reads an API intensity source's forecast again for its objective.
-pub const OBJECTIVE_REFRESH: Duration = Duration::from_secs(3600);
-
-/// Whether the objective reads a live intensity source (an API) and so wants refreshing.
-pub fn objective_is_live(cfg: &ServiceConfig) -> bool {
-    let Ok(spec) = objective::ObjectiveSpec::of_section(&cfg.objective) else { return false };
-    spec.weights.carbon_kg > 0.0
-        && dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin)
-            .is_ok_and(|a| dashboards::intensity::IntensitySeries::source_is_live(&a))
 }
 
 /// Start the service: bind the API, recover or create the state, start the
@@ -804,63 +772,4 @@ fn tick_once(
     shared.metrics.observe_tick(started.elapsed());
     shared.ready.store(true, Ordering::Relaxed);
     (cmds, epoch)
-}
-
-/// Hand one command to the backends unless the mode it was decided in has
-/// changed since (then it is cancelled, and `None` comes back).
-async fn dispatch_if_allowed(shared: &Shared, cmd: &Command, epoch: u64) -> Option<Outcome> {
-    {
-        let mut core = shared.core.lock().ok()?;
-        if !core.may_send(epoch) {
-            let reason = format!("the mode changed to {} before it left", core.mode().name());
-            core.cancel(&cmd.id, &reason);
-            return None;
-        }
-    }
-    Some(dispatch(shared, cmd).await)
-}
-
-/// Hand one command to the backends (through the audit log) and count its outcome.
-async fn dispatch(shared: &Shared, cmd: &Command) -> Outcome {
-    let outcome = match shared.actuators.dispatch(cmd).await {
-        Ok(o) => o,
-        Err(e) => Outcome::Failed { reason: format!("audit log: {e}"), retryable: true },
-    };
-    shared.metrics.observe_action(cmd.action.kind(), &outcome);
-    if !outcome.is_applied() {
-        tracing::warn!(id = %cmd.id, ?outcome, "action not applied");
-    }
-    outcome
-}
-
-/// Send one tick's commands, each only while the mode of `epoch` holds: one lane per
-/// instance, in the tick's order (a spawn before the clock of the same instance), the
-/// lanes side by side, so that no command waits behind another instance's (a real spawn
-/// takes minutes, and a clock raised for a rising load must not wait for it).
-fn send(shared: &Arc<Shared>, cmds: Vec<Command>, epoch: u64, out: &mpsc::UnboundedSender<(ActionId, Outcome)>) {
-    for lane in lanes(cmds) {
-        let shared = shared.clone();
-        let out = out.clone();
-        tokio::spawn(async move {
-            for cmd in lane {
-                if let Some(outcome) = dispatch_if_allowed(&shared, &cmd, epoch).await {
-                    let _ = out.send((cmd.id.clone(), outcome));
-                }
-            }
-        });
-    }
-}
-
-/// A tick's commands by the instance each concerns (routes, which concern none, share a
-/// lane), each lane in the tick's order, the lanes in the order of their first command.
-pub fn lanes(cmds: Vec<Command>) -> Vec<Vec<Command>> {
-    let mut lanes: Vec<(Option<actuators::InstanceId>, Vec<Command>)> = Vec::new();
-    for cmd in cmds {
-        let key = cmd.action.instance();
-        match lanes.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, lane)) => lane.push(cmd),
-            None => lanes.push((key, vec![cmd])),
-        }
-    }
-    lanes.into_iter().map(|(_, lane)| lane).collect()
 }

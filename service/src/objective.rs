@@ -18,6 +18,9 @@ use dashboards::accounting::{embodied_g, tariff_usd_per_kwh, J_PER_KWH};
 use dashboards::config::AccountingConfig;
 use dashboards::intensity::IntensitySeries;
 use serde::Deserialize;
+use std::time::Duration;
+
+use crate::config::ServiceConfig;
 
 /// What one GPU may weigh at most (W): an objective of GPU-hours alone (no energy term)
 /// weighs a GPU as this, so that power only breaks ties between mixes of as many GPUs.
@@ -224,6 +227,42 @@ impl ObjectiveSpec {
         };
         Objective { name: self.name.clone(), terms, step_s, gpu_w }
     }
+}
+
+/// The controller's objective from `[objective]` and the accounting's prices (`[carbon]`,
+/// `[cost]`, `[sci]`), hour by hour from `start_unix_s` (service time zero). The intensity
+/// is read only for an objective that weighs carbon: an API source's forecast, asked here
+/// (and again every hour by the running service, [`OBJECTIVE_REFRESH`]).
+pub async fn objective_of(cfg: &ServiceConfig, start_unix_s: f64) -> Result<controller::control::Objective> {
+    let spec = ObjectiveSpec::of_section(&cfg.objective)?;
+    if spec.name == "energy" {
+        return Ok(controller::control::Objective::energy());
+    }
+    let acc = dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::task::spawn_blocking(move || {
+        let intensity = if spec.weights.carbon_kg > 0.0 {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            dashboards::intensity::IntensitySeries::outlook_from_config(&acc, now, now + 7.0 * 86_400.0)
+                .map_err(|e| anyhow::anyhow!("objective {}: the carbon intensity: {e}", spec.name))?
+        } else {
+            dashboards::intensity::IntensitySeries::constant(0.0)
+        };
+        Ok(spec.build(&acc, &intensity, start_unix_s))
+    })
+    .await?
+}
+
+/// How often a running service reads an API intensity source's forecast again for its objective.
+pub const OBJECTIVE_REFRESH: Duration = Duration::from_secs(3600);
+
+/// Whether the objective reads a live intensity source (an API) and so wants refreshing.
+pub fn objective_is_live(cfg: &ServiceConfig) -> bool {
+    let Ok(spec) = ObjectiveSpec::of_section(&cfg.objective) else { return false };
+    spec.weights.carbon_kg > 0.0
+        && dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin)
+            .is_ok_and(|a| dashboards::intensity::IntensitySeries::source_is_live(&a))
 }
 
 #[cfg(test)]
