@@ -354,7 +354,9 @@ pub async fn read_history(api: &PromHistory, q: &HistoryQuery) -> Result<FleetHi
     h.warnings.extend(texts(&requests));
     let mut per_minute = vec![0.0; minutes];
     for s in requests.series.iter().filter(|s| s.label("finished_reason") != Some("abort")) {
-        for (t, d) in s.increments() {
+        // As the energy counters: the edges of the window at the rate beside them (the requests
+        // that finished between `from` and a series' first scrape in the window count too).
+        for (t, d) in window_increments(s, q.from_s, q.to_s) {
             if let Some(m) = h.minute_of(t) {
                 per_minute[m.min(minutes - 1)] += d;
             }

@@ -597,11 +597,12 @@ fn an_external_clusters_savings_are_measured_against_the_declared_static_fleet()
     }
 }
 
-/// A tick's commands go out in one lane per instance: a spawn and the clock of the same
-/// instance in order, other instances' commands beside them (a set-clock never waits behind
-/// another instance's spawn, which takes minutes on a real cluster); routes share a lane.
+/// A tick's commands go out in lanes: the fleet's changes in one, in order, with the clock of
+/// an instance spawned in the same tick after its spawn; every other instance's commands beside
+/// them (a set-clock never waits behind a spawn, which takes minutes on a real cluster); routes
+/// in a lane of their own.
 #[test]
-fn a_ticks_commands_go_out_one_lane_per_instance() {
+fn a_ticks_commands_go_out_in_lanes_the_fleet_changes_in_one() {
     use actuators::{ActionId, Command, InstanceId, PoolId, SpawnFrom};
     let cmd = |id: &str, action: Action| Command { id: ActionId(id.into()), action, placement: None, issued_at_ms: 0 };
     let (a, b, c) = (InstanceId(1), InstanceId(2), InstanceId(3));
@@ -615,8 +616,22 @@ fn a_ticks_commands_go_out_one_lane_per_instance() {
         cmd("route-ss", Action::Route { class: "SS".into(), pool: PoolId(1) }),
         cmd("retire-c", Action::Retire { instance: c }),
         cmd("route-sm", Action::Route { class: "SM".into(), pool: PoolId(1) }),
+        cmd(
+            "spawn-d",
+            Action::Spawn {
+                instance: InstanceId(4),
+                pool: PoolId(0),
+                tp: 4,
+                clock_mhz: 1980,
+                from: SpawnFrom::WarmStandby,
+            },
+        ),
+        cmd("clock-b2", Action::SetClock { instance: b, clock_mhz: 1800 }),
     ];
     let lanes: Vec<Vec<String>> =
         service::lanes(cmds).into_iter().map(|l| l.into_iter().map(|c| c.id.0).collect()).collect();
-    assert_eq!(lanes, [vec!["spawn-a", "clock-a"], vec!["clock-b"], vec!["route-ss", "route-sm"], vec!["retire-c"]]);
+    assert_eq!(
+        lanes,
+        [vec!["spawn-a", "clock-a", "retire-c", "spawn-d"], vec!["clock-b", "clock-b2"], vec!["route-ss", "route-sm"]]
+    );
 }

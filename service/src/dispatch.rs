@@ -33,10 +33,10 @@ pub(crate) async fn dispatch(shared: &Shared, cmd: &Command) -> Outcome {
     outcome
 }
 
-/// Send one tick's commands, each only while the mode of `epoch` holds: one lane per
-/// instance, in the tick's order (a spawn before the clock of the same instance), the
-/// lanes side by side, so that no command waits behind another instance's (a real spawn
-/// takes minutes, and a clock raised for a rising load must not wait for it).
+/// Send one tick's commands, each only while the mode of `epoch` holds, in the lanes of
+/// [`lanes`]: the fleet's changes one after another (a storm of spawns stays behind the one
+/// running, and a switch to dry-run cancels what has not left), every other instance's
+/// clock and queue commands beside them.
 pub(crate) fn send(
     shared: &Arc<Shared>,
     cmds: Vec<Command>,
@@ -56,12 +56,33 @@ pub(crate) fn send(
     }
 }
 
-/// A tick's commands by the instance each concerns (routes, which concern none, share a
-/// lane), each lane in the tick's order, the lanes in the order of their first command.
+/// A tick's commands in lanes, each lane in the tick's order, the lanes in the order of
+/// their first command: one lane for the changes to the fleet (spawns, retires, reshards)
+/// and every other command of an instance they touch (a spawn before its own clock); one
+/// lane per other instance (a clock raised for a rising load never waits behind a spawn
+/// or a draining retire, which take minutes on a real cluster); one for routes.
 pub fn lanes(cmds: Vec<Command>) -> Vec<Vec<Command>> {
-    let mut lanes: Vec<(Option<actuators::InstanceId>, Vec<Command>)> = Vec::new();
+    #[derive(PartialEq)]
+    enum Lane {
+        Fleet,
+        Instance(actuators::InstanceId),
+        Routes,
+    }
+    let changes = |a: &actuators::Action| {
+        matches!(
+            a,
+            actuators::Action::Spawn { .. } | actuators::Action::Retire { .. } | actuators::Action::Reshard { .. }
+        )
+    };
+    let touched: std::collections::BTreeSet<actuators::InstanceId> =
+        cmds.iter().filter(|c| changes(&c.action)).filter_map(|c| c.action.instance()).collect();
+    let mut lanes: Vec<(Lane, Vec<Command>)> = Vec::new();
     for cmd in cmds {
-        let key = cmd.action.instance();
+        let key = match cmd.action.instance() {
+            Some(i) if touched.contains(&i) => Lane::Fleet,
+            Some(i) => Lane::Instance(i),
+            None => Lane::Routes,
+        };
         match lanes.iter_mut().find(|(k, _)| *k == key) {
             Some((_, lane)) => lane.push(cmd),
             None => lanes.push((key, vec![cmd])),

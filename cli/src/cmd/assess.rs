@@ -239,8 +239,9 @@ pub fn run(args: &AssessArgs) -> Result<Assessment> {
     let measured_mean = |h: &crate::assess::LengthHistogram| h.sum.map(|s| s / h.total().max(1.0));
     let assumptions = vec![
         format!(
-            "Requests: {} finished in the window ({} with finished_reason other than abort), binned by the minute \
-             they finished in, replayed as Poisson arrivals at each minute's count.",
+            "Requests: {} finished in the window ({} with finished_reason other than abort; between an edge and \
+             the nearest scrape, at the rate of the scrapes beside it), binned by the minute they finished in, \
+             replayed as Poisson arrivals at each minute's count.",
             history.requests().round(),
             crate::assess::REQUESTS
         ),
