@@ -16,6 +16,20 @@ fn example_with(key: &str, default: &str, value: &str) -> anyhow::Result<Service
     ServiceConfig::parse(&text, "deploy/dynamollm.toml")
 }
 
+/// The commented-out `[budget]` example of the service config (its first lines).
+const BUDGET_EXAMPLE: &str =
+    "# [budget]                        # a site power budget (default: none)\n# power_w = 60000.0";
+/// The commented-out `[objective]` example of the service config (its first lines).
+const OBJECTIVE_EXAMPLE: &str =
+    "# [objective]                     # what the plan minimises (default: energy alone)\n# kind = \"cost\"";
+
+/// The example service config with `commented` (lines it holds) replaced by `with`.
+fn example_replacing(commented: &str, with: &str) -> String {
+    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap();
+    assert!(text.contains(commented), "deploy/dynamollm.toml holds {commented:?}");
+    text.replace(commented, with)
+}
+
 #[test]
 fn the_example_service_config_parses() {
     let cfg = ServiceConfig::load(&deploy("dynamollm.toml")).unwrap();
@@ -82,10 +96,7 @@ fn a_misspelt_key_is_named() {
 #[test]
 fn the_budget_section_reaches_the_controller() {
     let profile = dynamollm::profile::ProfileTable::bundled();
-    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace(
-        "# [budget]                        # a site power budget (default: none)\n# power_w = 60000.0",
-        "[budget]\npower_w = 60000.0",
-    );
+    let text = example_replacing(BUDGET_EXAMPLE, "[budget]\npower_w = 60000.0");
     let text = text.replace("# priority = [\"SS\", \"SM\", \"MS\"]", "priority = [\"LL\", \"SS\"]");
     let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
     let c = service::controller_config(&cfg, &profile).unwrap();
@@ -110,10 +121,7 @@ fn the_budget_section_reaches_the_controller() {
 
 #[tokio::test]
 async fn the_objective_section_reaches_the_controller() {
-    let text = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace(
-        "# [objective]                     # what the plan minimises (default: energy alone)\n# kind = \"cost\"",
-        "[objective]\nkind = \"cost\"",
-    );
+    let text = example_replacing(OBJECTIVE_EXAMPLE, "[objective]\nkind = \"cost\"");
     let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
     let o = service::objective_of(&cfg, 0.0).await.unwrap();
     assert_eq!(o.name, "cost");
@@ -137,8 +145,8 @@ async fn the_objective_section_reaches_the_controller() {
 #[test]
 fn a_budget_schedule_reaches_the_controller_and_bad_hours_are_named() {
     let profile = dynamollm::profile::ProfileTable::bundled();
-    let base = std::fs::read_to_string(deploy("dynamollm.toml")).unwrap().replace(
-        "# [budget]                        # a site power budget (default: none)\n# power_w = 60000.0",
+    let base = example_replacing(
+        BUDGET_EXAMPLE,
         "[budget]\npower_w = 60000.0\nutc_offset_h = -7.0\nschedule = [{ from_h = 16, to_h = 21, power_w = 40000.0 }]",
     );
     let cfg = ServiceConfig::parse(&base, "deploy/dynamollm.toml").unwrap();
@@ -177,16 +185,9 @@ async fn a_carbon_objective_plans_with_the_forecast_of_an_intensity_api() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    let text = std::fs::read_to_string(deploy("dynamollm.toml"))
-        .unwrap()
-        .replace(
-            "# [objective]                     # what the plan minimises (default: energy alone)\n# kind = \"cost\"",
-            "[objective]\nkind = \"carbon\"",
-        )
-        .replace(
-            "source = \"csv\"",
-            &format!("source = \"electricity-maps\"\nelectricity_maps = {{ url = \"{url}\", zone = \"US-CAL-CISO\", token = \"k\" }}"),
-        );
+    let em = format!("electricity_maps = {{ url = \"{url}\", zone = \"US-CAL-CISO\", token = \"k\" }}");
+    let text = example_replacing(OBJECTIVE_EXAMPLE, "[objective]\nkind = \"carbon\"")
+        .replace("source = \"csv\"", &format!("source = \"electricity-maps\"\n{em}"));
     let cfg = ServiceConfig::parse(&text, "deploy/dynamollm.toml").unwrap();
     assert!(service::objective_is_live(&cfg), "an API source is read again while the service runs");
     assert!(!service::objective_is_live(&ServiceConfig::load(&deploy("dynamollm.toml")).unwrap()));

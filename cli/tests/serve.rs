@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod core_support;
-use core_support::{bundled_profile, core, core_config, samples, split_config, ss_split_back};
+use core_support::{bundled_profile, core, core_config, samples, split_config, ss_split_back, tick_applied};
 use telemetry::sample::{EngineSample, GpuSample, Sample, Tags};
 
 const TOKEN: &str = "s3cret-token-7f1d2c";
@@ -309,13 +309,7 @@ fn each_source_of_an_instance_counts_on_its_own() {
         let mut n = 0u32;
         let mut t = 0.0;
         while t <= 120.0 {
-            for c in core.tick(t, 0) {
-                let placement = matches!(c.action, Action::Spawn { .. }).then(|| {
-                    n += 1;
-                    Placement { node: format!("site/n{n}"), gpus: vec![], endpoint: None }
-                });
-                core.on_outcome(&c.id, &Outcome::Applied { placement, detail: String::new() });
-            }
+            tick_applied(&mut core, t, &mut n);
             samples(&mut core, t);
             t += 5.0;
         }
@@ -560,13 +554,7 @@ fn an_external_clusters_savings_are_measured_against_the_declared_static_fleet()
         let mut n = 0u32;
         let mut t = 0.0;
         while t <= 600.0 {
-            for c in core.tick(t, 0) {
-                let placement = matches!(c.action, Action::Spawn { .. }).then(|| {
-                    n += 1;
-                    Placement { node: format!("site/n{n}"), gpus: vec![], endpoint: None }
-                });
-                core.on_outcome(&c.id, &Outcome::Applied { placement, detail: String::new() });
-            }
+            tick_applied(&mut core, t, &mut n);
             core.observe_arrivals(t, &[2; 9]);
             samples(&mut core, t);
             t += 5.0;

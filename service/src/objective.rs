@@ -234,24 +234,26 @@ impl ObjectiveSpec {
 /// is read only for an objective that weighs carbon: an API source's forecast, asked here
 /// (and again every hour by the running service, [`OBJECTIVE_REFRESH`]).
 pub async fn objective_of(cfg: &ServiceConfig, start_unix_s: f64) -> Result<controller::control::Objective> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || objective_blocking(&cfg, start_unix_s)).await?
+}
+
+/// [`objective_of`] on the calling thread: it may wait on an intensity API, so off the
+/// async runtime only (`dynamollm check` calls it for the other sources).
+pub fn objective_blocking(cfg: &ServiceConfig, start_unix_s: f64) -> Result<controller::control::Objective> {
     let spec = ObjectiveSpec::of_section(&cfg.objective)?;
     if spec.name == "energy" {
         return Ok(controller::control::Objective::energy());
     }
-    let acc = dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    tokio::task::spawn_blocking(move || {
-        let intensity = if spec.weights.carbon_kg > 0.0 {
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-            dashboards::intensity::IntensitySeries::outlook_from_config(&acc, now, now + 7.0 * 86_400.0)
-                .map_err(|e| anyhow::anyhow!("objective {}: the carbon intensity: {e}", spec.name))?
-        } else {
-            dashboards::intensity::IntensitySeries::constant(0.0)
-        };
-        Ok(spec.build(&acc, &intensity, start_unix_s))
-    })
-    .await?
+    let acc = AccountingConfig::from_toml_str(&cfg.source.0, &cfg.origin).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let intensity = if spec.weights.carbon_kg > 0.0 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        IntensitySeries::outlook_from_config(&acc, now, now + 7.0 * 86_400.0)
+            .map_err(|e| anyhow::anyhow!("objective {}: the carbon intensity: {e}", spec.name))?
+    } else {
+        IntensitySeries::constant(0.0)
+    };
+    Ok(spec.build(&acc, &intensity, start_unix_s))
 }
 
 /// How often a running service reads an API intensity source's forecast again for its objective.

@@ -109,31 +109,22 @@ fn check_files_readable(origin: &str, doc: &toml::Value, f: &mut Findings) {
 
 /// What `[objective]` makes the plan minimise, and what a GPU weighs under it over the week
 /// (an intensity API source is not asked here: the service reads it at start).
-fn objective_line(cfg: &service::config::ServiceConfig, origin: &str) -> String {
-    use dashboards::config::IntensitySourceKind;
-    let Ok(spec) = service::objective::ObjectiveSpec::of_section(&cfg.objective) else {
-        return "(invalid)".into();
-    };
-    if spec.name == "energy" {
-        return "energy alone (the default)".into();
+fn objective_line(cfg: &service::config::ServiceConfig) -> String {
+    if service::objective_is_live(cfg) {
+        return format!(
+            "{}; the carbon intensity is read from its API when the service starts",
+            cfg.objective.kind.as_deref().unwrap_or("energy")
+        );
     }
-    let Ok(acc) = dashboards::config::AccountingConfig::from_toml_str(&cfg.source.0, origin) else {
-        return format!("{} (the accounting tables do not parse)", spec.name);
-    };
-    let intensity = match acc.carbon.source {
-        _ if spec.weights.carbon_kg <= 0.0 => dashboards::intensity::IntensitySeries::constant(0.0),
-        IntensitySourceKind::Constant | IntensitySourceKind::Csv => {
-            match dashboards::intensity::IntensitySeries::from_config(&acc, 0.0, 0.0) {
-                Ok(s) => s,
-                Err(e) => return format!("{}: the carbon intensity: {e}", spec.name),
-            }
-        }
-        _ => return format!("{}; the carbon intensity is read from its API when the service starts", spec.name),
-    };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    let o = spec.build(&acc, &intensity, now);
-    let (lo, hi) = o.gpu_w.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &w| (a.min(w), b.max(w)));
-    format!("{} ({}): a GPU held weighs {lo:.0}–{hi:.0} W of GPU power over the week", o.name, o.terms)
+    match service::objective::objective_blocking(cfg, now) {
+        Ok(o) if o.name == "energy" => "energy alone (the default)".into(),
+        Ok(o) => {
+            let (lo, hi) = o.gpu_w.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &w| (a.min(w), b.max(w)));
+            format!("{} ({}): a GPU held weighs {lo:.0}–{hi:.0} W of GPU power over the week", o.name, o.terms)
+        }
+        Err(e) => format!("{e}"),
+    }
 }
 
 fn check_service(path: &Path, origin: &str, f: &mut Findings) -> Option<String> {
@@ -307,7 +298,7 @@ fn check_service(path: &Path, origin: &str, f: &mut Findings) -> Option<String> 
         "  loops:      clock every {} s, shard every {} s, scale every {} s (service seconds; speed {}×)",
         c.clock_period_s, c.shard_period_s, c.scale_period_s, s.speed
     );
-    let _ = writeln!(out, "  objective:  {}", objective_line(&cfg, origin));
+    let _ = writeln!(out, "  objective:  {}", objective_line(&cfg));
     if let Some(w) = cfg.budget.power_w {
         let order = cfg.budget.priority.as_ref().map_or("short prompts first".to_string(), |p| p.join(" > "));
         let _ = writeln!(out, "  budget:     {w:.0} W of power; classes ranked {order}");

@@ -34,6 +34,18 @@ pub fn samples(core: &mut ServiceCore, now: f64) {
     samples_of(core, now, |_| true)
 }
 
+/// One tick at `t` with every command acknowledged as applied, each spawn placed on a node
+/// of its own (`site/n<k>`, `spawned` counting them).
+pub fn tick_applied(core: &mut ServiceCore, t: f64, spawned: &mut u32) {
+    for c in core.tick(t, 0) {
+        let placement = matches!(c.action, actuators::Action::Spawn { .. }).then(|| {
+            *spawned += 1;
+            Placement { node: format!("site/n{spawned}"), gpus: vec![], endpoint: None }
+        });
+        core.on_outcome(&c.id, &actuators::Outcome::Applied { placement, detail: String::new() });
+    }
+}
+
 /// Telemetry of the placed instances whose node `up` says answers.
 pub fn samples_of(core: &mut ServiceCore, now: f64, up: impl Fn(&str) -> bool) {
     let nodes: Vec<(String, u32)> = core
