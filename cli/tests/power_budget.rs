@@ -6,6 +6,7 @@
 //! ranked last (long prompts) are the ones that lose.
 
 use std::process::Command;
+mod twin_engine;
 
 fn sim(args: &[&str]) -> serde_json::Value {
     sim_out(args).0
@@ -103,4 +104,53 @@ fn a_schedule_gives_its_hours_their_budget_and_leaves_the_others() {
         assert_eq!(out.status.code(), Some(2), "{bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{bad}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// In `serve`, a pool the site power budget holds short turns its requests
+/// away with a 503 that says so (OpenAI's error object), counted apart in
+/// the status and on `/metrics`; nothing is spawned past the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_says_when_the_power_budget_turns_a_request_away() {
+    let cm = twin_engine::cluster_manager(10.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 1 W: no instance fits, idle power alone is hundreds of watts.
+    let cfg = twin_engine::external_config(&cm, dir.path(), "SS = 2.0", "hold_s = 2.0", "[budget]\npower_w = 1.0");
+    let svc = service::start(cfg).await.unwrap();
+    // SS is the only class with load: its pool is the one the budget holds short.
+    let ss = telemetry::RequestClass::ALL.iter().position(|c| c.to_string() == "SS").unwrap();
+    let pool = svc.shared.core.lock().unwrap().routing()[ss];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !svc.shared.core.lock().unwrap().power_held(pool) {
+        assert!(std::time::Instant::now() < deadline, "the budget never held pool {pool} short");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let router = format!("http://{}", svc.router_addr.unwrap());
+    // A short prompt with a short answer: class SS.
+    let body = serde_json::json!({"model": "llama2-70b", "prompt": "hello there", "max_tokens": 8, "ignore_eos": true});
+    let resp = reqwest::Client::new().post(format!("{router}/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "service_unavailable_error", "{err}");
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("power budget") && msg.contains(&format!("pool {pool}")), "{msg}");
+    {
+        let r = svc.shared.router_stats.lock().unwrap();
+        assert_eq!((r.rejected, r.rejected_power_budget), (1, 1));
+    }
+    let api = format!("http://{}", svc.addr);
+    let page = reqwest::Client::new()
+        .get(format!("{api}/metrics"))
+        .bearer_auth("t")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.lines().any(|l| l.contains("\"router_rejected_power_budget\"") && l.ends_with(" 1")),
+        "the budget's rejection is not on /metrics"
+    );
+    assert_eq!(svc.shared.core.lock().unwrap().instances().count(), 0, "an instance was spawned past the budget");
+    svc.stop().await.unwrap();
 }

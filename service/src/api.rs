@@ -256,6 +256,8 @@ async fn metrics(State(st): State<Arc<Shared>>) -> Response {
     }
     if let Ok(r) = st.router_stats.lock() {
         st.metrics.gauges.with_label_values(&["router_connections"]).set(r.connections as f64);
+        st.metrics.gauges.with_label_values(&["router_rejected"]).set(r.rejected as f64);
+        st.metrics.gauges.with_label_values(&["router_rejected_power_budget"]).set(r.rejected_power_budget as f64);
     }
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&st.metrics.registry.gather(), &mut buf) {

@@ -414,6 +414,11 @@ impl ServiceCore {
         self.note_mode();
     }
 
+    /// Whether the site power budget held `pool`'s last plan short (a spawn it wanted had no room).
+    pub fn power_held(&self, pool: u32) -> bool {
+        self.ctl.power_held(pool as usize)
+    }
+
     /// The controller's routing: class index → pool id.
     pub fn routing(&self) -> [u32; CLASS_COUNT] {
         self.ctl.routing().pool_of

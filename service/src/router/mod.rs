@@ -83,6 +83,8 @@ pub struct RouterStats {
     pub held_max_s: f64,
     /// Requests turned away: no instance served their pool within the hold limit.
     pub rejected: u64,
+    /// Of `rejected`, those whose pool the site power budget (`[budget]`) held short.
+    pub rejected_power_budget: u64,
     /// Requests whose instance could not be reached, or did not answer in time.
     pub errors: u64,
     /// Requests streaming now.
@@ -619,11 +621,25 @@ async fn forward(
         }
         let waited = clock.now_s() - arrived;
         if waited >= hold_s {
-            st.shared.router_stats.lock().map(|mut r| r.rejected += 1).ok();
+            let budget = st.shared.core.lock().map(|c| c.power_held(pool)).unwrap_or(false);
+            st.shared
+                .router_stats
+                .lock()
+                .map(|mut r| {
+                    r.rejected += 1;
+                    r.rejected_power_budget += u64::from(budget);
+                })
+                .ok();
             st.record(class.index(), Verdict::missed());
+            let why = if budget {
+                "; the site power budget ([budget]) holds the pool short of the instances it needs, so lower-ranked \
+                 classes are turned away"
+            } else {
+                "; try again"
+            };
             return openai::error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("no instance of pool {pool} serves class {class} after {waited:.1} s; try again"),
+                format!("no instance of pool {pool} serves class {class} after {waited:.1} s{why}"),
             );
         }
         waited_for_instance = true;
