@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use telemetry::{ClassBoundaries, RequestClass, SloRule, CLASS_COUNT};
 
 /// The SLO multiplier the service, the engines and `sim` all use.
-const SLO_MULTIPLIER: f64 = 5.0;
+pub const SLO_MULTIPLIER: f64 = 5.0;
 /// The cluster manager, shipped in `deploy/` as an operator's example.
 const MANAGER_PY: &str = include_str!("../../../deploy/twin-cluster-manager.py");
 
@@ -108,7 +108,56 @@ fn speed(s: &str) -> Result<f64, String> {
 }
 
 /// Per class `[ttft_ok, ttft_n, gaps_ok, gaps_n]` as clients measured.
-type Counts = [[u64; 4]; CLASS_COUNT];
+pub type Counts = [[u64; 4]; CLASS_COUNT];
+
+/// Count one answer of `class` as its client saw it (`speed`× accelerated
+/// service time) against the class's SLOs.
+pub fn count_answer(
+    counts: &mut Counts,
+    class: RequestClass,
+    t: &crate::loadgen::StreamTiming,
+    slo: telemetry::ClassSlo,
+    speed: f64,
+) {
+    let c = &mut counts[class.index()];
+    c[0] += u64::from(t.ttft_s(speed) <= slo.ttft_s);
+    c[1] += 1;
+    c[2] += t.gaps_s(speed).filter(|g| *g <= slo.tbt_s).count() as u64;
+    c[3] += t.gaps.len() as u64;
+}
+
+/// Per class (by name, classes with requests only), the attainment the clients measured.
+pub fn client_classes(counts: &Counts) -> BTreeMap<String, ClientClass> {
+    RequestClass::ALL
+        .iter()
+        .filter(|c| counts[c.index()][1] > 0)
+        .map(|c| {
+            let k = counts[c.index()];
+            let t = k[0] as f64 / k[1] as f64;
+            let g = if k[3] > 0 { k[2] as f64 / k[3] as f64 } else { 1.0 };
+            (
+                c.to_string(),
+                ClientClass { requests: k[1], ttft_attainment: t, tbt_attainment: g, slo_attainment: t.min(g) },
+            )
+        })
+        .collect()
+}
+
+/// Per pool (by name), what the service's status (`/api/v1/status`) says it learnt.
+pub fn learnt(status: &serde_json::Value) -> BTreeMap<String, Learnt> {
+    status["pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["instances"].as_u64().unwrap_or(0) > 0 || !p["capacity_scale"].is_null())
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or("?").to_string(),
+                Learnt { capacity_scale: p["capacity_scale"].as_f64(), clock_margin: p["clock_margin"].as_f64() },
+            )
+        })
+        .collect()
+}
 
 /// Run it.
 pub fn run(args: &RehearseArgs) -> Result<()> {
@@ -212,31 +261,8 @@ timeout_ms = 900000
         &opts,
         None,
     )?;
-    let classes: BTreeMap<String, ClientClass> = RequestClass::ALL
-        .iter()
-        .filter(|c| counts[c.index()][1] > 0)
-        .map(|c| {
-            let k = counts[c.index()];
-            let t = k[0] as f64 / k[1] as f64;
-            let g = if k[3] > 0 { k[2] as f64 / k[3] as f64 } else { 1.0 };
-            (
-                c.to_string(),
-                ClientClass { requests: k[1], ttft_attainment: t, tbt_attainment: g, slo_attainment: t.min(g) },
-            )
-        })
-        .collect();
-    let learnt = status["pools"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["instances"].as_u64().unwrap_or(0) > 0 || !p["capacity_scale"].is_null())
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap_or("?").to_string(),
-                Learnt { capacity_scale: p["capacity_scale"].as_f64(), clock_margin: p["clock_margin"].as_f64() },
-            )
-        })
-        .collect();
+    let classes = client_classes(&counts);
+    let learnt = learnt(&status);
     let energy_kwh = energy_j / 3.6e6;
     let r = Rehearsal {
         energy_kwh,
@@ -351,16 +377,14 @@ async fn rehearse(
     for (class, r) in results {
         let c = class.index();
         let s = slo[c];
-        counts[c][1] += 1;
         match r {
             Ok(t) => {
-                counts[c][0] += u64::from(t.ttft_s(speed) <= s.ttft_s);
-                counts[c][2] += t.gaps_s(speed).filter(|g| *g <= s.tbt_s).count() as u64;
-                counts[c][3] += t.gaps.len() as u64;
+                count_answer(&mut counts, class, &t, s, speed);
                 engine_view[c][0] += t.engine_gaps_s.iter().filter(|g| **g <= s.tbt_s).count() as u64;
                 engine_view[c][1] += t.engine_gaps_s.len() as u64;
             }
             Err(e) => {
+                counts[c][1] += 1;
                 errors += 1;
                 first_error.get_or_insert(format!("{e:#}"));
             }
