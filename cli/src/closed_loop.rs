@@ -210,6 +210,10 @@ pub fn run_controlled(
         for pool in 0..ctl.plans().len() {
             cluster.set_power_held(pool, ctl.power_held(pool));
         }
+        // Classes the power budget sheds are turned away as they arrive.
+        for class in RequestClass::ALL {
+            cluster.set_shed(class, ctl.shed(class.index()));
+        }
         // Route classes as the controller says, once the new pool serves (make before break).
         for class in RequestClass::ALL {
             let want = ctl.routing().pool_of[class.index()] as usize;

@@ -61,6 +61,16 @@ fn the_fleet_stays_under_the_budget_and_degrades_the_last_ranked_classes_first()
             let rejected = table.lines().find(|l| l.trim_start().starts_with("rejected:")).expect("a rejected line");
             assert!(rejected.contains("LL") && rejected.contains("(power-budget)"), "{rejected}");
             assert!(!rejected.contains("no-serving-instance"), "{rejected}");
+            // Classes are turned away in the configured order: the ones turned away are the last-ranked.
+            let order = ["SS", "SM", "SL", "MS", "MM", "ML", "LS", "LM", "LL"];
+            let turned: Vec<usize> =
+                (0..order.len()).filter(|&k| rejected.contains(&format!(" {} ", order[k]))).collect();
+            let first = turned[0];
+            assert_eq!(turned, (first..order.len()).collect::<Vec<_>>(), "not the last-ranked classes: {rejected}");
+            // Every class ranked above the first one turned away holds its P99 SLOs.
+            for c in &order[..first] {
+                assert!(attainment(&run, c) >= 0.99, "{c} at {} while a lower rank was served", attainment(&run, c));
+            }
             assert!(run["energy_kwh"].as_f64().unwrap() < free["energy_kwh"].as_f64().unwrap());
         }
     }

@@ -334,7 +334,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService> {
             core.prime_rates(d);
         }
     }
-    let (routing_tx, routing_rx) = watch::channel(core.routed());
+    let (routing_tx, routing_rx) = watch::channel(core.routes());
     let timeout = Duration::from_secs_f64(cfg.service.action_timeout_s / cfg.service.speed.max(1.0))
         .max(Duration::from_millis(50));
     // The embedded store (default under state_dir): telemetry, and the audit log of a real cluster.
@@ -534,7 +534,7 @@ fn twin_backend(
     cfg: &ServiceConfig,
     core: &mut ServiceCore,
     clock: ServiceClock,
-    routing: watch::Receiver<[u32; CLASS_COUNT]>,
+    routing: watch::Receiver<crate::core::Routes>,
     pools: usize,
     clock_period_s: f64,
     dir: &Path,
@@ -550,7 +550,7 @@ fn twin_backend(
     cfg: &ServiceConfig,
     _core: &mut ServiceCore,
     _clock: ServiceClock,
-    _routing: watch::Receiver<[u32; CLASS_COUNT]>,
+    _routing: watch::Receiver<crate::core::Routes>,
     _pools: usize,
     _clock_period_s: f64,
     _dir: &Path,
@@ -576,7 +576,7 @@ async fn run_loop(
     dir: PathBuf,
     mut twin_events: Option<mpsc::UnboundedReceiver<TwinEvent>>,
     mut samples: Option<mpsc::Receiver<telemetry::sample::Sample>>,
-    routing_tx: watch::Sender<[u32; CLASS_COUNT]>,
+    routing_tx: watch::Sender<crate::core::Routes>,
     mut shutdown: oneshot::Receiver<()>,
     finished: watch::Sender<Option<Arc<TwinTotals>>>,
     stop_api: oneshot::Sender<()>,
@@ -742,7 +742,7 @@ impl Drop for AbortOnDrop {
 fn tick_once(
     shared: &Shared,
     dir: &Path,
-    routing_tx: &watch::Sender<[u32; CLASS_COUNT]>,
+    routing_tx: &watch::Sender<crate::core::Routes>,
     now: f64,
 ) -> (Vec<Command>, u64) {
     let started = std::time::Instant::now();
@@ -766,7 +766,7 @@ fn tick_once(
             }
         }
     }
-    let (routing, epoch) = (core.routed(), core.mode_epoch());
+    let (routing, epoch) = (core.routes(), core.mode_epoch());
     drop(core);
     routing_tx.send_replace(routing);
     shared.metrics.observe_tick(started.elapsed());

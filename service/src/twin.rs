@@ -36,7 +36,7 @@ pub fn backend(
     cfg: &ServiceConfig,
     core: &mut ServiceCore,
     clock: ServiceClock,
-    routing_rx: watch::Receiver<[u32; CLASS_COUNT]>,
+    routing_rx: watch::Receiver<crate::core::Routes>,
     pools: usize,
     clock_period_s: f64,
     dir: &Path,
@@ -141,7 +141,7 @@ pub struct TwinSettings {
 pub fn start(
     s: TwinSettings,
     clock: ServiceClock,
-    routing: watch::Receiver<[u32; CLASS_COUNT]>,
+    routing: watch::Receiver<crate::core::Routes>,
 ) -> anyhow::Result<(Arc<TwinActuator>, mpsc::UnboundedReceiver<TwinEvent>)> {
     let (job_tx, job_rx) = std_mpsc::channel::<Job>();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -180,7 +180,7 @@ fn energy_power(c: &Cluster<'_>, physics: &Physics, t: f64) -> (f64, f64) {
 fn run(
     s: TwinSettings,
     clock: ServiceClock,
-    routing: watch::Receiver<[u32; CLASS_COUNT]>,
+    routing: watch::Receiver<crate::core::Routes>,
     jobs: std_mpsc::Receiver<Job>,
     events: mpsc::UnboundedSender<TwinEvent>,
 ) -> anyhow::Result<()> {
@@ -290,9 +290,11 @@ fn run(
             }
             first_tick = false;
             // Routing as the controller says, once the new pool serves (make before break).
-            let table = *routing.borrow();
+            let routes = *routing.borrow();
             for class in RequestClass::ALL {
-                let want = table[class.index()] as usize;
+                // Classes the power budget sheds are turned away as they arrive.
+                cluster.set_shed(class, routes.shed[class.index()]);
+                let want = routes.pool[class.index()] as usize;
                 if want >= cluster.pool_count() || cluster.route(class) == Some(want) {
                     continue;
                 }

@@ -103,6 +103,8 @@ pub struct Cluster<'p> {
     class_pool: [Option<usize>; CLASS_COUNT],
     /// Per pool: whether the controller holds it without instances for the power budget.
     power_held: Vec<bool>,
+    /// Classes the controller sheds for the site power budget: their arrivals are turned away.
+    shed: [bool; CLASS_COUNT],
     events: BinaryHeap<Event>,
     seq: u64,
     /// Statistics so far.
@@ -167,6 +169,7 @@ impl<'p> Cluster<'p> {
             pools: spec.pools.iter().map(|_| Pool { members: Vec::new() }).collect(),
             class_pool,
             power_held: vec![false; spec.pools.len()],
+            shed: [false; CLASS_COUNT],
             events: BinaryHeap::new(),
             seq: 0,
             stats: Stats::new(slo),
@@ -220,6 +223,12 @@ impl<'p> Cluster<'p> {
         if let Some(h) = self.power_held.get_mut(pool) {
             *h = held;
         }
+    }
+
+    /// The controller sheds `class` for the site power budget (or no longer): while it does, the
+    /// class's arrivals are turned away for the budget.
+    pub fn set_shed(&mut self, class: RequestClass, shed: bool) {
+        self.shed[class.index()] = shed;
     }
 
     /// The pool a class is routed to.
@@ -449,6 +458,7 @@ impl<'p> Cluster<'p> {
         };
         let routed = self.route_class(class);
         let target = match self.class_pool[routed] {
+            _ if self.shed[class] => Err(RejectReason::PowerBudget),
             None => Err(RejectReason::NoPool),
             Some(p) => self.least_loaded(p, &req, None).ok_or_else(|| self.why_none(p)),
         };

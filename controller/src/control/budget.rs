@@ -12,8 +12,15 @@
 //!   the shard loop, pools planned highest rank first);
 //! - a pool refused a spawn takes an instance from the lowest-ranked pool
 //!   below it that has one (retired, drained: its classes degrade first);
-//! - at the end of each step the clocks asked for are lowered, lowest-ranked
-//!   pools first, until the fleet fits at its clocks (the clock pass).
+//! - at the end of each step the clocks asked for are lowered until the fleet
+//!   fits at its clocks (the clock pass): first every clock that still carries
+//!   its share of the load, lowest-ranked pools first; then below that,
+//!   lowest-ranked pools first again;
+//! - before a higher rank is slowed past what its load needs, once the hour
+//!   of a class of that rank or above heads below its P99 target (the hour
+//!   guard), the lowest-ranked class with load is shed: its arrivals are
+//!   turned away and nothing is planned for it, until the fleet has room for
+//!   it again (`Controller::shed`).
 
 use super::*;
 use actuators_core::{Action, InstanceId};
@@ -23,6 +30,14 @@ use actuators_core::{Action, InstanceId};
 /// peak): 0 let the one-second peak pass the budget by 5%; 1, 1.5 and 2 kept every second under it
 /// (the highest 0.990 of the budget); 1 degraded the fewest classes at 70%.
 pub const BURST_SIGMAS: f64 = 1.0;
+
+/// A class shed for the power budget stays shed at least this long (s): its load comes back
+/// whole, and a shorter hold sheds and admits it again and again.
+pub const SHED_HOLD_S: f64 = 300.0;
+
+/// After a class is shed, the next is not shed for this long (s): the first one's requests in
+/// flight finish and its instances' measured power falls.
+pub const SHED_SETTLE_S: f64 = 30.0;
 
 /// One instance's draw as the budget counts it.
 #[derive(Debug, Clone, Copy)]
@@ -279,27 +294,41 @@ impl Controller {
         ranks.dedup();
         let mut changed: Vec<usize> = Vec::new();
         let mut total = before;
-        'ranks: for &rank in ranks.iter().rev() {
-            loop {
-                let mut stepped = false;
-                for k in 0..draws.len() {
-                    let d = draws[k];
-                    if self.pool_rank(d.pool) != rank || !(d.settable || d.spawn_at.is_some()) {
-                        continue;
+        // First the clocks that still carry their share of the load (no class loses its SLO),
+        // lowest-ranked pools first; then, lowest-ranked first again, below that, each rank's
+        // classes shed before a higher rank is slowed past what its load needs.
+        'phases: for safe in [true, false] {
+            for (at, &rank) in ranks.iter().enumerate().rev() {
+                if !safe && at + 1 < ranks.len() && self.shed_below(now_s, rank) {
+                    total = self.fleet_power_w(&draws);
+                    if total <= limit {
+                        break 'phases;
                     }
-                    let Some(&next) = self.clocks_below(d.tp, d.clock_mhz).first() else { continue };
-                    draws[k] = Draw { clock_mhz: next, ..d };
-                    if !changed.contains(&k) {
-                        changed.push(k);
+                }
+                loop {
+                    let mut stepped = false;
+                    for k in 0..draws.len() {
+                        let d = draws[k];
+                        if self.pool_rank(d.pool) != rank || !(d.settable || d.spawn_at.is_some()) {
+                            continue;
+                        }
+                        let Some(&next) = self.clocks_below(d.tp, d.clock_mhz).first() else { continue };
+                        if safe && !self.carries_share(&draws, k, next) {
+                            continue;
+                        }
+                        draws[k] = Draw { clock_mhz: next, ..d };
+                        if !changed.contains(&k) {
+                            changed.push(k);
+                        }
+                        stepped = true;
                     }
-                    stepped = true;
-                }
-                if !stepped {
-                    break;
-                }
-                total = self.fleet_power_w(&draws);
-                if total <= limit {
-                    break 'ranks;
+                    if !stepped {
+                        break;
+                    }
+                    total = self.fleet_power_w(&draws);
+                    if total <= limit {
+                        break 'phases;
+                    }
                 }
             }
         }
@@ -349,6 +378,78 @@ impl Controller {
                 predicted_delta_w: None,
                 slo_margin: None,
             });
+        }
+    }
+}
+
+impl Controller {
+    /// Whether instance `k` of the fleet at `clock_mhz` still carries its share of its pool's load
+    /// (the load the budget counts, shared by top-clock capacity) within the utilisation limit.
+    fn carries_share(&mut self, draws: &[Draw], k: usize, clock_mhz: u32) -> bool {
+        let d = draws[k];
+        let demand = self.pool_demand(d.pool, &self.budget_load);
+        let load: f64 = demand.iter().sum();
+        let planner = self.planner(d.pool, &demand);
+        let cap: f64 = draws.iter().filter(|x| x.pool == d.pool).map(|x| planner.capacity(x.tp)).sum();
+        let share = if cap > 0.0 { load * planner.capacity(d.tp) / cap } else { 0.0 };
+        planner.carries(d.tp, clock_mhz, share)
+    }
+
+    /// Once a class ranked `rank` or above misses its SLO over its recent window: shed the
+    /// lowest-ranked class with load ranked below `rank` that is not shed yet (the power budget
+    /// counts its load as gone from now on), unless a class was shed less than
+    /// [`SHED_SETTLE_S`] ago: its instances still finish what they hold, and their power shows
+    /// the drop only then. Whether one was.
+    fn shed_below(&mut self, now_s: f64, rank: u8) -> bool {
+        if self.shed_since.iter().flatten().any(|&t| now_s - t < SHED_SETTLE_S) {
+            return false;
+        }
+        // Only once the hour of a class of this rank or above heads below its P99 target (the hour
+        // guard's watch): a dip that the hour absorbs costs nothing, a shed class loses minutes.
+        let missing = self.hour_short.iter().flatten().any(|h| self.cfg.class_priority[h.class.index()] <= rank);
+        if !missing {
+            return false;
+        }
+        let Some(c) = (0..telemetry_core::CLASS_COUNT)
+            .filter(|&c| self.cfg.class_priority[c] > rank && self.shed_since[c].is_none() && self.budget_load[c] > 0.0)
+            .max_by_key(|&c| self.cfg.class_priority[c])
+        else {
+            return false;
+        };
+        self.shed_since[c] = Some(now_s);
+        self.budget_load[c] = 0.0;
+        true
+    }
+
+    /// At the start of a step: the highest-ranked shed class comes back once it has been shed
+    /// [`SHED_HOLD_S`] and the fleet at its present clocks, plus the least power that carries the
+    /// class's load alone in its pool (the profile's best mix for it), fits the budget.
+    pub(super) fn unshed(&mut self, now_s: f64, obs: &Observations, load: &Demand) {
+        let Some(limit) = self.power_limit_w() else {
+            self.shed_since = [None; telemetry_core::CLASS_COUNT];
+            return;
+        };
+        let Some(c) = (0..telemetry_core::CLASS_COUNT)
+            .filter(|&c| self.shed_since[c].is_some_and(|t| now_s - t >= SHED_HOLD_S))
+            .min_by_key(|&c| self.cfg.class_priority[c])
+        else {
+            return;
+        };
+        let saved = self.budget_load;
+        self.budget_load = std::array::from_fn(|k| if self.shed_since[k].is_some() { 0.0 } else { load[k] });
+        let draws = self.draws(obs, &[]);
+        let now_w = self.fleet_power_w(&draws);
+        self.budget_load = saved;
+        let pool = self.routing.pool_of[c] as usize;
+        let mut alone = [0.0; telemetry_core::CLASS_COUNT];
+        alone[c] = load[c];
+        let need_w = if load[c] > 0.0 {
+            self.planner(pool, &alone).best_mix(load[c], u32::MAX, 1).map_or(f64::INFINITY, |m| m.power_w)
+        } else {
+            0.0
+        };
+        if now_w + need_w <= limit {
+            self.shed_since[c] = None;
         }
     }
 }

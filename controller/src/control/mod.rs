@@ -30,7 +30,7 @@
 //! computes from profiles; `config` and `observe` hold the settings and what
 //! the controller is given each step.
 
-mod budget;
+pub mod budget;
 mod clock;
 mod config;
 mod guard;
@@ -205,6 +205,8 @@ pub struct Controller {
     preempt_wanted: Vec<(usize, u32)>,
     /// Pools whose last plan the spawn gate cut short (the power budget had no room).
     power_short: std::collections::BTreeSet<usize>,
+    /// Classes shed for the power budget (their arrivals turned away), and since when (s).
+    shed_since: [Option<f64>; CLASS_COUNT],
     /// The hour guard's steps over the last hour (see [`Controller::hour_guard`]; not persisted:
     /// a restarted controller watches a fresh hour).
     hour_log: std::collections::VecDeque<guard::HourSample>,
@@ -270,6 +272,7 @@ impl Controller {
             free_power_w: None,
             preempt_wanted: Vec::new(),
             power_short: std::collections::BTreeSet::new(),
+            shed_since: [None; CLASS_COUNT],
             hour_log: std::collections::VecDeque::new(),
             hour_arrived: [0.0; CLASS_COUNT],
             hour_last_s: f64::NEG_INFINITY,
@@ -346,6 +349,11 @@ impl Controller {
     /// what it turns away while it has no serving instance is turned away for the budget.
     pub fn power_held(&self, pool: usize) -> bool {
         self.power_short.contains(&pool)
+    }
+
+    /// Whether the power budget sheds `class` (its arrivals are turned away, reason `power-budget`).
+    pub fn shed(&self, class: usize) -> bool {
+        self.shed_since.get(class).is_some_and(|s| s.is_some())
     }
 
     /// A new objective (prices or an intensity forecast read again); the next step plans with it.
@@ -566,6 +574,11 @@ impl Controller {
         if self.budget_w.is_some() {
             self.learn_max_power(obs);
         }
+        // Classes shed for the power budget are turned away: nothing is planned for them.
+        self.unshed(now_s, obs, &recent);
+        let unshed =
+            |d: Demand| -> Demand { std::array::from_fn(|c| if self.shed_since[c].is_some() { 0.0 } else { d[c] }) };
+        let (recent, plan_scale, plan_shard) = (unshed(recent), unshed(plan_scale), unshed(plan_shard));
         self.free_power_w = self.power_room_at_step_start(obs, &recent);
         let guard = self.backlog_guard(now_s, obs, &mut out);
         if scale_due || !self.started {

@@ -201,6 +201,16 @@ impl Baseline {
     }
 }
 
+/// Where each class goes: the pool its requests are routed to, and whether the site power
+/// budget sheds it (its arrivals turned away).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Routes {
+    /// Class index → pool id.
+    pub pool: [u32; CLASS_COUNT],
+    /// Class index → shed for the power budget.
+    pub shed: [bool; CLASS_COUNT],
+}
+
 impl ServiceCore {
     /// A fresh core.
     pub fn new(cfg: CoreConfig, profile: ProfileTable, now_s: f64) -> ServiceCore {
@@ -414,6 +424,16 @@ impl ServiceCore {
         self.note_mode();
     }
 
+    /// The routes in effect ([`Self::routed`]) and the classes the power budget sheds.
+    pub fn routes(&self) -> Routes {
+        Routes { pool: self.routed(), shed: std::array::from_fn(|c| self.ctl.shed(c)) }
+    }
+
+    /// Whether the site power budget sheds `class` (its arrivals are turned away).
+    pub fn shed(&self, class: usize) -> bool {
+        self.ctl.shed(class)
+    }
+
     /// Whether the site power budget held `pool`'s last plan short (a spawn it wanted had no room).
     pub fn power_held(&self, pool: u32) -> bool {
         self.ctl.power_held(pool as usize)
@@ -576,7 +596,19 @@ impl ServiceCore {
             class_attainment_recent,
             class_attainment_window: self.att_hist.plain_window(),
         };
+        let shed_before: [bool; CLASS_COUNT] = std::array::from_fn(|c| self.ctl.shed(c));
         let decisions = self.ctl.step(now_s, &obs);
+        for class in telemetry::RequestClass::ALL {
+            match (shed_before[class.index()], self.ctl.shed(class.index())) {
+                (false, true) => tracing::warn!(
+                    %class,
+                    "the site power budget sheds class {class}: its requests are turned away (503) so the classes \
+                     ranked above it keep their SLOs"
+                ),
+                (true, false) => tracing::info!(%class, "the site power budget admits class {class} again"),
+                _ => {}
+            }
+        }
         let mode = self.mode();
         // Whether the fleet and the routes may change: not in dry-run, nor in failsafe while blind.
         let may_change = match mode {

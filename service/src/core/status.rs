@@ -92,6 +92,7 @@ impl ServiceCore {
                     "smoothed_rps": self.smoothed[c.index()],
                     "forecast_rps": forecast[c.index()],
                     "attainment": att,
+                    "shed": self.ctl.shed(c.index()),
                 })
             })
             .collect();

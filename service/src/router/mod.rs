@@ -603,10 +603,31 @@ async fn forward(
     let slo = Some(st.slos[class.index()]);
     st.shared.router_stats.lock().map(|mut r| *r.per_class.entry(class.to_string()).or_default() += 1).ok();
     let now = st.shared.clock.now_s();
-    if let Ok(mut core) = st.shared.core.lock() {
+    let shed = if let Ok(mut core) = st.shared.core.lock() {
         let mut counts = [0u32; CLASS_COUNT];
         counts[class.index()] = 1;
         core.observe_arrivals(now, &counts);
+        core.shed(class.index())
+    } else {
+        false
+    };
+    if shed {
+        st.shared
+            .router_stats
+            .lock()
+            .map(|mut r| {
+                r.rejected += 1;
+                r.rejected_power_budget += 1;
+            })
+            .ok();
+        st.record(class.index(), Verdict::missed());
+        return openai::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "class {class} is shed by the site power budget ([budget]): the classes ranked above it keep the \
+                 power; try again later"
+            ),
+        );
     }
     // A pool scaled from nothing: hold the request until an instance serves (as long as `hold_s`).
     let clock = st.shared.clock.clone();
