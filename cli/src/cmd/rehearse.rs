@@ -169,6 +169,9 @@ pub fn run(args: &RehearseArgs) -> Result<()> {
         bail!("--engines-per-node must be 1 to 8 (an 8-GPU node), got {}", args.engines_per_node);
     }
     let wall = Instant::now();
+    if !std::process::Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        bail!("rehearse sets the engines' clocks with curl, and no curl runs here: install it (apt-get install curl)");
+    }
     let workload = args.workload.load()?;
     let physics = sim::Physics::default_h100_llama70b();
     let slo = sim::measure::class_slos(
