@@ -395,7 +395,7 @@ impl Controller {
         planner.carries(d.tp, clock_mhz, share)
     }
 
-    /// Once a class ranked `rank` or above misses its SLO over its recent window: shed the
+    /// Once the hour of a class ranked `rank` or above heads below its P99 target: shed the
     /// lowest-ranked class with load ranked below `rank` that is not shed yet (the power budget
     /// counts its load as gone from now on), unless a class was shed less than
     /// [`SHED_SETTLE_S`] ago: its instances still finish what they hold, and their power shows

@@ -83,7 +83,8 @@ pub struct RouterStats {
     pub held_max_s: f64,
     /// Requests turned away: no instance served their pool within the hold limit.
     pub rejected: u64,
-    /// Of `rejected`, those whose pool the site power budget (`[budget]`) held short.
+    /// Of `rejected`, those the site power budget (`[budget]`) turned away: their class shed, or
+    /// their pool held short of the instances it needed.
     pub rejected_power_budget: u64,
     /// Requests whose instance could not be reached, or did not answer in time.
     pub errors: u64,
