@@ -160,6 +160,21 @@ pub fn learnt(status: &serde_json::Value) -> BTreeMap<String, Learnt> {
         .collect()
 }
 
+/// What a rehearsal is measured against: `sim`'s `single-pool` (sized by replay) and `dynamollm`
+/// on the same trace and seed, with the service's default settings; their energy (kWh).
+pub fn sim_reference(physics: &sim::Physics, workload: &sim::Workload, quiet: bool) -> Result<(f64, f64)> {
+    let opts = RunOptions::sized_by_replay(SLO_MULTIPLIER, quiet);
+    let sims = run_policies(
+        physics,
+        workload,
+        &[Policy::SinglePool, Policy::DynamoLlm],
+        &ProfileTable::bundled(),
+        &opts,
+        None,
+    )?;
+    Ok((sims[0].energy_kwh, sims[1].energy_kwh))
+}
+
 /// Run it.
 pub fn run(args: &RehearseArgs) -> Result<()> {
     if !(args.speed.is_finite() && args.speed > 0.0 && args.speed <= 100.0) {
@@ -257,24 +272,16 @@ timeout_ms = 900000
             e["gpu_seconds"].as_f64().unwrap_or(0.0) + e["tp"].as_f64().unwrap_or(0.0) * held.max(0.0)
         })
         .sum();
-    let opts = RunOptions::sized_by_replay(SLO_MULTIPLIER, args.quiet);
-    let sims = run_policies(
-        &physics,
-        &workload,
-        &[Policy::SinglePool, Policy::DynamoLlm],
-        &ProfileTable::bundled(),
-        &opts,
-        None,
-    )?;
+    let (single_kwh, dynamollm_kwh) = sim_reference(&physics, &workload, args.quiet)?;
     let classes = client_classes(&counts);
     let learnt = learnt(&status);
     let energy_kwh = energy_j / 3.6e6;
     let r = Rehearsal {
         energy_kwh,
         gpu_hours: gpu_s_wall * args.speed / 3600.0,
-        sim_dynamollm_energy_kwh: sims[1].energy_kwh,
-        sim_single_pool_energy_kwh: sims[0].energy_kwh,
-        ratio_to_sim: energy_kwh / sims[1].energy_kwh,
+        sim_dynamollm_energy_kwh: dynamollm_kwh,
+        sim_single_pool_energy_kwh: single_kwh,
+        ratio_to_sim: energy_kwh / dynamollm_kwh,
         requests_total: requests.len() as u64,
         router_errors: errors,
         classes,
