@@ -60,8 +60,12 @@ pub fn oracle_config(mut cfg: ControllerConfig) -> ControllerConfig {
     cfg
 }
 
+/// Called with the controller and the time before each of its steps.
+pub type OnStep<'a> = &'a mut dyn FnMut(&mut Controller, f64);
+
 /// Run a workload under the controller. `future`: the oracle's knowledge
-/// (the run then takes [`oracle_config`] of `cfg`).
+/// (the run then takes [`oracle_config`] of `cfg`). `on_step` is called with
+/// the controller and the time before each of its steps.
 #[allow(clippy::too_many_arguments)]
 pub fn run_controlled(
     physics: &Physics,
@@ -71,6 +75,7 @@ pub fn run_controlled(
     mut profile: ProfileTable,
     future: Option<&MinuteCounts>,
     mut decisions: Option<&mut dyn Write>,
+    mut on_step: Option<OnStep<'_>>,
     progress: &mut dyn FnMut(f64),
 ) -> Result<(RunTotals, ControlSummary)> {
     // The oracle reconfigures for free.
@@ -127,7 +132,8 @@ pub fn run_controlled(
                     smoothed: &mut Demand,
                     forecasts: &ClassForecasts,
                     summary: &mut ControlSummary,
-                    decisions: &mut Option<&mut dyn Write>|
+                    decisions: &mut Option<&mut dyn Write>,
+                    on_step: &mut Option<OnStep<'_>>|
      -> Result<()> {
         let recent: Demand = std::array::from_fn(|c| f64::from(window[c]) / period);
         let alpha = (period / 60.0).min(1.0);
@@ -195,6 +201,9 @@ pub fn run_controlled(
             observed_spawn_s,
         };
         let first = summary.steps == 0;
+        if let Some(f) = on_step.as_mut() {
+            f(ctl, now);
+        }
         let out: Vec<Decision> = ctl.step(now, &obs);
         summary.steps += 1;
         for d in &out {
@@ -251,6 +260,7 @@ pub fn run_controlled(
                 &forecasts,
                 &mut summary,
                 &mut decisions,
+                &mut on_step,
             )?;
             next_tick += period;
         }

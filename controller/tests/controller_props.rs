@@ -6,7 +6,7 @@ use actuators_core::{Action, InstanceId, PoolId};
 use controller::control::plan::{Demand, Planner};
 use controller::control::{
     AttainmentHistory, Controller, ControllerConfig, InstanceObs, InstanceState, Loops, Observations,
-    MAX_CAPACITY_SCALE, SIZE_SCALE_MEMORY_S,
+    CAPACITY_EVIDENCE_SHARE, MAX_CAPACITY_SCALE, SIZE_SCALE_MEMORY_S,
 };
 use controller::profile::ProfileTable;
 use proptest::prelude::*;
@@ -535,13 +535,18 @@ fn a_small_class_is_judged_over_enough_requests_and_no_further_back_than_the_loo
 /// class's longer window and `plain` over the plain one. What the pool learnt: (clock margin,
 /// capacity scale).
 fn learnt_from_one_window(cfg: &ControllerConfig, recent: f64, plain: Option<f64>) -> (f64, f64) {
+    learnt_from_one_window_at(cfg, recent, plain, 0.02)
+}
+
+/// [`learnt_from_one_window`] with long/long arriving at `load_rps`.
+fn learnt_from_one_window_at(cfg: &ControllerConfig, recent: f64, plain: Option<f64>, load_rps: f64) -> (f64, f64) {
     const LL: usize = 8;
     let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
     let mut model = Model::new();
     let id = InstanceId(1000);
     model.instances.insert(id, (InstanceObs { clock_mhz: 1400, ..serving_tp8(id, PoolId(LL as u32)) }, 0.0));
     let mut d = [0.0; CLASS_COUNT];
-    d[LL] = 0.02;
+    d[LL] = load_rps;
     for t in [0.0, cfg.attainment_window_s] {
         let mut obs = model.observe(t, &d);
         obs.class_attainment_recent = [None; CLASS_COUNT];
@@ -588,19 +593,27 @@ fn a_sharp_dip_shrinks_the_capacity_at_once() {
     assert_eq!(learnt(0.995, sharp - 0.005), (1.0, 1.0), "the longer window holds the target: nothing");
 }
 
-/// Between the 99% target and `attainment_comfort` a pool holds still; at or above it, its learnt
-/// capacity grows a step and its clock margin decays a step. A lower comfort tightens a pool that
-/// a higher one leaves alone.
+/// Between the 99% target and `attainment_comfort` a pool holds still; at or above it, its clock
+/// margin decays a step, and its learnt capacity grows a step where the pool carried at least
+/// `CAPACITY_EVIDENCE_SHARE` of what it is credited with (below that, comfort has not tested the
+/// capacity). A lower comfort tightens a pool that a higher one leaves alone.
 #[test]
 fn comfort_sets_where_a_pool_starts_to_tighten() {
     let mut cfg = one_instance_clock_only();
     let comfort = cfg.attainment_comfort;
     assert!(comfort > 0.99 && comfort < 1.0, "{comfort}");
-    let tightened = ((cfg.clock_margin_decay).max(cfg.clock_margin_floor), 1.05);
-    assert_eq!(learnt_from_one_window(&cfg, comfort - 0.001, Some(1.0)), (1.0, 1.0), "below comfort: nothing");
-    assert_eq!(learnt_from_one_window(&cfg, comfort, Some(1.0)), tightened, "at comfort: a step tighter");
+    let mut shares = [0.0; CLASS_COUNT];
+    shares[8] = 1.0;
+    let planner = Planner::new(&ProfileTable::bundled(), &cfg.tps, &shares, cfg.max_util);
+    let credited = planner.capacity(8) * planner.max_util;
+    let (tested, untested) = ((CAPACITY_EVIDENCE_SHARE + 0.05) * credited, (CAPACITY_EVIDENCE_SHARE - 0.05) * credited);
+    let decayed = (cfg.clock_margin_decay).max(cfg.clock_margin_floor);
+    let learnt = |cfg: &ControllerConfig, a: f64, load: f64| learnt_from_one_window_at(cfg, a, Some(1.0), load);
+    assert_eq!(learnt(&cfg, comfort - 0.001, tested), (1.0, 1.0), "below comfort: nothing");
+    assert_eq!(learnt(&cfg, comfort, tested), (decayed, 1.05), "at comfort: a step tighter");
+    assert_eq!(learnt(&cfg, comfort, untested), (decayed, 1.0), "comfort at a light load: the clock margin alone");
     cfg.attainment_comfort = comfort - 0.002;
-    assert_eq!(learnt_from_one_window(&cfg, comfort - 0.001, Some(1.0)), tightened, "a lower comfort tightens it");
+    assert_eq!(learnt(&cfg, comfort - 0.001, tested), (decayed, 1.05), "a lower comfort tightens it");
 }
 
 /// One TP8 instance serving long/long alone (clock loop only) at `rate_rps`, with the load seen
@@ -803,11 +816,12 @@ fn a_new_mix_saving_less_than_the_mix_hysteresis_spawns_nothing() {
 }
 
 /// One TP8 pool of long/long requests that missed with one instance (a sharp dip: its learnt
-/// capacity shrank) and grew to two. Two instances behind the router hold the SLO comfortably, so
-/// the capacity it learns grows until the plan wants one instance again. The one left would then
-/// carry what the pool learnt one instance does not: the controller keeps both while the demand
-/// stays above what the scale earned with one carries, retires the spare once it falls below, and
-/// forgets that lesson after `SIZE_SCALE_MEMORY_S`.
+/// capacity shrank) and grew to two. Two instances behind the router hold the SLO comfortably
+/// under a load that tests them (three quarters of what they are credited with), so the capacity
+/// it learns grows; when the load falls back, the plan wants one instance again. The one left
+/// would then carry what the pool learnt one instance does not: the controller keeps both while
+/// the demand stays above what the scale earned with one carries, retires the spare once it falls
+/// below, and forgets that lesson after `SIZE_SCALE_MEMORY_S`.
 struct SizeRun {
     ctl: Controller,
     model: Model,
@@ -853,9 +867,19 @@ impl SizeRun {
 
     /// Comfortable windows (every class at 100%) from `from` to `to`, every `every` seconds.
     fn comfortable(&mut self, from: f64, to: f64, every: f64) -> Vec<u32> {
+        self.comfortable_loaded(from, to, every, None)
+    }
+
+    /// [`SizeRun::comfortable`], with the demand at `used` of what the serving instances are
+    /// credited with at each step (where given).
+    fn comfortable_loaded(&mut self, from: f64, to: f64, every: f64, used: Option<f64>) -> Vec<u32> {
         let mut counts = Vec::new();
         let mut t = from;
         while t < to {
+            if let Some(u) = used {
+                let s = self.ctl.learnt(LL).unwrap().0;
+                self.d[LL] = u * f64::from(self.serving()) * self.cap1 * s;
+            }
             self.step(t, Some(1.0), None);
             counts.push(self.serving());
             t += every;
@@ -872,20 +896,23 @@ impl SizeRun {
 fn a_spare_instance_stays_while_the_scale_learnt_with_fewer_cannot_carry_the_plan() {
     let mut run = SizeRun::new(0.95);
     let w = run.ctl.config().attainment_window_s;
-    // Two hours of comfort with two instances: the learnt capacity grows past what one needs…
-    let counts = run.comfortable(w + STEP_S, w + 7200.0, STEP_S);
+    // Two hours of tested comfort with two instances: the learnt capacity grows past what one needs…
+    run.comfortable_loaded(w + STEP_S, w + 7200.0, STEP_S, Some(0.75));
     let st = run.ctl.snapshot();
     assert!(st.util_scale[LL] > 1.2, "comfort raised the learnt capacity to {}", st.util_scale[LL]);
-    assert_eq!(run.ctl.plans()[LL].target, BTreeMap::from([(8, 1)]), "the plan wants one instance again");
     assert!(!st.scale_by_size[LL].contains_key(&2), "two hours of comfort with two instances record nothing");
     let s1 = st.scale_by_size[LL][&1].0;
     assert!(s1 < 0.95, "the scale earned with one instance: {s1}");
+    // …so at the first load again the plan wants one instance…
+    run.d[LL] = 0.95 * run.cap1;
+    let (from, to) = (w + 7200.0, w + 7200.0 + 3600.0);
+    let counts = run.comfortable(from, to, STEP_S);
+    assert_eq!(run.ctl.plans()[LL].target, BTreeMap::from([(8, 1)]), "the plan wants one instance again");
     // …yet the second instance stays: one carried less than the plan when it last ran alone.
-    let settled = &counts[(LEAD_S / STEP_S) as usize + 1..];
-    assert!(settled.iter().all(|&n| n == 2), "serving instances over the two hours: {counts:?}");
+    assert!(counts.iter().all(|&n| n == 2), "serving instances over the hour: {counts:?}");
     // Once the demand falls below what the scale earned with one carries, the spare goes.
     run.d[LL] = 0.8 * s1 * run.cap1;
-    let after = run.comfortable(w + 7200.0, w + 7200.0 + 2.0 * run.ctl.config().shard_period_s, STEP_S);
+    let after = run.comfortable(to, to + 2.0 * run.ctl.config().shard_period_s, STEP_S);
     assert_eq!(after.last(), Some(&1), "at {:.3} req/s one instance is enough: {after:?}", run.d[LL]);
 }
 
@@ -895,7 +922,9 @@ fn the_scale_learnt_with_fewer_instances_is_forgotten_after_a_day() {
     let w = run.ctl.config().attainment_window_s;
     let s1 = run.ctl.snapshot().util_scale[LL];
     assert_eq!(run.ctl.scale_after_miss(LL, w), BTreeMap::from([(1, s1)]), "the dip's record, as status shows it");
-    let mid = run.comfortable(w + STEP_S, 0.5 * SIZE_SCALE_MEMORY_S, 60.0);
+    run.comfortable_loaded(w + STEP_S, w + 7200.0, 60.0, Some(0.75));
+    run.d[LL] = 0.95 * run.cap1;
+    let mid = run.comfortable(w + 7200.0, 0.5 * SIZE_SCALE_MEMORY_S, 60.0);
     assert_eq!(mid.last(), Some(&2), "half a day on, the lesson still holds");
     assert_eq!(run.ctl.scale_after_miss(LL, 0.5 * SIZE_SCALE_MEMORY_S), BTreeMap::from([(1, s1)]));
     let end = run.comfortable(0.5 * SIZE_SCALE_MEMORY_S, SIZE_SCALE_MEMORY_S + 2.0 * w, 60.0);

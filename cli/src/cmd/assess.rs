@@ -226,6 +226,7 @@ pub fn run(args: &AssessArgs) -> Result<Assessment> {
         objective: controller::control::Objective::energy(),
         decisions: None,
         future: None,
+        on_step: None,
     };
     let (dynamollm, _) =
         run_controlled_policy(&physics, Policy::DynamoLlm, &workload, args.slo_multiplier, run, args.quiet)?;

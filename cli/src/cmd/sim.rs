@@ -249,6 +249,9 @@ pub struct ControlledRun<'a> {
     pub decisions: Option<&'a mut dyn std::io::Write>,
     /// The future, for the oracle.
     pub future: Option<&'a MinuteCounts>,
+    /// Called with the controller and the time before each of its steps (tests read what it has
+    /// learnt, or start it from a state of their own).
+    pub on_step: Option<crate::closed_loop::OnStep<'a>>,
 }
 
 /// Run a controlled policy (scale-inst, scale-shard, scale-freq, dynamollm, oracle).
@@ -307,10 +310,17 @@ pub fn run_controlled_policy(
     let bar = progress_bar(span as u64, quiet, "{bar:40} {percent}% of the trace replayed [{elapsed} < {eta}] {msg}");
     bar.set_message(policy.name());
     let start = Instant::now();
-    let (totals, summary) =
-        run_controlled(physics, workload, slo, cfg, run.profile.clone(), future, run.decisions, &mut |t| {
-            bar.set_position(t as u64)
-        })?;
+    let (totals, summary) = run_controlled(
+        physics,
+        workload,
+        slo,
+        cfg,
+        run.profile.clone(),
+        future,
+        run.decisions,
+        run.on_step,
+        &mut |t| bar.set_position(t as u64),
+    )?;
     let wall_s = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     Ok((SimReport::new(policy.name(), &workload.name, workload.seed, &totals, wall_s), summary))
@@ -668,6 +678,7 @@ pub fn run_policies(
                             objective: objective.clone(),
                             decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
                             future: future.as_ref(),
+                            on_step: None,
                         },
                         opts.quiet,
                     )?;

@@ -1,7 +1,10 @@
 //! Learning a pool's real capacity from the SLO attainment it shows: a miss
 //! shrinks the capacity scale (or first raises the clock margin), a
-//! comfortable window grows it; a miss also records the scale at the pool's
-//! size. Touches only the learnt scales, margins and their timestamps.
+//! comfortable window grows it where the pool carried at least
+//! [`CAPACITY_EVIDENCE_SHARE`] of what it is credited with (or serves
+//! [`UNTESTED_GROWTH_MIN_INSTANCES`] or more, none of them spare); a miss also
+//! records the scale at the pool's size. Touches only the learnt scales,
+//! margins and their timestamps.
 
 use super::*;
 use telemetry_core::CLASS_COUNT;
@@ -46,6 +49,17 @@ impl Controller {
             let sharp = (0..CLASS_COUNT)
                 .filter(|&c| self.routing.pool_of[c] as usize == pool)
                 .any(|c| obs.class_attainment_window[c].is_some_and(|w| w < self.cfg.sharp_dip_attainment));
+            let used = self.used_share(pool, obs);
+            // Comfort says something of the capacity only where the pool carried enough of it.
+            // Comfort says something of the capacity only where the pool carried enough of it, or
+            // where the growth can retire an instance whose load the others take up a third more at
+            // most (a pool at its plan's size of `UNTESTED_GROWTH_MIN_INSTANCES` or more).
+            let serving =
+                obs.instances.iter().filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving).count()
+                    as u32;
+            let planned: u32 = self.plans[pool].target.values().sum();
+            let tested = used.is_some_and(|u| u >= CAPACITY_EVIDENCE_SHARE)
+                || (serving >= UNTESTED_GROWTH_MIN_INSTANCES && serving <= planned);
             let s = &mut self.util_scale[pool];
             let margin = &mut self.clock_margin[pool];
             match worst {
@@ -76,7 +90,9 @@ impl Controller {
                     *margin = (*margin * decay).max(floor);
                     // A pool of instances behind least-outstanding routing queues less than the one
                     // instance the profile measured: let live telemetry raise the capacity too.
-                    *s = (*s * 1.05).min(MAX_CAPACITY_SCALE);
+                    if tested {
+                        *s = (*s * 1.05).min(MAX_CAPACITY_SCALE);
+                    }
                     self.learnt_at[pool] = obs.now_s;
                 }
                 _ => {}
@@ -95,5 +111,26 @@ impl Controller {
             }
         }
         short
+    }
+
+    /// The share of what pool `pool`'s serving instances are credited with (at its learnt scale)
+    /// that its load now takes; `None` without serving instances or load.
+    pub(super) fn used_share(&mut self, pool: usize, obs: &Observations) -> Option<f64> {
+        let d: Demand = std::array::from_fn(|c| {
+            if self.routing.pool_of[c] as usize == pool {
+                obs.class_rps_smoothed[c].max(obs.class_rps_recent[c])
+            } else {
+                0.0
+            }
+        });
+        let load: f64 = d.iter().sum();
+        let planner = self.planner(pool, &d);
+        let carried: f64 = obs
+            .instances
+            .iter()
+            .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
+            .map(|i| planner.capacity(i.tp) * planner.max_util)
+            .sum();
+        (carried > 0.0 && load > 0.0).then(|| load / carried)
     }
 }
