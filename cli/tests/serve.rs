@@ -623,3 +623,34 @@ fn a_ticks_commands_go_out_in_lanes_the_fleet_changes_in_one() {
         [vec!["spawn-a", "clock-a", "retire-c", "spawn-d"], vec!["clock-b", "clock-b2"], vec!["route-ss", "route-sm"]]
     );
 }
+
+/// In the twin the fleet the first tick asks for is up at once (as in `sim`): its start teaches
+/// nothing of how long a spawn takes, where a real cluster's first spawns do. And the first tick
+/// closes no window of arrivals: the rates primed from the trace's first minutes stand.
+#[test]
+fn the_twins_first_fleet_teaches_no_spawn_time_and_the_first_tick_keeps_the_primed_rates() {
+    let mut leads = Vec::new();
+    for up in [true, false] {
+        let mut c = core();
+        let lead0 = c.spawn_lead_s();
+        let mut rates = [0.0; 9];
+        rates[8] = 2.0;
+        c.prime_rates(rates);
+        if up {
+            c.first_fleet_up();
+        }
+        let mut spawned = 0;
+        tick_applied(&mut c, 0.0, &mut spawned);
+        assert!(spawned > 0, "the first tick spawns a fleet");
+        let st = c.status(0.0);
+        let ll = st["classes"].as_array().unwrap().iter().find(|x| x["class"] == "LL").unwrap();
+        let smoothed = ll["smoothed_rps"].as_f64().unwrap();
+        assert_eq!(smoothed, 2.0, "the first tick keeps the primed rate");
+        samples(&mut c, 2.5);
+        tick_applied(&mut c, 5.0, &mut spawned);
+        leads.push((lead0, c.spawn_lead_s()));
+    }
+    let [(before, twin), (_, real)] = leads[..] else { unreachable!() };
+    assert_eq!(twin, before, "the twin's first fleet taught a spawn time");
+    assert!(real < before, "a real cluster's first spawns (2.5 s) teach one: {real} from {before}");
+}

@@ -55,6 +55,7 @@ pub fn backend(
     if let Ok(Ok(first)) = workload.first_hours(5.0 / 60.0).class_arrivals().map(MinuteCounts::of) {
         core.prime_rates(first.peak(0, 5));
     }
+    core.first_fleet_up();
     let settings = TwinSettings {
         physics,
         workload,

@@ -243,6 +243,9 @@ impl ServiceCore {
     pub(super) fn apply_to_inventory(&mut self, action: &Action, now_s: f64) {
         match *action {
             Action::Spawn { instance, pool, tp, clock_mhz, .. } => {
+                if self.first_fleet_up && self.counters.ticks <= 1 {
+                    self.no_spawn_lead.insert(instance);
+                }
                 self.instances.insert(
                     instance,
                     InstanceRecord {

@@ -123,6 +123,10 @@ pub struct ServiceCore {
     route_failures: [(u32, f64); CLASS_COUNT],
     /// Retires held for make-before-break.
     held_retires: BTreeMap<InstanceId, HeldRetire>,
+    /// The fleet the first tick asks for is up at once (the twin, as in `sim`).
+    first_fleet_up: bool,
+    /// Instances of that first fleet: their start teaches nothing of how long a spawn takes.
+    no_spawn_lead: std::collections::BTreeSet<InstanceId>,
     /// Held retires already warned about (once each, past [`ROUTE_RETRY_MAX_S`]).
     held_warned: BTreeSet<InstanceId>,
     /// Counters for `/metrics`.
@@ -251,6 +255,8 @@ impl ServiceCore {
             routed,
             route_failures: [(0, f64::NEG_INFINITY); CLASS_COUNT],
             held_retires: BTreeMap::new(),
+            first_fleet_up: false,
+            no_spawn_lead: std::collections::BTreeSet::new(),
             held_warned: BTreeSet::new(),
             counters: CoreCounters::default(),
             finished: false,
@@ -313,6 +319,18 @@ impl ServiceCore {
     /// watched the cluster for a while before it took over.
     pub fn prime_rates(&mut self, rps: Demand) {
         self.smoothed = rps;
+    }
+
+    /// The fleet the first tick asks for is up at once (the twin, as in `sim`): its instances'
+    /// start is not a spawn time to learn from.
+    pub fn first_fleet_up(&mut self) {
+        self.first_fleet_up = true;
+    }
+
+    /// How long the controller takes a spawn to serve (s): configured, then learnt from the
+    /// spawns it sees.
+    pub fn spawn_lead_s(&self) -> f64 {
+        self.ctl.config().spawn_lead_s
     }
 
     /// The clock loop's period (s): the service's tick.
@@ -541,10 +559,13 @@ impl ServiceCore {
         self.roll_minutes(now_s);
         self.counters.ticks += 1;
         let period = self.last_tick_s.map_or(self.cfg.controller.clock_period_s, |t| (now_s - t).max(1e-3));
+        let first = self.last_tick_s.is_none();
         self.last_tick_s = Some(now_s);
         let recent: Demand = std::array::from_fn(|c| f64::from(self.window_counts[c]) / period);
         self.window_counts = [0; CLASS_COUNT];
-        let alpha = (period / 60.0).min(1.0);
+        // The first tick closes no window of its own: the smoothed rate (primed, or nothing yet)
+        // stays as it is, as in `sim`'s loop.
+        let alpha = if first { 0.0 } else { (period / 60.0).min(1.0) };
         for (s, r) in self.smoothed.iter_mut().zip(recent) {
             *s += alpha * (r - *s);
         }

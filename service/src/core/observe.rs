@@ -72,7 +72,8 @@ impl ServiceCore {
             ReportedState::Serving => InstanceState::Serving,
             _ => InstanceState::Draining,
         };
-        if rec.state == InstanceState::Starting && state == InstanceState::Serving {
+        if rec.state == InstanceState::Starting && state == InstanceState::Serving && !self.no_spawn_lead.remove(&r.id)
+        {
             self.observed_spawn_s.push(now_s - rec.spawned_at_s);
         }
         // A retire asked for stays asked for, whatever a late reading says.
@@ -151,7 +152,9 @@ impl ServiceCore {
                 // An engine that answers serves (unless it was asked to retire).
                 if rec.state == InstanceState::Starting {
                     rec.state = InstanceState::Serving;
-                    self.observed_spawn_s.push(now_s - rec.spawned_at_s);
+                    if !self.no_spawn_lead.remove(&id) {
+                        self.observed_spawn_s.push(now_s - rec.spawned_at_s);
+                    }
                 }
             }
             Sample::Arrivals(_) => {}
