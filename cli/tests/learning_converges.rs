@@ -9,7 +9,7 @@
 //! (a scale grows 5% an attainment window at most, and only while the pool
 //! carries enough of what it is credited with to test it).
 
-use controller::control::{Controller, Objective};
+use controller::control::Controller;
 use controller::policy::Policy;
 use controller::profile::ProfileTable;
 use dynamollm::cmd::sim::{run_controlled_policy, ControlledRun};
@@ -62,21 +62,7 @@ fn learn(start_scale: f64, dir: &Path) -> (Vec<(f64, f64)>, f64) {
             seen.push((now, ctl.learnt(pool).unwrap().0));
         }
     };
-    let run = ControlledRun {
-        profile: &profile,
-        single_pool_instances: 0,
-        warm_spawn: true,
-        retire_min_age_s: 0.0,
-        clock_margin_floor: None,
-        attainment_comfort: None,
-        clock_down_sigmas: None,
-        mix_hysteresis: None,
-        power_budget: None,
-        objective: Objective::energy(),
-        decisions: None,
-        future: None,
-        on_step: Some(&mut hook),
-    };
+    let run = ControlledRun { on_step: Some(&mut hook), ..ControlledRun::new(&profile) };
     let (report, _) = run_controlled_policy(&physics, Policy::DynamoLlm, &workload, 5.0, run, true).unwrap();
     (seen, report.classes[&LS.to_string()].latency.slo_attainment)
 }

@@ -214,19 +214,8 @@ pub fn run(args: &AssessArgs) -> Result<Assessment> {
     let static_replay =
         SimReport::new("static-replay", &workload.name, args.seed, &totals, started.elapsed().as_secs_f64());
     let run = ControlledRun {
-        profile: &profile,
         single_pool_instances: if l.tp == 8 { l.instances } else { 0 },
-        warm_spawn: true,
-        retire_min_age_s: 0.0,
-        clock_margin_floor: None,
-        attainment_comfort: None,
-        clock_down_sigmas: None,
-        mix_hysteresis: None,
-        power_budget: None,
-        objective: controller::control::Objective::energy(),
-        decisions: None,
-        future: None,
-        on_step: None,
+        ..ControlledRun::new(&profile)
     };
     let (dynamollm, _) =
         run_controlled_policy(&physics, Policy::DynamoLlm, &workload, args.slo_multiplier, run, args.quiet)?;

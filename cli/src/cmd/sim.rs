@@ -254,6 +254,28 @@ pub struct ControlledRun<'a> {
     pub on_step: Option<crate::closed_loop::OnStep<'a>>,
 }
 
+impl<'a> ControlledRun<'a> {
+    /// `sim`'s defaults with `profile`: warm spawns, no minimum age to retire, the controller's
+    /// own learning settings, the energy objective, no budget, no decisions written.
+    pub fn new(profile: &'a ProfileTable) -> ControlledRun<'a> {
+        ControlledRun {
+            profile,
+            single_pool_instances: 0,
+            warm_spawn: true,
+            retire_min_age_s: 0.0,
+            clock_margin_floor: None,
+            attainment_comfort: None,
+            clock_down_sigmas: None,
+            mix_hysteresis: None,
+            power_budget: None,
+            objective: controller::control::Objective::energy(),
+            decisions: None,
+            future: None,
+            on_step: None,
+        }
+    }
+}
+
 /// Run a controlled policy (scale-inst, scale-shard, scale-freq, dynamollm, oracle).
 pub fn run_controlled_policy(
     physics: &Physics,

@@ -212,15 +212,9 @@ impl Controller {
         if !self.hour_tripped.get(pool).copied().unwrap_or(false) {
             return false;
         }
-        let load: f64 = self.pool_demand(pool, &obs.class_rps_smoothed).iter().sum();
         let d = self.pool_demand(pool, &obs.class_rps_smoothed);
-        let planner = self.planner(pool, &d);
-        let carried: f64 = obs
-            .instances
-            .iter()
-            .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
-            .map(|i| planner.capacity(i.tp) * planner.max_util)
-            .sum();
+        let load: f64 = d.iter().sum();
+        let carried = self.credited_rps(pool, &d, obs);
         if carried <= 0.0 || load <= 0.0 {
             return false;
         }

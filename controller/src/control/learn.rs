@@ -50,7 +50,6 @@ impl Controller {
                 .filter(|&c| self.routing.pool_of[c] as usize == pool)
                 .any(|c| obs.class_attainment_window[c].is_some_and(|w| w < self.cfg.sharp_dip_attainment));
             let used = self.used_share(pool, obs);
-            // Comfort says something of the capacity only where the pool carried enough of it.
             // Comfort says something of the capacity only where the pool carried enough of it, or
             // where the growth can retire an instance whose load the others take up a third more at
             // most (a pool at its plan's size of `UNTESTED_GROWTH_MIN_INSTANCES` or more).
@@ -124,13 +123,18 @@ impl Controller {
             }
         });
         let load: f64 = d.iter().sum();
-        let planner = self.planner(pool, &d);
-        let carried: f64 = obs
-            .instances
+        let carried = self.credited_rps(pool, &d, obs);
+        (carried > 0.0 && load > 0.0).then(|| load / carried)
+    }
+
+    /// What pool `pool`'s serving instances are credited with carrying (req/s) for the class mix
+    /// of `d`: the profile's capacity at the utilisation limit and the learnt scale.
+    pub(super) fn credited_rps(&mut self, pool: usize, d: &Demand, obs: &Observations) -> f64 {
+        let planner = self.planner(pool, d);
+        obs.instances
             .iter()
             .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
             .map(|i| planner.capacity(i.tp) * planner.max_util)
-            .sum();
-        (carried > 0.0 && load > 0.0).then(|| load / carried)
+            .sum()
     }
 }
