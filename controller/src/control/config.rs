@@ -348,7 +348,7 @@ pub const CAPACITY_EVIDENCE_SHARE: f64 = 0.6;
 /// before it (seeds 1–3), and a budget of 70% of `single-pool`'s peak at ×8 no longer carried
 /// the load (LL shed); from 2 instances ML missed at ×16, seed 3 (98.14%); from 3 the learnt
 /// scale crept up over six steady hours without settling (`cli/tests/learning_converges.rs`);
-/// from 4 every class held on every run measured, at 1–3% more energy on the hours.
+/// from 4 every class held on every run measured, at 2–6% more energy on the hours (×2 to ×16).
 pub const UNTESTED_GROWTH_MIN_INSTANCES: u32 = 4;
 
 #[cfg(test)]

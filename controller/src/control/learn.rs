@@ -99,11 +99,6 @@ impl Controller {
             // A miss shrank the capacity: what the pool can be credited with at its present size.
             // (Comfort is no such evidence: a scale grows with time as well as with pool size.)
             if short.last() == Some(&pool) {
-                let serving = obs
-                    .instances
-                    .iter()
-                    .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
-                    .count() as u32;
                 if serving > 0 {
                     self.scale_by_size[pool].insert(serving, (self.util_scale[pool], obs.now_s));
                 }
