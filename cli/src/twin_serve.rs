@@ -139,7 +139,40 @@ impl Ord for OrdF64 {
     }
 }
 
+/// How far past an event (engine s) the steps finished by it are looked for: rounding only.
+const STEP_END_TOLERANCE_S: f64 = 1e-9;
+
 impl Engine {
+    /// A serving instance of TP `tp` at `clock_mhz`, its time starting now.
+    fn new(
+        physics: Physics,
+        tp: u32,
+        clock_mhz: u32,
+        speed: f64,
+        slo: Option<[ClassSlo; CLASS_COUNT]>,
+        metrics: Arc<EngineMetrics>,
+    ) -> Engine {
+        let mut inst = Instance::new(&physics, tp, clock_mhz, 0, Lifecycle::Serving, 0.0);
+        inst.events = Some(Vec::new());
+        Engine {
+            inst,
+            stats: Stats::new([ClassSlo { ttft_s: f64::INFINITY, tbt_s: f64::INFINITY }; CLASS_COUNT]),
+            next_v: None,
+            pending: BinaryHeap::new(),
+            pending_req: HashMap::new(),
+            streams: HashMap::new(),
+            next_id: 0,
+            t0: Instant::now(),
+            swept: Instant::now(),
+            speed,
+            default_clock_mhz: clock_mhz,
+            boundaries: ClassBoundaries::default(),
+            metrics,
+            slo,
+            physics,
+        }
+    }
+
     fn vnow(&self) -> f64 {
         self.t0.elapsed().as_secs_f64() * self.speed
     }
@@ -190,7 +223,11 @@ impl Engine {
                 (Some(e), Some(a)) if a < e => self.admit(a),
                 (None, Some(a)) => self.admit(a),
                 (Some(e), _) => {
-                    self.emit_steps(e);
+                    // The phase's last step ends at `e` itself, and `steps_at(e)` may count it one
+                    // short (`start + time − start` rounds): its tokens would then be stamped at
+                    // the next wake-up's time, a gap as long as the engine process was late (at
+                    // 15×, a millisecond's lateness is 15 ms of the engine's time).
+                    self.emit_steps(e + STEP_END_TOLERANCE_S);
                     let n = self.inst.on_event(&self.physics, &mut self.stats, e);
                     self.schedule(n);
                     self.handle_events();
@@ -694,37 +731,19 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         return Err(format!("clock {} MHz is not supported; supported: {supported:?}", cfg.clock_mhz));
     }
     let metrics = Arc::new(EngineMetrics::new(&cfg.model).map_err(|e| e.to_string())?);
-    let mut inst = Instance::new(&cfg.physics, cfg.tp, cfg.clock_mhz, 0, Lifecycle::Serving, 0.0);
-    inst.events = Some(Vec::new());
+    let engine = Engine::new(cfg.physics.clone(), cfg.tp, cfg.clock_mhz, cfg.speed, cfg.slo, metrics.clone());
     let (tx, rx) = mpsc::channel(4096);
     let state = AppState {
         tx,
         model: cfg.model.as_str().into(),
         tp: cfg.tp,
-        kv_capacity_tokens: inst.kv_capacity_tokens(),
+        kv_capacity_tokens: engine.inst.kv_capacity_tokens(),
         supported_clocks_mhz: Arc::new(supported),
         default_clock_mhz: cfg.clock_mhz,
-        metrics: metrics.clone(),
+        metrics,
         api_key: cfg.api_key.as_deref().map(Arc::from),
         speed: cfg.speed,
         power_limit_w: cfg.physics.gpu.tdp_w,
-    };
-    let engine = Engine {
-        inst,
-        stats: Stats::new([ClassSlo { ttft_s: f64::INFINITY, tbt_s: f64::INFINITY }; CLASS_COUNT]),
-        next_v: None,
-        pending: BinaryHeap::new(),
-        pending_req: HashMap::new(),
-        streams: HashMap::new(),
-        next_id: 0,
-        t0: Instant::now(),
-        swept: Instant::now(),
-        speed: cfg.speed,
-        default_clock_mhz: cfg.clock_mhz,
-        boundaries: ClassBoundaries::default(),
-        metrics,
-        slo: cfg.slo,
-        physics: cfg.physics,
     };
     tokio::spawn(engine.run(rx));
     Ok(Router::new()
@@ -737,3 +756,6 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         .route("/health", get(|| async { StatusCode::OK }))
         .with_state(state))
 }
+
+#[cfg(test)]
+mod tests;

@@ -98,10 +98,8 @@ impl Controller {
             }
             // A miss shrank the capacity: what the pool can be credited with at its present size.
             // (Comfort is no such evidence: a scale grows with time as well as with pool size.)
-            if short.last() == Some(&pool) {
-                if serving > 0 {
-                    self.scale_by_size[pool].insert(serving, (self.util_scale[pool], obs.now_s));
-                }
+            if short.last() == Some(&pool) && serving > 0 {
+                self.scale_by_size[pool].insert(serving, (self.util_scale[pool], obs.now_s));
             }
         }
         short
