@@ -16,9 +16,10 @@
 //!   fits at its clocks (the clock pass): first every clock that still carries
 //!   its share of the load, lowest-ranked pools first; then below that,
 //!   lowest-ranked pools first again;
-//! - before a higher rank is slowed past what its load needs, once the hour
-//!   of a class of that rank or above heads below its P99 target (the hour
-//!   guard), the lowest-ranked class with load is shed: its arrivals are
+//! - before a higher rank is slowed past what its load needs, once a class of
+//!   that rank or above has missed three quarters of its hour's P99 budget
+//!   (the hour guard's count, `SHED_WARN_SHARE`), the lowest-ranked class
+//!   with load is shed: its arrivals are
 //!   turned away and nothing is planned for it, until the fleet has room for
 //!   it again (`Controller::shed`).
 
@@ -395,7 +396,7 @@ impl Controller {
         planner.carries(d.tp, clock_mhz, share)
     }
 
-    /// Once the hour of a class ranked `rank` or above heads below its P99 target: shed the
+    /// Once a class ranked `rank` or above has missed `SHED_WARN_SHARE` of its hour's P99 budget: shed the
     /// lowest-ranked class with load ranked below `rank` that is not shed yet (the power budget
     /// counts its load as gone from now on), unless a class was shed less than
     /// [`SHED_SETTLE_S`] ago: its instances still finish what they hold, and their power shows
@@ -404,9 +405,11 @@ impl Controller {
         if self.shed_since.iter().flatten().any(|&t| now_s - t < SHED_SETTLE_S) {
             return false;
         }
-        // Only once the hour of a class of this rank or above heads below its P99 target (the hour
-        // guard's watch): a dip that the hour absorbs costs nothing, a shed class loses minutes.
-        let missing = self.hour_short.iter().flatten().any(|h| self.cfg.class_priority[h.class.index()] <= rank);
+        // Only once a class of this rank or above has spent most of its hour's P99 budget (the hour
+        // guard's count): a dip that the hour absorbs costs nothing, a shed class loses minutes. At
+        // the whole budget (the hour guard's trip) the hour is already lost.
+        let missing =
+            (0..telemetry_core::CLASS_COUNT).any(|c| self.hour_warned[c] && self.cfg.class_priority[c] <= rank);
         if !missing {
             return false;
         }

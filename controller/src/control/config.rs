@@ -98,8 +98,8 @@ pub struct ControllerConfig {
     /// Each class's rank under the power budget (0 first): when the budget
     /// cannot carry the load, the pools of the lowest-ranked classes have
     /// their clocks lowered first and lose instances to higher-ranked pools;
-    /// once a higher-ranked class's hour heads below its P99 target, the
-    /// lowest-ranked classes are shed (turned away) one by one.
+    /// once a higher-ranked class has missed three quarters of its hour's P99
+    /// budget, the lowest-ranked classes are shed (turned away) one by one.
     pub class_priority: [u8; telemetry_core::CLASS_COUNT],
     /// What the plan minimises: energy alone (the default), or energy and the GPUs held
     /// weighed by prices hour by hour (see [`super::Objective`]).

@@ -218,6 +218,9 @@ pub struct Controller {
     hour_short: Vec<Option<guard::HourShort>>,
     /// Per pool, whether the hour guard put it on guard this step.
     hour_tripped: Vec<bool>,
+    /// Per class, whether its misses over the last hour passed [`guard::SHED_WARN_SHARE`] of the
+    /// hour's P99 budget (the power budget sheds below it from then on).
+    hour_warned: [bool; CLASS_COUNT],
     /// What one GPU held weighs this step (W): the objective's mean over the coming scale period.
     gpu_w: f64,
     /// The power budget this step (W), if any (`ControllerConfig::power_budget_at`).
@@ -278,6 +281,7 @@ impl Controller {
             hour_last_s: f64::NEG_INFINITY,
             hour_short: vec![None; pools],
             hour_tripped: vec![false; pools],
+            hour_warned: [false; CLASS_COUNT],
             gpu_w: 0.0,
             budget_w: None,
         }
