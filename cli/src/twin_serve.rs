@@ -731,7 +731,8 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         return Err(format!("clock {} MHz is not supported; supported: {supported:?}", cfg.clock_mhz));
     }
     let metrics = Arc::new(EngineMetrics::new(&cfg.model).map_err(|e| e.to_string())?);
-    let engine = Engine::new(cfg.physics.clone(), cfg.tp, cfg.clock_mhz, cfg.speed, cfg.slo, metrics.clone());
+    let power_limit_w = cfg.physics.gpu.tdp_w;
+    let engine = Engine::new(cfg.physics, cfg.tp, cfg.clock_mhz, cfg.speed, cfg.slo, metrics.clone());
     let (tx, rx) = mpsc::channel(4096);
     let state = AppState {
         tx,
@@ -743,7 +744,7 @@ pub fn router(cfg: ServeConfig) -> Result<Router, String> {
         metrics,
         api_key: cfg.api_key.as_deref().map(Arc::from),
         speed: cfg.speed,
-        power_limit_w: cfg.physics.gpu.tdp_w,
+        power_limit_w,
     };
     tokio::spawn(engine.run(rx));
     Ok(Router::new()

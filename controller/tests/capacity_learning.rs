@@ -15,6 +15,15 @@ use controller::profile::ProfileTable;
 use std::collections::BTreeMap;
 use telemetry_core::CLASS_COUNT;
 
+/// One instance the clock loop alone runs, its clock for the load itself (without room for a
+/// Poisson load's chance bursts).
+fn one_clocked_instance() -> ControllerConfig {
+    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
+    cfg.fixed_instances = Some(1);
+    cfg.clock_down_sigmas = 0.0;
+    cfg
+}
+
 /// A pool of one prompt band whose attainment dips while its clocks run
 /// below the top first raises the clock loop's margin on its load (×1.05 a
 /// window, up to the planning margin), which costs power, before its
@@ -26,10 +35,7 @@ use telemetry_core::CLASS_COUNT;
 fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
     const LL: usize = 8;
     let profile = ProfileTable::bundled();
-    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
-    cfg.fixed_instances = Some(1);
-    // The clock for the load itself, without room for a Poisson load's chance bursts.
-    cfg.clock_down_sigmas = 0.0;
+    let cfg = one_clocked_instance();
     let (step, decay, ceiling, window, floor) = (
         cfg.clock_margin_step,
         cfg.clock_margin_decay,
@@ -138,10 +144,7 @@ fn a_dip_raises_the_clock_margin_before_the_capacity_shrinks() {
 fn comfort_takes_the_clock_margin_below_one_and_the_clock_below_the_bare_loads() {
     const LL: usize = 8;
     let profile = ProfileTable::bundled();
-    let mut cfg = ControllerConfig::new(Loops { scale: false, shard: false, clock: true, pools: true }, 1980);
-    cfg.fixed_instances = Some(1);
-    // The clock for the load itself, without room for a Poisson load's chance bursts.
-    cfg.clock_down_sigmas = 0.0;
+    let cfg = one_clocked_instance();
     let floor = cfg.clock_margin_floor;
     assert!(floor < 1.0);
     let mut shares = [0.0; CLASS_COUNT];

@@ -223,6 +223,37 @@ pub fn describe_counts(policy: Policy, counts: &[u32]) -> String {
     }
 }
 
+/// The controller's learning settings `sim`'s flags may change (each `None`: the config's default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LearnerTuning {
+    /// `ControllerConfig::clock_margin_floor`.
+    pub clock_margin_floor: Option<f64>,
+    /// `ControllerConfig::attainment_comfort`.
+    pub attainment_comfort: Option<f64>,
+    /// `ControllerConfig::clock_down_sigmas`.
+    pub clock_down_sigmas: Option<f64>,
+    /// `ControllerConfig::mix_hysteresis`.
+    pub mix_hysteresis: Option<f64>,
+}
+
+impl LearnerTuning {
+    /// Set in `cfg` what is given.
+    pub fn apply(&self, cfg: &mut ControllerConfig) {
+        if let Some(f) = self.clock_margin_floor {
+            cfg.clock_margin_floor = f;
+        }
+        if let Some(a) = self.attainment_comfort {
+            cfg.attainment_comfort = a;
+        }
+        if let Some(z) = self.clock_down_sigmas {
+            cfg.clock_down_sigmas = z;
+        }
+        if let Some(h) = self.mix_hysteresis {
+            cfg.mix_hysteresis = h;
+        }
+    }
+}
+
 /// How a controlled policy runs.
 pub struct ControlledRun<'a> {
     /// The profile to plan with.
@@ -233,14 +264,8 @@ pub struct ControlledRun<'a> {
     pub warm_spawn: bool,
     /// `ControllerConfig::retire_min_age_s` (s).
     pub retire_min_age_s: f64,
-    /// `ControllerConfig::clock_margin_floor` (default: the config's).
-    pub clock_margin_floor: Option<f64>,
-    /// `ControllerConfig::attainment_comfort` (default: the config's).
-    pub attainment_comfort: Option<f64>,
-    /// `ControllerConfig::clock_down_sigmas` (default: the config's).
-    pub clock_down_sigmas: Option<f64>,
-    /// `ControllerConfig::mix_hysteresis` (default: the config's).
-    pub mix_hysteresis: Option<f64>,
+    /// The learning settings `sim`'s flags may change.
+    pub tuning: LearnerTuning,
     /// A site power budget, and the class ranks it degrades by.
     pub power_budget: Option<PowerBudget>,
     /// What the plan minimises.
@@ -263,10 +288,7 @@ impl<'a> ControlledRun<'a> {
             single_pool_instances: 0,
             warm_spawn: true,
             retire_min_age_s: 0.0,
-            clock_margin_floor: None,
-            attainment_comfort: None,
-            clock_down_sigmas: None,
-            mix_hysteresis: None,
+            tuning: LearnerTuning::default(),
             power_budget: None,
             objective: controller::control::Objective::energy(),
             decisions: None,
@@ -294,18 +316,7 @@ pub fn run_controlled_policy(
     );
     cfg.warm_spawn = run.warm_spawn;
     cfg.retire_min_age_s = run.retire_min_age_s;
-    if let Some(f) = run.clock_margin_floor {
-        cfg.clock_margin_floor = f;
-    }
-    if let Some(a) = run.attainment_comfort {
-        cfg.attainment_comfort = a;
-    }
-    if let Some(z) = run.clock_down_sigmas {
-        cfg.clock_down_sigmas = z;
-    }
-    if let Some(h) = run.mix_hysteresis {
-        cfg.mix_hysteresis = h;
-    }
+    run.tuning.apply(&mut cfg);
     cfg.objective = run.objective;
     if let Some(b) = run.power_budget {
         cfg.power_budget_w = b.power_w;
@@ -426,10 +437,12 @@ pub fn run(args: &SimArgs) -> Result<()> {
         slo_multiplier: args.slo_multiplier,
         warm_spawn: !args.cold_spawn,
         retire_min_age_s: args.retire_min_age_s,
-        clock_margin_floor: args.clock_margin_floor,
-        attainment_comfort: args.attainment_comfort,
-        clock_down_sigmas: args.clock_down_sigmas,
-        mix_hysteresis: args.mix_hysteresis,
+        tuning: LearnerTuning {
+            clock_margin_floor: args.clock_margin_floor,
+            attainment_comfort: args.attainment_comfort,
+            clock_down_sigmas: args.clock_down_sigmas,
+            mix_hysteresis: args.mix_hysteresis,
+        },
         objectives,
         power_budget: match (args.power_budget_w, &args.power_budget_schedule) {
             (None, None) => {
@@ -512,14 +525,8 @@ pub struct RunOptions {
     pub warm_spawn: bool,
     /// `ControllerConfig::retire_min_age_s` (s).
     pub retire_min_age_s: f64,
-    /// `ControllerConfig::clock_margin_floor` (default: the config's).
-    pub clock_margin_floor: Option<f64>,
-    /// `ControllerConfig::attainment_comfort` (default: the config's).
-    pub attainment_comfort: Option<f64>,
-    /// `ControllerConfig::clock_down_sigmas` (default: the config's).
-    pub clock_down_sigmas: Option<f64>,
-    /// `ControllerConfig::mix_hysteresis` (default: the config's).
-    pub mix_hysteresis: Option<f64>,
+    /// The learning settings `sim`'s flags may change.
+    pub tuning: LearnerTuning,
     /// What the controlled policies' plans minimise: each runs once per objective (named
     /// `POLICY (OBJECTIVE)` when there are several, else `POLICY`).
     pub objectives: Vec<controller::control::Objective>,
@@ -605,10 +612,7 @@ impl RunOptions {
             slo_multiplier,
             warm_spawn: true,
             retire_min_age_s: 0.0,
-            clock_margin_floor: None,
-            attainment_comfort: None,
-            clock_down_sigmas: None,
-            mix_hysteresis: None,
+            tuning: LearnerTuning::default(),
             objectives: vec![controller::control::Objective::energy()],
             power_budget: None,
             quiet,
@@ -692,10 +696,7 @@ pub fn run_policies(
                             single_pool_instances: single,
                             warm_spawn: opts.warm_spawn,
                             retire_min_age_s: opts.retire_min_age_s,
-                            clock_margin_floor: opts.clock_margin_floor,
-                            attainment_comfort: opts.attainment_comfort,
-                            clock_down_sigmas: opts.clock_down_sigmas,
-                            mix_hysteresis: opts.mix_hysteresis,
+                            tuning: opts.tuning,
                             power_budget: opts.power_budget.clone(),
                             objective: objective.clone(),
                             decisions: decisions.as_mut().map(|w| &mut **w as &mut dyn std::io::Write),
