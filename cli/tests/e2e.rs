@@ -369,6 +369,14 @@ command_key_file = "{command_key}"
             .entry(format!("{}:{}", a["action"]["kind"].as_str().unwrap(), a["state"].as_str().unwrap()))
             .or_default() += 1;
     }
+    // How long the control step took on the wall (the router waits for the core while it decides).
+    let service_page =
+        http.get(format!("{api}/metrics")).bearer_auth(SVC_TOKEN).send().await.unwrap().text().await.unwrap();
+    let is_tick = |l: &str| l.contains("loop=\"tick\"");
+    let (tick_s, ticks) = (
+        metric_sum(&service_page, "dynamollm_loop_duration_seconds_sum", &is_tick),
+        metric_sum(&service_page, "dynamollm_loop_duration_seconds_count", &is_tick),
+    );
     svc.stop().await.unwrap();
 
     // Energy and SLO counters of every engine, retired or still up.
@@ -426,12 +434,14 @@ command_key_file = "{command_key}"
         "e2e: {} requests (scale {scale}, speed {speed}×, {replay_wall_s:.1} s wall), {tokens} tokens, {} errors\n\
          e2e: energy {kwh:.3} kWh vs sim dynamollm {sim_kwh:.3} kWh (ratio {:.3}) and single-pool {base_kwh:.3} kWh ({:.3}×)\n\
          {clients}e2e: the engines' own counters:\n{table}\
+         e2e: {ticks} control steps, {:.1} ms each on the wall\n\
          e2e: learnt {learnt:?}\n\
          e2e: actions {actions:?}; router {}; webhook commands seen twice: {repeated:?}",
         requests.len(),
         errors.len(),
         kwh / sim_kwh,
         kwh / base_kwh,
+        1e3 * tick_s / ticks.max(1.0),
         s["router"],
     );
     // The bounds `dynamollm rehearse` is held to (README, docs/results.md).

@@ -619,7 +619,7 @@ async fn run_loop(
             _ = &mut shutdown => break,
             // On a real cluster the service ticks on the wall clock (the twin ticks it in its own time).
             _ = tick.tick(), if !cluster_ticks => {
-                let (cmds, epoch) = tick_once(&shared, &dir, &routing_tx, clock.now_s());
+                let (cmds, epoch) = tick_once(&shared, &dir, &routing_tx, clock.now_s()).await;
                 send(&shared, cmds, epoch, &out_tx);
             }
             Some((id, outcome)) = out_rx.recv() => {
@@ -657,7 +657,7 @@ async fn run_loop(
                     }
                     TwinEvent::Tick { now_s, done } => {
                         // The twin waits: decide, then apply every command of this tick, in order.
-                        let (cmds, epoch) = tick_once(&shared, &dir, &routing_tx, now_s);
+                        let (cmds, epoch) = tick_once(&shared, &dir, &routing_tx, now_s).await;
                         for cmd in cmds {
                             if let Some(outcome) = dispatch_if_allowed(&shared, &cmd, epoch).await {
                                 if let Ok(mut core) = shared.core.lock() {
@@ -739,16 +739,31 @@ impl Drop for AbortOnDrop {
 /// and the mode epoch they were decided in. When the state cannot be saved,
 /// nothing is sent: the tick's commands are cancelled and the service is in
 /// failsafe, saying why, until a save succeeds.
-fn tick_once(
+///
+/// The core is locked only to decide and to take the snapshot: the file is
+/// written and synced on a blocking thread with the lock released, so the
+/// router (which takes the lock on every request) never waits for a disk.
+async fn tick_once(
     shared: &Shared,
     dir: &Path,
     routing_tx: &watch::Sender<crate::core::Routes>,
     now: f64,
 ) -> (Vec<Command>, u64) {
     let started = std::time::Instant::now();
+    let (mut cmds, saved) = {
+        let Ok(mut core) = shared.core.lock() else { return (Vec::new(), 0) };
+        let cmds = core.tick(now, wall_ms());
+        (cmds, core.save(now))
+    };
+    let written = {
+        let dir = dir.to_path_buf();
+        match tokio::task::spawn_blocking(move || save_state(&dir, &saved)).await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the state writer failed: {e}")),
+        }
+    };
     let Ok(mut core) = shared.core.lock() else { return (Vec::new(), 0) };
-    let mut cmds = core.tick(now, wall_ms());
-    match save_state(dir, &core.save(now)) {
+    match written {
         Ok(()) => {
             if core.unsaved().is_some() {
                 tracing::info!("the state is saved again: failsafe lifted");
