@@ -179,7 +179,7 @@ impl Controller {
         let tiles = (HOUR_GUARD_S / w).round().max(1.0) as usize;
         let mut short: Vec<Option<HourShort>> = vec![None; self.plans.len()];
         let mut warned = [false; CLASS_COUNT];
-        for c in 0..CLASS_COUNT {
+        for (c, warned_c) in warned.iter_mut().enumerate() {
             let seen = last.arrived[c] - log[at(now_s - HOUR_GUARD_S)].arrived[c];
             let expected = seen + obs.class_rps_smoothed[c] * (HOUR_GUARD_S - watched).max(0.0);
             if expected < self.cfg.attainment_min_requests as f64 {
@@ -194,7 +194,7 @@ impl Controller {
                 let (e, s) = (at(end), at(end - w));
                 missed += (1.0 - log[e].attainment[c]) * (log[e].arrived[c] - log[s].arrived[c]);
             }
-            warned[c] = missed > SHED_WARN_SHARE * (1.0 - ATTAINMENT_TARGET) * expected;
+            *warned_c = missed > SHED_WARN_SHARE * (1.0 - ATTAINMENT_TARGET) * expected;
             let pool = self.routing.pool_of[c] as usize;
             // Tripped past the budget share; once on guard, held until the misses fall back under
             // the release share (a guard released at the trip line flaps as the hour slides).
