@@ -8,8 +8,8 @@ use actuators_core::{Action, InstanceId, PoolId};
 use common::*;
 use controller::control::plan::{Demand, Planner};
 use controller::control::{
-    AttainmentHistory, Controller, ControllerConfig, InstanceObs, InstanceState, Loops, CAPACITY_EVIDENCE_SHARE,
-    SIZE_SCALE_MEMORY_S,
+    miss_evidence, AttainmentHistory, Controller, ControllerConfig, InstanceObs, InstanceState, Loops,
+    CAPACITY_EVIDENCE_SHARE, MISS_EVIDENCE_P, SIZE_SCALE_MEMORY_S,
 };
 use controller::profile::ProfileTable;
 use std::collections::BTreeMap;
@@ -246,11 +246,18 @@ fn a_small_class_is_judged_over_enough_requests_and_no_further_back_than_the_loo
 /// class's longer window and `plain` over the plain one. What the pool learnt: (clock margin,
 /// capacity scale).
 fn learnt_from_one_window(cfg: &ControllerConfig, recent: f64, plain: Option<f64>) -> (f64, f64) {
-    learnt_from_one_window_at(cfg, recent, plain, 0.02)
+    learnt_from_one_window_at(cfg, recent, plain, 0.02, None)
 }
 
-/// [`learnt_from_one_window`] with long/long arriving at `load_rps`.
-fn learnt_from_one_window_at(cfg: &ControllerConfig, recent: f64, plain: Option<f64>, load_rps: f64) -> (f64, f64) {
+/// [`learnt_from_one_window`] with long/long arriving at `load_rps`, its window's miss evidence
+/// `miss_p` (`None`: a window of enough requests).
+fn learnt_from_one_window_at(
+    cfg: &ControllerConfig,
+    recent: f64,
+    plain: Option<f64>,
+    load_rps: f64,
+    miss_p: Option<f64>,
+) -> (f64, f64) {
     const LL: usize = 8;
     let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
     let mut model = Model::new();
@@ -263,6 +270,7 @@ fn learnt_from_one_window_at(cfg: &ControllerConfig, recent: f64, plain: Option<
         obs.class_attainment_recent = [None; CLASS_COUNT];
         obs.class_attainment_recent[LL] = (t > 0.0).then_some(recent);
         obs.class_attainment_window[LL] = plain.filter(|_| t > 0.0);
+        obs.class_miss_p_recent[LL] = miss_p.filter(|_| t > 0.0);
         for dec in ctl.step(t, &obs) {
             model.apply(t, &dec.action, false);
         }
@@ -281,6 +289,50 @@ fn a_dip_without_a_new_miss_teaches_nothing() {
     assert_eq!(learnt(Some(1.0)), (1.0, 1.0), "no miss in the plain window: nothing learnt");
     assert_ne!(learnt(Some(0.99)), (1.0, 1.0), "a miss of its own: the dip counts");
     assert_ne!(learnt(None), (1.0, 1.0), "no plain window given: the dip counts");
+}
+
+/// The binomial tail of a window's misses for a class at exactly its 99% target, against the sum
+/// of the binomial probabilities; token gaps weigh as one draw per request at their miss share.
+#[test]
+fn the_miss_evidence_is_the_binomial_tail_at_the_target() {
+    let exact = |m: u64, n: u64| -> f64 {
+        let (p, mut term, mut below) = (0.01f64, 0.99f64.powi(n as i32), 0.0);
+        for k in 0..m {
+            below += term;
+            term *= (n - k) as f64 / (k + 1) as f64 * p / (1.0 - p);
+        }
+        1.0 - below
+    };
+    for (m, n) in [(1, 50), (2, 150), (3, 200), (8, 200), (9, 600)] {
+        let got = miss_evidence([n - m, n, 0, 0]);
+        assert!((got - exact(m, n)).abs() < 1e-9, "{m} of {n}: {got} against {}", exact(m, n));
+    }
+    assert_eq!(miss_evidence([200, 200, 5000, 5000]), 1.0, "no miss: no evidence");
+    assert!(miss_evidence([197, 200, 0, 0]) > MISS_EVIDENCE_P, "3 of 200 late (98.5%) is chance");
+    assert!(miss_evidence([192, 200, 0, 0]) < 0.01, "8 of 200 (96%) is not");
+    // 1.5% of 100,000 gaps late among 150 requests: 2.25 draws of 150, not 1,500 of 100,000.
+    let gaps = miss_evidence([150, 150, 98_500, 100_000]);
+    assert!(gaps > MISS_EVIDENCE_P && gaps < 0.5, "{gaps}");
+}
+
+/// Only a window short of `attainment_min_requests` is weighed for evidence; a dip there that a
+/// class at its target shows by chance teaches nothing, one it would not still does.
+#[test]
+fn a_short_window_s_dip_counts_only_with_evidence() {
+    let cfg = one_instance_clock_only();
+    let mut hist = AttainmentHistory::default();
+    let mut k = [[0u64; 4]; CLASS_COUNT];
+    hist.push(0.0, k, &cfg);
+    (k[0], k[1]) = ([197, 200, 0, 0], [cfg.attainment_min_requests - 6, cfg.attainment_min_requests, 0, 0]);
+    hist.push(cfg.attainment_window_s, k, &cfg);
+    let p = hist.miss_p();
+    assert!(p[0].is_some_and(|p| (p - miss_evidence([197, 200, 0, 0])).abs() < 1e-12), "{p:?}");
+    assert_eq!(p[1], None, "a window of enough requests is judged by its share");
+    assert_eq!(p[2], None, "no samples");
+    let learnt = |miss_p: Option<f64>| learnt_from_one_window_at(&cfg, 0.985, Some(0.985), 0.02, miss_p);
+    assert_eq!(learnt(Some(MISS_EVIDENCE_P + 0.1)), (1.0, 1.0), "chance: nothing learnt");
+    assert_ne!(learnt(Some(MISS_EVIDENCE_P / 2.0)), (1.0, 1.0), "evidence: the dip counts");
+    assert_ne!(learnt(None), (1.0, 1.0), "a window of enough requests: the dip counts");
 }
 
 /// A dip is sharp when a class's plain window falls below `sharp_dip_attainment`: the pool's
@@ -313,7 +365,7 @@ fn comfort_sets_where_a_pool_starts_to_tighten() {
     let credited = planner.capacity(8) * planner.max_util;
     let (tested, untested) = ((CAPACITY_EVIDENCE_SHARE + 0.05) * credited, (CAPACITY_EVIDENCE_SHARE - 0.05) * credited);
     let decayed = (cfg.clock_margin_decay).max(cfg.clock_margin_floor);
-    let learnt = |cfg: &ControllerConfig, a: f64, load: f64| learnt_from_one_window_at(cfg, a, Some(1.0), load);
+    let learnt = |cfg: &ControllerConfig, a: f64, load: f64| learnt_from_one_window_at(cfg, a, Some(1.0), load, None);
     assert_eq!(learnt(&cfg, comfort - 0.001, tested), (1.0, 1.0), "below comfort: nothing");
     assert_eq!(learnt(&cfg, comfort, tested), (decayed, 1.05), "at comfort: a step tighter");
     assert_eq!(learnt(&cfg, comfort, untested), (decayed, 1.0), "comfort at a light load: the clock margin alone");

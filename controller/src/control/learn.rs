@@ -24,7 +24,11 @@ impl Controller {
                 .filter_map(|c| {
                     let a = obs.class_attainment_recent[c]?;
                     let stale_dip = a < ATTAINMENT_TARGET && obs.class_attainment_window[c].is_some_and(|w| w >= 1.0);
-                    (!stale_dip).then_some(a)
+                    // A dip the window's sample cannot tell from a class at its target is no miss
+                    // (nor comfort).
+                    let chance =
+                        a < ATTAINMENT_TARGET && obs.class_miss_p_recent[c].is_some_and(|p| p > MISS_EVIDENCE_P);
+                    (!stale_dip).then_some(if chance { ATTAINMENT_TARGET } else { a })
                 })
                 .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
             // A pool the hour guard has just taken: its capacity drops at once (window or not).

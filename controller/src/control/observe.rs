@@ -3,7 +3,7 @@
 //! `sim` and `serve` keep to fill them.
 
 use super::plan::Demand;
-use super::ControllerConfig;
+use super::{ControllerConfig, ATTAINMENT_TARGET};
 use actuators_core::{InstanceId, PoolId};
 use serde::{Deserialize, Serialize};
 use telemetry_core::CLASS_COUNT;
@@ -67,6 +67,11 @@ pub struct Observations {
     /// longer window counts only while the plain window holds a miss of its own, so a small class's
     /// one miss is not counted again and again while it stays in view.
     pub class_attainment_window: [Option<f64>; CLASS_COUNT],
+    /// Per class whose recent window holds fewer than `attainment_min_requests` requests, how
+    /// likely a class holding exactly its P99 would show at least the window's misses
+    /// ([`miss_evidence`]): a dip counts only at [`MISS_EVIDENCE_P`](super::MISS_EVIDENCE_P) or
+    /// less. `None`: a window of enough requests, or not given (every dip counts).
+    pub class_miss_p_recent: [Option<f64>; CLASS_COUNT],
 }
 
 /// SLO attainment from counters `[ttft_ok, ttft_n, gaps_ok, gaps_n]`: the
@@ -80,6 +85,34 @@ pub fn slo_attainment(k: [u64; 4]) -> Option<f64> {
     }
 }
 
+/// How likely a class holding exactly the P99 target would show at least the misses of counters
+/// `[ttft_ok, ttft_n, gaps_ok, gaps_n]` (a binomial tail: near 1 for a miss or two among a few
+/// hundred requests, tiny for a real shortfall); 1 without samples. Late first tokens are
+/// independent draws, one per request. Token gaps are not: the gaps of one step are late
+/// together, so their misses are weighed as if the window held one draw per request, at the
+/// gaps' miss share. The smaller of the two tails.
+pub fn miss_evidence(k: [u64; 4]) -> f64 {
+    let miss = 1.0 - ATTAINMENT_TARGET;
+    // P(X >= m) for X ~ Binomial(n, miss), continuous in m: the regularised incomplete beta.
+    let tail = |m: f64, n: f64| -> f64 {
+        if m <= 0.0 || n <= 0.0 {
+            return 1.0;
+        }
+        let m = m.min(n);
+        statrs::function::beta::checked_beta_reg(m, n - m + 1.0, miss).unwrap_or(1.0).clamp(0.0, 1.0)
+    };
+    let requests = k[1] as f64;
+    let ttft = tail(k[1].saturating_sub(k[0]) as f64, requests);
+    let gaps = if k[3] > 0 {
+        let share = k[3].saturating_sub(k[2]) as f64 / k[3] as f64;
+        let draws = requests.max(1.0);
+        tail(share * draws, draws)
+    } else {
+        1.0
+    };
+    ttft.min(gaps)
+}
+
 /// Per-class SLO counters (`[ttft_ok, ttft_n, gaps_ok, gaps_n]`, cumulative)
 /// as they stood at each step, for the attainment the controller learns from.
 /// Each class's window spans at least `attainment_window_s` and reaches
@@ -89,6 +122,7 @@ pub fn slo_attainment(k: [u64; 4]) -> Option<f64> {
 pub struct AttainmentHistory {
     snapshots: std::collections::VecDeque<(f64, [[u64; 4]; CLASS_COUNT])>,
     plain: [Option<f64>; CLASS_COUNT],
+    miss_p: [Option<f64>; CLASS_COUNT],
 }
 
 impl AttainmentHistory {
@@ -96,6 +130,13 @@ impl AttainmentHistory {
     /// 1 where the window has no samples (it holds no miss).
     pub fn plain_window(&self) -> [Option<f64>; CLASS_COUNT] {
         self.plain
+    }
+
+    /// Each class's [`miss_evidence`] over the window of the latest [`push`](Self::push), where
+    /// that window holds fewer than `attainment_min_requests` requests (`None` where it holds
+    /// more, or no samples).
+    pub fn miss_p(&self) -> [Option<f64>; CLASS_COUNT] {
+        self.miss_p
     }
 
     /// The counters as of the latest step.
@@ -129,12 +170,19 @@ impl AttainmentHistory {
                 snaps.partition_point(|(_, k)| k[c][1] <= enough).saturating_sub(1).min(base)
             }
         });
-        let over = |c: usize, i: usize| {
+        let counts = |c: usize, i: usize| -> [u64; 4] {
             let then = snaps[i].1[c];
-            slo_attainment(std::array::from_fn(|j| totals[c][j].saturating_sub(then[j])))
+            std::array::from_fn(|j| totals[c][j].saturating_sub(then[j]))
         };
+        let over = |c: usize, i: usize| slo_attainment(counts(c, i));
         // A plain window without samples has no miss of its own.
         self.plain = std::array::from_fn(|c| over(c, base).or(Some(1.0)));
+        // A window of `attainment_min_requests` or more is judged by its share; a shorter one
+        // (a young history, or a rare class within the lookback) must show evidence.
+        self.miss_p = std::array::from_fn(|c| {
+            let k = counts(c, from[c]);
+            (over(c, from[c]).is_some() && k[1] < cfg.attainment_min_requests).then(|| miss_evidence(k))
+        });
         std::array::from_fn(|c| over(c, from[c]))
     }
 }
