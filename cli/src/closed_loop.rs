@@ -193,7 +193,7 @@ pub fn run_controlled(
             now_s: now,
             class_attainment_recent,
             class_attainment_window: att_hist.plain_window(),
-            class_miss_p_recent: att_hist.miss_p(),
+            class_slo_counts_recent: att_hist.recent_counts(),
             instances,
             class_rps_recent: recent_obs,
             class_rps_smoothed: smoothed_obs,

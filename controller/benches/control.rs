@@ -46,7 +46,7 @@ fn big_cluster(profile: &ProfileTable) -> (Observations, ControllerConfig) {
         observed_spawn_s: vec![],
         class_attainment_recent: [Some(1.0); CLASS_COUNT],
         class_attainment_window: [None; CLASS_COUNT],
-        class_miss_p_recent: [None; CLASS_COUNT],
+        class_slo_counts_recent: [None; CLASS_COUNT],
     };
     (obs, cfg)
 }

@@ -249,14 +249,14 @@ fn learnt_from_one_window(cfg: &ControllerConfig, recent: f64, plain: Option<f64
     learnt_from_one_window_at(cfg, recent, plain, 0.02, None)
 }
 
-/// [`learnt_from_one_window`] with long/long arriving at `load_rps`, its window's miss evidence
-/// `miss_p` (`None`: a window of enough requests).
+/// [`learnt_from_one_window`] with long/long arriving at `load_rps`, its window's counters
+/// `counts` (`None`: not given).
 fn learnt_from_one_window_at(
     cfg: &ControllerConfig,
     recent: f64,
     plain: Option<f64>,
     load_rps: f64,
-    miss_p: Option<f64>,
+    counts: Option<[u64; 4]>,
 ) -> (f64, f64) {
     const LL: usize = 8;
     let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
@@ -270,7 +270,7 @@ fn learnt_from_one_window_at(
         obs.class_attainment_recent = [None; CLASS_COUNT];
         obs.class_attainment_recent[LL] = (t > 0.0).then_some(recent);
         obs.class_attainment_window[LL] = plain.filter(|_| t > 0.0);
-        obs.class_miss_p_recent[LL] = miss_p.filter(|_| t > 0.0);
+        obs.class_slo_counts_recent[LL] = counts.filter(|_| t > 0.0);
         for dec in ctl.step(t, &obs) {
             model.apply(t, &dec.action, false);
         }
@@ -320,19 +320,65 @@ fn the_miss_evidence_is_the_binomial_tail_at_the_target() {
 #[test]
 fn a_short_window_s_dip_counts_only_with_evidence() {
     let cfg = one_instance_clock_only();
+    let n = cfg.attainment_min_requests;
     let mut hist = AttainmentHistory::default();
     let mut k = [[0u64; 4]; CLASS_COUNT];
     hist.push(0.0, k, &cfg);
-    (k[0], k[1]) = ([197, 200, 0, 0], [cfg.attainment_min_requests - 6, cfg.attainment_min_requests, 0, 0]);
+    (k[0], k[1]) = ([197, 200, 0, 0], [n - 6, n, 0, 0]);
     hist.push(cfg.attainment_window_s, k, &cfg);
-    let p = hist.miss_p();
-    assert!(p[0].is_some_and(|p| (p - miss_evidence([197, 200, 0, 0])).abs() < 1e-12), "{p:?}");
-    assert_eq!(p[1], None, "a window of enough requests is judged by its share");
-    assert_eq!(p[2], None, "no samples");
-    let learnt = |miss_p: Option<f64>| learnt_from_one_window_at(&cfg, 0.985, Some(0.985), 0.02, miss_p);
-    assert_eq!(learnt(Some(MISS_EVIDENCE_P + 0.1)), (1.0, 1.0), "chance: nothing learnt");
-    assert_ne!(learnt(Some(MISS_EVIDENCE_P / 2.0)), (1.0, 1.0), "evidence: the dip counts");
-    assert_ne!(learnt(None), (1.0, 1.0), "a window of enough requests: the dip counts");
+    let counts = hist.recent_counts();
+    assert_eq!((counts[0], counts[1], counts[2]), (Some([197, 200, 0, 0]), Some([n - 6, n, 0, 0]), None));
+    // Three late of 200 (98.5%): chance. Eight of 200 (96%): not. Eight of 600 (98.7%): a window of
+    // enough requests is judged by its share.
+    let learnt = |counts: [u64; 4]| {
+        let a = counts[0] as f64 / counts[1] as f64;
+        learnt_from_one_window_at(&cfg, a, Some(a), 0.02, Some(counts))
+    };
+    assert_eq!(learnt([197, 200, 0, 0]), (1.0, 1.0), "chance: nothing learnt");
+    assert_ne!(learnt([192, 200, 0, 0]), (1.0, 1.0), "evidence: the dip counts");
+    assert!(miss_evidence([n - 8, n, 0, 0]) > MISS_EVIDENCE_P, "eight of {n} could be chance");
+    assert_ne!(learnt([n - 8, n, 0, 0]), (1.0, 1.0), "but the window holds enough requests: the dip counts");
+    assert_ne!(learnt_from_one_window(&cfg, 0.985, Some(0.985)), (1.0, 1.0), "no counters given: the dip counts");
+}
+
+/// The decisions a miss leads to say what the pool learnt and from what: the class's share, its
+/// window's requests and the chance of as many misses at the target.
+#[test]
+fn a_miss_s_decisions_say_what_was_learnt_and_from_what() {
+    const LL: usize = 8;
+    let cfg = ControllerConfig::new(Loops { scale: true, shard: true, clock: true, pools: true }, 1980);
+    let counts = [1152, 1200, 0, 0];
+    // long/long's decisions after a sharp dip (96% of 1,200 requests) at `load_rps`.
+    let after_a_dip = |load_rps: f64| -> Vec<String> {
+        let mut ctl = Controller::new(cfg.clone(), ProfileTable::bundled());
+        let mut model = Model::new();
+        let mut d = [0.0; CLASS_COUNT];
+        d[LL] = load_rps;
+        let mut reasons = Vec::new();
+        for step in 0..3 {
+            let t = step as f64 * cfg.attainment_window_s;
+            let mut obs = model.observe(t, &d);
+            if step == 2 {
+                obs.class_attainment_recent[LL] = Some(0.96);
+                obs.class_attainment_window[LL] = Some(0.96);
+                obs.class_slo_counts_recent[LL] = Some(counts);
+            }
+            for dec in ctl.step(t, &obs) {
+                model.apply(t, &dec.action, true);
+                if step == 2 && dec.pool == Some(LL as u32) && !matches!(dec.action, Action::SetClock { .. }) {
+                    reasons.push(dec.reason);
+                }
+            }
+        }
+        reasons
+    };
+    // A load one instance carries at the scale it starts with and not at the one the dip leaves.
+    let reasons = (1..=40).map(|k| after_a_dip(0.25 * f64::from(k))).find(|r| !r.is_empty());
+    let reasons = reasons.expect("some load needs another instance after the dip");
+    let chance = miss_evidence(counts);
+    assert!(chance < 1e-6, "{chance}");
+    let said = format!("LL held 96.00% over 1200 requests (chance of as many misses at the 99% target: {chance:.3})");
+    assert!(reasons.iter().all(|r| r.contains("learnt 0 s ago: capacity scale ") && r.contains(&said)), "{reasons:#?}");
 }
 
 /// A dip is sharp when a class's plain window falls below `sharp_dip_attainment`: the pool's

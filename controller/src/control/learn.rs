@@ -19,18 +19,22 @@ impl Controller {
         let floor = self.margin_floor();
         let comfort = self.cfg.attainment_comfort;
         for pool in 0..self.plans.len() {
-            let worst = (0..CLASS_COUNT)
+            // The pool's lowest class (attainment, class): a dip the window's sample cannot tell
+            // from a class at its target counts as neither a miss nor comfort.
+            let min_requests = self.cfg.attainment_min_requests;
+            let lowest = (0..CLASS_COUNT)
                 .filter(|&c| self.routing.pool_of[c] as usize == pool)
                 .filter_map(|c| {
                     let a = obs.class_attainment_recent[c]?;
                     let stale_dip = a < ATTAINMENT_TARGET && obs.class_attainment_window[c].is_some_and(|w| w >= 1.0);
-                    // A dip the window's sample cannot tell from a class at its target is no miss
-                    // (nor comfort).
-                    let chance =
-                        a < ATTAINMENT_TARGET && obs.class_miss_p_recent[c].is_some_and(|p| p > MISS_EVIDENCE_P);
-                    (!stale_dip).then_some(if chance { ATTAINMENT_TARGET } else { a })
+                    let chance = a < ATTAINMENT_TARGET
+                        && obs.class_slo_counts_recent[c]
+                            .is_some_and(|k| k[1] < min_requests && miss_evidence(k) > MISS_EVIDENCE_P);
+                    (!stale_dip).then_some((if chance { ATTAINMENT_TARGET } else { a }, c))
                 })
-                .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))));
+                .fold(None, |a: Option<(f64, usize)>, x| Some(a.map_or(x, |a| if x.0 < a.0 { x } else { a })));
+            let worst = lowest.map(|(a, _)| a);
+            let before = (self.util_scale[pool], self.clock_margin[pool]);
             // A pool the hour guard has just taken: its capacity drops at once (window or not).
             let cut = self.hour_guard_capacity(pool, obs);
             // At most one adjustment per attainment window: the window's samples must be new.
@@ -100,6 +104,22 @@ impl Controller {
                 }
                 _ => {}
             }
+            let after = (self.util_scale[pool], self.clock_margin[pool]);
+            if after != before {
+                let seen = match lowest {
+                    _ if cut => "the hour guard took the pool".to_string(),
+                    Some((_, c)) => window_words(c, obs),
+                    None => "no window".to_string(),
+                };
+                let mut moved = Vec::new();
+                if after.0 != before.0 {
+                    moved.push(format!("capacity scale {:.3} → {:.3}", before.0, after.0));
+                }
+                if after.1 != before.1 {
+                    moved.push(format!("clock margin {:.3} → {:.3}", before.1, after.1));
+                }
+                self.learnt_note[pool] = Some((obs.now_s, format!("{}: {seen}", moved.join(", "))));
+            }
             // A miss shrank the capacity: what the pool can be credited with at its present size.
             // (Comfort is no such evidence: a scale grows with time as well as with pool size.)
             if short.last() == Some(&pool) && serving > 0 {
@@ -133,5 +153,21 @@ impl Controller {
             .filter(|i| i.pool.0 as usize == pool && i.state == InstanceState::Serving)
             .map(|i| planner.capacity(i.tp) * planner.max_util)
             .sum()
+    }
+}
+
+/// What class `c`'s recent window showed, in words, with the chance that a class at exactly its
+/// target would show as many misses (for the decisions' reasons).
+fn window_words(c: usize, obs: &Observations) -> String {
+    let class = telemetry_core::RequestClass::from_index(c);
+    let a = obs.class_attainment_recent[c].unwrap_or(1.0);
+    match obs.class_slo_counts_recent[c] {
+        Some(k) => format!(
+            "{class} held {:.2}% over {} requests (chance of as many misses at the 99% target: {:.3})",
+            100.0 * a,
+            k[1],
+            miss_evidence(k)
+        ),
+        None => format!("{class} held {:.2}%", 100.0 * a),
     }
 }

@@ -178,6 +178,9 @@ pub struct Controller {
     /// Per pool, the multiple of the profile's capacity that live telemetry shows it really has.
     util_scale: Vec<f64>,
     learnt_at: Vec<f64>,
+    /// Per pool, when its learnt scale or margin last moved and why, in words (for the reasons of
+    /// the decisions that follow; not saved).
+    learnt_note: Vec<Option<(f64, String)>>,
     /// Per pool, the clock loop's margin on the load, learnt from attainment.
     clock_margin: Vec<f64>,
     planners: std::collections::HashMap<[u16; CLASS_COUNT], std::sync::Arc<Planner>>,
@@ -264,6 +267,7 @@ impl Controller {
             low_since: vec![None; pools],
             util_scale: vec![1.0; pools],
             learnt_at: vec![f64::NEG_INFINITY; pools],
+            learnt_note: vec![None; pools],
             clock_margin: vec![1.0; pools],
             planners: std::collections::HashMap::new(),
             moved_at: BTreeMap::new(),

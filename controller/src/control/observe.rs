@@ -67,11 +67,11 @@ pub struct Observations {
     /// longer window counts only while the plain window holds a miss of its own, so a small class's
     /// one miss is not counted again and again while it stays in view.
     pub class_attainment_window: [Option<f64>; CLASS_COUNT],
-    /// Per class whose recent window holds fewer than `attainment_min_requests` requests, how
-    /// likely a class holding exactly its P99 would show at least the window's misses
-    /// ([`miss_evidence`]): a dip counts only at [`MISS_EVIDENCE_P`](super::MISS_EVIDENCE_P) or
-    /// less. `None`: a window of enough requests, or not given (every dip counts).
-    pub class_miss_p_recent: [Option<f64>; CLASS_COUNT],
+    /// Per class, the counters (`[ttft_ok, ttft_n, gaps_ok, gaps_n]`) over the window of
+    /// `class_attainment_recent`; `None`: not given. Where the window holds fewer than
+    /// `attainment_min_requests` requests, a dip counts only if a class at its target would show
+    /// it by chance with at most [`MISS_EVIDENCE_P`](super::MISS_EVIDENCE_P) ([`miss_evidence`]).
+    pub class_slo_counts_recent: [Option<[u64; 4]>; CLASS_COUNT],
 }
 
 /// SLO attainment from counters `[ttft_ok, ttft_n, gaps_ok, gaps_n]`: the
@@ -92,25 +92,31 @@ pub fn slo_attainment(k: [u64; 4]) -> Option<f64> {
 /// together, so their misses are weighed as if the window held one draw per request, at the
 /// gaps' miss share. The smaller of the two tails.
 pub fn miss_evidence(k: [u64; 4]) -> f64 {
-    let miss = 1.0 - ATTAINMENT_TARGET;
-    // P(X >= m) for X ~ Binomial(n, miss), continuous in m: the regularised incomplete beta.
-    let tail = |m: f64, n: f64| -> f64 {
-        if m <= 0.0 || n <= 0.0 {
-            return 1.0;
-        }
-        let m = m.min(n);
-        statrs::function::beta::checked_beta_reg(m, n - m + 1.0, miss).unwrap_or(1.0).clamp(0.0, 1.0)
-    };
+    draws(k).into_iter().flatten().map(|(m, n)| at_least(m, n)).fold(1.0, f64::min)
+}
+
+/// The window's (misses, draws) of first tokens and of token gaps (one draw per request at the
+/// gaps' miss share); `None` for a part without samples.
+fn draws(k: [u64; 4]) -> [Option<(f64, f64)>; 2] {
     let requests = k[1] as f64;
-    let ttft = tail(k[1].saturating_sub(k[0]) as f64, requests);
-    let gaps = if k[3] > 0 {
+    let ttft = (k[1] > 0).then(|| (k[1].saturating_sub(k[0]) as f64, requests));
+    let gaps = (k[3] > 0).then(|| {
         let share = k[3].saturating_sub(k[2]) as f64 / k[3] as f64;
         let draws = requests.max(1.0);
-        tail(share * draws, draws)
-    } else {
-        1.0
-    };
-    ttft.min(gaps)
+        (share * draws, draws)
+    });
+    [ttft, gaps]
+}
+
+/// P(X ≥ m) for X ~ Binomial(n, 1 − target), continuous in m (the regularised incomplete beta).
+fn at_least(m: f64, n: f64) -> f64 {
+    if m <= 0.0 {
+        return 1.0;
+    }
+    if m > n {
+        return 0.0;
+    }
+    statrs::function::beta::checked_beta_reg(m, n - m + 1.0, 1.0 - ATTAINMENT_TARGET).unwrap_or(1.0).clamp(0.0, 1.0)
 }
 
 /// Per-class SLO counters (`[ttft_ok, ttft_n, gaps_ok, gaps_n]`, cumulative)
@@ -122,7 +128,7 @@ pub fn miss_evidence(k: [u64; 4]) -> f64 {
 pub struct AttainmentHistory {
     snapshots: std::collections::VecDeque<(f64, [[u64; 4]; CLASS_COUNT])>,
     plain: [Option<f64>; CLASS_COUNT],
-    miss_p: [Option<f64>; CLASS_COUNT],
+    recent: [Option<[u64; 4]>; CLASS_COUNT],
 }
 
 impl AttainmentHistory {
@@ -132,11 +138,10 @@ impl AttainmentHistory {
         self.plain
     }
 
-    /// Each class's [`miss_evidence`] over the window of the latest [`push`](Self::push), where
-    /// that window holds fewer than `attainment_min_requests` requests (`None` where it holds
-    /// more, or no samples).
-    pub fn miss_p(&self) -> [Option<f64>; CLASS_COUNT] {
-        self.miss_p
+    /// Each class's counters over its window as of the latest [`push`](Self::push) (`None`
+    /// without samples).
+    pub fn recent_counts(&self) -> [Option<[u64; 4]>; CLASS_COUNT] {
+        self.recent
     }
 
     /// The counters as of the latest step.
@@ -177,12 +182,7 @@ impl AttainmentHistory {
         let over = |c: usize, i: usize| slo_attainment(counts(c, i));
         // A plain window without samples has no miss of its own.
         self.plain = std::array::from_fn(|c| over(c, base).or(Some(1.0)));
-        // A window of `attainment_min_requests` or more is judged by its share; a shorter one
-        // (a young history, or a rare class within the lookback) must show evidence.
-        self.miss_p = std::array::from_fn(|c| {
-            let k = counts(c, from[c]);
-            (over(c, from[c]).is_some() && k[1] < cfg.attainment_min_requests).then(|| miss_evidence(k))
-        });
+        self.recent = std::array::from_fn(|c| over(c, from[c]).map(|_| counts(c, from[c])));
         std::array::from_fn(|c| over(c, from[c]))
     }
 }

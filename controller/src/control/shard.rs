@@ -101,6 +101,15 @@ impl Controller {
         format!("; objective {} ({}): a GPU weighs {:.0} W this period{versus}", o.name, o.terms, self.gpu_w)
     }
 
+    /// What the pool last learnt from its attainment, and when, for the decisions' reasons (empty
+    /// when it has learnt nothing since the controller started).
+    pub(super) fn learnt_terms(&self, pool: usize, now_s: f64) -> String {
+        match self.learnt_note.get(pool).and_then(Option::as_ref) {
+            Some((t, note)) => format!("; learnt {:.0} s ago: {note}", (now_s - t).max(0.0)),
+            None => String::new(),
+        }
+    }
+
     /// Serving instances of a degree beyond its target, fewest requests
     /// first: the candidates to grow in place to a larger wanted degree.
     /// Empty unless in-place resharding is on and the controller has started.
@@ -170,7 +179,8 @@ impl Controller {
             })
         };
         let Some(mix) = mix else { return };
-        let why_objective = self.objective_terms(&planner, &mix, total, budget, min_instances);
+        let why_objective =
+            self.objective_terms(&planner, &mix, total, budget, min_instances) + &self.learnt_terms(pool, now_s);
         let mut target: BTreeMap<u32, u32> = BTreeMap::new();
         for p in &mix.parts {
             *target.entry(p.tp).or_default() += p.count;

@@ -37,7 +37,7 @@ impl Model {
             observed_spawn_s: vec![],
             class_attainment_recent: [Some(1.0); CLASS_COUNT],
             class_attainment_window: [None; CLASS_COUNT],
-            class_miss_p_recent: [None; CLASS_COUNT],
+            class_slo_counts_recent: [None; CLASS_COUNT],
         }
     }
 

@@ -616,7 +616,7 @@ impl ServiceCore {
             observed_spawn_s: std::mem::take(&mut self.observed_spawn_s),
             class_attainment_recent,
             class_attainment_window: self.att_hist.plain_window(),
-            class_miss_p_recent: self.att_hist.miss_p(),
+            class_slo_counts_recent: self.att_hist.recent_counts(),
         };
         let shed_before: [bool; CLASS_COUNT] = std::array::from_fn(|c| self.ctl.shed(c));
         let decisions = self.ctl.step(now_s, &obs);
