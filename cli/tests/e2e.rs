@@ -459,6 +459,12 @@ command_key_file = "{command_key}"
         learnt.values().any(|l| l.capacity_scale.is_some_and(|v| v != 1.0) || l.clock_margin.is_some_and(|v| v != 1.0)),
         "no pool learnt anything from the clients' view: {learnt:?}"
     );
+    // The status says what a pool learnt and on what: a class's share over its window's requests.
+    let said: Vec<&str> = s["pools"].as_array().unwrap().iter().filter_map(|p| p["learnt"]["why"].as_str()).collect();
+    assert!(
+        said.iter().any(|w| w.contains(" held ") && w.contains(" requests (chance of as many misses")),
+        "no pool says what it learnt from: {said:?}"
+    );
     assert!(
         actions.keys().any(|k| k.starts_with("set-clock:applied")),
         "clock commands went over MQTT to the agents: {actions:?}"

@@ -105,6 +105,11 @@ async fn api_needs_the_token_reports_status_and_switches_modes() {
         assert!(scale > 0.0 && (0.85..=1.15).contains(&margin), "what the controller learnt: {p}");
         // No pool has missed yet: nothing holds a spare.
         assert_eq!(p["capacity_scale_after_miss"], serde_json::json!({}), "{p}");
+        // What it last learnt, if anything has moved yet, says what moved and on what.
+        if !p["learnt"].is_null() {
+            let why = p["learnt"]["why"].as_str().unwrap();
+            assert!(why.contains(" → ") && p["learnt"]["at_s"].as_f64().is_some(), "{p}");
+        }
     }
     assert!(!s["instances"].as_array().unwrap().is_empty(), "the first tick spawned the fleet: {s}");
     assert!(s["totals"]["power_w"].as_f64().unwrap() > 0.0, "the twin reports power: {s}");

@@ -416,6 +416,13 @@ impl Controller {
         &self.plans
     }
 
+    /// When pool `pool`'s learnt capacity scale or clock margin last moved, and what it moved on
+    /// (the class's share over its window, the window's requests, and the chance of as many
+    /// misses at the target), in words; `None` before it first moves.
+    pub fn learnt_why(&self, pool: usize) -> Option<(f64, &str)> {
+        self.learnt_note.get(pool)?.as_ref().map(|(t, why)| (*t, why.as_str()))
+    }
+
     /// What live telemetry has taught the controller about a pool: the
     /// multiple of the profile's capacity it plans with, and the clock loop's
     /// margin on its load (the planning margin in a pool mixing prompt bands).

@@ -51,6 +51,7 @@ impl ServiceCore {
                     "capacity_scale": self.ctl.learnt(p).map(|l| l.0),
                     "clock_margin": self.ctl.learnt(p).map(|l| l.1),
                     "capacity_scale_after_miss": self.ctl.scale_after_miss(p, now_s),
+                    "learnt": self.ctl.learnt_why(p).map(|(at_s, why)| serde_json::json!({"at_s": at_s, "why": why})),
                     "target": plans.get(p).map(|x| x.target.clone()).unwrap_or_default(),
                 })
             })
