@@ -1,5 +1,5 @@
 //! Calibration: measures in the twin each calibration anchor of docs/twin.md
-//! (A1–A6) and says whether it holds. These are independent public
+//! (A1–A7) and says whether it holds. These are independent public
 //! measurements; the physics file is tuned to them, never to the controller.
 
 use crate::cluster::{Cluster, ClusterSpec, InstanceSpec, PoolSpec};
@@ -261,6 +261,24 @@ pub fn measure_all(physics: &Physics, workload: &LengthSamples) -> Vec<Anchor> {
     let kv_ratio = physics.kv_capacity_tokens(8) as f64 / physics.kv_capacity_tokens(2).max(1) as f64;
     out.push(num("A6.b", "KV room TP8 / TP2", kv_ratio, 10.0, f64::INFINITY, "ratio"));
     out.push(num("A6.c", "weights per GPU at TP2", physics.model.weight_bytes / 2.0 / 1e9, 60.0, 80.0, "GB"));
+
+    // A7: moving a 2k-token prompt's KV cache from a prefill instance to a decode instance.
+    let prompt = 2048;
+    let kv_gb = prompt as f64 * physics.model.kv_bytes_per_token / 1e9;
+    out.push(num("A7.a", "KV cache of a 2k-token prompt", kv_gb, 0.6, 0.7, "GB"));
+    let intra = physics.kv_transfer_s(prompt, 4, 4, true);
+    out.push(num("A7.b", "2k-token KV, TP4 to TP4 inside a server (NVLink)", intra * 1e3, 0.3, 1.0, "ms"));
+    let inter = physics.kv_transfer_s(prompt, 8, 8, false);
+    out.push(num("A7.c", "2k-token KV, TP8 to TP8 between servers (8 × 400 Gbps)", inter * 1e3, 2.5, 5.0, "ms"));
+    let ttft = u.ttft_s + inter;
+    out.push(num(
+        "A7.d",
+        "that transfer's share of the 2k-token prompt's TTFT at TP8",
+        100.0 * inter / ttft,
+        1.0,
+        10.0,
+        "%",
+    ));
     out
 }
 

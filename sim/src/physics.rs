@@ -197,6 +197,26 @@ pub struct Physics {
     /// The cluster's request router (how a pool's requests spread over its instances).
     #[serde(default)]
     pub router: RouterParams,
+    /// Moving a request's KV cache between instances (prefill to decode, in phase-split pools).
+    pub kv_transfer: KvTransferParams,
+}
+
+/// Moving a request's KV cache from one instance to another: each GPU of the sender holds its
+/// tensor-parallel shard and sends it over its own link, so a transfer runs on as many links as
+/// the smaller of the two instances has GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvTransferParams {
+    /// One direction of one GPU's link to a GPU of the same server (NVLink), bytes/s.
+    pub intra_server_bytes_per_s: f64,
+    /// Fixed time of a transfer inside a server (s).
+    pub intra_server_latency_s: f64,
+    /// One GPU's share of its server's network (its NIC), bytes/s.
+    pub inter_server_bytes_per_s: f64,
+    /// Fixed time of a transfer between servers (s).
+    pub inter_server_latency_s: f64,
+    /// Power one link draws above idle while it sends (W).
+    pub link_active_w: f64,
 }
 
 pub use telemetry_core::Balance;
@@ -350,6 +370,12 @@ impl Physics {
         }
         non_negative("perf.iteration_overhead_s", p.iteration_overhead_s)?;
         non_negative("perf.request_overhead_s", p.request_overhead_s)?;
+        let k = &self.kv_transfer;
+        positive("kv_transfer.intra_server_bytes_per_s", k.intra_server_bytes_per_s)?;
+        non_negative("kv_transfer.intra_server_latency_s", k.intra_server_latency_s)?;
+        positive("kv_transfer.inter_server_bytes_per_s", k.inter_server_bytes_per_s)?;
+        non_negative("kv_transfer.inter_server_latency_s", k.inter_server_latency_s)?;
+        non_negative("kv_transfer.link_active_w", k.link_active_w)?;
         let e = &self.engine;
         positive("engine.max_num_seqs", f64::from(e.max_num_seqs))?;
         for (key, v) in [
@@ -412,6 +438,27 @@ impl Physics {
             4 => self.engine.max_num_batched_tokens_tp4,
             _ => self.engine.max_num_batched_tokens_tp8,
         }
+    }
+
+    /// Time to move the KV cache of `tokens` tokens from an instance of `from_tp` GPUs to one of
+    /// `to_tp` (s): the shards travel in parallel over as many links as the smaller instance has
+    /// GPUs, inside one server over NVLink, else over the servers' network.
+    pub fn kv_transfer_s(&self, tokens: u64, from_tp: u32, to_tp: u32, same_server: bool) -> f64 {
+        let k = &self.kv_transfer;
+        let links = f64::from(from_tp.min(to_tp).max(1));
+        let bytes = tokens as f64 * self.model.kv_bytes_per_token;
+        let (bandwidth, latency) = if same_server {
+            (k.intra_server_bytes_per_s, k.intra_server_latency_s)
+        } else {
+            (k.inter_server_bytes_per_s, k.inter_server_latency_s)
+        };
+        latency + bytes / (links * bandwidth)
+    }
+
+    /// Energy the links draw above idle for that transfer (J).
+    pub fn kv_transfer_energy_j(&self, tokens: u64, from_tp: u32, to_tp: u32, same_server: bool) -> f64 {
+        let links = f64::from(from_tp.min(to_tp).max(1));
+        links * self.kv_transfer.link_active_w * self.kv_transfer_s(tokens, from_tp, to_tp, same_server)
     }
 
     /// KV-cache capacity of an instance in tokens.
@@ -554,6 +601,33 @@ mod tests {
         let p = Physics::default_h100_llama70b();
         assert_eq!(p.gpu.clock_max_mhz, 1980);
         assert!(p.kv_capacity_tokens(8) > 10 * p.kv_capacity_tokens(2));
+    }
+
+    #[test]
+    fn a_kv_transfer_splits_over_the_smaller_instance_s_links() {
+        let p = Physics::default_h100_llama70b();
+        let k = p.kv_transfer;
+        let bytes = 2048.0 * p.model.kv_bytes_per_token;
+        let t = p.kv_transfer_s(2048, 8, 4, true);
+        assert!((t - (k.intra_server_latency_s + bytes / (4.0 * k.intra_server_bytes_per_s))).abs() < 1e-12);
+        assert_eq!(t, p.kv_transfer_s(2048, 4, 8, true), "the smaller side sets the links");
+        let move_s = |tokens| p.kv_transfer_s(tokens, 8, 8, false) - k.inter_server_latency_s;
+        assert!((move_s(4096) / move_s(2048) - 2.0).abs() < 1e-9, "twice the tokens, twice the time");
+        assert!(p.kv_transfer_s(2048, 8, 8, false) > p.kv_transfer_s(2048, 8, 8, true), "the network is slower");
+        let e = p.kv_transfer_energy_j(2048, 8, 8, false);
+        assert!((e - 8.0 * k.link_active_w * p.kv_transfer_s(2048, 8, 8, false)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_bad_or_missing_kv_transfer_is_named() {
+        let text = DEFAULT_PHYSICS_TOML.replace("inter_server_bytes_per_s = 23.75e9", "inter_server_bytes_per_s = -1");
+        let err = Physics::from_toml_str(&text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("x.toml") && err.contains("kv_transfer.inter_server_bytes_per_s"), "{err}");
+        let start = DEFAULT_PHYSICS_TOML.find("[kv_transfer]").unwrap();
+        let end = DEFAULT_PHYSICS_TOML.find("[router]").unwrap();
+        let text = format!("{}{}", &DEFAULT_PHYSICS_TOML[..start], &DEFAULT_PHYSICS_TOML[end..]);
+        let err = Physics::from_toml_str(&text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("x.toml") && err.contains("kv_transfer"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ fn every_anchor_holds() {
     let ids: Vec<&str> = anchors.iter().map(|a| a.id.as_str()).collect();
     for want in [
         "A1.a", "A1.b", "A1.c", "A1.d", "A2.a", "A2.b", "A3.a", "A3.b", "A3.c", "A3.d", "A4.a", "A4.b", "A5.a", "A5.b",
-        "A5.c", "A5.d", "A5.e", "A5.f", "A5.g", "A6.a", "A6.b", "A6.c",
+        "A5.c", "A5.d", "A5.e", "A5.f", "A5.g", "A6.a", "A6.b", "A6.c", "A7.a", "A7.b", "A7.c", "A7.d",
     ] {
         assert!(ids.contains(&want), "anchor {want} is not measured");
     }
