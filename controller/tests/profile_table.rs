@@ -7,7 +7,7 @@ use controller::profile::{ProfileError, ProfileIssue, ProfileTable, Severity};
 use proptest::prelude::*;
 use std::path::Path;
 use telemetry_core::ClassSlo;
-use telemetry_core::{RequestClass, CLASS_COUNT};
+use telemetry_core::{InstanceRole, RequestClass, CLASS_COUNT};
 
 const HEADER: &str = "model,gpu,class,tp,clock_mhz,load_rps,load_tok_s,energy_per_req_j,power_per_gpu_w,\
 ttft_p50_s,ttft_p99_s,tbt_p50_s,tbt_p99_s,requests,window_s";
@@ -536,4 +536,47 @@ fn the_shipped_profile_is_clean_complete_and_reproduced_by_its_estimates() {
         assert_close(&format!("{at} tbt p99"), e.tbt_p99_s, run[4], 1e-12);
     }
     eprintln!("shipped profile: {} rows; {held} hold an earlier (higher) latency or power", rows.len());
+}
+
+/// A table may say which role each measured instance served (an optional `role` column, last or
+/// anywhere): colocated rows are what the planner interpolates, exactly as in a table without the
+/// column; prefill- and decode-role rows are kept aside; an unknown role is an error naming its
+/// line, and the rows around it stay.
+#[test]
+fn a_role_column_keeps_phase_rows_aside_and_names_a_bad_role() {
+    let good = top_curve();
+    let plain = parse(&doc(&META, &good.iter().map(R::csv).collect::<Vec<_>>()).0);
+    let mut text: String = META.iter().map(|l| format!("{l}\n")).collect();
+    text.push_str(&format!("{HEADER},role\n"));
+    let first = META.len() as u64 + 2;
+    let mut body: Vec<String> = good.iter().map(|r| format!("{},colocated", r.csv())).collect();
+    body.insert(1, format!("{},prefill", ss(1980, 2.0, [300.0, 650.0, 0.02, 0.04, 0.0, 0.0]).csv()));
+    body.insert(3, format!("{},decode", ss(1980, 2.0, [400.0, 250.0, 0.0, 0.0, 0.011, 0.02]).csv()));
+    body.insert(5, format!("{},Prefill", good[1].csv()));
+    for l in &body {
+        text.push_str(l);
+        text.push('\n');
+    }
+    let t = parse(&text);
+    let errs = errors(&t);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].line, Some(first + 5));
+    assert!(errs[0].to_string().contains("`role`: unknown role `Prefill`"), "{}", errs[0]);
+    assert_eq!(t.rows, plain.rows, "the colocated rows are the table without the column");
+    for r in &good {
+        assert_reproduces(&t, r);
+    }
+    let roles: Vec<InstanceRole> = t.role_rows.iter().map(|r| r.role).collect();
+    assert_eq!(roles, [InstanceRole::Prefill, InstanceRole::Decode]);
+    assert!(plain.role_rows.is_empty() && plain.rows.iter().all(|r| r.role == InstanceRole::Colocated));
+    // Phase rows alone give the planner nothing to plan with.
+    let only: String = format!(
+        "{}{HEADER},role\n{},decode\n",
+        META.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        good[0].csv()
+    );
+    match ProfileTable::parse(&only, Path::new("test.csv")) {
+        Err(e @ ProfileError::Empty { .. }) => assert!(e.to_string().contains("no colocated ones"), "{e}"),
+        other => panic!("expected an empty-table error, got {:?}", other.map(|t| t.rows.len())),
+    }
 }

@@ -178,9 +178,59 @@ impl ClassBoundaries {
     }
 }
 
+/// What an engine instance serves: both phases of a request (`colocated`, as engines do by
+/// default), or one phase of a phase-split pool (`prefill`: prompts only, its KV cache handed to
+/// a decode instance; `decode`: the tokens after the first, from a handed-over KV cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceRole {
+    /// Prefill and decode on the same instance.
+    #[default]
+    Colocated,
+    /// Prefill only.
+    Prefill,
+    /// Decode only.
+    Decode,
+}
+
+impl InstanceRole {
+    /// Every role.
+    pub const ALL: [InstanceRole; 3] = [InstanceRole::Colocated, InstanceRole::Prefill, InstanceRole::Decode];
+
+    /// Parse a name (`colocated`, `prefill` or `decode`).
+    pub fn parse(s: &str) -> Result<InstanceRole, String> {
+        match s {
+            "colocated" => Ok(InstanceRole::Colocated),
+            "prefill" => Ok(InstanceRole::Prefill),
+            "decode" => Ok(InstanceRole::Decode),
+            other => Err(format!("unknown role `{other}`; valid: colocated, prefill, decode")),
+        }
+    }
+}
+
+impl fmt::Display for InstanceRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InstanceRole::Colocated => "colocated",
+            InstanceRole::Prefill => "prefill",
+            InstanceRole::Decode => "decode",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_parses_from_its_name_and_nothing_else() {
+        for r in InstanceRole::ALL {
+            assert_eq!(InstanceRole::parse(&r.to_string()), Ok(r));
+        }
+        assert_eq!(InstanceRole::default(), InstanceRole::Colocated);
+        let err = InstanceRole::parse("Prefill").unwrap_err();
+        assert!(err.contains("`Prefill`") && err.contains("colocated, prefill, decode"), "{err}");
+    }
 
     #[test]
     fn default_cut_points_put_boundary_lengths_in_the_upper_band() {

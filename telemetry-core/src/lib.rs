@@ -12,7 +12,7 @@ pub mod series;
 pub mod slo;
 pub mod trace;
 
-pub use class::{ClassBoundaries, LengthBand, RequestClass, CLASS_COUNT};
+pub use class::{ClassBoundaries, InstanceRole, LengthBand, RequestClass, CLASS_COUNT};
 pub use slo::{
     cluster_interval_s, stamped_gap_s, unix_now_s, Balance, ClassSlo, SloRule, P99_ATTAINMENT, ROUTER_HELD_HEADER,
     TWIN_ARRIVAL_STAMP, TWIN_SENT_STAMP, TWIN_TOKEN_STAMP,

@@ -27,6 +27,6 @@ pub use telemetry_core::{
     TWIN_TOKEN_STAMP,
 };
 pub use telemetry_core::{
-    Balance, ClassBoundaries, ClassSlo, LengthBand, LengthSamples, Request, RequestClass, SloRule, TraceError,
-    CLASS_COUNT, P99_ATTAINMENT,
+    Balance, ClassBoundaries, ClassSlo, InstanceRole, LengthBand, LengthSamples, Request, RequestClass, SloRule,
+    TraceError, CLASS_COUNT, P99_ATTAINMENT,
 };

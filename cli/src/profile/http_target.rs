@@ -308,6 +308,8 @@ impl Target for HttpTarget {
             tbt_p99_s: q_s(&tbt, 0.99),
             requests: done,
             window_s: self.window.as_secs_f64(),
+            // Both measure an engine serving both phases.
+            role: telemetry::InstanceRole::Colocated,
         })
     }
 }

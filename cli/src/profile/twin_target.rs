@@ -97,6 +97,8 @@ impl Target for TwinTarget {
             tbt_p99_s: m.latency.tbt_p99_s,
             requests: m.requests,
             window_s,
+            // Both measure an engine serving both phases.
+            role: telemetry::InstanceRole::Colocated,
         })
     }
 }

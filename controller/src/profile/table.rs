@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use telemetry_core::ClassSlo;
-use telemetry_core::{RequestClass, CLASS_COUNT};
+use telemetry_core::{InstanceRole, RequestClass, CLASS_COUNT};
 
 /// The columns every profile has, in this order.
 pub const COLUMNS: [&str; 15] = [
@@ -33,6 +33,10 @@ pub const COLUMNS: [&str; 15] = [
     "requests",
     "window_s",
 ];
+
+/// An optional column: the role the measured instance served (`colocated`, `prefill` or
+/// `decode`); a table without it measured colocated instances.
+pub const ROLE_COLUMN: &str = "role";
 
 /// Relative fall of a latency or power between two load points tolerated as
 /// measurement noise before a warning.
@@ -71,6 +75,9 @@ pub struct ProfileRow {
     pub requests: u64,
     /// Measurement window.
     pub window_s: f64,
+    /// The role the measured instance served (the optional `role` column).
+    #[serde(default)]
+    pub role: InstanceRole,
 }
 
 /// A class's median request alone on TP8 at max clock: the base of its SLOs.
@@ -282,8 +289,11 @@ pub struct ProfileTable {
     pub path: PathBuf,
     /// `# key: value` metadata, in file order of keys.
     pub meta: BTreeMap<String, String>,
-    /// Every usable row, in file order.
+    /// Every usable row of colocated instances, in file order: what the planner interpolates.
     pub rows: Vec<ProfileRow>,
+    /// Every usable row of prefill-role and decode-role instances, in file order (for
+    /// phase-split pools; the planner does not read them).
+    pub role_rows: Vec<ProfileRow>,
     /// Problems found (skipped rows, non-monotone data, missing classes).
     pub issues: Vec<ProfileIssue>,
     unloaded: [Option<Unloaded>; CLASS_COUNT],
@@ -377,6 +387,7 @@ impl ProfileTable {
                 column: name.to_string(),
             })?;
         }
+        let role_col = headers.iter().position(|h| h == ROLE_COLUMN);
         let mut rows: Vec<(u64, ProfileRow)> = Vec::new();
         let mut bad = 0usize;
         let mut first_bad = String::new();
@@ -395,7 +406,7 @@ impl ProfileTable {
                 }
             };
             let line = rec.position().map(|p| record_line(text.as_bytes(), p)).unwrap_or(0);
-            match parse_row(&rec, &col) {
+            match parse_row(&rec, &col, role_col) {
                 Ok(r) => rows.push((line, r)),
                 Err(m) => {
                     let is = issue(Severity::Error, Some(line), m);
@@ -428,6 +439,20 @@ impl ProfileTable {
                 true
             }
         });
+        // Rows of a phase's own instances are kept aside: the planner interpolates colocated ones.
+        let role_rows: Vec<ProfileRow> =
+            rows.iter().filter(|(_, r)| r.role != InstanceRole::Colocated).map(|(_, r)| r.clone()).collect();
+        rows.retain(|(_, r)| r.role == InstanceRole::Colocated);
+        if rows.is_empty() {
+            return Err(ProfileError::Empty {
+                path: path.into(),
+                errors: bad,
+                first: format!(
+                    "the file has {} prefill- or decode-role rows and no colocated ones (the planner needs them)",
+                    role_rows.len()
+                ),
+            });
+        }
         // Group, check duplicates and monotonicity, build envelopes.
         type Key = (usize, u32, u32);
         let mut groups: BTreeMap<Key, Vec<(u64, &ProfileRow)>> = BTreeMap::new();
@@ -528,6 +553,7 @@ impl ProfileTable {
             path: path.into(),
             meta,
             rows,
+            role_rows,
             issues,
             unloaded,
             slo: [ClassSlo { ttft_s: f64::INFINITY, tbt_s: f64::INFINITY }; CLASS_COUNT],
@@ -679,7 +705,7 @@ fn record_line(text: &[u8], pos: &csv::Position) -> u64 {
     line
 }
 
-fn parse_row(rec: &csv::StringRecord, col: &[usize; COLUMNS.len()]) -> Result<ProfileRow, String> {
+fn parse_row(rec: &csv::StringRecord, col: &[usize; COLUMNS.len()], role: Option<usize>) -> Result<ProfileRow, String> {
     let field = |k: usize| rec.get(col[k]).ok_or_else(|| format!("missing column `{}`", COLUMNS[k]));
     let num = |k: usize| -> Result<f64, String> {
         let s = field(k)?;
@@ -718,6 +744,12 @@ fn parse_row(rec: &csv::StringRecord, col: &[usize; COLUMNS.len()]) -> Result<Pr
         tbt_p99_s: num(12)?,
         requests: int(13)?,
         window_s: num(14)?,
+        role: match role {
+            Some(k) => {
+                InstanceRole::parse(rec.get(k).ok_or("missing column `role`")?).map_err(|e| format!("`role`: {e}"))?
+            }
+            None => InstanceRole::Colocated,
+        },
     };
     if row.model.is_empty() || row.gpu.is_empty() {
         return Err("`model` and `gpu` must not be empty".into());
